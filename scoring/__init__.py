@@ -1,0 +1,1 @@
+"""Pure model code: tensors in, scores and anomaly maps out. No Kafka, no Redis."""

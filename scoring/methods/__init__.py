@@ -1,0 +1,1 @@
+"""Anomaly-scoring methods, registered by name."""
