@@ -1,0 +1,261 @@
+"""The frozen open_clip backbone: text embeddings and multi-level patch features.
+
+One factory (`Backbone.build`) makes every model from an open_clip architecture name
+and a weights spec:
+  * ``none``     random initialisation, seeded (no pretrained weights exist on CI);
+  * a file path  ``.safetensors`` or a ``.pt``/``.bin`` state dict read with weights_only;
+  * a tag        an open_clip pretrained tag such as ``openai`` (downloads on users' machines).
+
+Images go in as float RGB in [0, 1], ``[B, 3, H, W]``; any H, W that are multiples of
+the patch size work because positional embeddings are interpolated per grid size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .compat import import_open_clip
+
+open_clip = import_open_clip()
+open_clip.add_model_config(Path(__file__).parent / "configs")  # registers linewatch-tiny
+TINY_ARCH = "linewatch-tiny"
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+class BackboneError(ValueError):
+    """A user-facing problem with the architecture, weights or image size."""
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    arch: str = "ViT-B-16"
+    weights: str = "none"
+    image_size: int | None = None  # None: the architecture's native size
+    layers: tuple[int, ...] | None = None  # 1-based block indices; None: four evenly spaced
+    vv_attention: bool = False  # CLIP Surgery / KAnoCLIP CLIP-VV local path for patch embeddings
+    seed: int = 0
+
+
+@dataclass
+class VisualFeatures:
+    image_embed: torch.Tensor  # [B, D] projected class token (not normalised)
+    patch_tokens: list[torch.Tensor]  # per layer [B, N, W], raw residual stream
+    patch_embeds: list[torch.Tensor]  # per layer [B, N, D], ln_post + proj (V-V path if enabled)
+    grid: tuple[int, int]  # patch grid (rows, cols)
+
+
+def default_layers(depth: int, count: int = 4) -> tuple[int, ...]:
+    return tuple(round(depth * (i + 1) / count) for i in range(count))
+
+
+def _weights_identity(weights: str, seed: int) -> str:
+    if weights == "none":
+        return f"random-seed{seed}"
+    path = Path(weights)
+    if path.is_file():
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return f"file-sha256:{digest.hexdigest()[:16]}"
+    return f"tag:{weights}"
+
+
+def _load_weights_file(model: nn.Module, path: Path) -> None:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # TorchScript archives and pickled objects land here
+            raise BackboneError(
+                f"cannot read {path} as a plain state dict with weights_only=True ({err.__class__.__name__}); "
+                "convert it to .safetensors (open_clip models load with pretrained=TAG, then "
+                "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors'))") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    open_clip.model.resize_pos_embed(state, model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise BackboneError(f"{path} does not fit this architecture: {str(err).splitlines()[0]}") from None
+
+
+def _quiet_random_init(record: logging.LogRecord) -> bool:
+    return "No pretrained weights loaded" not in record.getMessage()
+
+
+def create_clip(arch: str, weights: str, seed: int) -> nn.Module:
+    if arch not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if arch.lower()[:5] in m.lower()][:8]
+        raise BackboneError(f"unknown open_clip architecture {arch!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    torch.manual_seed(seed)  # random init is reproducible
+    if weights == "none":
+        logging.getLogger().addFilter(_quiet_random_init)  # we say "random weights" ourselves
+        try:
+            return open_clip.create_model(arch, pretrained=None)
+        finally:
+            logging.getLogger().removeFilter(_quiet_random_init)
+    path = Path(weights)
+    if path.suffix in WEIGHT_FILE_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise BackboneError(f"weights file not found: {path}")
+        model = open_clip.create_model(arch, pretrained=None)
+        _load_weights_file(model, path)
+        return model
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if weights not in tags:
+        raise BackboneError(f"{arch} has no pretrained tag {weights!r}; known tags: {', '.join(tags) or 'none'}")
+    return open_clip.create_model(arch, pretrained=weights)
+
+
+class Backbone(nn.Module):
+    """Frozen CLIP with the feature taps every method uses."""
+
+    def __init__(self, clip: nn.Module, config: BackboneConfig, weights_identity: str):
+        super().__init__()
+        visual = clip.visual
+        if not isinstance(visual, open_clip.transformer.VisionTransformer) or visual.attn_pool is not None:
+            raise BackboneError(f"{config.arch}: patch features need a plain ViT image tower, got {type(visual).__name__}")
+        self.clip = clip.eval().requires_grad_(False)
+        self.config = config
+        self.weights_identity = weights_identity
+        self.tokenizer = open_clip.get_tokenizer(config.arch)
+        self.patch_size = visual.patch_size[0]
+        self.depth = len(visual.transformer.resblocks)
+        self.image_size = config.image_size or visual.image_size[0]
+        if self.image_size % self.patch_size:
+            raise BackboneError(f"image size {self.image_size} is not a multiple of the patch size {self.patch_size}")
+        self.layers = tuple(config.layers or default_layers(self.depth))
+        if not all(1 <= layer <= self.depth for layer in self.layers):
+            raise BackboneError(f"layers {self.layers} outside 1..{self.depth} for {config.arch}")
+        pre = getattr(visual, "preprocess_cfg", {}) or {}
+        self.register_buffer("mean", torch.tensor(pre.get("mean", open_clip.OPENAI_DATASET_MEAN)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(pre.get("std", open_clip.OPENAI_DATASET_STD)).view(1, 3, 1, 1), persistent=False)
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    @classmethod
+    def build(cls, config: BackboneConfig = BackboneConfig(), device: str | torch.device = "cpu") -> "Backbone":
+        clip = create_clip(config.arch, config.weights, config.seed)
+        return cls(clip, config, _weights_identity(config.weights, config.seed)).to(device)
+
+    @property
+    def identity(self) -> str:
+        """Architecture and weights: part of every anchor key and checkpoint header."""
+        return f"{self.config.arch}@{self.weights_identity}"
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def embed_dim(self) -> int:
+        return self.clip.visual.proj.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.clip.visual.transformer.width
+
+    # ---- text -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, texts: list[str], chunk: int = 256) -> torch.Tensor:
+        """L2-normalised text embeddings [N, D]."""
+        out = [self.clip.encode_text(self.tokenizer(texts[i:i + chunk]).to(self.device))
+               for i in range(0, len(texts), chunk)]
+        return F.normalize(torch.cat(out).float(), dim=-1)
+
+    # ---- image ------------------------------------------------------------------------
+    def _positional(self, rows: int, cols: int) -> torch.Tensor:
+        pos = self.clip.visual.positional_embedding
+        native = self.clip.visual.grid_size
+        if (rows, cols) == tuple(native):
+            return pos
+        key = (rows, cols)
+        if key not in self._pos_cache or self._pos_cache[key].device != pos.device:
+            grid = pos[1:].reshape(1, native[0], native[1], -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid.float(), size=(rows, cols), mode="bicubic", align_corners=False)
+            grid = grid.permute(0, 2, 3, 1).reshape(rows * cols, -1).to(pos.dtype)
+            self._pos_cache[key] = torch.cat([pos[:1], grid])
+        return self._pos_cache[key]
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Normalise, patchify, add class token and positions: tokens [B, 1+N, W] after ln_pre."""
+        _, _, height, width = images.shape
+        if height % self.patch_size or width % self.patch_size:
+            raise BackboneError(f"image {height}x{width} is not a multiple of the patch size {self.patch_size}")
+        visual = self.clip.visual
+        x = visual.conv1((images.to(self.mean.dtype) - self.mean) / self.std)
+        rows, cols = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        cls_token = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls_token, x], dim=1) + self._positional(rows, cols).to(x.dtype)
+        return visual.ln_pre(x), (rows, cols)
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """ln_post + proj: residual-stream tokens into the joint image-text space."""
+        return self.clip.visual.ln_post(tokens) @ self.clip.visual.proj
+
+    def forward(self, images: torch.Tensor, layers: tuple[int, ...] | None = None) -> VisualFeatures:
+        return self.forward_embedded(*self.embed(images), layers=layers)
+
+    def forward_embedded(self, x: torch.Tensor, grid: tuple[int, int], layers: tuple[int, ...] | None = None) -> VisualFeatures:
+        """Run the blocks on `embed` output; tap `layers` (default: the configured ones)."""
+        layers = layers or self.layers
+        vv_start = min(layers) if self.config.vv_attention else None
+        vv = None
+        patch_tokens, local_tokens = [], []
+        for index, block in enumerate(self.clip.visual.transformer.resblocks, start=1):
+            if vv_start is not None and index >= vv_start:
+                # CLIP-VV dual path: S_l = S_{l-1} + Proj(Attn(V, V, V)), V from the original path.
+                vv = (x if vv is None else vv) + block.ls_1(_vv_attention(block.attn, block.ln_1(x)))
+            x = block(x)
+            if index in layers:
+                patch_tokens.append(x[:, 1:])
+                local_tokens.append((vv if vv is not None else x)[:, 1:])
+        image_embed = self.project(x[:, 0])
+        patch_embeds = [self.project(t) for t in local_tokens]
+        return VisualFeatures(image_embed, patch_tokens, patch_embeds, grid)
+
+    def encode_token_subsets(self, embedded: torch.Tensor, index: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Class embedding of the ViT run on the class token plus a subset of patch tokens.
+
+        WinCLIP's window embeddings: ``index`` [S, k] lists the patch indices of S windows;
+        all B x S windows run as one batch of short sequences. Returns [B, S, D].
+        """
+        batch, subsets = embedded.shape[0], index.shape[0]
+        patches = embedded[:, 1:][:, index.to(embedded.device)]  # [B, S, k, W]
+        seqs = torch.cat([embedded[:, :1, None].expand(-1, subsets, -1, -1), patches], dim=2)
+        seqs = seqs.flatten(0, 1)
+        out = []
+        for start in range(0, seqs.shape[0], chunk):
+            x = seqs[start:start + chunk]
+            for block in self.clip.visual.transformer.resblocks:
+                x = block(x)
+            out.append(self.project(x[:, 0]))
+        return torch.cat(out).view(batch, subsets, -1)
+
+
+def _vv_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """Self-attention with query = key = value = V (CLIP Surgery), same weights as ``attn``."""
+    width, heads = attn.embed_dim, attn.num_heads
+    v = F.linear(x, attn.in_proj_weight[2 * width:], attn.in_proj_bias[2 * width:] if attn.in_proj_bias is not None else None)
+    v = v.unflatten(-1, (heads, width // heads)).transpose(1, 2)  # [B, h, L, d]
+    out = F.scaled_dot_product_attention(v, v, v).transpose(1, 2).flatten(2)
+    return attn.out_proj(out)
+
+
+@lru_cache(maxsize=4)
+def cached_backbone(config: BackboneConfig, device: str = "cpu") -> Backbone:
+    """One backbone per (config, device) in a process; methods share it."""
+    return Backbone.build(config, device)

@@ -1,0 +1,133 @@
+"""The one interface every scoring method implements, and the registry that names them.
+
+Life cycle: ``prepare(class_name, reference_images=None, anchors=None)`` once per asset
+class (text anchors, plus a memory of k normal reference images for few-shot), then
+``score(images)`` per batch. Pure tensors: images are float RGB in [0, 1],
+``[B, 3, H, W]`` at the backbone's image size; no I/O anywhere.
+
+The text side is split out (``anchor_key`` / ``build_anchors``) so the pipeline can
+fetch anchors from a cache by key instead of re-encoding prompts in every worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone import Backbone
+from ..prompts import PromptPack, TextAnchors, anchor_key, mean_anchor
+
+CLIP_TEMPERATURE = 100.0  # CLIP's trained logit scale; the papers score text similarity with it
+
+
+@dataclass
+class AnomalyScores:
+    image_score: torch.Tensor  # [B], higher = more anomalous
+    anomaly_map: torch.Tensor  # [B, H, W] at the input resolution
+
+
+class AnomalyMethod(nn.Module):
+    name: ClassVar[str] = ""
+
+    def __init__(self, backbone: Backbone, prompts: PromptPack | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.prompt_pack = prompts or PromptPack.load()
+        self.class_name: str | None = None
+        self.anchors: TextAnchors | None = None
+
+    # ---- text side ------------------------------------------------------------------
+    def text_identity(self) -> str:
+        """Identity of trained text-side parameters; '' for fixed prompts."""
+        return ""
+
+    def anchor_key(self, class_name: str) -> str:
+        normal, abnormal = self.prompt_pack.prompts(class_name)
+        return anchor_key(self.backbone.identity, normal, abnormal, self.text_identity())
+
+    def build_anchors(self, class_name: str) -> TextAnchors:
+        normal, abnormal = self.prompt_pack.prompts(class_name)
+        return TextAnchors(mean_anchor(self.backbone.encode_text(normal)),
+                           mean_anchor(self.backbone.encode_text(abnormal)), self.anchor_key(class_name))
+
+    # ---- life cycle -----------------------------------------------------------------
+    @torch.inference_mode()
+    def prepare(self, class_name: str, reference_images: torch.Tensor | None = None,
+                anchors: TextAnchors | None = None) -> "AnomalyMethod":
+        expected = self.anchor_key(class_name)
+        if anchors is not None and anchors.key != expected:
+            raise ValueError(f"anchors {anchors.key} were built for another model or prompt set (expected {expected})")
+        self.anchors = (anchors or self.build_anchors(class_name)).to(self.backbone.device)
+        self.class_name = class_name
+        self.fit_references(None if reference_images is None else self._checked(reference_images))
+        return self
+
+    @torch.inference_mode()
+    def score(self, images: torch.Tensor) -> AnomalyScores:
+        if self.anchors is None:
+            raise RuntimeError(f"{self.name}: call prepare(class_name) before score()")
+        return self.score_batch(self._checked(images))
+
+    def _checked(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        return images.to(self.backbone.device, torch.float32)
+
+    # ---- what each method defines ---------------------------------------------------
+    def fit_references(self, images: torch.Tensor | None) -> None:
+        """Build (or, given None, clear) the few-shot memory from normal reference images."""
+        raise NotImplementedError
+
+    def score_batch(self, images: torch.Tensor) -> AnomalyScores:
+        raise NotImplementedError
+
+    # ---- shared helpers ---------------------------------------------------------------
+    def abnormal_probability(self, embeds: torch.Tensor) -> torch.Tensor:
+        """softmax over (normal, abnormal) of temperature-scaled cosine similarity; [...] -> [...]."""
+        logits = CLIP_TEMPERATURE * F.normalize(embeds.float(), dim=-1) @ self.anchors.stacked().T
+        return logits.softmax(dim=-1)[..., 1]
+
+
+def nearest_distance(queries: torch.Tensor, memory: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """1 - max cosine similarity of each query [B, N, C] to a memory [M, C] -> [B, N]."""
+    memory = F.normalize(memory.float(), dim=-1)
+    flat = F.normalize(queries.float(), dim=-1).flatten(0, -2)
+    best = torch.cat([(part @ memory.T).amax(dim=-1) for part in flat.split(chunk)])
+    return (1.0 - best).view(queries.shape[:-1])
+
+
+def upsample(grid_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, h, w] -> [B, H, W], bilinear."""
+    return F.interpolate(grid_maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian of [B, H, W] maps (as scipy's gaussian_filter, truncate=4; edges replicated)."""
+    if sigma <= 0:
+        return maps
+    radius = int(4 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    x = maps[:, None]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+METHODS: dict[str, type[AnomalyMethod]] = {}
+
+
+def register_method(cls: type[AnomalyMethod]) -> type[AnomalyMethod]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def create_method(name: str, backbone: Backbone, prompts: PromptPack | None = None, **options) -> AnomalyMethod:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name](backbone, prompts, **options)

@@ -1,0 +1,110 @@
+"""WinCLIP and WinCLIP+ (Jeong et al., "WinCLIP: Zero-/Few-Shot Anomaly
+Classification and Segmentation", CVPR 2023).
+
+Zero-shot: the class-token embedding of the whole image, and of every sliding window
+(the ViT run on the class token plus only that window's patch tokens), is compared with
+the text anchors; a window's score is its softmax probability of "abnormal". Each patch
+takes the harmonic mean of the scores of the windows covering it, per scale, and the
+scales (small, mid, and the whole image as the large scale) are averaged.
+
+Few-shot (WinCLIP+): a memory of normal reference features at the same scales — window
+embeddings and the penultimate layer's patch tokens. A window's score is
+``0.5 * (1 - max cosine similarity to memory)``, averaged over the windows covering each
+patch; the few-shot map is the mean over scales. Final map = mean of zero- and few-shot
+maps; image score = mean of the zero-shot image score and the few-shot map's maximum.
+
+Windows are measured in patches (paper: 2x2 and 3x3 patches of ViT-B/16+ at 240 px) with
+stride one patch; all windows of a batch run as one batch of short sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import AnomalyMethod, AnomalyScores, nearest_distance, register_method, upsample
+
+
+def window_index(grid: tuple[int, int], size: int) -> torch.Tensor:
+    """Patch indices of every size x size window, stride 1, row-major: [S, size*size]."""
+    rows, cols = grid
+    top = torch.arange(rows - size + 1)[:, None, None, None]
+    left = torch.arange(cols - size + 1)[None, :, None, None]
+    dy = torch.arange(size)[None, None, :, None]
+    dx = torch.arange(size)[None, None, None, :]
+    return ((top + dy) * cols + left + dx).flatten(2).flatten(0, 1)
+
+
+def spread_to_patches(window_values: torch.Tensor, grid: tuple[int, int], size: int, harmonic: bool) -> torch.Tensor:
+    """Aggregate per-window values [B, S] to per-patch [B, rows, cols] (mean or harmonic mean)."""
+    rows, cols = grid
+    values = window_values.float().view(-1, 1, rows - size + 1, cols - size + 1)
+    if harmonic:
+        values = 1.0 / values.clamp_min(1e-6)
+    ones = torch.ones(1, 1, size, size, device=values.device)
+    total = F.conv_transpose2d(values, ones)
+    count = F.conv_transpose2d(torch.ones_like(values[:1]), ones)
+    mean = total / count
+    return (1.0 / mean if harmonic else mean)[:, 0]
+
+
+@register_method
+class WinCLIP(AnomalyMethod):
+    name = "winclip"
+
+    def __init__(self, backbone, prompts=None, window_sizes: tuple[int, ...] = (2, 3)):
+        super().__init__(backbone, prompts)
+        self.window_sizes = tuple(window_sizes)
+        self.penultimate = (max(backbone.depth - 1, 1),)
+        self.memory: dict[str, torch.Tensor] | None = None
+        self._index_cache: dict[tuple, torch.Tensor] = {}
+
+    def _scales(self, grid: tuple[int, int]) -> list[int]:
+        return [s for s in self.window_sizes if s <= min(grid)]
+
+    def _index(self, grid: tuple[int, int], size: int) -> torch.Tensor:
+        key = (grid, size)
+        if key not in self._index_cache:
+            self._index_cache[key] = window_index(grid, size).to(self.backbone.device)
+        return self._index_cache[key]
+
+    def _features(self, images: torch.Tensor):
+        """Image embedding, penultimate patch tokens and window embeddings per scale."""
+        embedded, grid = self.backbone.embed(images)
+        features = self.backbone.forward_embedded(embedded, grid, layers=self.penultimate)
+        windows = {size: self.backbone.encode_token_subsets(embedded, self._index(grid, size))
+                   for size in self._scales(grid)}
+        return features.image_embed, features.patch_tokens[0], windows, grid
+
+    def fit_references(self, images: torch.Tensor | None) -> None:
+        if images is None:
+            self.memory = None
+            return
+        parts: dict[str, list[torch.Tensor]] = {}
+        for chunk in images.split(8):
+            _, patches, windows, _ = self._features(chunk)
+            parts.setdefault("patch", []).append(patches.flatten(0, 1))
+            for size, embeds in windows.items():
+                parts.setdefault(f"window{size}", []).append(embeds.flatten(0, 1))
+        self.memory = {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+    def score_batch(self, images: torch.Tensor) -> AnomalyScores:
+        image_embed, patches, windows, grid = self._features(images)
+        image_score = self.abnormal_probability(image_embed)  # [B]
+
+        # Zero-shot: harmonic aggregation per window scale; the whole image is the large scale.
+        zero_shot = [spread_to_patches(self.abnormal_probability(embeds), grid, size, harmonic=True)
+                     for size, embeds in windows.items()]
+        zero_shot.append(image_score[:, None, None].expand(-1, *grid))
+        patch_map = torch.stack(zero_shot).mean(dim=0)
+
+        if self.memory is not None:
+            few_shot = [nearest_distance(patches, self.memory["patch"]).view(-1, *grid) / 2]
+            for size, embeds in windows.items():
+                distance = nearest_distance(embeds, self.memory[f"window{size}"]) / 2
+                few_shot.append(spread_to_patches(distance, grid, size, harmonic=False))
+            few_shot_map = torch.stack(few_shot).mean(dim=0)
+            patch_map = (patch_map + few_shot_map) / 2
+            image_score = (image_score + few_shot_map.flatten(1).amax(dim=1)) / 2
+
+        return AnomalyScores(image_score, upsample(patch_map, images.shape[-2:]))
