@@ -1,0 +1,113 @@
+"""Shared fixtures for the scoring tests: one tiny random CLIP per session, synthetic data.
+
+Everything runs on the registered ``linewatch-tiny`` architecture (64 px, patch 8,
+4 blocks) with random weights, so nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from linewatch.scoring.backbone import TINY_ARCH, Backbone, BackboneConfig
+from linewatch.scoring.prompts import PromptPack
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_torch_thread():
+    """The tiny model's tensors are far too small to gain from intra-op threads, and on a
+    busy 2-core machine the OpenMP barriers make every op ~300x slower (0.5 s instead of
+    1.5 ms per forward). One thread for the session, restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Backbone:
+    """The tiny backbone, random weights, seed 0. Shared: tests must not modify it."""
+    return Backbone.build(BackboneConfig(arch=TINY_ARCH))
+
+
+@pytest.fixture(scope="session")
+def tiny_seed1() -> Backbone:
+    """The same architecture with different random weights (seed 1)."""
+    return Backbone.build(BackboneConfig(arch=TINY_ARCH, seed=1))
+
+
+@pytest.fixture(scope="session")
+def make_images():
+    """Deterministic uniform images in [0, 1]: make_images(n, height=64, width=None, seed=0)."""
+
+    def make(n: int, height: int = 64, width: int | None = None, seed: int = 0) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.rand(n, 3, height, width or height, generator=generator)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def default_pack() -> PromptPack:
+    return PromptPack.load()
+
+
+@pytest.fixture(scope="session")
+def neutral_pack() -> PromptPack:
+    """Identical normal and abnormal sentences: T_N == T_A, so every zero-shot probability
+    is exactly 0.5 and a method's output map is its few-shot map up to a constant."""
+    return PromptPack.model_validate(
+        {"states": {"normal": ["{}"], "abnormal": ["{}"]}, "templates": ["a photo of a {}."]})
+
+
+@pytest.fixture(scope="session")
+def anchor_cache(tiny):
+    """anchor_cache(method_name, class_name): anchors built once per session (default pack)."""
+    from linewatch.scoring.methods import create_method
+
+    cache = {}
+
+    def get(method: str, class_name: str):
+        if (method, class_name) not in cache:
+            cache[method, class_name] = create_method(method, tiny).build_anchors(class_name)
+        return cache[method, class_name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def texture_data() -> SimpleNamespace:
+    """Few-shot data: 4 normal references, 4 new normal test images and 4 test images
+    with a pasted saturated 16x16 square (red or blue) whose location is in ``masks``."""
+    size, defect = 64, 16
+    rng = np.random.default_rng(1234)
+
+    def textures(n: int) -> np.ndarray:
+        """Smooth oriented stripes (fixed frequencies and orientations, random phases) plus
+        faint noise around mid grey: the same 'kind' of texture for every draw."""
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        tint = np.array([0.10, 0.08, 0.06], np.float32)[:, None, None]
+        out = []
+        for _ in range(n):
+            image = np.full((3, size, size), 0.5, np.float32)
+            for frequency, angle in [(3, 0.3), (5, 1.2), (7, 2.0)]:
+                phase = rng.uniform(0, 2 * np.pi)
+                image += tint * np.sin(2 * np.pi * frequency * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)
+            image += rng.normal(0, 0.02, image.shape).astype(np.float32)
+            out.append(image)
+        return np.clip(np.stack(out), 0.0, 1.0)
+
+    references = textures(4)
+    normals = textures(4)
+    defects = textures(4)
+    masks = np.zeros((4, size, size), bool)
+    colours = [(1.0, 0.0, 0.0), (0.0, 0.0, 1.0)]
+    for i in range(4):
+        top, left = rng.integers(4, size - defect - 4, 2)
+        defects[i, :, top:top + defect, left:left + defect] = np.array(colours[i % 2], np.float32)[:, None, None]
+        masks[i, top:top + defect, left:left + defect] = True
+    return SimpleNamespace(references=torch.from_numpy(references), normals=torch.from_numpy(normals),
+                           defects=torch.from_numpy(defects), masks=masks)
