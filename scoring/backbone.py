@@ -53,7 +53,8 @@ class VisualFeatures:
 
 
 def default_layers(depth: int, count: int = 4) -> tuple[int, ...]:
-    return tuple(round(depth * (i + 1) / count) for i in range(count))
+    """Evenly spaced 1-based blocks ending at the last: 24 -> (6, 12, 18, 24); shallow towers get fewer."""
+    return tuple(sorted({max(1, int(depth * (i + 1) / count + 0.5)) for i in range(count)}))
 
 
 def _weights_identity(weights: str, seed: int) -> str:
@@ -184,7 +185,8 @@ class Backbone(nn.Module):
         key = (rows, cols)
         if key not in self._pos_cache or self._pos_cache[key].device != pos.device:
             grid = pos[1:].reshape(1, native[0], native[1], -1).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid.float(), size=(rows, cols), mode="bicubic", align_corners=False)
+            # antialias as open_clip's resize_pos_embed, so a model built at this size matches
+            grid = F.interpolate(grid.float(), size=(rows, cols), mode="bicubic", antialias=True, align_corners=False)
             grid = grid.permute(0, 2, 3, 1).reshape(rows * cols, -1).to(pos.dtype)
             self._pos_cache[key] = torch.cat([pos[:1], grid])
         return self._pos_cache[key]

@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from string import Formatter
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,12 @@ ANCHOR_FORMAT = "v1"
 
 def _has_slot(phrases: list[str]) -> list[str]:
     for phrase in phrases:
-        if phrase.count("{}") != 1:
-            raise ValueError(f"phrase {phrase!r} needs exactly one '{{}}' slot")
+        try:
+            fields = [field for _, field, _, _ in Formatter().parse(phrase) if field is not None]
+        except ValueError:
+            fields = None  # a stray brace
+        if fields != [""]:
+            raise ValueError(f"phrase {phrase!r} needs exactly one '{{}}' slot and no other braces")
     return phrases
 
 

@@ -46,13 +46,11 @@ def test_tiny_geometry(tiny):
 
 
 @pytest.mark.parametrize("depth,expected", [(4, (1, 2, 3, 4)), (12, (3, 6, 9, 12)), (24, (6, 12, 18, 24)),
-                                            (32, (8, 16, 24, 32))])
+                                            (32, (8, 16, 24, 32)), (6, (2, 3, 5, 6)), (3, (1, 2, 3)), (2, (1, 2))])
 def test_default_layers(depth, expected):
     assert default_layers(depth) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="default_layers(2) returns (0, 1, 2, 2): index 0 is not a 1-based block "
-                                       "index, so a shallow ViT cannot be built without explicit layers")
 def test_default_layers_shallow_depth_valid():
     layers = default_layers(2)
     assert all(1 <= layer <= 2 for layer in layers)

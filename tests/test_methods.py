@@ -162,6 +162,24 @@ def test_few_shot_localises_pasted_defect(name, tiny, neutral_pack, texture_data
     assert maps.reshape(4, -1).max(axis=1).min() > normals.anomaly_map.flatten(1).amax(dim=1).max().item()
 
 
+def test_text_weight_zero_ignores_text(name, tiny, default_pack, neutral_pack, texture_data):
+    """text_weight=0: few-shot scores come from the references alone, whatever the prompts say."""
+    refs = texture_data.references
+    with_default = create_method(name, tiny, default_pack, text_weight=0).prepare("textile", refs)
+    with_neutral = create_method(name, tiny, neutral_pack, text_weight=0).prepare("textile", refs)
+    _assert_same(with_default.score(texture_data.defects), with_neutral.score(texture_data.defects), atol=1e-6)
+    # ... while the paper's equal weighting does depend on the text
+    paper = create_method(name, tiny, default_pack).prepare("textile", refs).score(texture_data.defects)
+    assert not torch.allclose(paper.anomaly_map, with_neutral.score(texture_data.defects).anomaly_map)
+
+
+def test_options_are_validated(tiny):
+    with pytest.raises(ValueError, match="text_weight must be within"):
+        create_method("winclip", tiny, text_weight=1.5)
+    with pytest.raises(ValueError, match="no option window"):
+        create_method("aprilgan", tiny, window=3)
+
+
 # ---- helpers ----------------------------------------------------------------------------------
 
 def test_window_index_hand_written():

@@ -89,8 +89,6 @@ def test_invalid_pack_names_file(tmp_path, case):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="_has_slot only counts '{}': a phrase with an extra replacement field "
-                                       "loads, then prompts() raises KeyError instead of load() a ValueError")
 def test_extra_replacement_field_rejected_at_load(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(SMALL_PACK.replace('"a photo of a {}."', '"a photo of a {} at {time}."'))

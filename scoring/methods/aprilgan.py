@@ -14,8 +14,9 @@ levels and added to the zero-shot map.
 Deviations, until the training issue lands: the paper's per-level linear projections
 are trained on an auxiliary dataset; here every level uses CLIP's own ``ln_post`` and
 ``proj`` (what a trained projection starts from). Levels are averaged rather than summed
-(the same ranking, maps stay in [0, 1]); few-shot image score = mean of the zero-shot
-image score and the few-shot map's maximum, as WinCLIP+.
+and zero- and few-shot maps are averaged rather than added (the same ranking, maps stay
+in [0, 1]); few-shot image score = mean of the zero-shot image score and the few-shot
+map's maximum, as WinCLIP+. ``text_weight`` moves both balances (default 0.5).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from .base import AnomalyMethod, AnomalyScores, gaussian_blur, nearest_distance,
 
 @register_method
 class AprilGAN(AnomalyMethod):
+    """Multi-level patch-text similarity; few-shot adds a multi-level patch memory."""
+
     name = "aprilgan"
 
-    def __init__(self, backbone, prompts=None, sigma: float = 4.0):
-        super().__init__(backbone, prompts)
+    def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0):
+        super().__init__(backbone, prompts, text_weight)
         self.sigma = sigma
         self.memory: list[torch.Tensor] | None = None
 
@@ -54,7 +57,5 @@ class AprilGAN(AnomalyMethod):
         if self.memory is not None:
             few_shot = torch.stack([nearest_distance(tokens, memory).view(-1, *grid)
                                     for tokens, memory in zip(features.patch_tokens, self.memory)]).mean(dim=0)
-            few_shot = upsample(few_shot, size)
-            anomaly_map = anomaly_map + few_shot
-            image_score = (image_score + few_shot.flatten(1).amax(dim=1)) / 2
+            anomaly_map, image_score = self.blend(anomaly_map, image_score, upsample(few_shot, size))
         return AnomalyScores(image_score, gaussian_blur(anomaly_map, self.sigma))

@@ -11,6 +11,7 @@ fetch anchors from a cache by key instead of re-encoding prompts in every worker
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,8 +34,11 @@ class AnomalyScores:
 class AnomalyMethod(nn.Module):
     name: ClassVar[str] = ""
 
-    def __init__(self, backbone: Backbone, prompts: PromptPack | None = None):
+    def __init__(self, backbone: Backbone, prompts: PromptPack | None = None, text_weight: float = 0.5):
         super().__init__()
+        if not 0.0 <= text_weight <= 1.0:
+            raise ValueError(f"text_weight must be within [0, 1], got {text_weight}")
+        self.text_weight = text_weight
         self.backbone = backbone
         self.prompt_pack = prompts or PromptPack.load()
         self.class_name: str | None = None
@@ -86,6 +90,16 @@ class AnomalyMethod(nn.Module):
         raise NotImplementedError
 
     # ---- shared helpers ---------------------------------------------------------------
+    def blend(self, text_map: torch.Tensor, text_score: torch.Tensor, reference_map: torch.Tensor):
+        """Few-shot result: text (zero-shot) and reference-memory evidence, weighted by `text_weight`.
+
+        The papers weigh both equally (0.5). With weights whose text side is meaningless
+        (random init) or a domain far from CLIP's, 0 scores from the references alone.
+        """
+        w = self.text_weight
+        return (w * text_map + (1 - w) * reference_map,
+                w * text_score + (1 - w) * reference_map.flatten(1).amax(dim=1))
+
     def abnormal_probability(self, embeds: torch.Tensor) -> torch.Tensor:
         """softmax over (normal, abnormal) of temperature-scaled cosine similarity; [...] -> [...]."""
         logits = CLIP_TEMPERATURE * F.normalize(embeds.float(), dim=-1) @ self.anchors.stacked().T
@@ -130,4 +144,10 @@ def register_method(cls: type[AnomalyMethod]) -> type[AnomalyMethod]:
 def create_method(name: str, backbone: Backbone, prompts: PromptPack | None = None, **options) -> AnomalyMethod:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name](backbone, prompts, **options)
+    cls = METHODS[name]
+    accepted = {p for c in cls.__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters}
+    unknown = set(options) - (accepted - {"self", "backbone", "prompts"})
+    if unknown:
+        raise ValueError(f"{name} has no option {', '.join(sorted(unknown))}; options: "
+                         f"{', '.join(sorted(accepted - {'self', 'backbone', 'prompts', 'args', 'kwargs'}))}")
+    return cls(backbone, prompts, **options)

@@ -11,7 +11,8 @@ Few-shot (WinCLIP+): a memory of normal reference features at the same scales â€
 embeddings and the penultimate layer's patch tokens. A window's score is
 ``0.5 * (1 - max cosine similarity to memory)``, averaged over the windows covering each
 patch; the few-shot map is the mean over scales. Final map = mean of zero- and few-shot
-maps; image score = mean of the zero-shot image score and the few-shot map's maximum.
+maps; image score = mean of the zero-shot image score and the few-shot map's maximum
+(``text_weight`` moves that balance; the paper's 0.5 is the default).
 
 Windows are measured in patches (paper: 2x2 and 3x3 patches of ViT-B/16+ at 240 px) with
 stride one patch; all windows of a batch run as one batch of short sequences.
@@ -50,10 +51,12 @@ def spread_to_patches(window_values: torch.Tensor, grid: tuple[int, int], size: 
 
 @register_method
 class WinCLIP(AnomalyMethod):
+    """Window-level zero-shot text scores; WinCLIP+ adds a reference window/patch memory."""
+
     name = "winclip"
 
-    def __init__(self, backbone, prompts=None, window_sizes: tuple[int, ...] = (2, 3)):
-        super().__init__(backbone, prompts)
+    def __init__(self, backbone, prompts=None, text_weight: float = 0.5, window_sizes: tuple[int, ...] = (2, 3)):
+        super().__init__(backbone, prompts, text_weight)
         self.window_sizes = tuple(window_sizes)
         self.penultimate = (max(backbone.depth - 1, 1),)
         self.memory: dict[str, torch.Tensor] | None = None
@@ -103,8 +106,6 @@ class WinCLIP(AnomalyMethod):
             for size, embeds in windows.items():
                 distance = nearest_distance(embeds, self.memory[f"window{size}"]) / 2
                 few_shot.append(spread_to_patches(distance, grid, size, harmonic=False))
-            few_shot_map = torch.stack(few_shot).mean(dim=0)
-            patch_map = (patch_map + few_shot_map) / 2
-            image_score = (image_score + few_shot_map.flatten(1).amax(dim=1)) / 2
+            patch_map, image_score = self.blend(patch_map, image_score, torch.stack(few_shot).mean(dim=0))
 
         return AnomalyScores(image_score, upsample(patch_map, images.shape[-2:]))

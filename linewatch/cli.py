@@ -1,0 +1,118 @@
+"""The `linewatch` command. User mistakes end with one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block numbers like 6,12,18,24, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _option(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("backbone")
+    group.add_argument("--arch", default="ViT-B-16", help="open_clip architecture (default: ViT-B-16)")
+    group.add_argument("--weights", default="none",
+                       help="'none' (random, seeded), an open_clip pretrained tag such as 'openai', "
+                            "or a local .safetensors/.pt file (default: none)")
+    group.add_argument("--image-size", type=_positive, default=None, help="input size in px (default: the architecture's)")
+    group.add_argument("--layers", type=_layers, default=None, help="ViT blocks to tap, e.g. 6,12,18,24 (default: four evenly spaced)")
+    group.add_argument("--vv-attention", action="store_true", help="V-V attention local path for patch embeddings (CLIP-VV)")
+    group.add_argument("--seed", type=int, default=0, help="seed for random weights and few-shot sampling")
+    group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="linewatch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"linewatch {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ev = commands.add_parser("eval", help="evaluate a method on MVTec-layout data",
+                             description="Score every test image of one category (or a folder of categories) "
+                                         "and print image and pixel AUROC, AP, F1-max and AUPRO.")
+    ev.add_argument("--method", default="winclip", help="scoring method (see `linewatch methods`)")
+    ev.add_argument("--data", required=True, help="a category folder or a folder of categories in MVTec layout")
+    ev.add_argument("--shots", type=int, default=0, help="normal reference images from train/good (0: zero-shot)")
+    ev.add_argument("--prompts", default=None, help="prompt pack YAML (default: the bundled pack)")
+    ev.add_argument("--option", dest="options", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                    help="method option, repeatable, e.g. text_weight=0 (see each method's docstring)")
+    ev.add_argument("--batch-size", type=_positive, default=8)
+    ev.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON here")
+    add_backbone_arguments(ev)
+
+    commands.add_parser("methods", help="list the registered scoring methods")
+    return parser
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from .evaluate import EvalConfig, evaluate, format_table, write_json
+    from .scoring.backbone import BackboneConfig
+
+    if args.shots < 0:
+        raise ValueError("--shots must be 0 or more")
+    config = EvalConfig(
+        method=args.method, data=args.data, shots=args.shots, prompts=args.prompts, options=dict(args.options), batch_size=args.batch_size,
+        seed=args.seed, device=args.device or _default_device(),
+        backbone=BackboneConfig(arch=args.arch, weights=args.weights, image_size=args.image_size, layers=args.layers,
+                                vv_attention=args.vv_attention, seed=args.seed))
+    report = evaluate(config)
+    print(format_table(report))
+    if args.json_out:
+        write_json(report, args.json_out)
+        print(f"report written to {args.json_out}")
+
+
+def run_methods(_: argparse.Namespace) -> None:
+    from .scoring.methods import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        print(f"{name:<12}{(cls.__doc__ or '').strip()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"eval": run_eval, "methods": run_methods}
+    from .datasets import DatasetError
+    from .scoring.backbone import BackboneError
+
+    try:
+        handlers[args.command](args)
+    except (BackboneError, DatasetError, ValueError, FileNotFoundError) as err:
+        print(f"linewatch: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("linewatch: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""`linewatch eval`: score MVTec-layout categories with one method and report the papers' metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .datasets import Category, find_categories, load_image, load_mask
+from .scoring.backbone import Backbone, BackboneConfig
+from .scoring.methods import create_method
+from .scoring.metrics import image_metrics, pixel_metrics
+from .scoring.prompts import PromptPack
+
+COLUMNS = [("image_auroc", "I-AUROC"), ("image_ap", "I-AP"), ("image_f1_max", "I-F1max"),
+           ("pixel_auroc", "P-AUROC"), ("pixel_ap", "P-AP"), ("pixel_f1_max", "P-F1max"), ("aupro", "AUPRO")]
+
+
+@dataclass
+class EvalConfig:
+    method: str = "winclip"
+    data: str = ""
+    shots: int = 0
+    backbone: BackboneConfig = BackboneConfig()
+    prompts: str | None = None
+    options: dict = field(default_factory=dict)  # method keyword options, e.g. {"text_weight": 0}
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "cpu"
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def evaluate_category(method, category: Category, config: EvalConfig, image_size: int) -> dict:
+    references = None
+    if config.shots:
+        paths = category.references(config.shots, config.seed)
+        references = torch.stack([load_image(p, image_size) for p in paths])
+    method.prepare(category.name, reference_images=references)
+
+    scores, maps, labels, masks = [], [], [], []
+    with tqdm(total=len(category.test), desc=category.name, unit="img", leave=False) as progress:
+        for batch in _batches(category.test, config.batch_size):
+            images = torch.stack([load_image(s.path, image_size) for s in batch])
+            result = method.score(images)
+            scores.append(result.image_score.float().cpu())
+            maps.append(result.anomaly_map.float().cpu())
+            labels += [s.label for s in batch]
+            masks += [load_mask(s.mask_path, image_size) for s in batch]
+            progress.update(len(batch))
+
+    row = {"images": len(labels), "anomalous": int(sum(labels))}
+    row.update(image_metrics(np.array(labels), torch.cat(scores).numpy()))
+    if category.has_masks:
+        row.update(pixel_metrics(torch.stack(masks).numpy(), torch.cat(maps).numpy()))
+    else:
+        row.update({key: math.nan for key, _ in COLUMNS if key.startswith(("pixel", "aupro"))})
+    return row
+
+
+def evaluate(config: EvalConfig) -> dict:
+    categories = find_categories(config.data)
+    backbone = Backbone.build(config.backbone, config.device)
+    method = create_method(config.method, backbone, PromptPack.load(config.prompts), **config.options)
+    results = {}
+    for category in tqdm(categories, desc="categories", unit="cat", disable=len(categories) == 1):
+        results[category.name] = evaluate_category(method, category, config, backbone.image_size)
+    mean = {key: float(np.nanmean([r[key] for r in results.values()])) if any(
+        not math.isnan(r[key]) for r in results.values()) else math.nan for key, _ in COLUMNS}
+    return {
+        "method": config.method,
+        "shots": config.shots,
+        "options": config.options,
+        "backbone": {**asdict(config.backbone), "identity": backbone.identity, "image_size": backbone.image_size,
+                     "layers": list(backbone.layers)},
+        "prompts": config.prompts or "default",
+        "seed": config.seed,
+        "device": config.device,
+        "categories": results,
+        "mean": mean,
+    }
+
+
+def format_table(report: dict) -> str:
+    header = f"{'category':<22}{'n':>5}" + "".join(f"{title:>9}" for _, title in COLUMNS)
+
+    def line(name: str, n: str, row: dict) -> str:
+        return f"{name:<22}{n:>5}" + "".join(f"{100 * row[key]:>9.1f}" if not math.isnan(row[key]) else f"{'-':>9}"
+                                           for key, _ in COLUMNS)
+
+    lines = [header, "-" * len(header)]
+    lines += [line(name, str(row["images"]), row) for name, row in report["categories"].items()]
+    lines += ["-" * len(header), line("mean", "", report["mean"])]
+    weights = report["backbone"]["identity"]
+    note = "  (random weights: only few-shot memory figures mean anything)" if "random-seed" in weights else ""
+    options = "".join(f", {k}={v}" for k, v in report["options"].items())
+    return "\n".join([f"method {report['method']}{options}, {report['shots']}-shot, {weights}, "
+                      f"{report['backbone']['image_size']} px{note}", *lines])
+
+
+def _json_safe(value):
+    """NaN (a metric undefined for a category) becomes null: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
