@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -118,7 +117,11 @@ def create_clip(arch: str, weights: str, seed: int) -> nn.Module:
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if weights not in tags:
         raise BackboneError(f"{arch} has no pretrained tag {weights!r}; known tags: {', '.join(tags) or 'none'}")
-    return open_clip.create_model(arch, pretrained=weights)
+    try:
+        return open_clip.create_model(arch, pretrained=weights)
+    except Exception as err:  # offline, hub errors, disk full: say which weights could not be had
+        raise BackboneError(f"could not fetch pretrained weights {arch}/{weights}: {err}; "
+                            "pass --weights FILE to use a local copy") from err
 
 
 class Backbone(nn.Module):
@@ -132,7 +135,10 @@ class Backbone(nn.Module):
         self.clip = clip.eval().requires_grad_(False)
         self.config = config
         self.weights_identity = weights_identity
-        self.tokenizer = open_clip.get_tokenizer(config.arch)
+        try:
+            self.tokenizer = open_clip.get_tokenizer(config.arch)
+        except Exception as err:  # SigLIP-style tokenizers come from the HF hub
+            raise BackboneError(f"could not load the tokenizer of {config.arch}: {err}") from err
         self.patch_size = visual.patch_size[0]
         self.depth = len(visual.transformer.resblocks)
         self.image_size = config.image_size or visual.image_size[0]
@@ -256,8 +262,3 @@ def _vv_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
     out = F.scaled_dot_product_attention(v, v, v).transpose(1, 2).flatten(2)
     return attn.out_proj(out)
 
-
-@lru_cache(maxsize=4)
-def cached_backbone(config: BackboneConfig, device: str = "cpu") -> Backbone:
-    """One backbone per (config, device) in a process; methods share it."""
-    return Backbone.build(config, device)

@@ -92,11 +92,13 @@ def test_eval_is_deterministic(tmp_path):
     (["--data", "{cat}", "--image-size", "100", *TINY], "not a multiple of the patch size"),
     (["--data", "{cat}", "--option", "windows=3", *TINY], "winclip has no option windows"),
     (["--data", "{cat}", "--option", "text_weight", *TINY], "expected KEY=VALUE"),
+    (["--data", "{cat}", "--arch", "ViT-B-32", "--weights", "openai"], "could not fetch pretrained weights ViT-B-32/openai"),
 ])
 def test_user_mistakes_get_one_clear_line(tmp_path, args, message):
     cat = make_category(tmp_path, "widget", seed=4)
     args = [a.replace("{cat}", str(cat)) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "linewatch.cli", "eval", *args], capture_output=True, text=True)
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a tag download must fail fast and clearly
+    proc = subprocess.run([sys.executable, "-m", "linewatch.cli", "eval", *args], capture_output=True, text=True, env=offline)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
