@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -31,10 +33,30 @@ def _option(text: str) -> tuple[str, object]:
     return key.strip(), yaml.safe_load(value)
 
 
-def _default_device() -> str:
+def resolve_device(name: str | None) -> str:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but this torch build sees no CUDA GPU")
+    return name
+
+
+def check_output_path(path: str | None) -> None:
+    """Fail before a long run, not after it, when the report cannot be written."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"--json {path} is a directory; give a file name")
+    parent = next((p for p in [target.parent, *target.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"--json {path}: cannot write under {parent}")
 
 
 def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,9 +100,10 @@ def run_eval(args: argparse.Namespace) -> None:
 
     if args.shots < 0:
         raise ValueError("--shots must be 0 or more")
+    check_output_path(args.json_out)
     config = EvalConfig(
         method=args.method, data=args.data, shots=args.shots, prompts=args.prompts, options=dict(args.options), batch_size=args.batch_size,
-        seed=args.seed, device=args.device or _default_device(),
+        seed=args.seed, device=resolve_device(args.device),
         backbone=BackboneConfig(arch=args.arch, weights=args.weights, image_size=args.image_size, layers=args.layers,
                                 vv_attention=args.vv_attention, seed=args.seed))
     report = evaluate(config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from tqdm import tqdm
 
 from .datasets import Category, find_categories, load_image, load_mask
 from .scoring.backbone import Backbone, BackboneConfig
-from .scoring.methods import create_method
+from .scoring.methods import check_options, create_method
 from .scoring.metrics import image_metrics, pixel_metrics
 from .scoring.prompts import PromptPack
 
@@ -67,9 +68,18 @@ def evaluate_category(method, category: Category, config: EvalConfig, image_size
 
 
 def evaluate(config: EvalConfig) -> dict:
+    # Every check a user can fail runs before the (possibly downloaded) model is built.
     categories = find_categories(config.data)
+    check_options(config.method, config.options)
+    prompts = PromptPack.load(config.prompts)
+    for category in categories:
+        if config.shots:
+            category.references(config.shots, config.seed)
+        if not category.has_masks:
+            print(f"note: {category.name}: some anomalous images have no <stem>_mask.png under ground_truth/; "
+                  "pixel metrics are skipped for it", file=sys.stderr)
     backbone = Backbone.build(config.backbone, config.device)
-    method = create_method(config.method, backbone, PromptPack.load(config.prompts), **config.options)
+    method = create_method(config.method, backbone, prompts, **config.options)
     results = {}
     for category in tqdm(categories, desc="categories", unit="cat", disable=len(categories) == 1):
         results[category.name] = evaluate_category(method, category, config, backbone.image_size)

@@ -73,7 +73,10 @@ def _load_weights_file(model: nn.Module, path: Path) -> None:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # truncated or not safetensors at all
+            raise BackboneError(f"cannot read {path} as safetensors: {err}") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -84,34 +87,47 @@ def _load_weights_file(model: nn.Module, path: Path) -> None:
                 "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors'))") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"{path} holds no state dict (a mapping of parameter names to tensors)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     open_clip.model.resize_pos_embed(state, model)
+    missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
+    if missing or unexpected:
+        raise BackboneError(f"{path} does not fit this architecture: {len(missing)} missing keys (e.g. "
+                            f"{sorted(missing)[:3]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})")
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise BackboneError(f"{path} does not fit this architecture: {str(err).splitlines()[0]}") from None
+    except RuntimeError as err:  # same names, other shapes
+        raise BackboneError(f"{path} does not fit this architecture: {' '.join(str(err).split())[:400]}") from None
 
 
 def _quiet_random_init(record: logging.LogRecord) -> bool:
     return "No pretrained weights loaded" not in record.getMessage()
 
 
+def _random_clip(arch: str, seed: int) -> nn.Module:
+    """Seeded random init that leaves the caller's RNG state alone."""
+    root = logging.getLogger()
+    root.addFilter(_quiet_random_init)  # we name the weights ourselves
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return open_clip.create_model(arch, pretrained=None)
+    finally:
+        root.removeFilter(_quiet_random_init)
+
+
 def create_clip(arch: str, weights: str, seed: int) -> nn.Module:
     if arch not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if arch.lower()[:5] in m.lower()][:8]
         raise BackboneError(f"unknown open_clip architecture {arch!r}" + (f"; similar: {', '.join(close)}" if close else ""))
-    torch.manual_seed(seed)  # random init is reproducible
     if weights == "none":
-        logging.getLogger().addFilter(_quiet_random_init)  # we say "random weights" ourselves
-        try:
-            return open_clip.create_model(arch, pretrained=None)
-        finally:
-            logging.getLogger().removeFilter(_quiet_random_init)
+        return _random_clip(arch, seed)
     path = Path(weights)
     if path.suffix in WEIGHT_FILE_SUFFIXES or path.exists():
         if not path.is_file():
             raise BackboneError(f"weights file not found: {path}")
-        model = open_clip.create_model(arch, pretrained=None)
+        model = _random_clip(arch, seed)
         _load_weights_file(model, path)
         return model
     tags = open_clip.list_pretrained_tags_by_model(arch)
@@ -130,8 +146,13 @@ class Backbone(nn.Module):
     def __init__(self, clip: nn.Module, config: BackboneConfig, weights_identity: str):
         super().__init__()
         visual = clip.visual
-        if not isinstance(visual, open_clip.transformer.VisionTransformer) or visual.attn_pool is not None:
-            raise BackboneError(f"{config.arch}: patch features need a plain ViT image tower, got {type(visual).__name__}")
+        plain_vit = (isinstance(visual, open_clip.transformer.VisionTransformer) and visual.attn_pool is None
+                     and visual.pool_type == "tok" and not visual.final_ln_after_pool
+                     and all(type(b) is open_clip.transformer.ResidualAttentionBlock for b in visual.transformer.resblocks))
+        if not plain_vit:
+            # Class-token taps, window passes and V-V attention assume CLIP's own ViT layout.
+            raise BackboneError(f"{config.arch}: linewatch needs a class-token ViT image tower with standard "
+                                f"attention blocks (OpenAI/LAION-style ViT-*), not {type(visual).__name__}")
         self.clip = clip.eval().requires_grad_(False)
         self.config = config
         self.weights_identity = weights_identity

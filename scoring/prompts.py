@@ -67,6 +67,8 @@ class PromptPack(BaseModel):
             return cls.model_validate(yaml.safe_load(path.read_text()))
         except FileNotFoundError:
             raise ValueError(f"prompt pack not found: {path}") from None
+        except OSError as err:  # a directory, no permission
+            raise ValueError(f"cannot read prompt pack {path}: {err.strerror}") from None
         except (yaml.YAMLError, ValidationError) as err:
             raise ValueError(f"prompt pack {path} is invalid: {err}") from None
 

@@ -1,3 +1,4 @@
+import json
 import hashlib
 import pathlib
 
@@ -295,3 +296,16 @@ def test_encode_text_unit_norm(tiny):
     torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(4), rtol=0, atol=1e-5)
     assert not torch.allclose(embeds[0], embeds[1], atol=1e-3)
     torch.testing.assert_close(embeds[:2], tiny.encode_text(texts[:2]), rtol=0, atol=1e-6)
+
+
+def test_average_pooled_towers_are_refused(tmp_path):
+    """Class-token taps would silently read an untrained token on avg-pooled ViTs (CLIPA)."""
+    from linewatch.scoring.backbone import open_clip
+
+    config = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 16,
+                                              "patch_size": 8, "pool_type": "avg"},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 1}}
+    (tmp_path / "lw-test-avgpool.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "lw-test-avgpool.json")
+    with pytest.raises(BackboneError, match="class-token ViT"):
+        Backbone.build(BackboneConfig(arch="lw-test-avgpool"))

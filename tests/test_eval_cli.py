@@ -93,6 +93,13 @@ def test_eval_is_deterministic(tmp_path):
     (["--data", "{cat}", "--option", "windows=3", *TINY], "winclip has no option windows"),
     (["--data", "{cat}", "--option", "text_weight", *TINY], "expected KEY=VALUE"),
     (["--data", "{cat}", "--arch", "ViT-B-32", "--weights", "openai"], "could not fetch pretrained weights ViT-B-32/openai"),
+    (["--data", "{cat}", "--option", "text_weight=abc", *TINY], "text_weight must be within [0, 1], got 'abc'"),
+    (["--data", "{cat}", "--option", "window_sizes=[0]", *TINY], "window_sizes must be a list of positive patch counts"),
+    (["--data", "{cat}", "--method", "aprilgan", "--option", "sigma=abc", *TINY], "sigma must be a number"),
+    (["--data", "{cat}", "--json", "{cat}", *TINY], "is a directory"),
+    (["--data", "{cat}", "--prompts", "{cat}", *TINY], "cannot read prompt pack"),
+    (["--data", "{cat}", "--device", "bogus", *TINY], "unknown device 'bogus'"),
+    (["--data", "{cat}", "--weights", "{cat}/train/good/000.png", *TINY], "cannot read"),
 ])
 def test_user_mistakes_get_one_clear_line(tmp_path, args, message):
     cat = make_category(tmp_path, "widget", seed=4)
@@ -102,6 +109,27 @@ def test_user_mistakes_get_one_clear_line(tmp_path, args, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["corrupt.safetensors", "list.pt"])
+def test_unusable_weight_files_are_refused(tmp_path, capsys, kind):
+    cat = make_category(tmp_path, "widget", seed=6)
+    path = tmp_path / kind
+    if kind.endswith(".pt"):
+        import torch
+
+        torch.save([1, 2, 3], path)  # loads under weights_only, but is no state dict
+    else:
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    assert main(["eval", "--data", str(cat), "--weights", str(path), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "Traceback" not in err
+
+
+def test_missing_masks_are_reported(tmp_path, capsys):
+    cat = make_category(tmp_path, "widget", seed=7, masks=False)
+    assert main(["eval", "--data", str(cat), *TINY]) == 0
+    assert "widget: some anomalous images have no <stem>_mask.png" in capsys.readouterr().err
 
 
 def test_corrupt_image_is_named(tmp_path, capsys):

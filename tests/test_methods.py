@@ -162,6 +162,21 @@ def test_few_shot_localises_pasted_defect(name, tiny, neutral_pack, texture_data
     assert maps.reshape(4, -1).max(axis=1).min() > normals.anomaly_map.flatten(1).amax(dim=1).max().item()
 
 
+def test_failed_prepare_leaves_method_unprepared(name, tiny, anchor_cache, make_images):
+    method = _prepared(name, tiny, anchor_cache, references=make_images(2, seed=40))
+    with pytest.raises(ValueError):
+        method.prepare(CLASS, make_images(2, seed=41)[:, :1], anchors=anchor_cache(name, CLASS))
+    assert method.class_name is None
+    with pytest.raises(RuntimeError, match="call prepare"):
+        method.score(make_images(1, seed=42))
+
+
+def test_winclip_refuses_images_of_another_size_than_references(tiny, anchor_cache, make_images):
+    method = create_method("winclip", tiny).prepare(CLASS, make_images(2, seed=43), anchors=anchor_cache("winclip", CLASS))
+    with pytest.raises(ValueError, match="references' size"):
+        method.score(make_images(1, height=96, seed=44))
+
+
 def test_text_weight_zero_ignores_text(name, tiny, default_pack, neutral_pack, texture_data):
     """text_weight=0: few-shot scores come from the references alone, whatever the prompts say."""
     refs = texture_data.references

@@ -34,6 +34,8 @@ class AprilGAN(AnomalyMethod):
 
     def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0):
         super().__init__(backbone, prompts, text_weight)
+        if not isinstance(sigma, (int, float)) or sigma < 0:
+            raise ValueError(f"sigma must be a number >= 0, got {sigma!r}")
         self.sigma = sigma
         self.memory: list[torch.Tensor] | None = None
 

@@ -36,8 +36,8 @@ class AnomalyMethod(nn.Module):
 
     def __init__(self, backbone: Backbone, prompts: PromptPack | None = None, text_weight: float = 0.5):
         super().__init__()
-        if not 0.0 <= text_weight <= 1.0:
-            raise ValueError(f"text_weight must be within [0, 1], got {text_weight}")
+        if not isinstance(text_weight, (int, float)) or not 0.0 <= text_weight <= 1.0:
+            raise ValueError(f"text_weight must be within [0, 1], got {text_weight!r}")
         self.text_weight = text_weight
         self.backbone = backbone
         self.prompt_pack = prompts or PromptPack.load()
@@ -62,12 +62,13 @@ class AnomalyMethod(nn.Module):
     @torch.inference_mode()
     def prepare(self, class_name: str, reference_images: torch.Tensor | None = None,
                 anchors: TextAnchors | None = None) -> "AnomalyMethod":
+        self.anchors, self.class_name = None, None  # a failed prepare leaves the method unprepared, not half-old
         expected = self.anchor_key(class_name)
         if anchors is not None and anchors.key != expected:
             raise ValueError(f"anchors {anchors.key} were built for another model or prompt set (expected {expected})")
-        self.anchors = (anchors or self.build_anchors(class_name)).to(self.backbone.device)
-        self.class_name = class_name
+        anchors = (anchors or self.build_anchors(class_name)).to(self.backbone.device)
         self.fit_references(None if reference_images is None else self._checked(reference_images))
+        self.anchors, self.class_name = anchors, class_name
         return self
 
     @torch.inference_mode()
@@ -142,12 +143,19 @@ def register_method(cls: type[AnomalyMethod]) -> type[AnomalyMethod]:
 
 
 def create_method(name: str, backbone: Backbone, prompts: PromptPack | None = None, **options) -> AnomalyMethod:
+    check_options(name, options)
+    try:
+        return METHODS[name](backbone, prompts, **options)
+    except TypeError as err:  # e.g. text_weight="abc"
+        raise ValueError(f"{name}: bad option value in {options}: {err}") from None
+
+
+def check_options(name: str, options: dict) -> None:
+    """Name and option names exist (cheap: runs before any model is built)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    cls = METHODS[name]
-    accepted = {p for c in cls.__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters}
-    unknown = set(options) - (accepted - {"self", "backbone", "prompts"})
+    accepted = {p for c in METHODS[name].__mro__ if "__init__" in vars(c)
+                for p in inspect.signature(c.__init__).parameters} - {"self", "backbone", "prompts", "args", "kwargs"}
+    unknown = set(options) - accepted
     if unknown:
-        raise ValueError(f"{name} has no option {', '.join(sorted(unknown))}; options: "
-                         f"{', '.join(sorted(accepted - {'self', 'backbone', 'prompts', 'args', 'kwargs'}))}")
-    return cls(backbone, prompts, **options)
+        raise ValueError(f"{name} has no option {', '.join(sorted(unknown))}; options: {', '.join(sorted(accepted))}")

@@ -5,17 +5,21 @@ Zero-shot: the class-token embedding of the whole image, and of every sliding wi
 (the ViT run on the class token plus only that window's patch tokens), is compared with
 the text anchors; a window's score is its softmax probability of "abnormal". Each patch
 takes the harmonic mean of the scores of the windows covering it, per scale, and the
-scales (small, mid, and the whole image as the large scale) are averaged.
+scales (small, mid, and the whole image as the large scale) are combined by harmonic
+mean too.
 
 Few-shot (WinCLIP+): a memory of normal reference features at the same scales — window
-embeddings and the penultimate layer's patch tokens. A window's score is
-``0.5 * (1 - max cosine similarity to memory)``, averaged over the windows covering each
-patch; the few-shot map is the mean over scales. Final map = mean of zero- and few-shot
-maps; image score = mean of the zero-shot image score and the few-shot map's maximum
-(``text_weight`` moves that balance; the paper's 0.5 is the default).
+embeddings and the penultimate block's patch tokens. A window's score is
+``0.5 * (1 - max cosine similarity to memory)``, harmonically aggregated onto the patches
+it covers; the few-shot map is the arithmetic mean over scales. Final map = mean of
+zero- and few-shot maps; image score = mean of the zero-shot image score and the few-shot
+map's maximum (``text_weight`` moves that balance; the paper's 0.5 is the default).
+Aggregation follows the authors' released code (as anomalib's port does).
 
 Windows are measured in patches (paper: 2x2 and 3x3 patches of ViT-B/16+ at 240 px) with
-stride one patch; all windows of a batch run as one batch of short sequences.
+stride one patch; all windows of a batch run as one batch of short sequences. WinCLIP
+uses its own taps (windows and the penultimate block), so the backbone's ``layers`` and
+V-V path do not apply to it. References and scored images must share one size.
 """
 
 from __future__ import annotations
@@ -57,9 +61,12 @@ class WinCLIP(AnomalyMethod):
 
     def __init__(self, backbone, prompts=None, text_weight: float = 0.5, window_sizes: tuple[int, ...] = (2, 3)):
         super().__init__(backbone, prompts, text_weight)
+        if not window_sizes or not all(isinstance(s, int) and s >= 1 for s in window_sizes):
+            raise ValueError(f"window_sizes must be a list of positive patch counts, got {window_sizes!r}")
         self.window_sizes = tuple(window_sizes)
         self.penultimate = (max(backbone.depth - 1, 1),)
         self.memory: dict[str, torch.Tensor] | None = None
+        self.memory_grid: tuple[int, int] | None = None
         self._index_cache: dict[tuple, torch.Tensor] = {}
 
     def _scales(self, grid: tuple[int, int]) -> list[int]:
@@ -85,7 +92,7 @@ class WinCLIP(AnomalyMethod):
             return
         parts: dict[str, list[torch.Tensor]] = {}
         for chunk in images.split(8):
-            _, patches, windows, _ = self._features(chunk)
+            _, patches, windows, self.memory_grid = self._features(chunk)
             parts.setdefault("patch", []).append(patches.flatten(0, 1))
             for size, embeds in windows.items():
                 parts.setdefault(f"window{size}", []).append(embeds.flatten(0, 1))
@@ -99,13 +106,16 @@ class WinCLIP(AnomalyMethod):
         zero_shot = [spread_to_patches(self.abnormal_probability(embeds), grid, size, harmonic=True)
                      for size, embeds in windows.items()]
         zero_shot.append(image_score[:, None, None].expand(-1, *grid))
-        patch_map = torch.stack(zero_shot).mean(dim=0)
+        patch_map = len(zero_shot) / (1.0 / torch.stack(zero_shot).clamp_min(1e-6)).sum(dim=0)
 
         if self.memory is not None:
+            if grid != self.memory_grid:
+                raise ValueError(f"images give a {grid} patch grid but the references gave {self.memory_grid}: "
+                                 "score images at the references' size")
             few_shot = [nearest_distance(patches, self.memory["patch"]).view(-1, *grid) / 2]
             for size, embeds in windows.items():
                 distance = nearest_distance(embeds, self.memory[f"window{size}"]) / 2
-                few_shot.append(spread_to_patches(distance, grid, size, harmonic=False))
+                few_shot.append(spread_to_patches(distance, grid, size, harmonic=True))
             patch_map, image_score = self.blend(patch_map, image_score, torch.stack(few_shot).mean(dim=0))
 
         return AnomalyScores(image_score, upsample(patch_map, images.shape[-2:]))
