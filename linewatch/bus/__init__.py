@@ -1,0 +1,145 @@
+"""The message bus: one small interface, two implementations.
+
+- ``memory://`` — in-process, the embedded default (``linewatch run``): partitioned logs in
+  memory with consumer groups and committed offsets, bounded so a fast producer waits for
+  its consumers instead of filling memory; consumed records are dropped.
+- ``kafka://host:port[,host:port]`` (or bare ``host:port``) — Kafka through kafka-python,
+  acks=all. Partitions and consumer groups are how linewatch scales.
+
+Both carry the same records (key, value bytes, headers), so the embedded pipeline exercises
+the same wire format as the distributed one.
+"""
+
+from __future__ import annotations
+
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+class BusError(RuntimeError):
+    """The bus cannot do what was asked (broker unreachable, send not acknowledged, ...)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    value: bytes
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    partition: int = 0
+    offset: int = -1
+    timestamp_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names, all under one configurable prefix."""
+
+    prefix: str = "linewatch"
+
+    @property
+    def frames(self) -> str:
+        return f"{self.prefix}.frames"
+
+    @property
+    def scores(self) -> str:
+        return f"{self.prefix}.scores"
+
+    @property
+    def alerts(self) -> str:
+        return f"{self.prefix}.alerts"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}.dead-letter"
+
+    def all(self) -> list[str]:
+        return [self.frames, self.scores, self.alerts, self.dead]
+
+
+def partition_for(key: bytes | None, partitions: int, counter: int = 0) -> int:
+    """Same key -> same partition, so each stream stays ordered."""
+    return (zlib.crc32(key) if key is not None else counter) % partitions
+
+
+class Producer(ABC):
+    @abstractmethod
+    def send(self, topic: str, value: bytes, key: bytes | None = None,
+             headers: tuple[tuple[str, bytes], ...] = (), timestamp_ms: int | None = None) -> None:
+        """Queue a record; may block while the bus applies backpressure."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Wait until every queued record is acknowledged; BusError if any was not."""
+
+    def close(self) -> None:
+        self.flush()
+
+
+class Consumer(ABC):
+    @abstractmethod
+    def poll(self, timeout_s: float, max_records: int = 64) -> list[Record]:
+        ...
+
+    @abstractmethod
+    def commit(self, records: list[Record]) -> None:
+        """Commit past the given records (per partition, the highest offset + 1)."""
+
+    @abstractmethod
+    def partitions(self, topic: str) -> list[int]:
+        ...
+
+    @abstractmethod
+    def assign(self, topic: str, partitions: list[int]) -> None:
+        """Read these partitions directly, outside any group (replay)."""
+
+    @abstractmethod
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        ...
+
+    def close(self) -> None:
+        pass
+
+
+class Bus(ABC):
+    def __init__(self, topics: Topics, partitions: int):
+        self.topics = topics
+        self.partitions = partitions
+
+    @abstractmethod
+    def ensure_topics(self, names: list[str]) -> None:
+        ...
+
+    @abstractmethod
+    def producer(self) -> Producer:
+        ...
+
+    @abstractmethod
+    def consumer(self, topics: list[str], group: str | None) -> Consumer:
+        """A consumer in ``group`` (committed offsets, partitions shared among members), reading
+        from the earliest uncommitted record; ``group=None`` for a group-less reader (replay)."""
+
+    def close(self) -> None:
+        pass
+
+
+def next_offsets(records: list[Record]) -> dict[tuple[str, int], int]:
+    """{(topic, partition): highest offset + 1} — what to commit after handling ``records``."""
+    out: dict[tuple[str, int], int] = {}
+    for r in records:
+        out[(r.topic, r.partition)] = max(out.get((r.topic, r.partition), 0), r.offset + 1)
+    return out
+
+
+def connect(url: str, prefix: str = "linewatch", partitions: int = 4) -> Bus:
+    """``memory://`` or ``kafka://host:port,...`` (``host:port`` alone means Kafka)."""
+    topics = Topics(prefix)
+    if url.startswith("memory://"):
+        from .memory import MemoryBus
+        return MemoryBus(topics, partitions)
+    servers = url.removeprefix("kafka://")
+    if not servers or "://" in servers:
+        raise BusError(f"bus URL {url!r}: use memory:// or kafka://host:port[,host:port]")
+    from .kafka import KafkaBus
+    return KafkaBus(servers, topics, partitions)

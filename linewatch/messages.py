@@ -1,0 +1,168 @@
+"""The one message schema that crosses every hop: frame -> score -> alert (and dead letters).
+
+Wire format, the same on the in-process bus and on Kafka (never pickle):
+- frame: key = stream id, value = the JPEG bytes, header ``lw`` = ``FrameMeta`` as JSON;
+- score, alert, dead letter: key = stream id, value = the message as JSON (bytes fields base64).
+Every message carries ``v`` (schema version); a reader refuses versions it does not know.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+META_HEADER = "lw"
+
+StreamId = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class MessageError(ValueError):
+    """A record that does not follow this schema (wrong kind, version or fields)."""
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+    v: Literal[1] = SCHEMA_VERSION
+
+
+class Telemetry(BaseModel):
+    """Drone position for a frame, from a DJI-style SRT sidecar (fields the sidecar lacks stay None)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    time: str | None = None  # the sidecar's own clock, as written
+    latitude: float | None = None
+    longitude: float | None = None
+    altitude: float | None = None  # absolute, metres
+    relative_altitude: float | None = None
+
+
+class FrameMeta(_Message):
+    kind: Literal["frame"] = "frame"
+    stream: StreamId
+    seq: int = Field(ge=0)  # per stream, from 0, in capture order
+    ts: float  # capture time, UNIX seconds (file sources: start of ingest + media time)
+    pts: float = 0.0  # media time in seconds from the start of the source
+    source: str
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    encoding: Literal["jpeg"] = "jpeg"
+    telemetry: Telemetry | None = None
+    sent_at: float = Field(default_factory=time.time)  # wall time when published, for latency
+
+
+class FrameRef(BaseModel):
+    """Where a frame sits on the bus, so a score or alert can point back at it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    topic: str
+    partition: int
+    offset: int
+
+
+class EncodedMap(BaseModel):
+    """An anomaly map as an 8-bit PNG at reduced resolution; value = lo + png / 255 * (hi - lo)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+    png: bytes
+    lo: float
+    hi: float
+
+
+class Latency(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    queue_ms: float  # published -> picked up by the worker
+    decode_ms: float  # JPEG decode + resize, per frame share of the batch
+    model_ms: float  # the method's forward pass, per frame share of the batch
+    batch_size: int
+
+
+class ScoreMsg(_Message):
+    kind: Literal["score"] = "score"
+    frame: FrameMeta
+    frame_ref: FrameRef | None = None
+    image_score: float
+    threshold: float
+    anomalous: bool
+    map: EncodedMap
+    method: str
+    class_name: str
+    anchor_key: str  # which text anchors (model + prompts) scored it
+    model: str  # backbone identity
+    worker: str
+    latency: Latency
+    scored_at: float = Field(default_factory=time.time)
+    frame_jpeg: bytes | None = None  # only on anomalous frames, so the archive can draw overlays
+
+
+class AlertMsg(_Message):
+    """One anomalous event of a stream. Published when it opens and again when it closes,
+    with the same ``event_id``; consumers keep the latest status per event."""
+
+    kind: Literal["alert"] = "alert"
+    event_id: str  # "<stream>:<first seq>", stable across replays of the same frames
+    status: Literal["open", "closed"]
+    stream: StreamId
+    start_seq: int
+    end_seq: int  # last anomalous frame seen so far
+    start_ts: float
+    end_ts: float
+    peak_score: float
+    peak_seq: int
+    threshold: float
+    frames: list[int]  # the anomalous frames' sequence numbers
+    method: str
+    class_name: str
+    telemetry: Telemetry | None = None  # at the peak frame
+    raised_at: float = Field(default_factory=time.time)
+
+
+class DeadLetter(_Message):
+    kind: Literal["dead"] = "dead"
+    reason: str
+    stage: str  # ingest | worker | sink-alerts | sink-archive | ...
+    origin: FrameRef | None = None
+    stream: str | None = None
+    seq: int | None = None
+    payload: bytes = b""  # the original value, so nothing is lost (truncated above 1 MiB)
+    headers: dict[str, str] = {}
+    at: float = Field(default_factory=time.time)
+
+
+_KINDS: dict[str, type[_Message]] = {"frame": FrameMeta, "score": ScoreMsg, "alert": AlertMsg, "dead": DeadLetter}
+
+
+def encode(message: _Message) -> bytes:
+    return message.model_dump_json(exclude_none=True).encode()
+
+
+def decode(data: bytes, expect: type[_Message]) -> _Message:
+    """Parse JSON bytes into ``expect``; any mismatch becomes one MessageError line."""
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MessageError(f"not JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise MessageError(f"expected a JSON object, got {type(raw).__name__}")
+    kind, version = raw.get("kind"), raw.get("v")
+    if kind != expect.model_fields["kind"].default:
+        raise MessageError(f"expected a {expect.model_fields['kind'].default} message, got kind={kind!r}")
+    if version != SCHEMA_VERSION:
+        raise MessageError(f"unsupported schema version v={version!r} (this linewatch reads v={SCHEMA_VERSION})")
+    try:
+        return expect.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        raise MessageError(f"{expect.__name__}: {where}: {first['msg']} ({err.error_count()} error(s))") from None
+
+
+def frame_meta(headers) -> FrameMeta:
+    """The FrameMeta of a frame record, from its headers (a list of (name, bytes) pairs)."""
+    for name, value in headers or ():
+        if name == META_HEADER:
+            return decode(value, FrameMeta)
+    raise MessageError(f"frame record has no {META_HEADER!r} header")
