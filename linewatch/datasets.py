@@ -79,6 +79,12 @@ def load_image(path: Path, size: int) -> torch.Tensor:
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise DatasetError(f"cannot read image {path}")
+    return bgr_to_tensor(image, size)
+
+
+def bgr_to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
+    """An OpenCV BGR uint8 image -> [3, size, size] float RGB in [0, 1], squashed to a square.
+    The one preprocessing used by eval, references and the streaming workers."""
     image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if image.shape[0] > size else cv2.INTER_CUBIC)
     return torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1])).permute(2, 0, 1).float().div_(255.0)
 

@@ -111,3 +111,21 @@ def texture_data() -> SimpleNamespace:
         masks[i, top:top + defect, left:left + defect] = True
     return SimpleNamespace(references=torch.from_numpy(references), normals=torch.from_numpy(normals),
                            defects=torch.from_numpy(defects), masks=masks)
+
+
+@pytest.fixture(scope="session")
+def kafka_servers(tmp_path_factory):
+    """A real Kafka-protocol broker (Tansu) on loopback for the session: 'host:port'."""
+    from services import tansu_broker
+
+    with tansu_broker(tmp_path_factory.mktemp("tansu")) as servers:
+        yield servers
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real redis-server on loopback for the session: 'redis://127.0.0.1:PORT/0'."""
+    from services import redis_server
+
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url

@@ -55,6 +55,10 @@ class MemoryBus(Bus):
             self.closed = True
             self.cond.notify_all()
 
+    def drained(self, topic: str) -> bool:
+        """Every group reading ``topic`` has committed all of it (call with ``cond`` held)."""
+        return all(self._floor(topic, p) in (None, log.end) for p, log in enumerate(self.logs[topic]))
+
     # ---- internals (call with self.cond held) -----------------------------------------
     def _floor(self, topic: str, partition: int) -> int | None:
         """Lowest committed offset among groups reading ``topic``; None if nobody reads it."""

@@ -1,0 +1,166 @@
+"""Wiring: build the parts from Settings, and the embedded run (everything in one process).
+
+The embedded run is the same pipeline as the distributed one — ingest, a scoring worker and
+both sinks talking through the bus in the same records — only the bus is in process and the
+anchor cache is local. Each part runs in a thread; the run ends when every frame has been
+scored and every score has reached both sinks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .bus import Bus
+from .scoring.backbone import Backbone, BackboneConfig
+from .scoring.prompts import PromptPack
+from .settings import Settings
+from .sinks.alerts import AlertPolicy
+from .workers.anchors import AnchorCache
+from .workers.profiles import ProfileTable
+from .workers.worker import ScoringWorker
+
+log = logging.getLogger(__name__)
+
+
+def check_settings(settings: Settings) -> ProfileTable:
+    """Everything a user can get wrong that needs no model: fails fast, names the problem."""
+    from .cli import resolve_device
+
+    resolve_device(settings.backbone.device)
+    table = ProfileTable(settings.profile, settings.streams)
+    if settings.worker.prompts is not None and not Path(settings.worker.prompts).is_file():
+        raise ValueError(f"prompt pack not found: {settings.worker.prompts}")
+    policy_table(settings)
+    return table
+
+
+def build_backbone(settings: Settings) -> Backbone:
+    from .cli import resolve_device
+
+    b = settings.backbone
+    return Backbone.build(BackboneConfig(arch=b.arch, weights=b.weights, image_size=b.image_size, layers=b.layers,
+                                         vv_attention=b.vv_attention, seed=b.seed), resolve_device(b.device))
+
+
+def build_worker(bus: Bus, settings: Settings, **kwargs) -> ScoringWorker:
+    profiles = check_settings(settings)
+    prompts = PromptPack.load(settings.worker.prompts)
+    worker = ScoringWorker(bus, build_backbone(settings), profiles, AnchorCache(settings.redis_url), prompts=prompts,
+                           max_batch=settings.worker.max_batch, max_wait_ms=settings.worker.max_wait_ms, **kwargs)
+    worker.prepare_all()
+    return worker
+
+
+def policy_table(settings: Settings):
+    """stream id -> AlertPolicy (glob overrides of the default policy, first match wins)."""
+    base = settings.alerts.policy
+    overrides = [(pattern, AlertPolicy.model_validate({**base.model_dump(), **values}))
+                 for pattern, values in settings.alerts.streams.items()]
+
+    def policy_for(stream: str) -> AlertPolicy:
+        return next((p for pattern, p in overrides if fnmatch.fnmatchcase(stream, pattern)), base)
+
+    return policy_for
+
+
+def alert_outputs(bus: Bus, settings: Settings, producer=None) -> list:
+    from .sinks.alerts import BusOutput, JsonlOutput, WebhookOutput
+
+    outputs = []
+    if settings.alerts.jsonl:
+        outputs.append(JsonlOutput(settings.alerts.jsonl))
+    if settings.alerts.publish:
+        outputs.append(BusOutput(producer or bus.producer(), bus.topics.alerts))
+    if settings.alerts.webhook:
+        outputs.append(WebhookOutput(settings.alerts.webhook))
+    return outputs
+
+
+@dataclass
+class RunSummary:
+    frames: int
+    seconds: float
+    model_s: float
+    alerts_jsonl: str
+    archive: str
+    dead: int
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds else 0.0
+
+
+def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_ids: list[str] | None = None,
+                 progress: bool = True) -> RunSummary:
+    from .bus.memory import MemoryBus
+    from .bus import Topics
+    from .ingest.publisher import run_ingest
+    from .ingest.sources import open_source
+    from .sinks.archive import Archive
+    from .sinks.runner import run_alert_sink, run_archive_sink
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = settings.model_copy(update={
+        "alerts": settings.alerts.model_copy(update={"jsonl": settings.alerts.jsonl or str(out / "alerts.jsonl")}),
+        "archive": settings.archive or str(out / "archive")})
+    check_settings(settings)
+    for spec in sources:  # a bad path fails here, before the model is built
+        open_source(spec).close()
+
+    bus = MemoryBus(Topics(settings.topic_prefix), partitions=1)
+    worker = build_worker(bus, settings)
+    stop_sinks, stop_worker = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def guarded(target, *args, **kwargs):
+        def body():
+            try:
+                target(*args, **kwargs)
+            except BaseException as err:  # surfaced by the main thread
+                errors.append(err)
+                stop_worker.set()
+                stop_sinks.set()
+                bus.close()
+        return threading.Thread(target=body, name=getattr(target, "__name__", "part"), daemon=True)
+
+    # consumers join their groups before the first frame is published
+    worker_consumer = bus.consumer([bus.topics.frames], worker.group)
+    threads = [
+        guarded(worker.run, stop_worker, consumer=worker_consumer),
+        guarded(run_alert_sink, bus, policy_table(settings), alert_outputs(bus, settings), stop=stop_sinks),
+        guarded(run_archive_sink, bus, Archive(settings.archive), stop=stop_sinks),
+    ]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    try:
+        ingest = settings.ingest
+        run_ingest(bus, sources, stream_ids=stream_ids, fps=ingest.fps, max_size=ingest.max_size,
+                   jpeg_quality=ingest.jpeg_quality, realtime=ingest.realtime, progress=progress)
+        _wait_drained(bus, bus.topics.frames, errors)
+        stop_worker.set()
+        threads[0].join()
+        _wait_drained(bus, bus.topics.scores, errors)
+    finally:
+        stop_worker.set()
+        stop_sinks.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    if errors:
+        raise errors[0]
+    elapsed = time.monotonic() - started
+    return RunSummary(frames=worker.stats.frames, seconds=elapsed, model_s=worker.stats.model_s,
+                      alerts_jsonl=settings.alerts.jsonl, archive=settings.archive, dead=worker.stats.dead)
+
+
+def _wait_drained(bus, topic: str, errors: list) -> None:
+    """Until every group reading ``topic`` has committed all of it."""
+    with bus.cond:
+        while not errors and not bus.drained(topic):
+            bus.cond.wait(0.2)

@@ -1,0 +1,103 @@
+"""Configuration for the pipeline commands: flags over environment over an optional YAML file.
+
+Environment variables are ``LINEWATCH_<FIELD>``, nested with ``__``, e.g.
+``LINEWATCH_BOOTSTRAP_SERVERS=kafka:9092``, ``LINEWATCH_WORKER__MAX_BATCH=16``,
+``LINEWATCH_PROFILE__METHOD=winclip``. The YAML file has the same shape as the fields below;
+``streams`` maps stream-id globs to per-stream overrides of ``profile`` (scoring) and
+``alerts.streams`` to overrides of ``alerts.policy``. See deploy/linewatch.example.yaml.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
+
+from .sinks.alerts import AlertPolicy
+from .workers.profiles import StreamProfile
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackboneSettings(_Section):
+    arch: str = "ViT-B-16"
+    weights: str = "none"  # 'none' (seeded random), an open_clip pretrained tag, or a local file
+    image_size: int | None = Field(default=None, gt=0)
+    layers: tuple[int, ...] | None = None
+    vv_attention: bool = False
+    seed: int = 0
+    device: str | None = None  # default: cuda if available, else cpu
+
+
+class IngestSettings(_Section):
+    fps: float | None = Field(default=None, gt=0)  # frames per second to keep, by timestamp; None: all
+    max_size: int | None = Field(default=1280, gt=0)  # long side in px; larger frames are downscaled
+    jpeg_quality: int = Field(default=90, ge=1, le=100)
+    realtime: bool = False  # pace files at recorded speed instead of as fast as possible
+
+
+class WorkerSettings(_Section):
+    max_batch: int = Field(default=8, ge=1)
+    max_wait_ms: float = Field(default=20.0, ge=0)
+    prompts: str | None = None  # prompt pack YAML; default: the bundled pack
+
+
+class AlertSettings(_Section):
+    policy: AlertPolicy = AlertPolicy()
+    streams: dict[str, dict[str, Any]] = {}
+    jsonl: str | None = None
+    webhook: str | None = None
+    publish: bool = True  # also publish alerts to the alerts topic
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LINEWATCH_", env_nested_delimiter="__", extra="forbid")
+
+    bootstrap_servers: str | None = None  # None: the in-process bus (embedded run only)
+    redis_url: str | None = None  # None: anchors cached in process only
+    topic_prefix: str = Field(default="linewatch", pattern=r"^[A-Za-z0-9._-]+$")
+    partitions: int = Field(default=4, ge=1)
+    backbone: BackboneSettings = BackboneSettings()
+    ingest: IngestSettings = IngestSettings()
+    worker: WorkerSettings = WorkerSettings()
+    profile: StreamProfile = StreamProfile()
+    streams: dict[str, dict[str, Any]] = {}
+    alerts: AlertSettings = AlertSettings()
+    archive: str | None = None  # folder or s3://bucket/prefix
+
+
+def load_settings(config: str | None = None, overrides: dict | None = None) -> Settings:
+    """Settings from ``overrides`` (flags), then LINEWATCH_* variables, then the YAML file."""
+    if config is not None and not Path(config).is_file():
+        raise ValueError(f"config file not found: {config}")
+
+    class _Settings(Settings):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                       file_secret_settings):
+            yaml = (YamlConfigSettingsSource(settings_cls, yaml_file=config),) if config else ()
+            return (init_settings, env_settings, *yaml)
+
+    try:
+        return _Settings(**(overrides or {}))
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"configuration: {where}: {first['msg']}"
+                         + (f" (in {config} or LINEWATCH_* variables)" if config else "")) from None
+
+
+def nest(flat: dict[str, Any]) -> dict:
+    """{'worker.max_batch': 4} -> {'worker': {'max_batch': 4}} (flag destinations to settings)."""
+    out: dict = {}
+    for dotted, value in flat.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out

@@ -1,0 +1,88 @@
+"""Text anchors cached by anchor key: a small in-process LRU in front of Redis.
+
+Encoding a prompt pack costs seconds (hundreds of sentences through the text tower), so a
+worker encodes a class once and shares it through Redis; every other worker, and every
+restart, fetches the bytes instead. The key hashes the backbone identity and every prompt
+sentence (``AnomalyMethod.anchor_key``), so a stale entry can never be served for another
+model or prompt set. Redis is an optimisation, not a dependency: when it is down the worker
+computes locally and says so once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Callable
+
+from ..scoring.prompts import TextAnchors
+
+log = logging.getLogger(__name__)
+
+TTL_S = 30 * 24 * 3600  # anchors are immutable per key; the TTL only clears keys nobody uses
+
+
+class AnchorCache:
+    def __init__(self, redis_url: str | None = None, capacity: int = 32):
+        self.capacity = capacity
+        self.local: OrderedDict[str, TextAnchors] = OrderedDict()
+        self.redis = None
+        self.redis_url = redis_url
+        self.redis_down = False  # logged once per outage
+        self.stats = {"local_hits": 0, "redis_hits": 0, "computed": 0, "redis_errors": 0}
+        if redis_url:
+            import redis
+
+            try:
+                self.redis = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+            except ValueError as err:
+                raise ValueError(f"--redis-url {redis_url!r}: {err}") from None
+
+    def get(self, key: str, build: Callable[[], TextAnchors]) -> TextAnchors:
+        if key in self.local:
+            self.local.move_to_end(key)
+            self.stats["local_hits"] += 1
+            return self.local[key]
+        anchors = self._fetch(key)
+        if anchors is None:
+            anchors = build()
+            self.stats["computed"] += 1
+            self._store(key, anchors)
+        else:
+            self.stats["redis_hits"] += 1
+        self.local[key] = anchors
+        if len(self.local) > self.capacity:
+            self.local.popitem(last=False)
+        return anchors
+
+    def _fetch(self, key: str) -> TextAnchors | None:
+        blob = self._redis_call(lambda r: r.get(key))
+        if blob is None:
+            return None
+        try:
+            anchors = TextAnchors.from_bytes(blob)
+        except Exception as err:  # a foreign or truncated value under our key: rebuild it
+            log.warning("anchor cache entry %s unreadable (%s); recomputing", key, err)
+            return None
+        return anchors if anchors.key == key else None
+
+    def _store(self, key: str, anchors: TextAnchors) -> None:
+        self._redis_call(lambda r: r.set(key, anchors.to_bytes(), ex=TTL_S))
+
+    def _redis_call(self, call):
+        if self.redis is None:
+            return None
+        import redis
+
+        try:
+            result = call(self.redis)
+        except redis.RedisError as err:
+            self.stats["redis_errors"] += 1
+            if not self.redis_down:
+                log.warning("Redis at %s unavailable (%s); computing text anchors locally until it is back",
+                            self.redis_url, err)
+                self.redis_down = True
+            return None
+        if self.redis_down:
+            log.warning("Redis at %s is back", self.redis_url)
+            self.redis_down = False
+        return result

@@ -1,0 +1,95 @@
+"""Per-stream scoring profiles: which method, asset class, threshold and references a stream uses.
+
+A worker holds one backbone and one prepared method per distinct profile; streams match
+profiles by glob pattern (first match wins, then the default).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..datasets import IMAGE_SUFFIXES, load_image
+from ..scoring.backbone import Backbone
+from ..scoring.calibrate import reference_threshold
+from ..scoring.methods import AnomalyMethod, check_options, create_method
+from ..scoring.prompts import PromptPack
+from .anchors import AnchorCache
+
+log = logging.getLogger(__name__)
+
+
+class StreamProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    method: str = "aprilgan"
+    class_name: str = "insulator"  # a class of the prompt pack (power-line parts, or any object name)
+    # "auto": from the references by leave-one-out when there are any, else 0.5 (abnormal
+    # text probability above normal); a number fixes it.
+    threshold: float | Literal["auto"] = "auto"
+    references: str | None = None  # folder of normal images of this asset: few-shot
+    shots: int | None = Field(default=None, ge=1)  # use the first N references (sorted); None: all
+    options: dict[str, Any] = {}  # method options, e.g. {text_weight: 0}
+
+    def check(self) -> None:
+        """Cheap checks that need no model, so a wrong config fails at start-up with its name."""
+        check_options(self.method, dict(self.options))
+        if self.references is not None:
+            reference_paths(self.references, self.shots)
+
+    def key(self) -> str:
+        return self.model_dump_json()
+
+
+def reference_paths(folder: str, shots: int | None) -> list[Path]:
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"references folder not found: {folder}")
+    paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"references folder {folder} holds no images")
+    return paths[:shots] if shots else paths
+
+
+class ProfileTable:
+    def __init__(self, default: StreamProfile, streams: dict[str, dict] | None = None):
+        self.default = default
+        self.patterns = [(pattern, StreamProfile.model_validate({**default.model_dump(), **dict(overrides)}))
+                         for pattern, overrides in (streams or {}).items()]
+        for profile in self.profiles():
+            profile.check()
+
+    def profiles(self) -> list[StreamProfile]:
+        return [self.default] + [p for _, p in self.patterns]
+
+    def for_stream(self, stream: str) -> StreamProfile:
+        for pattern, profile in self.patterns:
+            if fnmatch.fnmatchcase(stream, pattern):
+                return profile
+        return self.default
+
+
+class PreparedProfile:
+    """A method prepared for one profile: anchors from the cache, references in memory, threshold."""
+
+    def __init__(self, profile: StreamProfile, backbone: Backbone, prompts: PromptPack, anchors: AnchorCache):
+        self.profile = profile
+        self.method: AnomalyMethod = create_method(profile.method, backbone, prompts, **profile.options)
+        key = self.method.anchor_key(profile.class_name)
+        text = anchors.get(key, lambda: self.method.build_anchors(profile.class_name))
+        references = None
+        if profile.references is not None:
+            paths = reference_paths(profile.references, profile.shots)
+            references = torch.stack([load_image(p, backbone.image_size) for p in paths])
+        if profile.threshold == "auto":
+            self.threshold = (reference_threshold(self.method, profile.class_name, references, text)
+                              if references is not None and len(references) > 1 else 0.5)
+            log.info("%s/%s: threshold %.4f (auto)", profile.method, profile.class_name, self.threshold)
+        else:
+            self.threshold = float(profile.threshold)
+        self.method.prepare(profile.class_name, reference_images=references, anchors=text)
+        self.anchor_key = key

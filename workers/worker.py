@@ -1,0 +1,196 @@
+"""The scoring worker: a member of a consumer group on the frames topic.
+
+Loop: gather a micro-batch across streams (up to ``max_batch`` frames or ``max_wait_ms``
+after the first), decode JPEGs, score each profile's frames in one batch, publish one
+ScoreMsg per frame, wait for the broker to acknowledge them, and only then commit the
+frames' offsets (at-least-once: a worker killed mid-batch leaves its frames uncommitted,
+and the group's next owner scores them again; sinks de-duplicate by stream and sequence).
+A frame that cannot be read goes to the dead-letter topic with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from ..bus import Bus, Record
+from ..datasets import bgr_to_tensor
+from ..messages import (DeadLetter, FrameMeta, FrameRef, Latency, MessageError, ScoreMsg, encode,
+                        frame_meta)
+from ..scoring.backbone import Backbone
+from ..scoring.prompts import PromptPack
+from ..sinks.maps import encode_map
+from .anchors import AnchorCache
+from .profiles import PreparedProfile, ProfileTable
+
+log = logging.getLogger(__name__)
+
+GROUP = "linewatch-workers"
+DEAD_PAYLOAD_LIMIT = 1 << 20
+
+
+@dataclass
+class WorkerStats:
+    frames: int = 0
+    batches: int = 0
+    dead: int = 0
+    model_s: float = 0.0
+    decode_s: float = 0.0
+    busy_s: float = 0.0  # everything from poll return to commit
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Frame:
+    record: Record
+    meta: FrameMeta
+    image: torch.Tensor
+
+
+def dead_letter(record: Record, reason: str, stage: str, meta: FrameMeta | None = None) -> DeadLetter:
+    headers = {}
+    for name, value in record.headers:
+        headers[name] = value.decode("utf-8", "replace")[:4096]
+    return DeadLetter(reason=reason, stage=stage, origin=FrameRef(topic=record.topic, partition=record.partition,
+                                                                  offset=record.offset),
+                      stream=meta.stream if meta else (record.key or b"").decode("utf-8", "replace") or None,
+                      seq=meta.seq if meta else None, payload=record.value[:DEAD_PAYLOAD_LIMIT], headers=headers)
+
+
+class ScoringWorker:
+    def __init__(self, bus: Bus, backbone: Backbone, profiles: ProfileTable, anchors: AnchorCache, *,
+                 prompts: PromptPack | None = None, max_batch: int = 8, max_wait_ms: float = 20.0,
+                 group: str = GROUP, source_topic: str | None = None, results_topic: str | None = None,
+                 worker_id: str | None = None):
+        self.bus, self.backbone, self.profiles, self.anchors = bus, backbone, profiles, anchors
+        self.prompts = prompts or PromptPack.load()
+        self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1000.0
+        self.group = group
+        self.source_topic = source_topic or bus.topics.frames
+        self.results_topic = results_topic or bus.topics.scores
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.prepared: dict[str, PreparedProfile] = {}
+        self.stats = WorkerStats()
+
+    def prepare_all(self) -> None:
+        """Prepare every configured profile up front, so the first frames don't wait for it."""
+        for profile in self.profiles.profiles():
+            self._prepared(profile)
+
+    def _prepared(self, profile) -> PreparedProfile:
+        key = profile.key()
+        if key not in self.prepared:
+            self.prepared[key] = PreparedProfile(profile, self.backbone, self.prompts, self.anchors)
+        return self.prepared[key]
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run(self, stop: threading.Event, consumer=None, until_idle_s: float | None = None) -> WorkerStats:
+        """Score until ``stop`` is set (or, with ``until_idle_s``, until nothing came for that long)."""
+        consumer = consumer or self.bus.consumer([self.source_topic], self.group)
+        producer = self.bus.producer()
+        idle_since = time.monotonic()
+        try:
+            while not stop.is_set():
+                records = self._gather(consumer)
+                if not records:
+                    if until_idle_s is not None and time.monotonic() - idle_since > until_idle_s:
+                        break
+                    continue
+                idle_since = time.monotonic()
+                self.handle(records, producer)
+                consumer.commit(records)
+        finally:
+            consumer.close()
+            producer.close()
+        return self.stats
+
+    def _gather(self, consumer) -> list[Record]:
+        records = consumer.poll(0.5, self.max_batch)
+        deadline = time.monotonic() + self.max_wait_s
+        while records and len(records) < self.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            more = consumer.poll(left, self.max_batch - len(records))
+            if not more:
+                break
+            records += more
+        return records
+
+    def handle(self, records: list[Record], producer) -> None:
+        """Score ``records`` and publish (scores and dead letters), acknowledged on return."""
+        started = time.monotonic()
+        frames: list[_Frame] = []
+        for record in records:
+            frame = self._decode(record, producer)
+            if frame is not None:
+                frames.append(frame)
+        decode_s = time.monotonic() - started
+        groups: dict[str, list[_Frame]] = {}
+        for frame in frames:
+            groups.setdefault(self.profiles.for_stream(frame.meta.stream).key(), []).append(frame)
+        for members in groups.values():
+            self._score(members, producer, decode_s / max(len(frames), 1))
+        producer.flush()  # raises BusError if the broker did not acknowledge: nothing is committed
+        self.stats.batches += 1
+        self.stats.decode_s += decode_s
+        self.stats.busy_s += time.monotonic() - started
+
+    def _decode(self, record: Record, producer) -> _Frame | None:
+        meta = None
+        try:
+            meta = frame_meta(record.headers)
+            image = cv2.imdecode(np.frombuffer(record.value, np.uint8), cv2.IMREAD_COLOR)
+            if image is None:
+                raise MessageError(f"undecodable {meta.encoding} image ({len(record.value)} bytes)")
+            return _Frame(record, meta, bgr_to_tensor(image, self.backbone.image_size))
+        except (MessageError, cv2.error) as err:
+            self.stats.dead += 1
+            log.warning("frame %s:%s@%s -> dead letter: %s", record.topic, record.partition, record.offset, err)
+            producer.send(self.bus.topics.dead, encode(dead_letter(record, str(err), "worker", meta)),
+                          key=record.key)
+            return None
+
+    def _score(self, frames: list[_Frame], producer, decode_share_s: float) -> None:
+        prepared = self._prepared(self.profiles.for_stream(frames[0].meta.stream))
+        picked = time.time()
+        t0 = time.monotonic()
+        result = prepared.method.score(torch.stack([f.image for f in frames]))
+        model_s = time.monotonic() - t0
+        self.stats.model_s += model_s
+        scores = result.image_score.float().cpu().tolist()
+        maps = result.anomaly_map.float().cpu().numpy()
+        for frame, value, anomaly_map in zip(frames, scores, maps):
+            meta = frame.meta
+            anomalous = value >= prepared.threshold
+            message = ScoreMsg(
+                frame=meta, frame_ref=FrameRef(topic=frame.record.topic, partition=frame.record.partition,
+                                               offset=frame.record.offset),
+                image_score=value, threshold=prepared.threshold, anomalous=anomalous,
+                map=encode_map(_to_frame_aspect(anomaly_map, meta)), method=prepared.profile.method,
+                class_name=prepared.profile.class_name, anchor_key=prepared.anchor_key,
+                model=self.backbone.identity, worker=self.worker_id,
+                latency=Latency(queue_ms=max(0.0, (picked - meta.sent_at) * 1000), decode_ms=decode_share_s * 1000,
+                                model_ms=model_s * 1000 / len(frames), batch_size=len(frames)),
+                frame_jpeg=frame.record.value if anomalous else None)
+            producer.send(self.results_topic, encode(message), key=meta.stream.encode(),
+                          timestamp_ms=int(meta.ts * 1000))
+            self.stats.frames += 1
+
+
+def _to_frame_aspect(anomaly_map: np.ndarray, meta: FrameMeta) -> np.ndarray:
+    """The model sees a squashed square; give the map back the frame's aspect ratio."""
+    side = anomaly_map.shape[0]
+    if meta.width >= meta.height:
+        size = (side, max(1, round(side * meta.height / meta.width)))
+    else:
+        size = (max(1, round(side * meta.width / meta.height)), side)
+    return cv2.resize(anomaly_map, size, interpolation=cv2.INTER_AREA)
