@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from . import commands as pipeline_commands
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_backbone_arguments(ev)
 
     commands.add_parser("methods", help="list the registered scoring methods")
+    pipeline_commands.build(commands)
     return parser
 
 
@@ -122,13 +124,14 @@ def run_methods(_: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"eval": run_eval, "methods": run_methods}
+    handlers = {"eval": run_eval, "methods": run_methods, **pipeline_commands.HANDLERS}
+    from .bus import BusError
     from .datasets import DatasetError
     from .scoring.backbone import BackboneError
 
     try:
         handlers[args.command](args)
-    except (BackboneError, DatasetError, ValueError, FileNotFoundError) as err:
+    except (BackboneError, DatasetError, BusError, ValueError, FileNotFoundError) as err:
         print(f"linewatch: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -100,7 +100,7 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     from .bus.memory import MemoryBus
     from .bus import Topics
     from .ingest.publisher import run_ingest
-    from .ingest.sources import open_source
+    from .ingest.sources import STREAM_SCHEMES, open_source
     from .sinks.archive import Archive
     from .sinks.runner import run_alert_sink, run_archive_sink
 
@@ -110,8 +110,9 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
         "alerts": settings.alerts.model_copy(update={"jsonl": settings.alerts.jsonl or str(out / "alerts.jsonl")}),
         "archive": settings.archive or str(out / "archive")})
     check_settings(settings)
-    for spec in sources:  # a bad path fails here, before the model is built
-        open_source(spec).close()
+    for spec in sources:  # a bad path fails here, before the model is built; live sources connect later
+        if not spec.lower().startswith(STREAM_SCHEMES) and not spec.isdigit() and not spec.startswith("/dev/video"):
+            open_source(spec).close()
 
     bus = MemoryBus(Topics(settings.topic_prefix), partitions=1)
     worker = build_worker(bus, settings)

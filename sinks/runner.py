@@ -1,6 +1,6 @@
 """The sinks' consume loops (``linewatch sink alerts|archive`` and the embedded run).
 
-Both read ``bus.topics.scores`` in a consumer group, at least once: offsets are committed only
+Both read ``bus.topics.scores`` (or a replay's results ``topic``) in a consumer group, at least once: offsets are committed only
 after the outputs (or the archive) have taken everything polled, so a crash redelivers and the
 de-duplication downstream (tracker, JSONL, idempotent archive) makes that harmless. A record
 that cannot be handled (not a ScoreMsg, undecodable image or map, an alert an output gave up
@@ -37,12 +37,12 @@ class SinkStats:
 
 def run_alert_sink(bus: Bus, policy_for: Callable[[str], AlertPolicy], outputs: Iterable[AlertOutput], *,
                    group: str = "linewatch-alerts", stop: threading.Event, idle_flush_s: float = 5.0,
-                   poll_s: float = 0.5, max_records: int = 64) -> SinkStats:
+                   poll_s: float = 0.5, max_records: int = 64, topic: str | None = None) -> SinkStats:
     """Scores -> AlertTracker -> outputs, until ``stop`` is set; then open events are closed.
     A stream with no score for ``idle_flush_s`` is flushed (the end of a file closes its event)."""
     outputs, stats = list(outputs), SinkStats()
     tracker = AlertTracker(policy_for)
-    consumer, producer = bus.consumer([bus.topics.scores], group), bus.producer()
+    consumer, producer = bus.consumer([topic or bus.topics.scores], group), bus.producer()
     held: list[Record] = []  # handled, not yet committed (a buffered score pins its partition)
     origin: dict[tuple[str, int], Record] = {}  # (stream, seq) -> record, for buffered scores
 
@@ -99,10 +99,10 @@ def run_alert_sink(bus: Bus, policy_for: Callable[[str], AlertPolicy], outputs: 
 
 
 def run_archive_sink(bus: Bus, archive: Archive, *, group: str = "linewatch-archive", stop: threading.Event,
-                     poll_s: float = 0.5, max_records: int = 64) -> SinkStats:
+                     poll_s: float = 0.5, max_records: int = 64, topic: str | None = None) -> SinkStats:
     """Scores -> Archive (anomalous frames only), until ``stop`` is set."""
     stats = SinkStats()
-    consumer, producer = bus.consumer([bus.topics.scores], group), bus.producer()
+    consumer, producer = bus.consumer([topic or bus.topics.scores], group), bus.producer()
     try:
         while not stop.is_set():
             records = consumer.poll(poll_s, max_records)

@@ -167,7 +167,7 @@ class ScoringWorker:
         model_s = time.monotonic() - t0
         self.stats.model_s += model_s
         scores = result.image_score.float().cpu().tolist()
-        maps = result.anomaly_map.float().cpu().numpy()
+        maps = np.nan_to_num(result.anomaly_map.float().cpu().numpy(), nan=0.0, posinf=0.0, neginf=0.0)
         for frame, value, anomaly_map in zip(frames, scores, maps):
             meta = frame.meta
             anomalous = value >= prepared.threshold

@@ -1,0 +1,273 @@
+"""The pipeline commands: run, ingest, worker, sink, replay, demo.
+
+Every flag writes into a dotted Settings field (``dest="worker.max_batch"``) and is absent
+unless given, so flags override LINEWATCH_* variables, which override the --config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+
+S = argparse.SUPPRESS
+
+
+def _threshold(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def _when(text: str) -> float:
+    """UNIX seconds, or an ISO 8601 time (UTC unless it names a zone)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected UNIX seconds or an ISO time like 2026-11-23T10:00:00, "
+                                         f"got {text!r}") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def add_common(parser: argparse.ArgumentParser, services: bool = True) -> None:
+    parser.add_argument("--config", default=None, help="YAML settings file (see deploy/linewatch.example.yaml)")
+    if services:
+        parser.add_argument("--bootstrap-servers", dest="bootstrap_servers", default=S,
+                            help="Kafka brokers host:port[,host:port] (env LINEWATCH_BOOTSTRAP_SERVERS)")
+        parser.add_argument("--topic-prefix", dest="topic_prefix", default=S, help="topic name prefix (default linewatch)")
+        parser.add_argument("--partitions", dest="partitions", type=int, default=S,
+                            help="partitions for topics linewatch creates (default 4)")
+
+
+def add_model(parser: argparse.ArgumentParser, redis: bool = True) -> None:
+    from .cli import _layers, _option, _positive
+
+    model = parser.add_argument_group("model and scoring profile")
+    if redis:
+        model.add_argument("--redis-url", dest="redis_url", default=S,
+                           help="Redis for the shared text-anchor cache, e.g. redis://host:6379/0")
+    model.add_argument("--method", dest="profile.method", default=S, help="scoring method (default aprilgan)")
+    model.add_argument("--class", dest="profile.class_name", default=S,
+                       help="asset class of the prompt pack, e.g. insulator (default)")
+    model.add_argument("--threshold", dest="profile.threshold", type=_threshold, default=S,
+                       help="image score that marks a frame anomalous, or 'auto' (default): from the references")
+    model.add_argument("--references", dest="profile.references", default=S,
+                       help="folder of normal images of the asset (few-shot)")
+    model.add_argument("--shots", dest="profile.shots", type=_positive, default=S, help="use the first N references")
+    model.add_argument("--option", dest="profile.options", type=_option, action="append", default=S,
+                       metavar="KEY=VALUE", help="method option, repeatable, e.g. text_weight=0")
+    model.add_argument("--arch", dest="backbone.arch", default=S, help="open_clip architecture (default ViT-B-16)")
+    model.add_argument("--weights", dest="backbone.weights", default=S,
+                       help="'none' (random, seeded; default), an open_clip pretrained tag, or a local weights file")
+    model.add_argument("--image-size", dest="backbone.image_size", type=_positive, default=S)
+    model.add_argument("--layers", dest="backbone.layers", type=_layers, default=S)
+    model.add_argument("--seed", dest="backbone.seed", type=int, default=S)
+    model.add_argument("--device", dest="backbone.device", default=S)
+    model.add_argument("--max-batch", dest="worker.max_batch", type=_positive, default=S, help="frames per batch (default 8)")
+    model.add_argument("--max-wait-ms", dest="worker.max_wait_ms", type=float, default=S,
+                       help="how long a batch waits to fill after its first frame (default 20)")
+    model.add_argument("--prompts", dest="worker.prompts", default=S, help="prompt pack YAML")
+
+
+def add_ingest(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ingest")
+    group.add_argument("sources", nargs="+", metavar="SOURCE",
+                       help="video file, image folder, rtsp:// or http(s):// URL, or webcam index")
+    group.add_argument("--stream-id", dest="stream_ids", action="append", default=None,
+                       help="stream id per source, in order (default: from the file or URL name)")
+    group.add_argument("--fps", dest="ingest.fps", type=float, default=S, help="frames per second to keep (default all)")
+    group.add_argument("--max-size", dest="ingest.max_size", type=int, default=S, help="long side in px (default 1280)")
+    group.add_argument("--jpeg-quality", dest="ingest.jpeg_quality", type=int, default=S)
+    group.add_argument("--realtime", dest="ingest.realtime", action="store_const", const=True, default=S,
+                       help="pace files at recorded speed (default: as fast as possible)")
+
+
+def add_alerts(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("alerts")
+    group.add_argument("--k", dest="alerts.policy.k", type=int, default=S, help="anomalous frames among the last n (default 2)")
+    group.add_argument("--n", dest="alerts.policy.n", type=int, default=S, help="debounce window in frames (default 3)")
+    group.add_argument("--cooldown", dest="alerts.policy.cooldown_s", type=float, default=S,
+                       help="seconds of quiet before an event closes (default 0)")
+    group.add_argument("--alert-threshold", dest="alerts.policy.threshold", type=float, default=S,
+                       help="override the workers' thresholds for alerting")
+    group.add_argument("--webhook", dest="alerts.webhook", default=S, help="POST each alert as JSON to this URL")
+
+
+def build(commands) -> None:
+    run = commands.add_parser("run", help="run the whole pipeline in this process (no services needed)",
+                              description="Ingest, score, alert and archive in one process on the in-process bus. "
+                                          "Alerts go to OUT/alerts.jsonl, anomaly masks and overlays to OUT/archive.")
+    add_ingest(run)
+    run.add_argument("--out", default="linewatch-out", help="output folder (default linewatch-out)")
+    add_common(run, services=False)
+    add_model(run, redis=False)
+    add_alerts(run)
+
+    ingest = commands.add_parser("ingest", help="publish frames of sources to Kafka")
+    add_ingest(ingest)
+    add_common(ingest)
+
+    worker = commands.add_parser("worker", help="score frames from Kafka (a consumer group member)")
+    add_common(worker)
+    add_model(worker)
+
+    sink = commands.add_parser("sink", help="alert or archive sink on the scores topic")
+    sink.add_argument("kind", choices=["alerts", "archive"])
+    sink.add_argument("--scores-topic", default=None, help="read this topic instead of <prefix>.scores (e.g. a replay's)")
+    sink.add_argument("--jsonl", dest="alerts.jsonl", default=S, help="alerts sink: append alerts to this JSONL file")
+    sink.add_argument("--no-publish", dest="alerts.publish", action="store_const", const=False, default=S,
+                      help="alerts sink: do not publish to the alerts topic")
+    sink.add_argument("--archive", dest="archive", default=S, help="archive sink: folder or s3://bucket/prefix")
+    add_common(sink)
+    add_alerts(sink)
+
+    replay = commands.add_parser("replay", help="re-score frames still on the frames topic into a results topic")
+    add_common(replay)
+    add_model(replay)
+    span = replay.add_argument_group("range (default: everything on the topic)")
+    span.add_argument("--from-offset", type=int, default=None)
+    span.add_argument("--to-offset", type=int, default=None, help="exclusive")
+    span.add_argument("--since", type=_when, default=None, help="capture time, UNIX seconds or ISO 8601")
+    span.add_argument("--until", type=_when, default=None, help="exclusive")
+    span.add_argument("--stream", default="*", help="glob of stream ids to replay")
+    replay.add_argument("--results-topic", default=None,
+                        help="where the scores go (default <prefix>.replay.<method>-<UTC time>)")
+
+    demo = commands.add_parser("demo", help="write a synthetic drone inspection clip with a defect, and references")
+    demo.add_argument("out", help="output folder")
+    demo.add_argument("--seconds", type=float, default=12.0)
+    demo.add_argument("--fps", type=float, default=10.0)
+    demo.add_argument("--seed", type=int, default=0)
+
+    for parser in (run, ingest, worker, sink, replay):
+        for action in parser._actions:  # "--max-batch MAX_BATCH", not "WORKER.MAX_BATCH"
+            if "." in action.dest and action.metavar is None and action.nargs != 0:
+                action.metavar = action.dest.rsplit(".", 1)[1].upper()
+
+
+# ---- handlers ---------------------------------------------------------------------------
+def _settings(args: argparse.Namespace):
+    from .settings import load_settings, nest
+
+    flat = {k: v for k, v in vars(args).items() if "." in k or k in ("bootstrap_servers", "redis_url", "topic_prefix",
+                                                                      "partitions", "archive")}
+    if "profile.options" in flat:
+        flat["profile.options"] = dict(flat["profile.options"])
+    return load_settings(args.config, nest(flat))
+
+
+def _bus(settings):
+    from .bus import BusError, connect
+
+    if not settings.bootstrap_servers:
+        raise BusError("no Kafka given: pass --bootstrap-servers or set LINEWATCH_BOOTSTRAP_SERVERS "
+                       "(or use `linewatch run` for the in-process pipeline)")
+    return connect(f"kafka://{settings.bootstrap_servers}", settings.topic_prefix, settings.partitions)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("linewatch").setLevel(logging.INFO)
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # its reconnect chatter; our errors say what failed
+
+
+def run_run(args) -> None:
+    from .pipeline import run_embedded
+
+    _logging()
+    settings = _settings(args)
+    summary = run_embedded(args.sources, settings, args.out, stream_ids=args.stream_ids)
+    print(f"{summary.frames} frames scored in {summary.seconds:.1f} s ({summary.fps:.2f} frames/s, "
+          f"{summary.model_s / max(summary.seconds, 1e-9):.0%} of it in the model); {summary.dead} dead letters")
+    print(f"alerts: {summary.alerts_jsonl}\narchive: {summary.archive}")
+
+
+def run_ingest_command(args) -> None:
+    from .ingest.publisher import run_ingest
+
+    _logging()
+    settings = _settings(args)
+    bus, i = _bus(settings), settings.ingest
+    stats = run_ingest(bus, args.sources, stream_ids=args.stream_ids, fps=i.fps, max_size=i.max_size,
+                       jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=_stop_on_signals())
+    for s in stats:
+        print(s.summary())
+
+
+def run_worker(args) -> None:
+    from .pipeline import build_worker
+
+    _logging()
+    settings = _settings(args)
+    bus = _bus(settings)
+    worker = build_worker(bus, settings)
+    logging.getLogger("linewatch").info("worker %s ready (%s)", worker.worker_id, worker.backbone.identity)
+    stats = worker.run(_stop_on_signals())
+    print(f"worker {worker.worker_id}: {stats.frames} frames in {stats.batches} batches, {stats.dead} dead letters")
+
+
+def run_sink(args) -> None:
+    from .pipeline import alert_outputs, policy_table
+    from .sinks.archive import Archive
+    from .sinks.runner import run_alert_sink, run_archive_sink
+
+    _logging()
+    settings = _settings(args)
+    if args.kind == "archive" and not settings.archive:
+        raise ValueError("the archive sink needs --archive FOLDER or s3://bucket/prefix")
+    if args.kind == "alerts":
+        policy_for = policy_table(settings)
+    bus = _bus(settings)
+    stop = _stop_on_signals()
+    if args.kind == "alerts":
+        stats = run_alert_sink(bus, policy_for, alert_outputs(bus, settings), stop=stop, topic=args.scores_topic)
+    else:
+        stats = run_archive_sink(bus, Archive(settings.archive), stop=stop, topic=args.scores_topic)
+    print(f"sink {args.kind}: {stats}")
+
+
+def run_replay(args) -> None:
+    from .pipeline import build_worker
+    from .replay import ReplayRange, replay
+
+    _logging()
+    settings = _settings(args)
+    span = ReplayRange(args.from_offset, args.to_offset, args.since, args.until, args.stream)
+    bus = _bus(settings)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    results = args.results_topic or f"{bus.topics.prefix}.replay.{settings.profile.method}-{stamp}"
+    bus.ensure_topics([results])
+    worker = build_worker(bus, settings, results_topic=results)
+    counts = replay(bus, worker, span)
+    print(f"replayed {counts['scored']} frames from {counts['partitions']} partition(s) into {results} "
+          f"({counts['skipped']} outside the range, {worker.stats.dead} dead letters)")
+    print(f"compare: linewatch sink alerts --scores-topic {results} --jsonl alerts-{results}.jsonl --no-publish")
+
+
+def run_demo(args) -> None:
+    from .ingest.demo import find_backgrounds, write_demo_clip
+
+    clip = write_demo_clip(args.out, seconds=args.seconds, fps=args.fps, seed=args.seed, backgrounds=find_backgrounds())
+    print(f"clip: {clip.video}\nreferences: {clip.references}\ndefect frames: {clip.defect_frames[0]}..{clip.defect_frames[1]}")
+
+
+HANDLERS = {"run": run_run, "ingest": run_ingest_command, "worker": run_worker, "sink": run_sink,
+            "replay": run_replay, "demo": run_demo}
