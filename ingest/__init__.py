@@ -1,1 +1,13 @@
-"""Placeholder package: built by the streaming-pipeline issue."""
+"""Ingest: video files, image folders, RTSP/HTTP streams and webcams -> frame records on the bus.
+
+- ``sources``: ``open_source(spec)`` and the adapters (target fps by timestamp, max resolution);
+- ``srt``: DJI-style SRT telemetry sidecars;
+- ``publisher``: ``Ingestor`` (one source -> the frames topic) and ``run_ingest`` (several at once);
+- ``demo``: a synthetic drone clip with a known insulator defect.
+"""
+
+from .publisher import IngestStats, Ingestor, default_stream_id, run_ingest
+from .sources import Backoff, IngestError, Source, open_source
+
+__all__ = ["Backoff", "IngestError", "IngestStats", "Ingestor", "Source", "default_stream_id", "open_source",
+           "run_ingest"]

@@ -1,0 +1,291 @@
+"""Sources -> frame records on the bus: JPEG value, ``FrameMeta`` header, stream id key.
+
+Recorded sources (files, folders) never drop a frame: the producer's blocking send paces
+them to their consumers. Live sources cannot wait, so a grabber thread keeps reading into
+a small buffer and, when publishing falls behind, the oldest frames are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlsplit
+
+import cv2
+import numpy as np
+
+from linewatch.bus import Bus
+from linewatch.messages import META_HEADER, FrameMeta, encode
+
+from .sources import WEBCAM_DEVICE, Backoff, IngestError, Source, VideoFile, open_source
+from .srt import TelemetryTrack, find_sidecar, load_track
+
+log = logging.getLogger(__name__)
+
+STREAM_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+@dataclass
+class IngestStats:
+    stream: str
+    source: str
+    read: int = 0  # frames decoded from the source
+    thinned: int = 0  # left out to reach the target fps
+    published: int = 0
+    dropped: int = 0  # live only: oldest buffered frames dropped because publishing lagged
+    skipped: int = 0  # undecodable inputs (corrupt images)
+    reconnects: int = 0
+    seconds: float = 0.0
+    error: str | None = None  # why a live source ended early (gave up reconnecting)
+
+    def summary(self) -> str:
+        text = (f"{self.stream}: published {self.published} of {self.read} read, dropped {self.dropped}, "
+                f"thinned {self.thinned}, skipped {self.skipped}, reconnects {self.reconnects}, "
+                f"{self.seconds:.1f} s")
+        return text + (f" — ended early: {self.error}" if self.error else "")
+
+
+def default_stream_id(spec: str) -> str:
+    """File stem, folder name, host+path of a URL, or ``webcamN``; only ``[A-Za-z0-9._-]``."""
+    spec = spec.strip()
+    device = WEBCAM_DEVICE.match(spec)
+    if spec.isdigit() or device:
+        return f"webcam{int(device.group(1) if device else spec)}"
+    if "://" in spec:
+        parts = urlsplit(spec)  # host, port and path; never the credentials
+        raw = f"{parts.hostname or ''}{f'-{parts.port}' if parts.port else ''}{parts.path}"
+    else:
+        path = Path(spec).expanduser()
+        raw = path.name if spec.endswith(("/", "\\")) or _is_dir(path) else path.stem
+        raw = raw or path.resolve().name
+    sanitised = re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("._-")
+    return sanitised[:128] or "stream"
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # e.g. a name too long for the file system: not a folder we can read
+        return False
+
+
+def check_stream_id(stream: str) -> str:
+    if not STREAM_ID.match(stream):
+        raise IngestError(f"stream id {stream!r}: use 1 to 128 characters from A-Z a-z 0-9 . _ -")
+    return stream
+
+
+class Ingestor:
+    """Publishes one source's frames to ``bus.topics.frames`` as stream ``stream``.
+
+    ``realtime=True`` paces a recorded source at its recorded speed (live sources always
+    run at their own pace). Telemetry comes from the video's SRT sidecar when one exists,
+    or from ``telemetry``. ``stop`` ends the run cleanly between frames."""
+
+    def __init__(self, source: Source, bus: Bus, *, stream: str | None = None, jpeg_quality: int = 90,
+                 realtime: bool = False, telemetry: TelemetryTrack | None = None,
+                 stop: threading.Event | None = None, buffer: int = 8):
+        if not 1 <= jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
+        self.source, self.bus = source, bus
+        self.stream = check_stream_id(stream or default_stream_id(source.uri))
+        self.jpeg_params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
+        self.realtime = realtime
+        self.stop = stop or threading.Event()
+        self.buffer_size = buffer
+        if telemetry is None and isinstance(source, VideoFile):
+            sidecar = find_sidecar(source.path)
+            telemetry = load_track(sidecar) if sidecar else None
+        self.telemetry = telemetry
+        self.stats = IngestStats(self.stream, source.uri)
+        self.producer = bus.producer()
+
+    def run(self, on_frame: Callable[[IngestStats], None] | None = None) -> IngestStats:
+        """Publish until the source ends or ``stop`` is set; ``on_frame`` sees the stats after
+        each published frame (progress display)."""
+        started, on_frame = time.monotonic(), on_frame or (lambda stats: None)
+        try:
+            (self._run_live if self.source.live else self._run_recorded)(on_frame)
+        finally:
+            self.producer.close()  # flushes: every frame is acknowledged before the run returns
+            self._update_counts(started)
+            log.info("ingest %s", self.stats.summary())
+        on_frame(self.stats)  # the final counts (frames thinned after the last publish)
+        return self.stats
+
+    def _update_counts(self, started: float) -> None:
+        counts = self.source.counts
+        self.stats.read, self.stats.thinned = counts.read, counts.thinned
+        self.stats.skipped, self.stats.reconnects = counts.skipped, counts.reconnects
+        self.stats.seconds = time.monotonic() - started
+
+    def _run_recorded(self, on_frame) -> None:
+        wall_start, clock_start = time.time(), time.monotonic()
+        for image, pts in self.source:
+            if self.realtime:  # wait until this frame's moment at recorded speed
+                self.stop.wait(max(0.0, clock_start + pts - time.monotonic()))
+            if self.stop.is_set():
+                break
+            self._publish(image, pts, wall_start + pts)
+            self.stats.read = self.source.counts.read
+            on_frame(self.stats)
+
+    def _run_live(self, on_frame) -> None:
+        frames: deque[tuple[np.ndarray, float, float]] = deque(maxlen=self.buffer_size)
+        ready = threading.Condition()
+        finished = threading.Event()  # the grabber has ended
+        quit_grabbing = threading.Event()  # the publishing loop has ended
+        failure: list[BaseException] = []
+
+        def grab() -> None:
+            try:
+                for image, pts in self.source:
+                    grabbed_at = time.time()
+                    with ready:
+                        if len(frames) == frames.maxlen:
+                            self.stats.dropped += 1  # the deque evicts the oldest on append
+                        frames.append((image, pts, grabbed_at))
+                        ready.notify()
+                    if self.stop.is_set() or quit_grabbing.is_set():
+                        break
+            except BaseException as err:  # noqa: BLE001 (handed to the publishing thread)
+                failure.append(err)
+            finally:
+                finished.set()
+                with ready:
+                    ready.notify()
+
+        grabber = threading.Thread(target=grab, name=f"grab-{self.stream}", daemon=True)
+        grabber.start()
+        try:
+            while True:
+                with ready:
+                    while not frames and not finished.is_set() and not self.stop.is_set():
+                        ready.wait(0.1)
+                    if self.stop.is_set() or not frames:
+                        self.stats.dropped += len(frames)  # stopped with frames still buffered
+                        break
+                    image, pts, grabbed_at = frames.popleft()
+                self._publish(image, pts, grabbed_at)
+                self.stats.read = self.source.counts.read
+                on_frame(self.stats)
+        finally:
+            quit_grabbing.set()
+            grabber.join(timeout=2.0)  # a read blocked on a silent camera ends at its read timeout
+        if failure:
+            err = failure[0]
+            if not isinstance(err, IngestError):
+                raise err
+            self.stats.error = str(err)
+            log.error("ingest %s: %s", self.stream, err)
+
+    def _publish(self, image: np.ndarray, pts: float, ts: float) -> None:
+        ok, jpeg = cv2.imencode(".jpg", image, self.jpeg_params)
+        if not ok:
+            raise IngestError(f"{self.stream}: JPEG encoding failed for a {image.shape} frame")
+        height, width = image.shape[:2]
+        meta = FrameMeta(stream=self.stream, seq=self.stats.published, ts=ts, pts=pts, source=self.source.uri,
+                         width=width, height=height,
+                         telemetry=self.telemetry.at(pts) if self.telemetry else None)
+        self.producer.send(self.bus.topics.frames, jpeg.tobytes(), key=self.stream.encode(),
+                           headers=((META_HEADER, encode(meta)),), timestamp_ms=int(ts * 1000))
+        self.stats.published += 1
+
+
+def run_ingest(bus: Bus, specs: list[str], *, stream_ids: list[str] | None = None, fps: float | None = None,
+               max_size: int | None = None, jpeg_quality: int = 90, realtime: bool = False,
+               stop: threading.Event | None = None, progress: bool = True, image_fps: float = 1.0,
+               backoff: Backoff = Backoff()) -> list[IngestStats]:
+    """Ingest several sources at once, a thread each, with one progress bar per source.
+
+    Every source is opened before the first frame is published, so a bad spec fails the
+    whole run up front (IngestError). A live source that gives up reconnecting ends with
+    ``stats.error`` set while the others go on; any other failure stops all and is raised."""
+    if stream_ids is not None and len(stream_ids) != len(specs):
+        raise IngestError(f"{len(stream_ids)} stream id(s) for {len(specs)} source(s)")
+    stream_ids = [check_stream_id(s) for s in stream_ids] if stream_ids else _unique_defaults(specs)
+    if len(set(stream_ids)) != len(stream_ids):
+        raise IngestError(f"duplicate stream ids in {stream_ids}: each source needs its own")
+    stop = stop or threading.Event()
+    sources: list[Source] = []
+    try:
+        for spec in specs:
+            sources.append(open_source(spec, fps=fps, max_size=max_size, image_fps=image_fps, backoff=backoff,
+                                       stop=stop))
+        ingestors = [Ingestor(source, bus, stream=stream, jpeg_quality=jpeg_quality, realtime=realtime, stop=stop)
+                     for source, stream in zip(sources, stream_ids)]
+    except BaseException:
+        for source in sources:
+            source.close()
+        raise
+
+    bars = _progress_bars(ingestors) if progress else [None] * len(ingestors)
+    errors: list[BaseException] = []
+
+    def work(ingestor: Ingestor, bar) -> None:
+        def show(stats: IngestStats) -> None:
+            bar.update(stats.read - bar.n)
+            bar.set_postfix(published=stats.published, dropped=stats.dropped, refresh=False)
+        try:
+            ingestor.run(show if bar is not None else None)
+        except BaseException as err:  # noqa: BLE001 (re-raised by the caller's thread)
+            ingestor.stats.error = str(err)
+            errors.append(err)
+            stop.set()
+
+    threads = [threading.Thread(target=work, args=(ingestor, bar), name=f"ingest-{ingestor.stream}")
+               for ingestor, bar in zip(ingestors, bars)]
+    with _logging_around_bars(progress):
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                thread.join()
+        except KeyboardInterrupt:  # Ctrl-C: let every source end cleanly (and flush) first
+            stop.set()
+            for thread in threads:
+                thread.join()
+            raise
+        for bar in bars:
+            if bar is not None:
+                bar.close()
+    if errors:
+        raise errors[0]
+    return [ingestor.stats for ingestor in ingestors]
+
+
+def _unique_defaults(specs: list[str]) -> list[str]:
+    """Default ids, with ``-2``, ``-3`` ... where two sources would share one."""
+    out: list[str] = []
+    for spec in specs:
+        base = default_stream_id(spec)
+        stream, n = base, 1
+        while stream in out:
+            n += 1
+            stream = f"{base[:120]}-{n}"
+        out.append(stream)
+    return out
+
+
+def _logging_around_bars(progress: bool):
+    """Log lines printed above the bars instead of through them."""
+    if not progress:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
+
+
+def _progress_bars(ingestors: list[Ingestor]):
+    from tqdm import tqdm
+
+    return [tqdm(total=i.source.total, desc=i.stream, unit="frame", position=n, leave=True, dynamic_ncols=True)
+            for n, i in enumerate(ingestors)]
+
