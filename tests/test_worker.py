@@ -1,0 +1,181 @@
+"""Scoring worker on the in-process bus with the tiny model: one score per frame, dead
+letters for bad frames, per-stream profiles, anchors through Redis, thresholds, replay."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from linewatch.bus import Topics
+from linewatch.bus.memory import MemoryBus
+from linewatch.messages import META_HEADER, DeadLetter, FrameMeta, ScoreMsg, decode, encode
+from linewatch.replay import ReplayRange, first_offset_at, replay
+from linewatch.scoring.calibrate import leave_one_out_scores, reference_threshold
+from linewatch.scoring.methods import create_method
+from linewatch.settings import load_settings
+from linewatch.workers.anchors import AnchorCache
+from linewatch.workers.profiles import ProfileTable, StreamProfile
+from linewatch.workers.worker import ScoringWorker
+
+
+def jpeg(seed: int, size=(48, 64)) -> bytes:
+    image = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+    return cv2.imencode(".jpg", image)[1].tobytes()
+
+
+def publish(bus, stream: str, seq: int, value: bytes | None = None, meta: bytes | None = None, ts: float = 1000.0):
+    header = meta if meta is not None else encode(FrameMeta(stream=stream, seq=seq, ts=ts + seq, source="test",
+                                                            width=64, height=48))
+    bus.producer().send(bus.topics.frames, value if value is not None else jpeg(seq), key=stream.encode(),
+                        headers=((META_HEADER, header),), timestamp_ms=int((ts + seq) * 1000))
+
+
+def read_all(bus, topic: str) -> list:
+    reader = bus.consumer([], None)
+    reader.assign(topic, list(range(bus.partitions)))
+    return reader.poll(0.2, 10_000)
+
+
+def make_worker(bus, tiny, profile=StreamProfile(method="aprilgan", threshold=0.5), streams=None, **kwargs):
+    worker = ScoringWorker(bus, tiny, ProfileTable(profile, streams), AnchorCache(), max_batch=4, **kwargs)
+    worker.prepare_all()
+    return worker
+
+
+def test_every_frame_scored_once_and_committed(tiny):
+    bus = MemoryBus(Topics("w"))
+    worker = make_worker(bus, tiny, StreamProfile(threshold=0.0))  # everything anomalous: frames travel along
+    for seq in range(10):
+        publish(bus, "cam-a", seq)
+    worker.run(threading.Event(), until_idle_s=0.5)
+    scores = [decode(r.value, ScoreMsg) for r in read_all(bus, bus.topics.scores)]
+    assert sorted(s.frame.seq for s in scores) == list(range(10))
+    first = scores[0]
+    assert first.anomalous and first.frame_jpeg == jpeg(first.frame.seq)
+    assert first.model == tiny.identity and first.anchor_key.startswith("anchors:")
+    assert first.map.png.startswith(b"\x89PNG") and first.latency.batch_size >= 1
+    with bus.cond:
+        assert bus.drained(bus.topics.frames)
+
+
+def test_frames_below_threshold_carry_no_image(tiny):
+    bus = MemoryBus(Topics("w"))
+    worker = make_worker(bus, tiny, StreamProfile(threshold=2.0))  # probabilities never reach 2
+    publish(bus, "cam-a", 0)
+    worker.run(threading.Event(), until_idle_s=0.3)
+    (score,) = [decode(r.value, ScoreMsg) for r in read_all(bus, bus.topics.scores)]
+    assert not score.anomalous and score.frame_jpeg is None
+
+
+def test_bad_frames_go_to_dead_letter_and_the_worker_goes_on(tiny):
+    bus = MemoryBus(Topics("w"))
+    worker = make_worker(bus, tiny)
+    publish(bus, "cam-a", 0)
+    publish(bus, "cam-a", 1, value=b"\xff\xd8 not really a jpeg")
+    publish(bus, "cam-a", 2, meta=b'{"kind": "frame", "v": 99}')
+    publish(bus, "cam-a", 3, meta=b"garbage")
+    publish(bus, "cam-a", 4)
+    worker.run(threading.Event(), until_idle_s=0.3)
+    scored = sorted(decode(r.value, ScoreMsg).frame.seq for r in read_all(bus, bus.topics.scores))
+    dead = [decode(r.value, DeadLetter) for r in read_all(bus, bus.topics.dead)]
+    assert scored == [0, 4]
+    reasons = [d.reason for d in dead]
+    assert "undecodable jpeg" in next(d.reason for d in dead if d.seq == 1)
+    assert any("schema version" in r for r in reasons)
+    assert any("not JSON" in r for r in reasons)
+    assert all(d.stage == "worker" and d.payload and d.origin is not None for d in dead)
+    assert worker.stats.dead == 3
+
+
+def test_streams_pick_their_profile(tiny):
+    bus = MemoryBus(Topics("w"))
+    worker = make_worker(bus, tiny, StreamProfile(threshold=0.5), streams={"drone-*": {"threshold": 0.25}})
+    publish(bus, "cam-a", 0)
+    publish(bus, "drone-7", 0)
+    worker.run(threading.Event(), until_idle_s=0.3)
+    thresholds = {s.frame.stream: s.threshold for s in (decode(r.value, ScoreMsg)
+                                                         for r in read_all(bus, bus.topics.scores))}
+    assert thresholds == {"cam-a": 0.5, "drone-7": 0.25}
+
+
+def test_unknown_method_in_a_stream_override_is_named():
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        ProfileTable(StreamProfile(), {"cam-*": {"method": "nope"}})
+    with pytest.raises(ValueError, match="references folder not found"):
+        ProfileTable(StreamProfile(references="/no/such/folder"))
+
+
+def test_anchors_shared_through_redis(tiny, redis_url):
+    method = create_method("aprilgan", tiny)
+    key = method.anchor_key("insulator")
+    first = AnchorCache(redis_url)
+    built = first.get(key, lambda: method.build_anchors("insulator"))
+    assert first.stats["computed"] == 1
+
+    def must_not_build():
+        raise AssertionError("a second worker must fetch the anchors, not encode them again")
+
+    second = AnchorCache(redis_url)
+    fetched = second.get(key, must_not_build)
+    assert second.stats["redis_hits"] == 1 and fetched.key == key
+    assert torch.equal(fetched.normal, built.normal) and torch.equal(fetched.abnormal, built.abnormal)
+    assert second.get(key, must_not_build) is fetched  # now from the in-process cache
+
+
+def test_scoring_goes_on_when_redis_is_down(tiny, caplog):
+    from services import free_port
+
+    method = create_method("aprilgan", tiny)
+    cache = AnchorCache(f"redis://127.0.0.1:{free_port()}/0")
+    with caplog.at_level(logging.WARNING, logger="linewatch.workers.anchors"):
+        for class_name in ("insulator", "damper"):
+            anchors = cache.get(method.anchor_key(class_name), lambda c=class_name: method.build_anchors(c))
+            assert anchors.key == method.anchor_key(class_name)
+    assert cache.stats["computed"] == 2
+    assert sum("unavailable" in r.message for r in caplog.records) == 1  # said once, not per call
+
+
+def test_leave_one_out_threshold_sits_above_normal_variation(tiny, make_images):
+    method = create_method("aprilgan", tiny, text_weight=0)
+    references = make_images(4, seed=3)
+    loo = leave_one_out_scores(method, "insulator", references)
+    threshold = reference_threshold(method, "insulator", references)
+    assert loo.shape == (4,) and threshold > loo.max().item()
+
+
+def test_settings_precedence(tmp_path, monkeypatch):
+    config = tmp_path / "lw.yaml"
+    config.write_text("worker: {max_batch: 3, max_wait_ms: 7}\nprofile: {method: winclip}\n"
+                      "streams: {'drone-*': {threshold: 0.3}}\n")
+    monkeypatch.setenv("LINEWATCH_WORKER__MAX_BATCH", "5")
+    settings = load_settings(str(config), {"profile": {"class_name": "damper"}})
+    assert settings.worker.max_batch == 5 and settings.worker.max_wait_ms == 7  # env over file
+    assert settings.profile.method == "winclip" and settings.profile.class_name == "damper"
+    assert settings.streams == {"drone-*": {"threshold": 0.3}}
+    monkeypatch.setenv("LINEWATCH_WORKER__MAX_BATCH", "0")
+    with pytest.raises(ValueError, match="worker.max_batch"):
+        load_settings(str(config))
+    with pytest.raises(ValueError, match="config file not found"):
+        load_settings(str(tmp_path / "missing.yaml"))
+
+
+def test_replay_by_time_finds_the_range_by_seeking(tiny):
+    bus = MemoryBus(Topics("r"))
+    for seq in range(40):
+        publish(bus, "cam-a", seq, ts=1000.0)  # capture times 1000..1039
+    reader = bus.consumer([], None)
+    reader.assign(bus.topics.frames, [0])
+    assert first_offset_at(reader, bus.topics.frames, 0, 1_017_000) == 17
+    assert first_offset_at(reader, bus.topics.frames, 0, 999_000) == 0
+    assert first_offset_at(reader, bus.topics.frames, 0, 5_000_000) is None
+    bus.ensure_topics(["r.replay.test"])
+    worker = make_worker(bus, tiny, results_topic="r.replay.test")
+    counts = replay(bus, worker, ReplayRange(since=1010, until=1020), progress=False)
+    seqs = sorted(decode(r.value, ScoreMsg).frame.seq for r in read_all(bus, "r.replay.test"))
+    assert seqs == list(range(10, 20)) and counts["scored"] == 10
+    assert not read_all(bus, bus.topics.scores)  # the live scores topic is untouched
