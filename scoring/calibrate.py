@@ -21,6 +21,7 @@ def leave_one_out_scores(method: AnomalyMethod, class_name: str, references: tor
     prepared with the last subset: call ``prepare`` again with all references afterwards."""
     if len(references) < 2:
         raise ValueError("leave-one-out needs at least 2 reference images")
+    anchors = anchors or method.build_anchors(class_name)  # encode the prompts once, not k times
     scores = []
     for i in range(len(references)):
         others = torch.cat([references[:i], references[i + 1:]])

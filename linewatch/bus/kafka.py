@@ -70,6 +70,9 @@ class KafkaBusProducer(Producer):
         self.pending = []
 
     def send(self, topic, value, key=None, headers=(), timestamp_ms=None) -> None:
+        if len(self.pending) >= 1024:  # a long-lived producer (live ingest) must not hoard futures
+            self._settle([f for f in self.pending if f.is_done])
+            self.pending = [f for f in self.pending if not f.is_done]
         try:
             self.pending.append(self.producer.send(topic, value=value, key=key, headers=list(headers),
                                                    timestamp_ms=timestamp_ms))
@@ -80,10 +83,14 @@ class KafkaBusProducer(Producer):
         pending, self.pending = self.pending, []
         try:
             self.producer.flush()
-            for future in pending:
-                future.get(timeout=0)
         except KafkaError as err:
             raise BusError(f"Kafka at {self.servers} did not acknowledge a record: {err}") from None
+        self._settle(pending)
+
+    def _settle(self, futures) -> None:
+        for future in futures:
+            if future.failed():
+                raise BusError(f"Kafka at {self.servers} did not acknowledge a record: {future.exception}")
 
     def close(self) -> None:
         try:

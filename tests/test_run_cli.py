@@ -1,0 +1,79 @@
+"""`linewatch run` (the embedded pipeline) and the pipeline commands' handling of user mistakes:
+one `linewatch: error:` line and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from linewatch.cli import main
+from linewatch.ingest.demo import write_demo_clip
+
+TINY = ["--arch", "linewatch-tiny", "--image-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return write_demo_clip(tmp_path_factory.mktemp("clip"), seconds=3, fps=5, size=(160, 96), references=3)
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("linewatch: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_run_writes_alerts_and_masks(clip, tmp_path, capsys):
+    out = tmp_path / "out"
+    # threshold 0: every frame is anomalous, so the whole clip is one event and every mask is archived
+    code = main(["run", str(clip.video), "--stream-id", "drone-1", "--out", str(out), "--threshold", "0",
+                 "--references", str(clip.references[0].parent), *TINY])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert f"{clip.frame_count} frames scored" in printed
+    alerts = [json.loads(line) for line in (out / "alerts.jsonl").read_text().splitlines()]
+    assert [(a["status"], a["event_id"]) for a in alerts] == [("open", "drone-1:0"), ("closed", "drone-1:0")]
+    assert alerts[1]["frames"] == list(range(clip.frame_count))
+    assert alerts[1]["telemetry"]["latitude"] is not None  # from the clip's SRT sidecar
+    with sqlite3.connect(out / "archive" / "index.sqlite") as db:
+        rows = db.execute("SELECT seq FROM frames WHERE stream = 'drone-1' ORDER BY seq").fetchall()
+    assert [r[0] for r in rows] == list(range(clip.frame_count))
+    assert len(list((out / "archive").rglob("*mask.png"))) == clip.frame_count
+
+
+def test_run_again_writes_no_duplicate_alerts(clip, tmp_path, capsys):
+    args = ["run", str(clip.video), "--stream-id", "d", "--out", str(tmp_path), "--threshold", "0", *TINY]
+    assert main(args) == 0 and main(args) == 0
+    lines = (tmp_path / "alerts.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # the replayed frames raise the same event, written once
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "/no/such/clip.mp4"], "no such file"),
+    (["run", "{text}"], "cannot read video"),
+    (["run", "{video}", "--method", "nope"], "unknown method 'nope'"),
+    (["run", "{video}", "--references", "/no/such/refs"], "references folder not found"),
+    (["run", "{video}", "--k", "5", "--n", "3"], "k=5 must not exceed n=3"),
+    (["run", "{video}", "--config", "/no/such.yaml"], "config file not found"),
+    (["run", "{video}", "--stream-id", "a/b"], "stream id"),
+    (["worker"], "no Kafka given"),
+    (["worker", "--bootstrap-servers", "127.0.0.1:1"], "cannot reach Kafka at 127.0.0.1:1"),
+    (["sink", "archive", "--bootstrap-servers", "127.0.0.1:1"], "needs --archive"),
+    (["replay", "--bootstrap-servers", "127.0.0.1:1", "--from-offset", "5", "--to-offset", "2"], "must be above"),
+])
+def test_user_mistakes_get_one_line(args, message, clip, tmp_path, capsys):
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video")
+    args = [a.format(text=text, video=clip.video) for a in args]
+    assert main([*args, *TINY] if args[0] == "run" else args) == 2
+    assert message in error_line(capsys)
+
+
+def test_demo_command(tmp_path, capsys):
+    assert main(["demo", str(tmp_path / "d"), "--seconds", "2", "--fps", "5"]) == 0
+    assert "defect frames" in capsys.readouterr().out
+    assert (tmp_path / "d" / "clip.mp4").is_file() and list((tmp_path / "d" / "references").glob("*.png"))
