@@ -221,7 +221,8 @@ def run_worker(args) -> None:
     worker = build_worker(bus, settings)
     logging.getLogger("linewatch").info("worker %s ready (%s)", worker.worker_id, worker.backbone.identity)
     stats = worker.run(_stop_on_signals())
-    print(f"worker {worker.worker_id}: {stats.frames} frames in {stats.batches} batches, {stats.dead} dead letters")
+    print(f"worker {worker.worker_id}: {stats.frames} frames in {stats.batches} batches, {stats.dead} dead letters; "
+          f"model {stats.model_s:.1f} s of {stats.busy_s:.1f} s busy ({stats.model_s / max(stats.busy_s, 1e-9):.0%})")
 
 
 def run_sink(args) -> None:
@@ -266,7 +267,8 @@ def run_demo(args) -> None:
     from .ingest.demo import find_backgrounds, write_demo_clip
 
     clip = write_demo_clip(args.out, seconds=args.seconds, fps=args.fps, seed=args.seed, backgrounds=find_backgrounds())
-    print(f"clip: {clip.video}\nreferences: {clip.references}\ndefect frames: {clip.defect_frames[0]}..{clip.defect_frames[1]}")
+    print(f"clip: {clip.video}\nreferences: {clip.references[0].parent} ({len(clip.references)} normal views)\n"
+          f"defect frames: {clip.defect_frames[0]}..{clip.defect_frames[1]} of {clip.frame_count}")
 
 
 HANDLERS = {"run": run_run, "ingest": run_ingest_command, "worker": run_worker, "sink": run_sink,
