@@ -46,6 +46,7 @@ class DemoClip:
 
 
 BACKGROUND_BLUR = 6.0  # px (sigma) at the background's own resolution
+CALM_VIEWS = 10  # real backgrounds are drawn from this many least textured images
 
 
 def find_backgrounds() -> Path | None:
@@ -81,14 +82,28 @@ def _procedural_background(rng: np.random.Generator) -> np.ndarray:
     return np.clip(sky * (1 - blend) + ground * blend, 0, 255).astype(np.uint8)
 
 
+def _texture(image: np.ndarray) -> float:
+    small = cv2.resize(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), (320, 180), interpolation=cv2.INTER_AREA)
+    return float(cv2.Laplacian(small, cv2.CV_32F).var())
+
+
 def _real_background(folder: Path, rng: np.random.Generator) -> tuple[np.ndarray, Path]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    for path in rng.permutation(np.array(files, dtype=object)) if files else ():
+    """One of the calmest views of the set (sky, hills, water, fields), picked by seed.
+
+    Inspection pilots frame a tower against the sky where they can; and a model with random
+    weights (all we have here) sees foliage and shattered glass as the same kind of texture,
+    so a clip over trees would test nothing. Busy backgrounds need pretrained weights."""
+    views = []
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is not None:
-            # far behind the tower, out of focus in a telephoto inspection shot
-            return cv2.GaussianBlur(_cover(image, BG_W, BG_H), (0, 0), BACKGROUND_BLUR), path
-    raise ValueError(f"no readable image under {folder}")
+            views.append((_texture(image), path, image))
+    if not views:
+        raise ValueError(f"no readable image under {folder}")
+    views.sort(key=lambda v: v[0])
+    _, path, image = views[rng.integers(min(CALM_VIEWS, len(views)))]
+    # far behind the tower, out of focus in a telephoto inspection shot
+    return cv2.GaussianBlur(_cover(image, BG_W, BG_H), (0, 0), BACKGROUND_BLUR), path
 
 
 def _line(canvas, p, q, width, colour=STEEL):

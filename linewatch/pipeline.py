@@ -140,6 +140,9 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     started = time.monotonic()
     for thread in threads:
         thread.start()
+    with bus.cond:  # the sinks join their groups before the first score exists
+        while len(bus.members) < 3 and not errors:
+            bus.cond.wait(0.1)
     try:
         ingest = settings.ingest
         run_ingest(bus, sources, stream_ids=stream_ids, fps=ingest.fps, max_size=ingest.max_size,
