@@ -43,6 +43,7 @@ class DemoClip:
     frame_count: int
     defect_frames: tuple[int, int]  # first and last frame index (inclusive) showing the defect
     background: Path | None  # the real image behind the scene, if one was used
+    calibration: list[Path]  # further normal views at other moments of the flight
 
 
 BACKGROUND_BLUR = 6.0  # px (sigma) at the background's own resolution
@@ -207,7 +208,7 @@ def _draw_defect(canvas: np.ndarray, rng: np.random.Generator) -> None:
     canvas[:] = (canvas * (1 - streak[:, :, None]) + burn * streak[:, :, None]).round().astype(np.uint8)
     # Shattered glass: a web of jagged cracks with glinting edges. Fine, high-contrast texture
     # is what sets damage apart from the smooth surfaces around it at any model's patch scale.
-    for _ in range(70):
+    for _ in range(110):
         start = np.array([x + rng.normal(0, 40), gap_y + rng.uniform(-40, 150)])
         points = [start]
         for _ in range(rng.integers(3, 7)):
@@ -324,16 +325,26 @@ def _through_codec(images: list[np.ndarray], fps: float, size: tuple[int, int], 
     return decoded
 
 
+def _write_views(views: list[np.ndarray], fps: float, size: tuple[int, int], folder: Path, stem: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, view in enumerate(_through_codec(views, fps, size, folder.parent / f".{stem}.mp4")):
+        paths.append(folder / f"{stem}_{k:02d}.png")
+        cv2.imwrite(str(paths[-1]), view)
+    return paths
+
+
 def write_demo_clip(out_dir: Path | str, *, seconds: float = 12.0, fps: float = 10, size: tuple[int, int] = (640, 360),
                     defect: tuple[float, float] = (0.45, 0.7), seed: int = 0, backgrounds: Path | str | None = None,
                     references: int = 8) -> DemoClip:
     """Write ``clip.mp4``, its DJI-style ``clip.srt``, ``references/ref_NN.png`` (normal views
-    spread over the flight) and ``truth.json`` into ``out_dir``. The defect shows in frames
+    spread over the flight), ``calibration/cal_NN.png`` (normal views between those) and
+    ``truth.json`` into ``out_dir``. The defect shows in frames
     whose time fraction lies in ``[defect[0], defect[1])``."""
     if not 0 <= defect[0] < defect[1] <= 1:
         raise ValueError(f"defect range must satisfy 0 <= start < end <= 1, got {defect}")
     folder = Path(out_dir)
-    (folder / "references").mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     count = max(1, round(seconds * fps))
     first, last = math.ceil(defect[0] * count - 1e-9), math.ceil(defect[1] * count - 1e-9) - 1
     if last < first:
@@ -359,12 +370,14 @@ def write_demo_clip(out_dir: Path | str, *, seconds: float = 12.0, fps: float = 
 
     # References pass through the same video codec as the clip: a user takes them from footage,
     # and a memory of pristine renders would make every codec artefact look like damage.
-    views = [scene.frame((k + 0.5) / references * count / fps) for k in range(references)]
-    reference_paths = []
-    for k, view in enumerate(_through_codec(views, fps, size, folder / ".references.mp4")):
-        path = folder / "references" / f"ref_{k:02d}.png"
-        cv2.imwrite(str(path), view)
-        reference_paths.append(path)
+    flight = count / fps
+    views = [scene.frame((k + 0.5) / references * flight) for k in range(references)]
+    reference_paths = _write_views(views, fps, size, folder / "references", "ref")
+    # Calibration views: more normal frames at random moments of the flight (other poses and
+    # shake than the references'), for the alert threshold; never part of the memory.
+    times = np.random.default_rng(seed + 1).uniform(0, flight, 2 * references)
+    views = [scene.frame(t) for t in sorted(times)]
+    calibration_paths = _write_views(views, fps, size, folder / "calibration", "cal")
 
     truth = folder / "truth.json"
     truth.write_text(json.dumps({
@@ -372,4 +385,5 @@ def write_demo_clip(out_dir: Path | str, *, seconds: float = 12.0, fps: float = 
         "defect_frames": [first, last], "defect_boxes": boxes, "seed": seed,
         "background": str(scene.background_path) if scene.background_path else None,
     }, indent=1), encoding="utf-8")
-    return DemoClip(folder, video, srt, reference_paths, truth, float(fps), count, (first, last), scene.background_path)
+    return DemoClip(folder, video, srt, reference_paths, truth, float(fps), count, (first, last), scene.background_path,
+                    calibration_paths)

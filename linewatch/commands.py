@@ -61,9 +61,12 @@ def add_model(parser: argparse.ArgumentParser, redis: bool = True) -> None:
     model.add_argument("--class", dest="profile.class_name", default=S,
                        help="asset class of the prompt pack, e.g. insulator (default)")
     model.add_argument("--threshold", dest="profile.threshold", type=_threshold, default=S,
-                       help="image score that marks a frame anomalous, or 'auto' (default): from the references")
+                       help="image score that marks a frame anomalous, or 'auto' (default): from --calibration "
+                            "images, else from the references by leave-one-out")
     model.add_argument("--references", dest="profile.references", default=S,
                        help="folder of normal images of the asset (few-shot)")
+    model.add_argument("--calibration", dest="profile.calibration", default=S,
+                       help="folder of other normal images: threshold 'auto' sits just above their scores")
     model.add_argument("--shots", dest="profile.shots", type=_positive, default=S, help="use the first N references")
     model.add_argument("--option", dest="profile.options", type=_option, action="append", default=S,
                        metavar="KEY=VALUE", help="method option, repeatable, e.g. text_weight=0")
@@ -268,6 +271,7 @@ def run_demo(args) -> None:
 
     clip = write_demo_clip(args.out, seconds=args.seconds, fps=args.fps, seed=args.seed, backgrounds=find_backgrounds())
     print(f"clip: {clip.video}\nreferences: {clip.references[0].parent} ({len(clip.references)} normal views)\n"
+          f"calibration: {clip.calibration[0].parent} ({len(clip.calibration)} more normal views)\n"
           f"defect frames: {clip.defect_frames[0]}..{clip.defect_frames[1]} of {clip.frame_count}")
 
 

@@ -99,13 +99,12 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
                  progress: bool = True) -> RunSummary:
     from .bus.memory import MemoryBus
     from .bus import Topics
-    from .ingest.publisher import run_ingest
+    from .ingest.publisher import check_stream_id, run_ingest
     from .ingest.sources import STREAM_SCHEMES, open_source
     from .sinks.archive import Archive
     from .sinks.runner import run_alert_sink, run_archive_sink
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     settings = settings.model_copy(update={
         "alerts": settings.alerts.model_copy(update={"jsonl": settings.alerts.jsonl or str(out / "alerts.jsonl")}),
         "archive": settings.archive or str(out / "archive")})
@@ -113,6 +112,9 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     for spec in sources:  # a bad path fails here, before the model is built; live sources connect later
         if not spec.lower().startswith(STREAM_SCHEMES) and not spec.isdigit() and not spec.startswith("/dev/video"):
             open_source(spec).close()
+    for stream in stream_ids or ():
+        check_stream_id(stream)
+    out.mkdir(parents=True, exist_ok=True)
 
     bus = MemoryBus(Topics(settings.topic_prefix), partitions=1)
     worker = build_worker(bus, settings)

@@ -1,9 +1,14 @@
-"""Alert thresholds from normal references alone (no labelled defects needed).
+"""Alert thresholds from normal images alone (no labelled defects needed).
 
-Leave-one-out: each reference is scored against a memory of the others, which is how an
-unseen normal frame of the same asset looks to the method. The threshold sits above the
-highest of those scores by a margin of their spread, so ordinary variation (pose, light,
-a drone's drift) stays below it.
+- Calibration images (normal, and not in the reference memory): they look to the method as
+  unseen normal frames do, so they are the better evidence when there are some.
+- Leave-one-out, from the references alone: each reference is scored against a memory of
+  the others. With sparse references this overestimates how far a normal frame is from the
+  memory (its nearest reference is gone), so the threshold errs high: fewer false alerts,
+  weaker defects missed.
+Either way the threshold is max + ½·spread of those scores: a handful of samples
+underestimates the highest normal score, and the margin covers ordinary variation (pose,
+light, a drone's drift) they did not catch.
 """
 
 from __future__ import annotations
@@ -34,5 +39,13 @@ def reference_threshold(method: AnomalyMethod, class_name: str, references: torc
                         anchors: TextAnchors | None = None, margin: float = 0.5) -> float:
     """max(LOO) + margin * (max(LOO) - min(LOO)), at least 1% above max(LOO)."""
     scores = leave_one_out_scores(method, class_name, references, anchors)
+    top, spread = scores.max().item(), (scores.max() - scores.min()).item()
+    return top + max(margin * spread, 0.01 * abs(top))
+
+
+@torch.inference_mode()
+def calibration_threshold(method: AnomalyMethod, images: torch.Tensor, margin: float = 0.5) -> float:
+    """max + margin * spread of a prepared method's scores on normal ``images`` not in its memory."""
+    scores = torch.cat([method.score(images[i:i + 8]).image_score.float().cpu() for i in range(0, len(images), 8)])
     top, spread = scores.max().item(), (scores.max() - scores.min()).item()
     return top + max(margin * spread, 0.01 * abs(top))

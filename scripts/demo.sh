@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check -e .
 linewatch demo runs/demo
 linewatch run runs/demo/clip.mp4 --stream-id drone-1 --references runs/demo/references \
+    --calibration runs/demo/calibration \
     --option text_weight=0 --k 3 --n 10 --out runs/demo/out "$@"
 echo "--- alerts (runs/demo/out/alerts.jsonl) ---"
 python - <<'PY'

@@ -19,7 +19,9 @@ from linewatch.scoring.calibrate import leave_one_out_scores, reference_threshol
 from linewatch.scoring.methods import create_method
 from linewatch.settings import load_settings
 from linewatch.workers.anchors import AnchorCache
-from linewatch.workers.profiles import ProfileTable, StreamProfile
+from linewatch.datasets import load_image
+from linewatch.scoring.prompts import PromptPack
+from linewatch.workers.profiles import PreparedProfile, ProfileTable, StreamProfile, reference_paths
 from linewatch.workers.worker import ScoringWorker
 
 
@@ -179,3 +181,18 @@ def test_replay_by_time_finds_the_range_by_seeking(tiny):
     seqs = sorted(decode(r.value, ScoreMsg).frame.seq for r in read_all(bus, "r.replay.test"))
     assert seqs == list(range(10, 20)) and counts["scored"] == 10
     assert not read_all(bus, bus.topics.scores)  # the live scores topic is untouched
+
+
+def test_calibration_images_set_the_threshold_above_their_scores(tiny, make_images, tmp_path):
+    for folder, seed in (("refs", 1), ("cal", 2)):
+        (tmp_path / folder).mkdir()
+        for i, image in enumerate(make_images(3, seed=seed)):
+            array = (image.permute(1, 2, 0).numpy()[:, :, ::-1] * 255).astype(np.uint8)
+            cv2.imwrite(str(tmp_path / folder / f"{i}.png"), array)
+    profile = StreamProfile(references=str(tmp_path / "refs"), calibration=str(tmp_path / "cal"),
+                            options={"text_weight": 0})
+    prepared = PreparedProfile(profile, tiny, PromptPack.load(), AnchorCache())
+    calibration = torch.stack([load_image(p, tiny.image_size) for p in reference_paths(str(tmp_path / "cal"), None)])
+    assert prepared.threshold > prepared.method.score(calibration).image_score.max().item()
+    references = torch.stack([load_image(p, tiny.image_size) for p in reference_paths(str(tmp_path / "refs"), None)])
+    assert prepared.method.score(references).image_score.max().item() < 1e-3  # memory holds the references only

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..datasets import IMAGE_SUFFIXES, load_image
 from ..scoring.backbone import Backbone
-from ..scoring.calibrate import reference_threshold
+from ..scoring.calibrate import calibration_threshold, reference_threshold
 from ..scoring.methods import AnomalyMethod, check_options, create_method
 from ..scoring.prompts import PromptPack
 from .anchors import AnchorCache
@@ -28,10 +28,11 @@ class StreamProfile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     method: str = "aprilgan"
     class_name: str = "insulator"  # a class of the prompt pack (power-line parts, or any object name)
-    # "auto": from the references by leave-one-out when there are any, else 0.5 (abnormal
-    # text probability above normal); a number fixes it.
+    # "auto": from the calibration images when given, else from the references by
+    # leave-one-out (scoring/calibrate.py), else 0.5; a number fixes it.
     threshold: float | Literal["auto"] = "auto"
     references: str | None = None  # folder of normal images of this asset: few-shot
+    calibration: str | None = None  # folder of other normal images, for threshold "auto"
     shots: int | None = Field(default=None, ge=1)  # use the first N references (sorted); None: all
     options: dict[str, Any] = {}  # method options, e.g. {text_weight: 0}
 
@@ -40,6 +41,8 @@ class StreamProfile(BaseModel):
         check_options(self.method, dict(self.options))
         if self.references is not None:
             reference_paths(self.references, self.shots)
+        if self.calibration is not None:
+            reference_paths(self.calibration, None)
 
     def key(self) -> str:
         return self.model_dump_json()
@@ -85,11 +88,20 @@ class PreparedProfile:
         if profile.references is not None:
             paths = reference_paths(profile.references, profile.shots)
             references = torch.stack([load_image(p, backbone.image_size) for p in paths])
-        if profile.threshold == "auto":
-            self.threshold = (reference_threshold(self.method, profile.class_name, references, text)
-                              if references is not None and len(references) > 1 else 0.5)
-            log.info("%s/%s: threshold %.4f (auto)", profile.method, profile.class_name, self.threshold)
-        else:
-            self.threshold = float(profile.threshold)
         self.method.prepare(profile.class_name, reference_images=references, anchors=text)
+        self.threshold, how = self._threshold(profile, references, text, backbone)
+        log.info("%s/%s: threshold %.4f (%s)", profile.method, profile.class_name, self.threshold, how)
         self.anchor_key = key
+
+    def _threshold(self, profile: StreamProfile, references, text, backbone: Backbone) -> tuple[float, str]:
+        if profile.threshold != "auto":
+            return float(profile.threshold), "fixed"
+        if profile.calibration is not None:
+            paths = reference_paths(profile.calibration, None)
+            images = torch.stack([load_image(p, backbone.image_size) for p in paths])
+            return calibration_threshold(self.method, images), f"auto, {len(paths)} calibration images"
+        if references is not None and len(references) > 1:
+            value = reference_threshold(self.method, profile.class_name, references, text)
+            self.method.prepare(profile.class_name, reference_images=references, anchors=text)  # LOO left a subset
+            return value, "auto, leave-one-out over the references"
+        return 0.5, "auto, zero-shot: abnormal more likely than normal"
