@@ -84,7 +84,7 @@ def alert_outputs(bus: Bus, settings: Settings, producer=None) -> list:
 @dataclass
 class RunSummary:
     frames: int
-    seconds: float
+    seconds: float  # first frame published -> last score published
     model_s: float
     alerts_jsonl: str
     archive: str
@@ -139,17 +139,18 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
         guarded(run_alert_sink, bus, policy_table(settings), alert_outputs(bus, settings), stop=stop_sinks),
         guarded(run_archive_sink, bus, Archive(settings.archive), stop=stop_sinks),
     ]
-    started = time.monotonic()
     for thread in threads:
         thread.start()
     with bus.cond:  # the sinks join their groups before the first score exists
         while len(bus.members) < 3 and not errors:
             bus.cond.wait(0.1)
+    started = scored = time.monotonic()
     try:
         ingest = settings.ingest
         run_ingest(bus, sources, stream_ids=stream_ids, fps=ingest.fps, max_size=ingest.max_size,
                    jpeg_quality=ingest.jpeg_quality, realtime=ingest.realtime, progress=progress)
         _wait_drained(bus, bus.topics.frames, errors)
+        scored = time.monotonic()  # the last score is out; the sinks may still be flushing
         stop_worker.set()
         threads[0].join()
         _wait_drained(bus, bus.topics.scores, errors)
@@ -160,8 +161,7 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
             thread.join(timeout=60)
     if errors:
         raise errors[0]
-    elapsed = time.monotonic() - started
-    return RunSummary(frames=worker.stats.frames, seconds=elapsed, model_s=worker.stats.model_s,
+    return RunSummary(frames=worker.stats.frames, seconds=scored - started, model_s=worker.stats.model_s,
                       alerts_jsonl=settings.alerts.jsonl, archive=settings.archive, dead=worker.stats.dead)
 
 
