@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import secrets
 import threading
 import time
 from collections import deque
@@ -105,6 +106,8 @@ class Ingestor:
             telemetry = load_track(sidecar) if sidecar else None
         self.telemetry = telemetry
         self.stats = IngestStats(self.stream, source.uri)
+        # seq restarts at 0 with every run; the session tells this run's frames from the last's
+        self.session = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
         self.producer = bus.producer()
 
     def run(self, on_frame: Callable[[IngestStats], None] | None = None) -> IngestStats:
@@ -191,11 +194,11 @@ class Ingestor:
         if not ok:
             raise IngestError(f"{self.stream}: JPEG encoding failed for a {image.shape} frame")
         height, width = image.shape[:2]
-        meta = FrameMeta(stream=self.stream, seq=self.stats.published, ts=ts, pts=pts, source=self.source.uri,
+        meta = FrameMeta(stream=self.stream, session=self.session, seq=self.stats.published, ts=ts, pts=pts, source=self.source.uri,
                          width=width, height=height,
                          telemetry=self.telemetry.at(pts) if self.telemetry else None)
         self.producer.send(self.bus.topics.frames, jpeg.tobytes(), key=self.stream.encode(),
-                           headers=((META_HEADER, encode(meta)),), timestamp_ms=int(ts * 1000))
+                           headers=((META_HEADER, encode(meta)),))  # record time: when published
         self.stats.published += 1
 
 

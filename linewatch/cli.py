@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         handlers[args.command](args)
-    except (BackboneError, DatasetError, BusError, ValueError, FileNotFoundError) as err:
+    except (BackboneError, DatasetError, BusError, ValueError, OSError) as err:  # OSError: paths, permissions
         print(f"linewatch: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -141,7 +141,8 @@ def build(commands) -> None:
     span = replay.add_argument_group("range (default: everything on the topic)")
     span.add_argument("--from-offset", type=int, default=None)
     span.add_argument("--to-offset", type=int, default=None, help="exclusive")
-    span.add_argument("--since", type=_when, default=None, help="capture time, UNIX seconds or ISO 8601")
+    span.add_argument("--since", type=_when, default=None,
+                      help="frames published from this time on, UNIX seconds or ISO 8601 (UTC unless zoned)")
     span.add_argument("--until", type=_when, default=None, help="exclusive")
     span.add_argument("--stream", default="*", help="glob of stream ids to replay")
     replay.add_argument("--results-topic", default=None,

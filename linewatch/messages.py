@@ -43,7 +43,10 @@ class Telemetry(BaseModel):
 class FrameMeta(_Message):
     kind: Literal["frame"] = "frame"
     stream: StreamId
-    seq: int = Field(ge=0)  # per stream, from 0, in capture order
+    seq: int = Field(ge=0)  # per stream and session, from 0, in capture order
+    # One ingest run of the stream: seq restarts at 0 with every run, so (stream, session,
+    # seq) names a frame; a replay of the same frames keeps their session.
+    session: str = Field(default="", max_length=64)
     ts: float  # capture time, UNIX seconds (file sources: start of ingest + media time)
     pts: float = 0.0  # media time in seconds from the start of the source
     source: str
@@ -103,7 +106,7 @@ class AlertMsg(_Message):
     with the same ``event_id``; consumers keep the latest status per event."""
 
     kind: Literal["alert"] = "alert"
-    event_id: str  # "<stream>:<first seq>", stable across replays of the same frames
+    event_id: str  # "<stream>@<session>:<first seq>", stable across replays of the same frames
     status: Literal["open", "closed"]
     stream: StreamId
     start_seq: int
@@ -127,7 +130,7 @@ class DeadLetter(_Message):
     origin: FrameRef | None = None
     stream: str | None = None
     seq: int | None = None
-    payload: bytes = b""  # the original value, so nothing is lost (truncated above 1 MiB)
+    payload: bytes = b""  # the original value (truncated above 512 KiB to fit a default Kafka message)
     headers: dict[str, str] = {}
     at: float = Field(default_factory=time.time)
 
@@ -158,6 +161,11 @@ def decode(data: bytes, expect: type[_Message]) -> _Message:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "message"
         raise MessageError(f"{expect.__name__}: {where}: {first['msg']} ({err.error_count()} error(s))") from None
+
+
+def track(meta: FrameMeta) -> str:
+    """The sequence a frame belongs to: its stream, within one ingest session."""
+    return f"{meta.stream}@{meta.session}" if meta.session else meta.stream
 
 
 def frame_meta(headers) -> FrameMeta:

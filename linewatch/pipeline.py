@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bus import Bus
+from .bus import Bus, BusError
 from .scoring.backbone import Backbone, BackboneConfig
 from .scoring.prompts import PromptPack
 from .settings import Settings
@@ -126,6 +126,7 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
             try:
                 target(*args, **kwargs)
             except BaseException as err:  # surfaced by the main thread
+                log.error("%s failed: %s", getattr(target, "__name__", "part"), err)
                 errors.append(err)
                 stop_worker.set()
                 stop_sinks.set()
@@ -147,8 +148,13 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     started = scored = time.monotonic()
     try:
         ingest = settings.ingest
-        run_ingest(bus, sources, stream_ids=stream_ids, fps=ingest.fps, max_size=ingest.max_size,
-                   jpeg_quality=ingest.jpeg_quality, realtime=ingest.realtime, progress=progress)
+        try:
+            run_ingest(bus, sources, stream_ids=stream_ids, fps=ingest.fps, max_size=ingest.max_size,
+                       jpeg_quality=ingest.jpeg_quality, realtime=ingest.realtime, progress=progress)
+        except BusError:
+            if errors:  # the bus was closed because a part failed: that failure is the news
+                raise errors[0] from None
+            raise
         _wait_drained(bus, bus.topics.frames, errors)
         scored = time.monotonic()  # the last score is out; the sinks may still be flushing
         stop_worker.set()

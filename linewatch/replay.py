@@ -1,11 +1,11 @@
 """`linewatch replay`: re-score frames still on the frames topic into a separate results topic.
 
-A range is an offset range (per partition) or a capture-time range. Time ranges are found
-by seeking: a binary search over offsets on the records' timestamps (ingest stamps each
-record with its frame's capture time), because Tansu's ``offsets_for_times`` always answers
-0 and Kafka's is not needed for it. Within a partition timestamps are taken as
-non-decreasing (each stream is ingested in capture order); records are still filtered by
-their exact time, so several streams sharing a partition only cost extra reading.
+A range is an offset range (per partition) or a time range over when frames were
+published (the Kafka record time; for live sources that is capture time plus the ingest
+latency, for files the moment they were ingested). Time ranges are found by seeking: a
+binary search over offsets on record times, which only grow within a partition, because
+Tansu's ``offsets_for_times`` always answers 0. Each partition is assigned on its own
+while it is searched and read, so records of other partitions never confuse the search.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ class ReplayRange:
     streams: str = "*"  # glob over stream ids
 
     def __post_init__(self):
-        if (self.from_offset is not None or self.to_offset is not None) and (self.since or self.until):
+        if (self.from_offset is not None or self.to_offset is not None) and (self.since is not None or
+                                                                             self.until is not None):
             raise ValueError("give an offset range or a time range, not both")
         if self.from_offset is not None and self.to_offset is not None and self.to_offset <= self.from_offset:
             raise ValueError(f"--to-offset {self.to_offset} must be above --from-offset {self.from_offset}")
@@ -81,9 +82,9 @@ def replay(bus: Bus, worker: ScoringWorker, span: ReplayRange, progress: bool = 
     counts = {"read": 0, "scored": 0, "skipped": 0, "partitions": 0}
     try:
         partitions = consumer.partitions(topic)
-        consumer.assign(topic, partitions)
         with tqdm(desc="replay", unit="frame", disable=not progress) as bar:
             for partition in partitions:
+                consumer.assign(topic, [partition])
                 start = span.from_offset or 0
                 if span.since is not None:
                     start = first_offset_at(consumer, topic, partition, int(span.since * 1000))
@@ -121,7 +122,8 @@ def _read(consumer: Consumer, topic: str, partition: int, start: int, span: Repl
                 done = True
                 break
             if span.until is not None and record.timestamp_ms >= span.until * 1000:
-                continue  # later records of another stream in this partition may still fall inside
+                done = True  # record times only grow: nothing later falls inside
+                break
             counts["read"] += 1
             if span.streams != "*":
                 try:

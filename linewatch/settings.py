@@ -10,6 +10,8 @@ Environment variables are ``LINEWATCH_<FIELD>``, nested with ``__``, e.g.
 from __future__ import annotations
 
 from pathlib import Path
+
+import yaml
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -84,6 +86,8 @@ def load_settings(config: str | None = None, overrides: dict | None = None) -> S
 
     try:
         return _Settings(**(overrides or {}))
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {config} is not valid YAML: {str(err).splitlines()[0]}") from None
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])

@@ -44,7 +44,7 @@ from typing import Callable
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from linewatch.bus import Producer
-from linewatch.messages import AlertMsg, ScoreMsg, encode
+from linewatch.messages import AlertMsg, ScoreMsg, encode, track
 
 
 class AlertPolicy(BaseModel):
@@ -111,10 +111,10 @@ class AlertTracker:
         self.scores = self.duplicates = self.late = 0
 
     def push(self, score: ScoreMsg) -> list[AlertMsg]:
-        stream = score.frame.stream
+        stream = track(score.frame)  # a new ingest session of a stream starts afresh at seq 0
         state = self.streams.get(stream)
         if state is None:
-            state = self.streams[stream] = _Stream(self.policy_for(stream))
+            state = self.streams[stream] = _Stream(self.policy_for(score.frame.stream))
         state.last_arrival = self.clock()
         seq = score.frame.seq
         if state.watermark is not None and seq <= state.watermark and any(a <= seq <= b for a, b in state.skipped):
@@ -153,7 +153,7 @@ class AlertTracker:
         return alerts
 
     def buffered(self) -> set[tuple[str, int]]:
-        """(stream, seq) of scores still held in reorder buffers (not yet judged)."""
+        """(track, seq) of scores still held in reorder buffers (not yet judged)."""
         return {(name, seq) for name, state in self.streams.items() for seq in state.buffer}
 
     # ---- internals ------------------------------------------------------------------------
@@ -203,7 +203,7 @@ class AlertTracker:
     def _alert(state: _Stream, status: str) -> AlertMsg:
         event, peak = state.event, state.event.peak
         start, end = event.start, event.end
-        return AlertMsg(event_id=f"{start.stream}:{start.seq}", status=status, stream=start.stream,
+        return AlertMsg(event_id=f"{track(start)}:{start.seq}", status=status, stream=start.stream,
                         start_seq=start.seq, end_seq=end.seq, start_ts=start.ts, end_ts=end.ts,
                         peak_score=peak.image_score, peak_seq=peak.frame.seq,
                         threshold=state.policy.threshold_of(peak), frames=list(event.frames),

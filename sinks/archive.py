@@ -2,7 +2,7 @@
 
 Only scores that carry ``frame_jpeg`` are archived — the worker attaches the frame to
 anomalous frames only, and the archive is an index of anomalies, not of all footage. Per
-frame, under ``<root>/<stream dir>/``:
+frame, under ``<root>/<stream dir>/<session dir>/`` (no session dir for frames without one):
 
 - ``<seq>.frame.jpg``   the frame as scored (the worker's JPEG, byte for byte);
 - ``<seq>.mask.png``    the anomaly map resized to the frame, 8-bit grey. By default a heat
@@ -12,7 +12,7 @@ frame, under ``<root>/<stream dir>/``:
 - ``<seq>.json``        the index row.
 
 Index: for a local folder, ``<root>/index.sqlite`` (table ``frames``, primary key
-(stream, seq)). On S3 the per-frame JSON objects are the index (list a stream's prefix); a
+(stream, session, seq)). On S3 the per-frame JSON objects are the index (list a stream's prefix); a
 local SQLite copy is kept as well when ``index_path`` is given. Everything is idempotent: the
 same frame always gets the same names, files are replaced whole, rows are upserted.
 
@@ -101,7 +101,7 @@ class _S3Store:
         return f"s3://{self.bucket}/{self._key(key)}"
 
 
-_COLUMNS = ("stream", "seq", "ts", "pts", "score", "threshold", "method", "class_name", "anchor_key", "model",
+_COLUMNS = ("stream", "session", "seq", "ts", "pts", "score", "threshold", "method", "class_name", "anchor_key", "model",
             "telemetry", "frame_path", "mask_path", "overlay_path", "mask_kind", "map_lo", "map_hi", "archived_at")
 
 
@@ -113,10 +113,10 @@ class _Index:
         self.lock = threading.Lock()
         self.db = sqlite3.connect(path, check_same_thread=False)
         self.db.execute("""CREATE TABLE IF NOT EXISTS frames (
-            stream TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL, pts REAL, score REAL, threshold REAL,
+            stream TEXT NOT NULL, session TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL, pts REAL, score REAL, threshold REAL,
             method TEXT, class_name TEXT, anchor_key TEXT, model TEXT, telemetry TEXT,
             frame_path TEXT, mask_path TEXT, overlay_path TEXT, mask_kind TEXT, map_lo REAL, map_hi REAL,
-            archived_at REAL, PRIMARY KEY (stream, seq))""")
+            archived_at REAL, PRIMARY KEY (stream, session, seq))""")
         self.db.execute("CREATE INDEX IF NOT EXISTS frames_ts ON frames (ts)")
         self.db.commit()
 
@@ -126,10 +126,10 @@ class _Index:
             self.db.execute(f"INSERT OR REPLACE INTO frames ({', '.join(_COLUMNS)}) "
                             f"VALUES ({', '.join('?' * len(_COLUMNS))})", values)
 
-    def get(self, stream: str, seq: int) -> dict | None:
+    def get(self, stream: str, seq: int, session: str = "") -> dict | None:
         with self.lock:
-            found = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM frames WHERE stream = ? AND seq = ?",
-                                    (stream, seq)).fetchone()
+            found = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM frames WHERE stream = ? AND session = ? "
+                                    "AND seq = ?", (stream, session, seq)).fetchone()
         if found is None:
             return None
         row = dict(zip(_COLUMNS, found))
@@ -181,14 +181,15 @@ class Archive:
                                   OVERLAY_ALPHA, 0)
 
         meta = score.frame
-        base = f"{safe_component(meta.stream)}/{meta.seq:010d}"
+        session = f"{safe_component(meta.session)}/" if meta.session else ""
+        base = f"{safe_component(meta.stream)}/{session}{meta.seq:010d}"
         keys = {"frame_path": f"{base}.frame.jpg", "mask_path": f"{base}.mask.png",
                 "overlay_path": f"{base}.overlay.jpg"}
         self.store.put(keys["frame_path"], score.frame_jpeg, "image/jpeg")
         self.store.put(keys["mask_path"], _encode(".png", mask), "image/png")
         self.store.put(keys["overlay_path"], _encode(".jpg", overlay, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality]),
                        "image/jpeg")
-        row = {"stream": meta.stream, "seq": meta.seq, "ts": meta.ts, "pts": meta.pts, "score": score.image_score,
+        row = {"stream": meta.stream, "session": meta.session, "seq": meta.seq, "ts": meta.ts, "pts": meta.pts, "score": score.image_score,
                "threshold": score.threshold, "method": score.method, "class_name": score.class_name,
                "anchor_key": score.anchor_key, "model": score.model,
                "telemetry": meta.telemetry.model_dump() if meta.telemetry else None, **keys,
@@ -199,9 +200,9 @@ class Archive:
             self.index.upsert(row)
         return row
 
-    def get(self, stream: str, seq: int) -> dict | None:
+    def get(self, stream: str, seq: int, session: str = "") -> dict | None:
         """The index row of a frame (None if not archived or there is no SQLite index)."""
-        return self.index.get(stream, seq) if self.index is not None else None
+        return self.index.get(stream, seq, session) if self.index is not None else None
 
     def url(self, key: str) -> str:
         """Where a stored path (``frame_path``, ...) lives: a local path or an s3:// URL."""

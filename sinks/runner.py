@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from linewatch.bus import Bus, Producer, Record
-from linewatch.messages import AlertMsg, DeadLetter, FrameRef, MessageError, ScoreMsg, decode, encode
+from linewatch.messages import AlertMsg, DeadLetter, FrameRef, MessageError, ScoreMsg, decode, encode, track
 
 from .alerts import AlertOutput, AlertPolicy, AlertTracker, OutputError
 from .archive import Archive, ArchiveError
 
 log = logging.getLogger(__name__)
 
-MAX_DEAD_PAYLOAD = 1 << 20  # DeadLetter.payload is truncated above 1 MiB
+MAX_DEAD_PAYLOAD = 512 * 1024  # base64 in JSON: stays under a broker's default 1 MB message size
 
 
 @dataclass
@@ -44,7 +44,7 @@ def run_alert_sink(bus: Bus, policy_for: Callable[[str], AlertPolicy], outputs: 
     tracker = AlertTracker(policy_for)
     consumer, producer = bus.consumer([topic or bus.topics.scores], group), bus.producer()
     held: list[Record] = []  # handled, not yet committed (a buffered score pins its partition)
-    origin: dict[tuple[str, int], Record] = {}  # (stream, seq) -> record, for buffered scores
+    origin: dict[tuple[str, int], Record] = {}  # (track, seq) -> record, for buffered scores
 
     def deliver(alerts: list[AlertMsg]) -> None:
         for alert in alerts:
@@ -82,7 +82,7 @@ def run_alert_sink(bus: Bus, policy_for: Callable[[str], AlertPolicy], outputs: 
             for record in records:
                 score = _decode_score(record, producer, bus, stats, "sink-alerts")
                 if score is not None:
-                    origin.setdefault((score.frame.stream, score.frame.seq), record)
+                    origin.setdefault((track(score.frame), score.frame.seq), record)
                     alerts += tracker.push(score)
             alerts += tracker.flush_idle(idle_flush_s)
             deliver(alerts)

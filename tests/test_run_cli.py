@@ -36,7 +36,9 @@ def test_run_writes_alerts_and_masks(clip, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"{clip.frame_count} frames scored" in printed
     alerts = [json.loads(line) for line in (out / "alerts.jsonl").read_text().splitlines()]
-    assert [(a["status"], a["event_id"]) for a in alerts] == [("open", "drone-1:0"), ("closed", "drone-1:0")]
+    assert [a["status"] for a in alerts] == ["open", "closed"]
+    assert alerts[0]["event_id"] == alerts[1]["event_id"]
+    assert alerts[0]["event_id"].startswith("drone-1@") and alerts[0]["event_id"].endswith(":0")
     assert alerts[1]["frames"] == list(range(clip.frame_count))
     assert alerts[1]["telemetry"]["latitude"] is not None  # from the clip's SRT sidecar
     with sqlite3.connect(out / "archive" / "index.sqlite") as db:
@@ -45,11 +47,17 @@ def test_run_writes_alerts_and_masks(clip, tmp_path, capsys):
     assert len(list((out / "archive").rglob("*mask.png"))) == clip.frame_count
 
 
-def test_run_again_writes_no_duplicate_alerts(clip, tmp_path, capsys):
+def test_runs_are_sessions_kept_apart(clip, tmp_path, capsys):
+    """Ingesting the same file twice is two sessions (seq restarts at 0): two events, two
+    archive folders, nothing of the first run overwritten or taken for a duplicate."""
     args = ["run", str(clip.video), "--stream-id", "d", "--out", str(tmp_path), "--threshold", "0", *TINY]
     assert main(args) == 0 and main(args) == 0
-    lines = (tmp_path / "alerts.jsonl").read_text().splitlines()
-    assert len(lines) == 2  # the replayed frames raise the same event, written once
+    alerts = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert [a["status"] for a in alerts] == ["open", "closed", "open", "closed"]
+    assert len({a["event_id"] for a in alerts}) == 2
+    with sqlite3.connect(tmp_path / "archive" / "index.sqlite") as db:
+        sessions = db.execute("SELECT session, COUNT(*) FROM frames GROUP BY session").fetchall()
+    assert len(sessions) == 2 and all(count == clip.frame_count for _, count in sessions)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -59,6 +67,8 @@ def test_run_again_writes_no_duplicate_alerts(clip, tmp_path, capsys):
     (["run", "{video}", "--references", "/no/such/refs"], "references folder not found"),
     (["run", "{video}", "--k", "5", "--n", "3"], "k=5 must not exceed n=3"),
     (["run", "{video}", "--config", "/no/such.yaml"], "config file not found"),
+    (["run", "{video}", "--config", "{bad_yaml}"], "not valid YAML"),
+    (["run", "{video}", "--out", "{text}"], "notes.mp4"),
     (["run", "{video}", "--stream-id", "a/b"], "stream id"),
     (["worker"], "no Kafka given"),
     (["worker", "--bootstrap-servers", "127.0.0.1:1"], "cannot reach Kafka at 127.0.0.1:1"),
@@ -68,7 +78,9 @@ def test_run_again_writes_no_duplicate_alerts(clip, tmp_path, capsys):
 def test_user_mistakes_get_one_line(args, message, clip, tmp_path, capsys):
     text = tmp_path / "notes.mp4"
     text.write_text("not a video")
-    args = [a.format(text=text, video=clip.video) for a in args]
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("worker: {max_batch: [\n")
+    args = [a.format(text=text, video=clip.video, bad_yaml=bad_yaml) for a in args]
     assert main([*args, *TINY] if args[0] == "run" else args) == 2
     assert message in error_line(capsys)
 

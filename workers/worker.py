@@ -34,7 +34,7 @@ from .profiles import PreparedProfile, ProfileTable
 log = logging.getLogger(__name__)
 
 GROUP = "linewatch-workers"
-DEAD_PAYLOAD_LIMIT = 1 << 20
+DEAD_PAYLOAD_LIMIT = 512 * 1024  # base64 in JSON: stays under a broker's default 1 MB message size
 
 
 @dataclass
@@ -181,8 +181,7 @@ class ScoringWorker:
                 latency=Latency(queue_ms=max(0.0, (picked - meta.sent_at) * 1000), decode_ms=decode_share_s * 1000,
                                 model_ms=model_s * 1000 / len(frames), batch_size=len(frames)),
                 frame_jpeg=frame.record.value if anomalous else None)
-            producer.send(self.results_topic, encode(message), key=meta.stream.encode(),
-                          timestamp_ms=int(meta.ts * 1000))
+            producer.send(self.results_topic, encode(message), key=meta.stream.encode())
             self.stats.frames += 1
 
 

@@ -42,7 +42,9 @@ class KafkaBus(Bus):
             raise _unreachable(",".join(self.servers), err) from None
         try:
             existing = set(admin.list_topics())
-            missing = [NewTopic(n, self.partitions, 1) for n in names if n not in existing]
+            # frames and anomalous scores can exceed a broker's default 1 MB message size
+            missing = [NewTopic(n, self.partitions, 1, topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)})
+                       for n in names if n not in existing]
             if missing:
                 try:
                     admin.create_topics(missing)
