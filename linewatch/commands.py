@@ -243,7 +243,8 @@ def run_sink(args) -> None:
     bus = _bus(settings)
     stop = _stop_on_signals()
     if args.kind == "alerts":
-        stats = run_alert_sink(bus, policy_for, alert_outputs(bus, settings), stop=stop, topic=args.scores_topic)
+        stats = run_alert_sink(bus, policy_for, alert_outputs(bus, settings, stop), stop=stop,
+                               topic=args.scores_topic)
     else:
         stats = run_archive_sink(bus, Archive(settings.archive), stop=stop, topic=args.scores_topic)
     print(f"sink {args.kind}: {stats}")

@@ -68,16 +68,16 @@ def policy_table(settings: Settings):
     return policy_for
 
 
-def alert_outputs(bus: Bus, settings: Settings, producer=None) -> list:
+def alert_outputs(bus: Bus, settings: Settings, stop: threading.Event | None = None) -> list:
     from .sinks.alerts import BusOutput, JsonlOutput, WebhookOutput
 
     outputs = []
     if settings.alerts.jsonl:
         outputs.append(JsonlOutput(settings.alerts.jsonl))
     if settings.alerts.publish:
-        outputs.append(BusOutput(producer or bus.producer(), bus.topics.alerts))
+        outputs.append(BusOutput(bus.producer(), bus.topics.alerts))
     if settings.alerts.webhook:
-        outputs.append(WebhookOutput(settings.alerts.webhook))
+        outputs.append(WebhookOutput(settings.alerts.webhook, stop=stop))
     return outputs
 
 
@@ -137,7 +137,7 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     worker_consumer = bus.consumer([bus.topics.frames], worker.group)
     threads = [
         guarded(worker.run, stop_worker, consumer=worker_consumer),
-        guarded(run_alert_sink, bus, policy_table(settings), alert_outputs(bus, settings), stop=stop_sinks),
+        guarded(run_alert_sink, bus, policy_table(settings), alert_outputs(bus, settings, stop_sinks), stop=stop_sinks),
         guarded(run_archive_sink, bus, Archive(settings.archive), stop=stop_sinks),
     ]
     for thread in threads:

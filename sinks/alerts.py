@@ -31,6 +31,7 @@ that gives up on one raises ``OutputError`` and the runner dead-letters that ale
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -283,23 +284,27 @@ class BusOutput(AlertOutput):
 class WebhookOutput(AlertOutput):
     """POSTs each alert as JSON. Connection errors, timeouts, 5xx and 429 are retried with
     exponential backoff (backoff_s, 2x, 4x, ...); other 4xx are not retried. Receivers should
-    de-duplicate on (event_id, status): after a restart an alert may be POSTed again."""
+    de-duplicate on (event_id, status): after a restart an alert may be POSTed again. Once
+    ``stop`` is set, retries end early: the alert becomes a dead letter rather than holding
+    up shutdown."""
 
     def __init__(self, url: str, retries: int = 5, backoff_s: float = 0.5, timeout_s: float = 5,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, stop: threading.Event | None = None):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"webhook URL must be http(s)://host[:port]/path, got {url!r}")
         if retries < 0 or backoff_s < 0 or timeout_s <= 0:
             raise ValueError("webhook retries and backoff_s must be >= 0 and timeout_s > 0")
         self.url, self.retries, self.backoff_s, self.timeout_s = url, retries, backoff_s, timeout_s
+        self.stop = stop or threading.Event()
         self.headers = {"Content-Type": "application/json", "User-Agent": "linewatch", **(headers or {})}
 
     def write(self, alert: AlertMsg) -> bool:
         body, last_error = encode(alert), ""
         for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            if attempt and self.stop.wait(self.backoff_s * 2 ** (attempt - 1)):
+                last_error += " (stopped while retrying)"
+                break
             request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
@@ -313,4 +318,4 @@ class WebhookOutput(AlertOutput):
             except OSError as err:  # URLError (refused, DNS), timeouts, resets
                 last_error = str(getattr(err, "reason", None) or err)
         raise OutputError(f"webhook {self.url}: alert {alert.event_id} ({alert.status}) not delivered after "
-                          f"{self.retries + 1} attempts; last error: {last_error}")
+                          f"{attempt + 1} attempt(s); last error: {last_error}")

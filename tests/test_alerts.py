@@ -269,9 +269,18 @@ def test_webhook_retries_until_delivered(webhook):
 def test_webhook_gives_up_with_a_clear_error(webhook):
     hook = webhook([503])
     alert = run(pattern("011"))[0]
-    with pytest.raises(OutputError, match=r"cam:1 \(open\) not delivered after 3 attempts; last error: HTTP 503"):
+    with pytest.raises(OutputError, match=r"cam:1 \(open\) not delivered after 3 attempt\(s\); last error: HTTP 503"):
         WebhookOutput(hook.url, retries=2, backoff_s=0.01).write(alert)
     assert len(hook.bodies) == 3
+
+
+def test_webhook_stops_retrying_at_shutdown(webhook):
+    hook = webhook([503])
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    with pytest.raises(OutputError, match="stopped while retrying"):  # the runner dead-letters it
+        WebhookOutput(hook.url, retries=10, backoff_s=0.1, stop=stop).write(run(pattern("011"))[0])
+    assert 1 <= len(hook.bodies) <= 3  # not the 11 attempts (~100 s) it would otherwise make
 
 
 def test_webhook_does_not_retry_a_client_error(webhook):
@@ -285,7 +294,7 @@ def test_webhook_unreachable_is_retried_then_fails(webhook):
     hook = webhook([200])
     url = hook.url
     hook.close()  # nothing listens there any more
-    with pytest.raises(OutputError, match="after 2 attempts"):
+    with pytest.raises(OutputError, match=r"after 2 attempt\(s\)"):
         WebhookOutput(url, retries=1, backoff_s=0.01, timeout_s=1).write(run(pattern("011"))[0])
     with pytest.raises(ValueError, match="http"):
         WebhookOutput("ftp://example.org/x")
