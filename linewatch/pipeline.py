@@ -50,7 +50,8 @@ def build_backbone(settings: Settings) -> Backbone:
 def build_worker(bus: Bus, settings: Settings, **kwargs) -> ScoringWorker:
     profiles = check_settings(settings)
     prompts = PromptPack.load(settings.worker.prompts)
-    worker = ScoringWorker(bus, build_backbone(settings), profiles, AnchorCache(settings.redis_url), prompts=prompts,
+    anchors = AnchorCache(settings.redis_url, folder=settings.anchor_dir)
+    worker = ScoringWorker(bus, build_backbone(settings), profiles, anchors, prompts=prompts,
                            max_batch=settings.worker.max_batch, max_wait_ms=settings.worker.max_wait_ms, **kwargs)
     worker.prepare_all()
     return worker

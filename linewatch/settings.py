@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LINEWATCH_", env_nested_delimiter="__", extra="forbid")
 
     bootstrap_servers: str | None = None  # None: the in-process bus (embedded run only)
-    redis_url: str | None = None  # None: anchors cached in process only
+    redis_url: str | None = None  # None: no shared anchor cache
+    anchor_dir: str | None = "~/.cache/linewatch/anchors"  # text anchors kept across runs; None: off
     topic_prefix: str = Field(default="linewatch", pattern=r"^[A-Za-z0-9._-]+$")
     partitions: int = Field(default=4, ge=1)
     backbone: BackboneSettings = BackboneSettings()

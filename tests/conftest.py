@@ -27,6 +27,21 @@ def single_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def anchor_dir(tmp_path_factory):
+    """Text anchors cached across runs go to a temporary folder, not the user's home
+    (child `linewatch` processes inherit it)."""
+    import os
+
+    previous = os.environ.get("LINEWATCH_ANCHOR_DIR")
+    os.environ["LINEWATCH_ANCHOR_DIR"] = str(tmp_path_factory.mktemp("anchors"))
+    yield
+    if previous is None:
+        del os.environ["LINEWATCH_ANCHOR_DIR"]
+    else:
+        os.environ["LINEWATCH_ANCHOR_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny() -> Backbone:
     """The tiny backbone, random weights, seed 0. Shared: tests must not modify it."""

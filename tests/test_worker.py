@@ -196,3 +196,19 @@ def test_calibration_images_set_the_threshold_above_their_scores(tiny, make_imag
     assert prepared.threshold > prepared.method.score(calibration).image_score.max().item()
     references = torch.stack([load_image(p, tiny.image_size) for p in reference_paths(str(tmp_path / "refs"), None)])
     assert prepared.method.score(references).image_score.max().item() < 1e-3  # memory holds the references only
+
+
+def test_anchor_folder_keeps_anchors_across_runs(tiny, tmp_path):
+    method = create_method("aprilgan", tiny)
+    key = method.anchor_key("insulator")
+    AnchorCache(folder=tmp_path).get(key, lambda: method.build_anchors("insulator"))
+
+    def must_not_build():
+        raise AssertionError("the second run must read the anchors from the folder")
+
+    later = AnchorCache(folder=tmp_path)
+    assert later.get(key, must_not_build).key == key and later.stats["file_hits"] == 1
+    (next(tmp_path.iterdir())).write_bytes(b"truncated")  # a damaged file is rebuilt, not trusted
+    rebuilt = AnchorCache(folder=tmp_path)
+    assert rebuilt.get(key, lambda: method.build_anchors("insulator")).key == key
+    assert rebuilt.stats["computed"] == 1

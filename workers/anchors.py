@@ -1,17 +1,20 @@
-"""Text anchors cached by anchor key: a small in-process LRU in front of Redis.
+"""Text anchors cached by anchor key: a small in-process LRU in front of Redis and/or a folder.
 
 Encoding a prompt pack costs seconds (hundreds of sentences through the text tower), so a
 worker encodes a class once and shares it through Redis; every other worker, and every
 restart, fetches the bytes instead. The key hashes the backbone identity and every prompt
 sentence (``AnomalyMethod.anchor_key``), so a stale entry can never be served for another
 model or prompt set. Redis is an optimisation, not a dependency: when it is down the worker
-computes locally and says so once.
+computes locally and says so once. The folder (the embedded run's default,
+``~/.cache/linewatch/anchors``) keeps them across runs on one machine: a second
+``linewatch run`` starts in seconds instead of re-encoding the pack.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from pathlib import Path
 from typing import Callable
 
 from ..scoring.prompts import TextAnchors
@@ -22,13 +25,14 @@ TTL_S = 30 * 24 * 3600  # anchors are immutable per key; the TTL only clears key
 
 
 class AnchorCache:
-    def __init__(self, redis_url: str | None = None, capacity: int = 32):
+    def __init__(self, redis_url: str | None = None, capacity: int = 32, folder: str | Path | None = None):
         self.capacity = capacity
+        self.folder = Path(folder).expanduser() if folder else None
         self.local: OrderedDict[str, TextAnchors] = OrderedDict()
         self.redis = None
         self.redis_url = redis_url
         self.redis_down = False  # logged once per outage
-        self.stats = {"local_hits": 0, "redis_hits": 0, "computed": 0, "redis_errors": 0}
+        self.stats = {"local_hits": 0, "redis_hits": 0, "file_hits": 0, "computed": 0, "redis_errors": 0}
         if redis_url:
             import redis
 
@@ -43,16 +47,45 @@ class AnchorCache:
             self.stats["local_hits"] += 1
             return self.local[key]
         anchors = self._fetch(key)
-        if anchors is None:
-            anchors = build()
-            self.stats["computed"] += 1
-            self._store(key, anchors)
-        else:
+        if anchors is not None:
             self.stats["redis_hits"] += 1
+        else:
+            anchors = self._read_file(key)
+            if anchors is None:
+                anchors = build()
+                self.stats["computed"] += 1
+                self._write_file(key, anchors)
+            else:
+                self.stats["file_hits"] += 1
+            self._store(key, anchors)
         self.local[key] = anchors
         if len(self.local) > self.capacity:
             self.local.popitem(last=False)
         return anchors
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key.replace(':', '-')}.safetensors"  # keys are "anchors:v1:<hex>"
+
+    def _read_file(self, key: str) -> TextAnchors | None:
+        if self.folder is None or not self._path(key).is_file():
+            return None
+        try:
+            anchors = TextAnchors.from_bytes(self._path(key).read_bytes())
+        except Exception as err:  # truncated or foreign: rebuild and overwrite
+            log.warning("anchor file %s unreadable (%s); recomputing", self._path(key), err)
+            return None
+        return anchors if anchors.key == key else None
+
+    def _write_file(self, key: str, anchors: TextAnchors) -> None:
+        if self.folder is None:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            scratch = self._path(key).with_suffix(".tmp")
+            scratch.write_bytes(anchors.to_bytes())
+            scratch.replace(self._path(key))  # atomic: a reader never sees half a file
+        except OSError as err:  # a read-only home must not stop scoring
+            log.warning("cannot cache anchors in %s (%s)", self.folder, err)
 
     def _fetch(self, key: str) -> TextAnchors | None:
         blob = self._redis_call(lambda r: r.get(key))
