@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SCHEMA_VERSION = 1
 META_HEADER = "lw"
+DEAD_PAYLOAD_LIMIT = 512 * 1024  # base64 in JSON stays under a Kafka broker's default 1 MB message
 
 StreamId = Annotated[str, Field(min_length=1, max_length=128)]
 

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from linewatch.bus import Bus, Producer, Record
-from linewatch.messages import AlertMsg, DeadLetter, FrameRef, MessageError, ScoreMsg, decode, encode, track
+from linewatch.messages import DEAD_PAYLOAD_LIMIT, AlertMsg, DeadLetter, FrameRef, MessageError, ScoreMsg, decode, encode, track
 
 from .alerts import AlertOutput, AlertPolicy, AlertTracker, OutputError
 from .archive import Archive, ArchiveError
 
 log = logging.getLogger(__name__)
 
-MAX_DEAD_PAYLOAD = 512 * 1024  # base64 in JSON: stays under a broker's default 1 MB message size
 
 
 @dataclass
@@ -144,7 +143,7 @@ def _dead_letter(producer: Producer, bus: Bus, stats: SinkStats, reason: str, st
         if stream is None and record.key is not None:
             stream = record.key.decode("utf-8", "replace")
     letter = DeadLetter(
-        reason=reason, stage=stage, stream=stream, seq=seq, payload=(payload or b"")[:MAX_DEAD_PAYLOAD],
+        reason=reason, stage=stage, stream=stream, seq=seq, payload=(payload or b"")[:DEAD_PAYLOAD_LIMIT],
         origin=FrameRef(topic=record.topic, partition=record.partition, offset=record.offset) if record else None,
         headers={name: value.decode("utf-8", "replace") for name, value in record.headers} if record else {})
     producer.send(bus.topics.dead, encode(letter), key=stream.encode() if stream is not None else None)

@@ -23,7 +23,7 @@ import torch
 
 from ..bus import Bus, Record
 from ..datasets import bgr_to_tensor
-from ..messages import (DeadLetter, FrameMeta, FrameRef, Latency, MessageError, ScoreMsg, encode,
+from ..messages import (DEAD_PAYLOAD_LIMIT, DeadLetter, FrameMeta, FrameRef, Latency, MessageError, ScoreMsg, encode,
                         frame_meta)
 from ..scoring.backbone import Backbone
 from ..scoring.prompts import PromptPack
@@ -34,7 +34,6 @@ from .profiles import PreparedProfile, ProfileTable
 log = logging.getLogger(__name__)
 
 GROUP = "linewatch-workers"
-DEAD_PAYLOAD_LIMIT = 512 * 1024  # base64 in JSON: stays under a broker's default 1 MB message size
 
 
 @dataclass
