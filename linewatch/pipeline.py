@@ -149,6 +149,7 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     started = scored = time.monotonic()
     try:
         ingest = settings.ingest
+        interrupted = False
         try:
             run_ingest(bus, sources, stream_ids=stream_ids, fps=ingest.fps, max_size=ingest.max_size,
                        jpeg_quality=ingest.jpeg_quality, realtime=ingest.realtime, progress=progress)
@@ -156,11 +157,16 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
             if errors:  # the bus was closed because a part failed: that failure is the news
                 raise errors[0] from None
             raise
+        except KeyboardInterrupt:  # the end of a live run: what was read still gets scored and alerted
+            log.warning("interrupted: scoring the frames already read (Ctrl-C again to stop at once)")
+            interrupted = True
         _wait_drained(bus, bus.topics.frames, errors)
         scored = time.monotonic()  # the last score is out; the sinks may still be flushing
         stop_worker.set()
         threads[0].join()
         _wait_drained(bus, bus.topics.scores, errors)
+        if interrupted:
+            raise KeyboardInterrupt
     finally:
         stop_worker.set()
         stop_sinks.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 
 import pytest
 
@@ -89,3 +90,28 @@ def test_demo_command(tmp_path, capsys):
     assert main(["demo", str(tmp_path / "d"), "--seconds", "2", "--fps", "5"]) == 0
     assert "defect frames" in capsys.readouterr().out
     assert (tmp_path / "d" / "clip.mp4").is_file() and list((tmp_path / "d" / "references").glob("*.png"))
+
+
+def test_ctrl_c_ends_a_run_with_its_frames_scored_and_events_closed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    clip = write_demo_clip(tmp_path / "long", seconds=30, fps=5, size=(160, 96), references=2)  # 30 s at --realtime
+    out = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, "-m", "linewatch.cli", "run", str(clip.video), "--stream-id", "live",
+                            "--realtime", "--threshold", "0", "--out", str(out), *TINY],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "alerts.jsonl"
+    for _ in range(600):  # until the first alert opens: frames are flowing
+        if log.is_file() and log.read_text():
+            break
+        assert run.poll() is None, run.communicate()
+        time.sleep(0.1)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "Traceback" not in err, err
+    alerts = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [a["status"] for a in alerts] == ["open", "closed"]  # the open event was closed, not dropped
+    assert 0 < len(alerts[1]["frames"]) < clip.frame_count  # stopped part-way, every frame read was scored
+    assert alerts[1]["frames"] == list(range(len(alerts[1]["frames"])))
