@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from .datasets import Category, find_categories, load_image, load_mask
 from .scoring.backbone import Backbone, BackboneConfig
+from .scoring.checkpoint import load_checkpoint, read_header
 from .scoring.methods import check_options, create_method
 from .scoring.metrics import image_metrics, pixel_metrics
 from .scoring.prompts import PromptPack
@@ -33,6 +34,7 @@ class EvalConfig:
     batch_size: int = 8
     seed: int = 0
     device: str = "cpu"
+    checkpoint: str | None = None  # trained method; its backbone and method replace the fields above
 
 
 def _batches(items: list, size: int):
@@ -67,31 +69,53 @@ def evaluate_category(method, category: Category, config: EvalConfig, image_size
     return row
 
 
-def evaluate(config: EvalConfig) -> dict:
+def drop_training_images(categories: list[Category], used: list[str]) -> int:
+    """Leave out the test images a checkpoint was trained on ("category/test/defect/file")."""
+    used_set, dropped = set(used), 0
+    for category in categories:
+        keep = [s for s in category.test if f"{category.name}/{s.path.relative_to(category.root).as_posix()}" not in used_set]
+        dropped += len(category.test) - len(keep)
+        category.test = keep
+    return dropped
+
+
+def evaluate(config: EvalConfig, method=None) -> dict:
+    """Evaluate ``config.method`` (or the checkpoint, or an already built ``method``)."""
     # Every check a user can fail runs before the (possibly downloaded) model is built.
     categories = find_categories(config.data)
-    check_options(config.method, config.options)
-    prompts = PromptPack.load(config.prompts)
+    header = read_header(config.checkpoint) if config.checkpoint else getattr(method, "checkpoint", None)
+    if header is None and method is None:
+        check_options(config.method, config.options)
+    if header is not None:
+        dropped = drop_training_images(categories, header["training"].get("test_images_used", []))
+        if dropped:
+            print(f"note: left out {dropped} test images the checkpoint was trained on", file=sys.stderr)
+    prompts = PromptPack.load(config.prompts) if config.prompts or header is None else None
     for category in categories:
         if config.shots:
             category.references(config.shots, config.seed)
         if not category.has_masks:
             print(f"note: {category.name}: some anomalous images have no <stem>_mask.png under ground_truth/; "
                   "pixel metrics are skipped for it", file=sys.stderr)
-    backbone = Backbone.build(config.backbone, config.device)
-    method = create_method(config.method, backbone, prompts, **config.options)
+    if method is None:
+        backbone = Backbone.build(config.backbone, config.device)
+        method = (load_checkpoint(config.checkpoint, backbone, prompts) if config.checkpoint
+                  else create_method(config.method, backbone, prompts, **config.options))
+    backbone = method.backbone
     results = {}
     for category in tqdm(categories, desc="categories", unit="cat", disable=len(categories) == 1):
         results[category.name] = evaluate_category(method, category, config, backbone.image_size)
     mean = {key: float(np.nanmean([r[key] for r in results.values()])) if any(
         not math.isnan(r[key]) for r in results.values()) else math.nan for key, _ in COLUMNS}
     return {
-        "method": config.method,
+        "method": method.name,
+        "checkpoint": None if header is None else {"path": config.checkpoint, "identity": header["identity"],
+                                                   "trained_on": header["training"].get("data")},
         "shots": config.shots,
-        "options": config.options,
-        "backbone": {**asdict(config.backbone), "identity": backbone.identity, "image_size": backbone.image_size,
+        "options": header["options"] if header else config.options,
+        "backbone": {**asdict(backbone.config), "identity": backbone.identity, "image_size": backbone.image_size,
                      "layers": list(backbone.layers)},
-        "prompts": config.prompts or "default",
+        "prompts": config.prompts or ("checkpoint" if header else "default"),
         "seed": config.seed,
         "device": config.device,
         "categories": results,
@@ -112,6 +136,8 @@ def format_table(report: dict) -> str:
     weights = report["backbone"]["identity"]
     note = "  (random weights: only few-shot memory figures mean anything)" if "random-seed" in weights else ""
     options = "".join(f", {k}={v}" for k, v in report["options"].items())
+    if report.get("checkpoint"):
+        options += f", checkpoint {report['checkpoint']['identity']} (trained on {report['checkpoint']['trained_on']})"
     return "\n".join([f"method {report['method']}{options}, {report['shots']}-shot, {weights}, "
                       f"{report['backbone']['image_size']} px{note}", *lines])
 

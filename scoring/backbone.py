@@ -49,6 +49,13 @@ class VisualFeatures:
     patch_tokens: list[torch.Tensor]  # per layer [B, N, W], raw residual stream
     patch_embeds: list[torch.Tensor]  # per layer [B, N, D], ln_post + proj (V-V path if enabled)
     grid: tuple[int, int]  # patch grid (rows, cols)
+    local_tokens: list[torch.Tensor] | None = None  # per layer [B, N, W] before ln_post + proj (V-V path if enabled)
+
+    def select(self, index: torch.Tensor) -> "VisualFeatures":
+        """The features of a subset of the batch (training minibatches over cached features)."""
+        pick = lambda tensors: [t[index] for t in tensors]  # noqa: E731
+        return VisualFeatures(self.image_embed[index], pick(self.patch_tokens), pick(self.patch_embeds), self.grid,
+                              None if self.local_tokens is None else pick(self.local_tokens))
 
 
 def default_layers(depth: int, count: int = 4) -> tuple[int, ...]:
@@ -199,9 +206,42 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def encode_text(self, texts: list[str], chunk: int = 256) -> torch.Tensor:
         """L2-normalised text embeddings [N, D]."""
-        out = [self.clip.encode_text(self.tokenizer(texts[i:i + chunk]).to(self.device))
-               for i in range(0, len(texts), chunk)]
+        out = [self.encode_tokens(self.tokenize(texts[i:i + chunk])) for i in range(0, len(texts), chunk)]
         return F.normalize(torch.cat(out).float(), dim=-1)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids [N, L], cut after the longest sentence's end token: the causal mask makes
+        the end token's output independent of the padding behind it, and short prompts then
+        cost ~8x less than CLIP's fixed 77 positions."""
+        tokens = self.tokenizer(texts).to(self.device)
+        return tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
+
+    def encode_tokens(self, tokens: torch.Tensor, embeddings: torch.Tensor | None = None,
+                      after_block=None, projection=None) -> torch.Tensor:
+        """The text tower on token ids [N, L] (not normalised, differentiable).
+
+        Hooks for trained text-side parts: ``embeddings`` replaces the token embeddings
+        (learnable context words), ``after_block(index, x)`` rewrites the residual stream after
+        a block (index from 0; text adapters), ``projection`` replaces ``text_projection``.
+        The end token is the highest id in each row, as in CLIP.
+        """
+        clip = self.clip
+        length = tokens.shape[1]
+        x = clip.token_embedding(tokens) if embeddings is None else embeddings
+        x = x + clip.positional_embedding[:length]
+        mask = clip.attn_mask[:length, :length] if clip.attn_mask is not None else None
+        batch_first = getattr(clip.transformer, "batch_first", True)
+        x = x if batch_first else x.transpose(0, 1)
+        for index, block in enumerate(clip.transformer.resblocks):
+            x = block(x, attn_mask=mask)
+            if after_block is not None:
+                x = after_block(index, x if batch_first else x.transpose(0, 1))
+                x = x if batch_first else x.transpose(0, 1)
+        x = x if batch_first else x.transpose(0, 1)
+        pooled = clip.ln_final(x)[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        if projection is not None:
+            return projection(pooled)
+        return pooled @ clip.text_projection if not isinstance(clip.text_projection, nn.Linear) else clip.text_projection(pooled)
 
     # ---- image ------------------------------------------------------------------------
     def _positional(self, rows: int, cols: int) -> torch.Tensor:
@@ -254,7 +294,7 @@ class Backbone(nn.Module):
                 local_tokens.append((vv if vv is not None else x)[:, 1:])
         image_embed = self.project(x[:, 0])
         patch_embeds = [self.project(t) for t in local_tokens]
-        return VisualFeatures(image_embed, patch_tokens, patch_embeds, grid)
+        return VisualFeatures(image_embed, patch_tokens, patch_embeds, grid, local_tokens)
 
     def encode_token_subsets(self, embedded: torch.Tensor, index: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """Class embedding of the ViT run on the class token plus a subset of patch tokens.

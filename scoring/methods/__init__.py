@@ -1,6 +1,6 @@
 """Anomaly-scoring methods, registered by name: ``create_method("winclip", backbone)``."""
 
 from .base import METHODS, AnomalyMethod, AnomalyScores, check_options, create_method, register_method
-from . import aprilgan, winclip  # noqa: F401  (importing registers them)
+from . import aaclip, aprilgan, madclip, winclip  # noqa: F401  (importing registers them)
 
 __all__ = ["METHODS", "AnomalyMethod", "AnomalyScores", "check_options", "create_method", "register_method"]

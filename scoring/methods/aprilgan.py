@@ -1,63 +1,92 @@
 """APRIL-GAN (Chen et al., "A Zero-/Few-Shot Anomaly Classification and Segmentation
 Method for CVPR 2023 VAND Workshop Challenge").
 
-Zero-shot: patch tokens from several ViT levels are mapped into the joint image-text
-space and compared with the normal/abnormal text anchors; each level's map is the
-softmax probability of "abnormal" per patch, upsampled and combined over levels, then
-smoothed with a Gaussian (sigma 4, as the paper's evaluation). Image score: the same
-probability for the image embedding.
+Patch tokens from several ViT levels go through ``ln_post`` and a per-level linear
+projection into the joint image-text space and are compared with the normal/abnormal
+text anchors; each level's map is the softmax probability of "abnormal" per patch,
+upsampled and combined over levels, then smoothed with a Gaussian (sigma 4, as the
+paper's evaluation). Image score: the same probability for the image embedding.
+
+Training (``linewatch train --method aprilgan``): the per-level projections are the only
+trained parameters, with the paper's focal + dice loss on every level's map against the
+masks; text anchors stay the fixed prompt ensemble. Untrained, every projection is CLIP's
+own ``proj`` (the zero-shot method); the paper initialises them randomly and trains on an
+auxiliary dataset, which is what the cross-dataset mode of ``linewatch train`` does.
 
 Few-shot: a memory bank of the raw multi-level patch tokens of k normal references;
 each patch's score is ``1 - max cosine similarity`` to that level's memory, combined over
-levels and added to the zero-shot map.
+levels and added to the text map.
 
-Deviations, until the training issue lands: the paper's per-level linear projections
-are trained on an auxiliary dataset; here every level uses CLIP's own ``ln_post`` and
-``proj`` (what a trained projection starts from). Levels are averaged rather than summed
-and zero- and few-shot maps are averaged rather than added (the same ranking, maps stay
-in [0, 1]); few-shot image score = mean of the zero-shot image score and the few-shot
-map's maximum, as WinCLIP+. ``text_weight`` moves both balances (default 0.5).
+Deviations: levels are averaged rather than summed and text and memory maps are averaged
+rather than added (the same ranking, maps stay in [0, 1]); few-shot image score = mean of
+the text image score and the memory map's maximum, as WinCLIP+. ``text_weight`` moves both
+balances (default 0.5).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from .base import AnomalyMethod, AnomalyScores, gaussian_blur, nearest_distance, register_method, upsample
+from ..losses import segmentation_loss
+from .base import CLIP_TEMPERATURE, AnomalyMethod, AnomalyScores, gaussian_blur, register_method, upsample
 
 
 @register_method
 class AprilGAN(AnomalyMethod):
-    """Multi-level patch-text similarity; few-shot adds a multi-level patch memory."""
+    """Multi-level patch-text similarity through trainable projections; few-shot adds a patch memory."""
 
     name = "aprilgan"
+    stages = ("projections",)
 
     def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0):
         super().__init__(backbone, prompts, text_weight)
         if not isinstance(sigma, (int, float)) or sigma < 0:
             raise ValueError(f"sigma must be a number >= 0, got {sigma!r}")
         self.sigma = sigma
-        self.memory: list[torch.Tensor] | None = None
+        proj = backbone.clip.visual.proj.detach()  # [W, D]
+        self.projections = nn.ModuleList(nn.Linear(backbone.width, backbone.embed_dim) for _ in backbone.layers)
+        with torch.no_grad():
+            for linear in self.projections:
+                linear.weight.copy_(proj.T)
+                linear.bias.zero_()
+        self.projections.to(backbone.device).requires_grad_(False)
+        self._train_anchors: dict[str, torch.Tensor] = {}
 
-    def fit_references(self, images: torch.Tensor | None) -> None:
-        if images is None:
-            self.memory = None
-            return
-        levels = [self.backbone(chunk).patch_tokens for chunk in images.split(8)]
-        self.memory = [torch.cat([per_chunk[i] for per_chunk in levels]).flatten(0, 1) for i in range(len(levels[0]))]
+    def level_logits(self, features, anchors: torch.Tensor) -> list[torch.Tensor]:
+        """Per level [B, N, 2] temperature-scaled cosine similarity to (normal, abnormal)."""
+        locals_ = features.local_tokens or features.patch_tokens
+        ln_post = self.backbone.clip.visual.ln_post
+        return [CLIP_TEMPERATURE * F.normalize(linear(ln_post(tokens)), dim=-1) @ anchors.T
+                for linear, tokens in zip(self.projections, locals_)]
 
-    def project_patches(self, patch_embeds: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-level mapping into the text space (identity over CLIP's projection for now)."""
-        return patch_embeds
-
-    def score_batch(self, images: torch.Tensor) -> AnomalyScores:
-        features = self.backbone(images)
-        size, grid = images.shape[-2:], features.grid
+    def score_features(self, features, size) -> AnomalyScores:
+        grid = features.grid
         image_score = self.abnormal_probability(features.image_embed)
-        levels = [self.abnormal_probability(e).view(-1, *grid) for e in self.project_patches(features.patch_embeds)]
+        levels = [logits.softmax(-1)[..., 1].view(-1, *grid) for logits in self.level_logits(features, self.anchors.stacked())]
         anomaly_map = upsample(torch.stack(levels).mean(dim=0), size)
         if self.memory is not None:
-            few_shot = torch.stack([nearest_distance(tokens, memory).view(-1, *grid)
-                                    for tokens, memory in zip(features.patch_tokens, self.memory)]).mean(dim=0)
-            anomaly_map, image_score = self.blend(anomaly_map, image_score, upsample(few_shot, size))
+            anomaly_map, image_score = self.blend(anomaly_map, image_score, self.memory_map(features, size))
         return AnomalyScores(image_score, gaussian_blur(anomaly_map, self.sigma))
+
+    # ---- training -------------------------------------------------------------------
+    def begin_stage(self, stage, class_names):
+        with torch.no_grad():
+            self._train_anchors = {c: self.build_anchors(c).stacked() for c in class_names}
+
+    def stage_parameters(self, stage):
+        return list(self.projections.parameters())
+
+    def stage_loss(self, stage, batch):
+        anchors = torch.stack([self._train_anchors[c] for c in batch.class_names])  # [B, 2, D]
+        grid, loss = batch.features.grid, 0.0
+        for linear, tokens in zip(self.projections, batch.features.local_tokens or batch.features.patch_tokens):
+            embeds = F.normalize(linear(self.backbone.clip.visual.ln_post(tokens)), dim=-1)
+            probability = (CLIP_TEMPERATURE * embeds @ anchors.transpose(1, 2)).softmax(-1)[..., 1]
+            loss = loss + segmentation_loss(upsample(probability.view(-1, *grid), batch.size), batch.masks)
+        return {"loss": loss}
+
+    def end_training(self):
+        super().end_training()
+        self._train_anchors = {}

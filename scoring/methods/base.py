@@ -5,6 +5,10 @@ class (text anchors, plus a memory of k normal reference images for few-shot), t
 ``score(images)`` per batch. Pure tensors: images are float RGB in [0, 1],
 ``[B, 3, H, W]`` at the backbone's image size; no I/O anywhere.
 
+Trainable methods list their ``stages``; for each, ``stage_parameters`` and ``stage_loss``
+on a batch of cached backbone features (see ``scoring.training``). Everything trained
+lives outside ``backbone``, so ``trained_state()`` is what a checkpoint holds.
+
 The text side is split out (``anchor_key`` / ``build_anchors``) so the pipeline can
 fetch anchors from a cache by key instead of re-encoding prompts in every worker.
 """
@@ -19,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone import Backbone
+from ..backbone import Backbone, VisualFeatures
 from ..prompts import PromptPack, TextAnchors, anchor_key, mean_anchor
 
 CLIP_TEMPERATURE = 100.0  # CLIP's trained logit scale; the papers score text similarity with it
@@ -33,6 +37,7 @@ class AnomalyScores:
 
 class AnomalyMethod(nn.Module):
     name: ClassVar[str] = ""
+    checkpoint: dict | None = None  # the header of the checkpoint this method was loaded from
 
     def __init__(self, backbone: Backbone, prompts: PromptPack | None = None, text_weight: float = 0.5):
         super().__init__()
@@ -43,10 +48,13 @@ class AnomalyMethod(nn.Module):
         self.prompt_pack = prompts or PromptPack.load()
         self.class_name: str | None = None
         self.anchors: TextAnchors | None = None
+        self.memory: list[torch.Tensor] | None = None
 
     # ---- text side ------------------------------------------------------------------
     def text_identity(self) -> str:
-        """Identity of trained text-side parameters; '' for fixed prompts."""
+        """Identity of the text-side parameters that shape the anchors; '' for fixed prompts.
+        Methods with learnable prompts or text adapters return a digest of those tensors, so
+        anchors cached for one checkpoint are never served for another."""
         return ""
 
     def anchor_key(self, class_name: str) -> str:
@@ -84,11 +92,60 @@ class AnomalyMethod(nn.Module):
 
     # ---- what each method defines ---------------------------------------------------
     def fit_references(self, images: torch.Tensor | None) -> None:
-        """Build (or, given None, clear) the few-shot memory from normal reference images."""
-        raise NotImplementedError
+        """Build (or, given None, clear) the few-shot memory from normal reference images.
+        Default: APRIL-GAN's memory of the raw multi-level patch tokens (see ``memory_map``)."""
+        if images is None:
+            self.memory = None
+            return
+        levels = [self.backbone(chunk).patch_tokens for chunk in images.split(8)]
+        self.memory = [torch.cat([per_chunk[i] for per_chunk in levels]).flatten(0, 1) for i in range(len(levels[0]))]
+
+    def memory_map(self, features: VisualFeatures, size: tuple[int, int]) -> torch.Tensor:
+        """Few-shot map [B, H, W]: per level ``1 - max cosine similarity`` of each patch token to
+        that level's reference memory, averaged over levels."""
+        grid = features.grid
+        few_shot = torch.stack([nearest_distance(tokens, memory).view(-1, *grid)
+                                for tokens, memory in zip(features.patch_tokens, self.memory)]).mean(dim=0)
+        return upsample(few_shot, size)
 
     def score_batch(self, images: torch.Tensor) -> AnomalyScores:
+        return self.score_features(self.backbone(images), tuple(images.shape[-2:]))
+
+    def score_features(self, features: VisualFeatures, size: tuple[int, int]) -> AnomalyScores:
+        """Scores from the backbone's features of a batch, maps at ``size``."""
         raise NotImplementedError
+
+    # ---- training (methods with something to train) ------------------------------------
+    stages: ClassVar[tuple[str, ...]] = ()
+
+    def begin_stage(self, stage: str, class_names: list[str]) -> None:
+        """Set up before a stage's first step (e.g. freeze the previous stage's anchors)."""
+
+    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def stage_loss(self, stage: str, batch) -> dict[str, torch.Tensor]:
+        """Losses of one batch (``scoring.training.TrainBatch``); key ``loss`` is minimised."""
+        raise NotImplementedError
+
+    def end_training(self) -> None:
+        """Drop whatever training cached (anchors prepared before training are stale now)."""
+        self.anchors, self.class_name = None, None
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor outside the frozen backbone: what a checkpoint stores."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def load_trained_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.trained_state()
+        missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+        wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+        if missing or unexpected or wrong:
+            raise ValueError(f"{self.name}: checkpoint tensors do not fit this method and backbone "
+                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, "
+                             f"other shapes {sorted(wrong)[:3]})")
+        self.load_state_dict(state, strict=False)
+        self.end_training()
 
     # ---- shared helpers ---------------------------------------------------------------
     def blend(self, text_map: torch.Tensor, text_score: torch.Tensor, reference_map: torch.Tensor):

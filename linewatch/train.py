@@ -1,0 +1,116 @@
+"""`linewatch train`: few-shot training on MVTec-layout data, saved as a checkpoint.
+
+Sampling (MadCLIP's and AA-CLIP's few-shot protocol): per category, ``shots`` normal
+images from train/good and ``shots`` anomalous images with masks from test/, taken round
+robin over the defect types so each type is seen; fixed by the seed. The checkpoint
+records which test images were used, and ``linewatch eval --checkpoint`` leaves them out,
+so evaluation runs on the rest. ``--eval OTHER`` evaluates right after training, on the
+same dataset or, for the cross-dataset protocol, on another one.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from .datasets import Category, DatasetError, find_categories, load_image, load_mask
+from .scoring.backbone import Backbone, BackboneConfig
+from .scoring.checkpoint import save_checkpoint
+from .scoring.methods import METHODS, check_options, create_method
+from .scoring.prompts import PromptPack
+from .scoring.training import TrainConfig, TrainingSet, fit
+
+
+@dataclass
+class TrainJob:
+    method: str
+    data: str
+    out: str
+    shots: int = 4
+    train: TrainConfig = TrainConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    prompts: str | None = None
+    options: dict = field(default_factory=dict)
+    device: str = "cpu"
+
+
+def sample_category(category: Category, shots: int, seed: int) -> tuple[list, list]:
+    """(normal image paths, anomalous samples) for one category."""
+    if shots > len(category.train_good):
+        raise DatasetError(f"{category.name}: {shots} normal shots asked but train/good has {len(category.train_good)} images")
+    rng = random.Random(seed)
+    normal = rng.sample(category.train_good, shots)
+    by_defect: dict[str, list] = {}
+    for sample in category.test:
+        if sample.label and sample.mask_path is not None:
+            by_defect.setdefault(sample.defect, []).append(sample)
+    if sum(map(len, by_defect.values())) < shots:
+        raise DatasetError(f"{category.name}: {shots} anomalous shots asked but test/ has "
+                           f"{sum(map(len, by_defect.values()))} defect images with masks")
+    pools = [rng.sample(items, len(items)) for _, items in sorted(by_defect.items())]
+    anomalous = []
+    while len(anomalous) < shots:
+        for pool in pools:
+            if pool and len(anomalous) < shots:
+                anomalous.append(pool.pop())
+    return normal, anomalous
+
+
+def training_set(categories: list[Category], shots: int, seed: int, size: int) -> tuple[TrainingSet, list[str]]:
+    images, masks, labels, names, used = [], [], [], [], []
+    for category in categories:
+        normal, anomalous = sample_category(category, shots, seed)
+        for path in normal:
+            images.append(load_image(path, size))
+            masks.append(torch.zeros(size, size, dtype=torch.bool))
+            labels.append(0)
+            names.append(category.name)
+        for sample in anomalous:
+            images.append(load_image(sample.path, size))
+            masks.append(load_mask(sample.mask_path, size))
+            labels.append(1)
+            names.append(category.name)
+            used.append(f"{category.name}/{sample.path.relative_to(category.root).as_posix()}")
+    return TrainingSet(torch.stack(images), torch.stack(masks), torch.tensor(labels), names), used
+
+
+def run_training(job: TrainJob) -> tuple[object, dict]:
+    """Train and save; returns (trained method, checkpoint header)."""
+    if job.shots < 1:
+        raise ValueError("--shots must be at least 1 (k normal and k anomalous images per category)")
+    check_options(job.method, job.options)
+    if not METHODS[job.method].stages:
+        trainable = sorted(name for name, cls in METHODS.items() if cls.stages)
+        raise ValueError(f"{job.method} has nothing to train; trainable methods: {', '.join(trainable)}")
+    categories = find_categories(job.data)
+    for category in categories:
+        sample_category(category, job.shots, job.train.seed)  # fail on too few images before building the model
+    prompts = PromptPack.load(job.prompts)
+    backbone = Backbone.build(job.backbone, job.device)
+    torch.manual_seed(job.train.seed)  # adapters and prompts start from a seeded initialisation
+    method = create_method(job.method, backbone, prompts, **job.options)
+    data, used = training_set(categories, job.shots, job.train.seed, backbone.image_size)
+    print(f"training {job.method} on {len(data.labels)} images ({job.shots} normal + {job.shots} anomalous per category, "
+          f"{len(categories)} categor{'y' if len(categories) == 1 else 'ies'}), {job.train.views} views each, "
+          f"{backbone.identity} at {backbone.image_size} px")
+    started = time.monotonic()
+    bar = tqdm(total=len(method.stages) * job.train.epochs, unit="epoch", desc="train")
+
+    def progress(stage, epoch, step, steps, losses):
+        bar.set_postfix_str(f"{stage} loss {losses['loss']:.4f}", refresh=False)
+        if step == steps - 1:
+            bar.update(1)
+
+    history = fit(method, data, job.train, progress=progress)
+    bar.close()
+    header = save_checkpoint(job.out, method, job.options, training={
+        **asdict(job.train), "shots": job.shots, "data": job.data, "categories": [c.name for c in categories],
+        "test_images_used": used, "final_loss": {k: v for k, v in history[-1].items() if k not in ("stage", "epoch")},
+        "seconds": round(time.monotonic() - started, 1)})
+    print(f"checkpoint written to {job.out} ({header['identity']}), last epoch loss {history[-1]['loss']:.4f}, "
+          f"{header['training']['seconds']} s")
+    return method, header

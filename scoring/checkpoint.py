@@ -1,0 +1,105 @@
+"""Checkpoints: safetensors with only the trained tensors and a JSON header.
+
+The header (safetensors metadata key ``linewatch``) names the method and its options, the
+backbone it was trained on (architecture, weights identity, image size, tapped layers, V-V
+path), the whole prompt pack, how it was trained, and the trained tensors' digest. Loading
+refuses a backbone that differs in any of those, with a message naming both sides.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .backbone import Backbone, BackboneConfig
+from .methods import AnomalyMethod, create_method
+from .prompts import PromptPack
+from .training import state_digest
+
+FORMAT = "linewatch-checkpoint/1"
+METADATA_KEY = "linewatch"
+
+
+class CheckpointError(ValueError):
+    """A user-facing problem with a checkpoint file or its fit to the backbone."""
+
+
+def backbone_header(backbone: Backbone) -> dict:
+    config = backbone.config
+    return {"arch": config.arch, "weights": config.weights, "weights_identity": backbone.weights_identity,
+            "seed": config.seed, "image_size": backbone.image_size, "layers": list(backbone.layers),
+            "vv_attention": config.vv_attention}
+
+
+def save_checkpoint(path: str | Path, method: AnomalyMethod, options: dict, training: dict) -> dict:
+    """Write the method's trained tensors and header; returns the header."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in method.trained_state().items()}
+    header = {"format": FORMAT, "method": method.name, "options": options,
+              "backbone": backbone_header(method.backbone), "prompts": method.prompt_pack.model_dump(),
+              "training": training, "identity": state_digest(state)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={METADATA_KEY: json.dumps(header)})
+    return header
+
+
+def read_header(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as err:  # not safetensors, truncated
+        raise CheckpointError(f"cannot read {path} as a safetensors checkpoint: {err}") from None
+    try:
+        header = json.loads(metadata[METADATA_KEY])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} is a safetensors file but not a linewatch checkpoint (no '{METADATA_KEY}' header)") from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {header.get('format')!r}, this linewatch reads {FORMAT!r}")
+    return header
+
+
+def backbone_config(header: dict, weights: str | None = None) -> BackboneConfig:
+    """The backbone a checkpoint was trained on (``weights`` overrides where the file now lives)."""
+    b = header["backbone"]
+    return BackboneConfig(arch=b["arch"], weights=weights or b["weights"], image_size=b["image_size"],
+                          layers=tuple(b["layers"]), vv_attention=b["vv_attention"], seed=b["seed"])
+
+
+def check_backbone(header: dict, backbone: Backbone, path: str | Path) -> None:
+    trained, here = header["backbone"], backbone_header(backbone)
+    fields = {"arch": "architecture", "weights_identity": "weights", "image_size": "image size",
+              "layers": "tapped layers", "vv_attention": "V-V path"}
+    differences = [f"{label} {trained[key]!r} (this backbone: {here[key]!r})"
+                   for key, label in fields.items() if trained[key] != here[key]]
+    if differences:
+        raise CheckpointError(f"checkpoint {path} was trained for another backbone: " + "; ".join(differences)
+                              + f". Run it on --arch {trained['arch']} --weights {trained['weights']} "
+                              f"--image-size {trained['image_size']} --layers {','.join(map(str, trained['layers']))}")
+
+
+def load_checkpoint(path: str | Path, backbone: Backbone, prompts: PromptPack | None = None) -> AnomalyMethod:
+    """The method of a checkpoint, built on ``backbone`` with its trained tensors loaded.
+    The checkpoint's own prompt pack is used unless ``prompts`` is given."""
+    from safetensors.torch import load_file
+
+    header = read_header(path)
+    check_backbone(header, backbone, path)
+    pack = prompts or PromptPack.model_validate(header["prompts"])
+    method = create_method(header["method"], backbone, pack, **header["options"])
+    state = load_file(str(path), device=str(backbone.device))
+    if state_digest(state) != header["identity"]:
+        raise CheckpointError(f"{path}: tensors do not match the digest in its header (file damaged or edited)")
+    try:
+        method.load_trained_state(state)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    method.checkpoint = header
+    return method

@@ -1,0 +1,183 @@
+"""AA-CLIP (Ma et al., "AA-CLIP: Enhancing Zero-shot Anomaly Detection via Anomaly-Aware
+CLIP", CVPR 2025).
+
+Stage 1 makes the text anchors anomaly-aware: residual adapters after the first three
+blocks of the frozen text encoder (``x <- 0.9 x + 0.1 A(x)``, the adapter output rescaled
+to the token's norm) and a trained text projection. They are trained against the frozen
+visual features (each level's projected patch embedding plus the image embedding) with
+focal + dice on the patch-text similarity maps, plus the disentangle loss
+``0.1 * <T_N, T_A>^2`` that pushes the normal and abnormal anchors apart.
+
+Stage 2 freezes those anchors and aligns patch features to them: residual adapters on the
+multi-level patch tokens (same form, weight 0.1), then a trained projection per level into
+the text space (focal + dice per level) and a detection projection of the last level,
+mean-pooled, for the image score (cross-entropy against the labels). The backbone stays
+frozen throughout.
+
+Scores: anomaly map = mean over levels of the softmax probability of "abnormal" per patch;
+image score = mean of the detection token's probability and the map's maximum.
+
+Deviations: the paper's image adapters sit inside the first six ViT blocks and change the
+residual stream the later blocks see; here they act on each tapped level's tokens, so the
+frozen ViT runs once per image and its features are shared and cacheable (what makes
+few-shot training on a CPU practical). Each training step encodes a random subset of the
+prompt ensemble (up to ``prompt_sample`` sentences per state), the anchors at inference
+use all of it. Similarities are scaled by CLIP's temperature 100 everywhere. A normal
+reference memory (APRIL-GAN's) is added when references are given; the paper uses none.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import segmentation_loss
+from ..prompts import TextAnchors
+from ..training import state_digest
+from .base import CLIP_TEMPERATURE, AnomalyMethod, AnomalyScores, gaussian_blur, register_method, upsample
+
+
+class ResidualAdapter(nn.Module):
+    """AA-CLIP's residual adapter: ``(1 - w) x + w * A(x) * |x| / |A(x)|``."""
+
+    def __init__(self, width: int, weight: float = 0.1):
+        super().__init__()
+        self.linear = nn.Linear(width, width, bias=False)
+        nn.init.xavier_uniform_(self.linear.weight)
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.linear(x))
+        out = out * x.norm(dim=-1, keepdim=True) / out.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        return (1 - self.weight) * x + self.weight * out
+
+
+def xavier_linear(fan_in: int, fan_out: int) -> nn.Linear:
+    linear = nn.Linear(fan_in, fan_out)
+    nn.init.xavier_uniform_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+@register_method
+class AACLIP(AnomalyMethod):
+    """Anomaly-aware text anchors (stage 1), patch features aligned to them (stage 2)."""
+
+    name = "aa-clip"
+    stages = ("text", "image")
+
+    def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0,
+                 text_layers: int = 3, adapt_weight: float = 0.1, orthogonal_weight: float = 0.1,
+                 prompt_sample: int = 16):
+        super().__init__(backbone, prompts, text_weight)
+        if not isinstance(text_layers, int) or text_layers < 1:
+            raise ValueError(f"text_layers must be a whole number >= 1, got {text_layers!r}")
+        text_layers = min(text_layers, len(backbone.clip.transformer.resblocks))  # shallow test towers
+        self.sigma, self.orthogonal_weight, self.prompt_sample = sigma, orthogonal_weight, prompt_sample
+        text_width, width, dim = backbone.clip.transformer.width, backbone.width, backbone.embed_dim
+        self.text = nn.ModuleDict({
+            "adapters": nn.ModuleList(ResidualAdapter(text_width, adapt_weight) for _ in range(text_layers)),
+            "projection": xavier_linear(text_width, dim),
+        })
+        self.image = nn.ModuleDict({
+            "adapters": nn.ModuleList(ResidualAdapter(width, adapt_weight) for _ in backbone.layers),
+            "seg_projections": nn.ModuleList(xavier_linear(width, dim) for _ in backbone.layers),
+            "det_projection": xavier_linear(width, dim),
+        })
+        self.to(backbone.device).requires_grad_(False)
+        self.backbone.requires_grad_(False)
+        self._stage_anchors: dict[str, torch.Tensor] = {}
+
+    # ---- text side --------------------------------------------------------------------
+    def text_identity(self) -> str:
+        return "aa-clip-text:" + state_digest({k: v for k, v in self.text.state_dict().items()})
+
+    def encode_sentences(self, sentences: list[str]) -> torch.Tensor:
+        """Adapted text embeddings [N, D], L2-normalised (differentiable)."""
+        adapters = self.text["adapters"]
+
+        def after_block(index, x):
+            return adapters[index](x) if index < len(adapters) else x
+
+        embeds = self.backbone.encode_tokens(self.backbone.tokenize(sentences), after_block=after_block,
+                                             projection=self.text["projection"])
+        return F.normalize(embeds, dim=-1)
+
+    def class_anchors(self, class_name: str, sample: random.Random | None = None) -> torch.Tensor:
+        """[2, D] (normal, abnormal), each the normalised mean of its sentences' embeddings."""
+        anchors = []
+        for sentences in self.prompt_pack.prompts(class_name):
+            if sample is not None and len(sentences) > self.prompt_sample:
+                sentences = sample.sample(sentences, self.prompt_sample)
+            if sample is None:  # all sentences, in chunks, without a graph
+                with torch.no_grad():
+                    embeds = torch.cat([self.encode_sentences(sentences[i:i + 256]) for i in range(0, len(sentences), 256)])
+            else:
+                embeds = self.encode_sentences(sentences)
+            anchors.append(F.normalize(embeds.mean(0), dim=-1))
+        return torch.stack(anchors)
+
+    def build_anchors(self, class_name: str) -> TextAnchors:
+        normal, abnormal = self.class_anchors(class_name)
+        return TextAnchors(normal, abnormal, self.anchor_key(class_name))
+
+    # ---- image side -------------------------------------------------------------------
+    def adapted_levels(self, features) -> list[torch.Tensor]:
+        ln_post = self.backbone.clip.visual.ln_post
+        return [ln_post(adapter(tokens)) for adapter, tokens in zip(self.image["adapters"], features.patch_tokens)]
+
+    def image_logits(self, features, anchors: torch.Tensor):
+        """Per-level patch logits [B, N, 2] and detection logits [B, 2]; ``anchors`` [2, D] or [B, 2, D]."""
+        anchors_t = anchors.transpose(-1, -2)
+        levels = self.adapted_levels(features)
+        patch = [CLIP_TEMPERATURE * F.normalize(proj(t), dim=-1) @ anchors_t
+                 for proj, t in zip(self.image["seg_projections"], levels)]
+        det = F.normalize(self.image["det_projection"](levels[-1]), dim=-1).mean(1)  # [B, D]
+        det_logits = CLIP_TEMPERATURE * (det.unsqueeze(1) @ anchors_t).squeeze(1) if anchors.ndim == 3 \
+            else CLIP_TEMPERATURE * det @ anchors_t
+        return patch, det_logits
+
+    def score_features(self, features, size) -> AnomalyScores:
+        patch, det = self.image_logits(features, self.anchors.stacked())
+        grid = features.grid
+        anomaly_map = upsample(torch.stack([p.softmax(-1)[..., 1].view(-1, *grid) for p in patch]).mean(0), size)
+        image_score = 0.5 * det.softmax(-1)[:, 1] + 0.5 * anomaly_map.flatten(1).amax(1)
+        if self.memory is not None:
+            anomaly_map, image_score = self.blend(anomaly_map, image_score, self.memory_map(features, size))
+        return AnomalyScores(image_score, gaussian_blur(anomaly_map, self.sigma))
+
+    # ---- training ---------------------------------------------------------------------
+    def begin_stage(self, stage, class_names):
+        self._sample = random.Random(0)
+        if stage == "image":  # stage-1 anchors are frozen from here on
+            with torch.no_grad():
+                self._stage_anchors = {c: self.class_anchors(c) for c in class_names}
+
+    def stage_parameters(self, stage):
+        return list((self.text if stage == "text" else self.image).parameters())
+
+    def stage_loss(self, stage, batch):
+        grid, size, masks = batch.features.grid, batch.size, batch.masks
+        if stage == "text":
+            per_class = {c: self.class_anchors(c, self._sample) for c in sorted(set(batch.class_names))}
+            anchors = torch.stack([per_class[c] for c in batch.class_names])  # [B, 2, D]
+            image = F.normalize(batch.features.image_embed, dim=-1)[:, None]
+            seg = 0.0
+            for embeds in batch.features.patch_embeds:
+                f = F.normalize(F.normalize(embeds, dim=-1) + image, dim=-1)
+                probability = (CLIP_TEMPERATURE * f @ anchors.transpose(1, 2)).softmax(-1)[..., 1]
+                seg = seg + segmentation_loss(upsample(probability.view(-1, *grid), size), masks)
+            orthogonal = torch.stack([(a[0] * a[1]).sum() for a in per_class.values()]).mean() ** 2
+            return {"loss": seg + self.orthogonal_weight * orthogonal, "seg": seg, "orthogonal": orthogonal}
+        anchors = torch.stack([self._stage_anchors[c] for c in batch.class_names])
+        patch, det = self.image_logits(batch.features, anchors)
+        seg = sum(segmentation_loss(upsample(p.softmax(-1)[..., 1].view(-1, *grid), size), masks) for p in patch)
+        cls = F.cross_entropy(det, batch.labels)
+        return {"loss": seg + cls, "seg": seg, "cls": cls}
+
+    def end_training(self):
+        super().end_training()
+        self._stage_anchors = {}
