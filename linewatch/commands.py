@@ -58,6 +58,8 @@ def add_model(parser: argparse.ArgumentParser, redis: bool = True) -> None:
         model.add_argument("--redis-url", dest="redis_url", default=S,
                            help="Redis for the shared text-anchor cache, e.g. redis://host:6379/0")
     model.add_argument("--method", dest="profile.method", default=S, help="scoring method (default aprilgan)")
+    model.add_argument("--checkpoint", dest="profile.checkpoint", default=S,
+                       help="trained method from `linewatch train` (sets the method, and the backbone unless given)")
     model.add_argument("--class", dest="profile.class_name", default=S,
                        help="asset class of the prompt pack, e.g. insulator (default)")
     model.add_argument("--threshold", dest="profile.threshold", type=_threshold, default=S,

@@ -40,11 +40,20 @@ def check_settings(settings: Settings) -> ProfileTable:
 
 
 def build_backbone(settings: Settings) -> Backbone:
+    """The configured backbone; with a checkpoint in the default profile, the one it was trained
+    on, where the backbone settings leave a field unset (a mismatch is refused when it loads)."""
+    from dataclasses import replace
+
     from .cli import resolve_device
+    from .scoring.checkpoint import backbone_config, read_header
 
     b = settings.backbone
-    return Backbone.build(BackboneConfig(arch=b.arch, weights=b.weights, image_size=b.image_size, layers=b.layers,
-                                         vv_attention=b.vv_attention, seed=b.seed), resolve_device(b.device))
+    config = BackboneConfig(arch=b.arch, weights=b.weights, image_size=b.image_size, layers=b.layers,
+                            vv_attention=b.vv_attention, seed=b.seed)
+    if settings.profile.checkpoint:
+        given = {name: getattr(config, name) for name in b.model_fields_set if name != "device"}
+        config = replace(backbone_config(read_header(settings.profile.checkpoint)), **given)
+    return Backbone.build(config, resolve_device(b.device))
 
 
 def build_worker(bus: Bus, settings: Settings, **kwargs) -> ScoringWorker:

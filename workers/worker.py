@@ -176,7 +176,7 @@ class ScoringWorker:
                 image_score=value, threshold=prepared.threshold, anomalous=anomalous,
                 map=encode_map(_to_frame_aspect(anomaly_map, meta)), method=prepared.profile.method,
                 class_name=prepared.profile.class_name, anchor_key=prepared.anchor_key,
-                model=self.backbone.identity, worker=self.worker_id,
+                model=prepared.model, worker=self.worker_id,
                 latency=Latency(queue_ms=max(0.0, (picked - meta.sent_at) * 1000), decode_ms=decode_share_s * 1000,
                                 model_ms=model_s * 1000 / len(frames), batch_size=len(frames)),
                 frame_jpeg=frame.record.value if anomalous else None)

@@ -11,15 +11,16 @@ Per level and head, ``S_n = O_n.t_n - O_n.t_ab`` (normal branch) and
 ``S_ab = O_ab.t_ab - O_ab.t_n`` (abnormal branch), cosine similarities. Map
 ``M^i = softmax([S_n, S_ab])[ab]`` from the segmentation heads, upsampled; score
 ``c^i = mean over patches of softmax([S_n, S_ab])[ab]`` from the detection heads; both
-averaged over levels. Loss per level: dice + focal on M^i, and the SigLIP loss on the
-image-text similarity matrix (each image's patch-mean S_n and S_ab against both prompts,
+averaged over levels. Loss per level: dice + focal on M^i, and the SigLIP loss on c^i
+(each image's score for both prompts; every image-prompt pair is a sigmoid problem with
 learnable temperature and bias), summed over levels, Adam at 1e-3 as the paper.
 
 Deviations: MadCLIP's adapters sit inside the ViT (MVFA-style, their output fed back into
 the residual stream); here they act on each tapped level's tokens after ``ln_post``, so
 the frozen ViT runs once per image and its features are shared and cacheable. Logits use
-CLIP's temperature 100 (as MVFA, which MadCLIP builds on). The SigLIP bias starts at 0, not
--10: with one positive and one negative text per image the pairs are balanced. A normal
+CLIP's temperature 100 (as MVFA, which MadCLIP builds on). SigLIP starts at temperature 10
+and bias -5, not SigLIP's -10: c^i lies in [0, 1] and each image has one positive and one
+negative prompt, so 0.5 is the balanced decision point. A normal
 reference memory (APRIL-GAN's) is added when references are given; the paper uses none.
 """
 
@@ -67,7 +68,7 @@ class MadCLIP(AnomalyMethod):
         self.adapters = nn.ModuleDict({branch: nn.ModuleList(BranchAdapter(width, dim) for _ in backbone.layers)
                                        for branch in ("normal", "abnormal")})
         self.siglip = nn.ParameterDict({"log_scale": nn.Parameter(torch.tensor(10.0).log()),
-                                        "bias": nn.Parameter(torch.zeros(()))})
+                                        "bias": nn.Parameter(torch.tensor(-5.0))})
         self.to(backbone.device).requires_grad_(False)
 
     # ---- text side --------------------------------------------------------------------
@@ -144,5 +145,6 @@ class MadCLIP(AnomalyMethod):
             probability = upsample((CLIP_TEMPERATURE * seg).softmax(-1)[..., 1].view(-1, *grid), size)
             dice = dice + dice_loss(probability, masks)
             focal = focal + focal_loss(probability, masks)
-            siglip = siglip + siglip_loss(det.mean(1), batch.labels, self.siglip["log_scale"], self.siglip["bias"])
+            c_hat = (CLIP_TEMPERATURE * det).softmax(-1).mean(1)  # [B, 2]: the image's (normal, abnormal) score
+            siglip = siglip + siglip_loss(c_hat, batch.labels, self.siglip["log_scale"], self.siglip["bias"])
         return {"loss": dice + focal + siglip, "dice": dice, "focal": focal, "siglip": siglip}
