@@ -69,11 +69,17 @@ def evaluate_category(method, category: Category, config: EvalConfig, image_size
     return row
 
 
-def drop_training_images(categories: list[Category], used: list[str]) -> int:
-    """Leave out the test images a checkpoint was trained on ("category/test/defect/file")."""
-    used_set, dropped = set(used), 0
+def drop_training_images(categories: list[Category], used: list[dict]) -> int:
+    """Leave out the test images a checkpoint was trained on: same file name and same bytes,
+    so another dataset with the same names keeps all its images."""
+    from .train import file_digest
+
+    digests = {Path(u["path"]).name: set() for u in used}
+    for u in used:
+        digests[Path(u["path"]).name].add(u["sha256"])
+    dropped = 0
     for category in categories:
-        keep = [s for s in category.test if f"{category.name}/{s.path.relative_to(category.root).as_posix()}" not in used_set]
+        keep = [s for s in category.test if s.path.name not in digests or file_digest(s.path) not in digests[s.path.name]]
         dropped += len(category.test) - len(keep)
         category.test = keep
     return dropped

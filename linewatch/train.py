@@ -10,6 +10,7 @@ same dataset or, for the cross-dataset protocol, on another one.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -60,7 +61,12 @@ def sample_category(category: Category, shots: int, seed: int) -> tuple[list, li
     return normal, anomalous
 
 
-def training_set(categories: list[Category], shots: int, seed: int, size: int) -> tuple[TrainingSet, list[str]]:
+def file_digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def training_set(categories: list[Category], shots: int, seed: int, size: int) -> tuple[TrainingSet, list[dict]]:
+    """The sampled images, and the test images used ({path, sha256}: eval leaves them out by content)."""
     images, masks, labels, names, used = [], [], [], [], []
     for category in categories:
         normal, anomalous = sample_category(category, shots, seed)
@@ -74,7 +80,8 @@ def training_set(categories: list[Category], shots: int, seed: int, size: int) -
             masks.append(load_mask(sample.mask_path, size))
             labels.append(1)
             names.append(category.name)
-            used.append(f"{category.name}/{sample.path.relative_to(category.root).as_posix()}")
+            used.append({"path": f"{category.name}/{sample.path.relative_to(category.root).as_posix()}",
+                         "sha256": file_digest(sample.path)})
     return TrainingSet(torch.stack(images), torch.stack(masks), torch.tensor(labels), names), used
 
 
@@ -91,7 +98,6 @@ def run_training(job: TrainJob) -> tuple[object, dict]:
         sample_category(category, job.shots, job.train.seed)  # fail on too few images before building the model
     prompts = PromptPack.load(job.prompts)
     backbone = Backbone.build(job.backbone, job.device)
-    torch.manual_seed(job.train.seed)  # adapters and prompts start from a seeded initialisation
     method = create_method(job.method, backbone, prompts, **job.options)
     data, used = training_set(categories, job.shots, job.train.seed, backbone.image_size)
     print(f"training {job.method} on {len(data.labels)} images ({job.shots} normal + {job.shots} anomalous per category, "

@@ -291,7 +291,7 @@ class Backbone(nn.Module):
             x = block(x)
             if index in layers:
                 patch_tokens.append(x[:, 1:])
-                local_tokens.append((vv if vv is not None else x)[:, 1:])
+                local_tokens.append(vv[:, 1:] if vv is not None else patch_tokens[-1])  # one tensor when no V-V path
         image_embed = self.project(x[:, 0])
         patch_embeds = [self.project(t) for t in local_tokens]
         return VisualFeatures(image_embed, patch_tokens, patch_embeds, grid, local_tokens)

@@ -19,6 +19,8 @@ from .training import state_digest
 
 FORMAT = "linewatch-checkpoint/1"
 METADATA_KEY = "linewatch"
+HEADER_FIELDS = {"method": str, "options": dict, "backbone": dict, "prompts": dict, "training": dict, "identity": str}
+BACKBONE_FIELDS = {"arch", "weights", "weights_identity", "seed", "image_size", "layers", "vv_attention"}
 
 
 class CheckpointError(ValueError):
@@ -61,8 +63,15 @@ def read_header(path: str | Path) -> dict:
         header = json.loads(metadata[METADATA_KEY])
     except (KeyError, json.JSONDecodeError):
         raise CheckpointError(f"{path} is a safetensors file but not a linewatch checkpoint (no '{METADATA_KEY}' header)") from None
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format {header.get('format')!r}, this linewatch reads {FORMAT!r}")
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise CheckpointError(f"{path}: checkpoint format {found!r}, this linewatch reads {FORMAT!r}")
+    for key, kind in HEADER_FIELDS.items():
+        if not isinstance(header.get(key), kind):
+            raise CheckpointError(f"{path}: damaged checkpoint header: {key!r} missing or not a {kind.__name__}")
+    missing = BACKBONE_FIELDS - header["backbone"].keys()
+    if missing:
+        raise CheckpointError(f"{path}: damaged checkpoint header: backbone lacks {', '.join(sorted(missing))}")
     return header
 
 

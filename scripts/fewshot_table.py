@@ -98,7 +98,7 @@ def main() -> None:
         for name in args.methods:
             torch.manual_seed(args.seed)
             method = create_method(name, backbone)
-            untrained = evaluate(method, test_features, *test[:2], *test[3:], set(used), size)
+            untrained = evaluate(method, test_features, *test[:2], *test[3:], {u['path'] for u in used}, size)
             t0 = time.monotonic()
             bar = tqdm(total=len(method.stages) * config.epochs, desc=f"{name} k={shots}", unit="epoch")
             fit(method, views, config, features=train_features,
@@ -108,7 +108,7 @@ def main() -> None:
             save_checkpoint(path, method, {}, training={"shots": shots, "data": args.data, "test_images_used": used,
                                                          **{k: getattr(config, k) for k in ("epochs", "lr", "views", "seed")}})
             method = load_checkpoint(path, backbone)  # score what was saved, as eval --checkpoint does
-            trained = evaluate(method, test_features, *test[:2], *test[3:], set(used), size)
+            trained = evaluate(method, test_features, *test[:2], *test[3:], {u['path'] for u in used}, size)
             row = {"method": name, "shots": shots, "train_s": round(time.monotonic() - t0, 1),
                    "untrained": untrained, "trained": trained}
             if cross:

@@ -255,7 +255,7 @@ def test_train_then_eval_checkpoint(tmp_path, capsys):
     header = read_header(out)
     assert header["method"] == "aa-clip" and header["training"]["shots"] == 2
     used = header["training"]["test_images_used"]
-    assert len(used) == 2 and all(u.startswith("widget/test/scratch/") for u in used)
+    assert len(used) == 2 and all(u["path"].startswith("widget/test/scratch/") and len(u["sha256"]) == 64 for u in used)
 
     report = tmp_path / "report.json"
     assert main(["eval", "--checkpoint", str(out), "--data", str(data), "--json", str(report)]) == 0
@@ -286,3 +286,26 @@ def test_train_mistakes_get_one_clear_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("x.*"))
+
+
+def test_eval_on_another_dataset_keeps_images_with_the_same_names(tmp_path, capsys):
+    """Cross-dataset: only the very files trained on are left out (same name and bytes)."""
+    source = make_category(tmp_path / "a", "widget", seed=1)
+    target = make_category(tmp_path / "b", "widget", seed=2)  # same category and file names, other images
+    out = tmp_path / "x.safetensors"
+    assert main(["train", "--method", "aprilgan", "--data", str(source), "--arch", TINY_ARCH, "--epochs", "1",
+                 "--shots", "2", "--views", "1", "--out", str(out)]) == 0
+    report = tmp_path / "cross.json"
+    assert main(["eval", "--checkpoint", str(out), "--data", str(target), "--json", str(report)]) == 0
+    assert "left out" not in capsys.readouterr().err
+    assert json.loads(report.read_text())["categories"]["widget"]["images"] == 8
+
+
+@pytest.mark.parametrize("header", ['{"format": "linewatch-checkpoint/1"}', "[1]",
+                                    '{"format": "linewatch-checkpoint/1", "method": "aprilgan", "options": {}, '
+                                    '"backbone": {"arch": "x"}, "prompts": {}, "training": {}, "identity": "0"}'])
+def test_damaged_header_is_named(tmp_path, header):
+    path = tmp_path / "odd.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"linewatch": header})
+    with pytest.raises(CheckpointError, match="checkpoint format|damaged checkpoint header"):
+        read_header(path)

@@ -212,3 +212,59 @@ def test_anchor_folder_keeps_anchors_across_runs(tiny, tmp_path):
     rebuilt = AnchorCache(folder=tmp_path)
     assert rebuilt.get(key, lambda: method.build_anchors("insulator")).key == key
     assert rebuilt.stats["computed"] == 1
+
+
+@pytest.fixture(scope="module")
+def madclip_checkpoint(tiny, tmp_path_factory, make_images):
+    """A madclip checkpoint trained for two epochs on the tiny backbone (learnable prompts:
+    its anchors depend on the trained tensors)."""
+    from linewatch.scoring.checkpoint import save_checkpoint
+    from linewatch.scoring.training import TrainConfig, TrainingSet, fit
+
+    images = make_images(4, seed=3)
+    masks = torch.zeros(4, 64, 64, dtype=torch.bool)
+    masks[2:, 16:32, 16:32] = True
+    torch.manual_seed(0)
+    method = create_method("madclip", tiny)
+    fit(method, TrainingSet(images, masks, torch.tensor([0, 0, 1, 1]), ["insulator"] * 4), TrainConfig(epochs=2, views=1))
+    path = tmp_path_factory.mktemp("ckpt") / "madclip.safetensors"
+    save_checkpoint(path, method, {}, {"shots": 2})
+    return path
+
+
+def test_a_stream_scores_with_its_checkpoint(tiny, madclip_checkpoint):
+    bus = MemoryBus(Topics("w"))
+    worker = make_worker(bus, tiny, StreamProfile(threshold=0.5),
+                         streams={"drone-*": {"checkpoint": str(madclip_checkpoint), "threshold": 0.5}})
+    publish(bus, "cam-a", 0)
+    publish(bus, "drone-7", 0)
+    worker.run(threading.Event(), until_idle_s=0.3)
+    scores = {s.frame.stream: s for s in (decode(r.value, ScoreMsg) for r in read_all(bus, bus.topics.scores))}
+    assert scores["cam-a"].method == "aprilgan" and scores["cam-a"].model == tiny.identity
+    trained = scores["drone-7"]
+    assert trained.method == "madclip" and trained.model.startswith(tiny.identity + "+checkpoint:")
+    assert trained.anchor_key != scores["cam-a"].anchor_key
+
+
+def test_checkpoint_anchors_are_keyed_by_the_trained_prompts(tiny, madclip_checkpoint, redis_url):
+    from linewatch.scoring.checkpoint import load_checkpoint
+
+    trained = load_checkpoint(madclip_checkpoint, tiny)
+    torch.manual_seed(0)
+    untrained = create_method("madclip", tiny)
+    assert trained.anchor_key("insulator") != untrained.anchor_key("insulator")
+    cache = AnchorCache(redis_url)
+    built = cache.get(trained.anchor_key("insulator"), lambda: trained.build_anchors("insulator"))
+    again = AnchorCache(redis_url).get(trained.anchor_key("insulator"), lambda: pytest.fail("must come from Redis"))
+    assert torch.equal(again.normal, built.normal)
+    trained.prepare("insulator", anchors=again)  # accepted: the key matches this checkpoint
+
+
+def test_checkpoint_profile_mistakes_are_named(tiny, madclip_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="holds a madclip model but the profile says method aprilgan"):
+        ProfileTable(StreamProfile(method="aprilgan", checkpoint=str(madclip_checkpoint)))
+    with pytest.raises(ValueError, match="options are fixed at training"):
+        ProfileTable(StreamProfile(checkpoint=str(madclip_checkpoint), options={"sigma": 2}))
+    with pytest.raises(ValueError, match="checkpoint not found"):
+        StreamProfile(checkpoint=str(tmp_path / "missing.safetensors"))
+    assert StreamProfile(checkpoint=str(madclip_checkpoint)).method == "madclip"

@@ -37,7 +37,7 @@ from torch import nn
 from ..losses import segmentation_loss
 from ..prompts import TextAnchors
 from ..training import state_digest
-from .base import CLIP_TEMPERATURE, AnomalyMethod, AnomalyScores, gaussian_blur, register_method, upsample
+from .base import CLIP_TEMPERATURE, AnomalyMethod, AnomalyScores, gaussian_blur, register_method, seeded_init, upsample
 
 
 class ResidualAdapter(nn.Module):
@@ -78,17 +78,17 @@ class AACLIP(AnomalyMethod):
         text_layers = min(text_layers, len(backbone.clip.transformer.resblocks))  # shallow test towers
         self.sigma, self.orthogonal_weight, self.prompt_sample = sigma, orthogonal_weight, prompt_sample
         text_width, width, dim = backbone.clip.transformer.width, backbone.width, backbone.embed_dim
-        self.text = nn.ModuleDict({
-            "adapters": nn.ModuleList(ResidualAdapter(text_width, adapt_weight) for _ in range(text_layers)),
-            "projection": xavier_linear(text_width, dim),
-        })
-        self.image = nn.ModuleDict({
-            "adapters": nn.ModuleList(ResidualAdapter(width, adapt_weight) for _ in backbone.layers),
-            "seg_projections": nn.ModuleList(xavier_linear(width, dim) for _ in backbone.layers),
-            "det_projection": xavier_linear(width, dim),
-        })
+        with seeded_init():
+            self.text = nn.ModuleDict({
+                "adapters": nn.ModuleList(ResidualAdapter(text_width, adapt_weight) for _ in range(text_layers)),
+                "projection": xavier_linear(text_width, dim),
+            })
+            self.image = nn.ModuleDict({
+                "adapters": nn.ModuleList(ResidualAdapter(width, adapt_weight) for _ in backbone.layers),
+                "seg_projections": nn.ModuleList(xavier_linear(width, dim) for _ in backbone.layers),
+                "det_projection": xavier_linear(width, dim),
+            })
         self.to(backbone.device).requires_grad_(False)
-        self.backbone.requires_grad_(False)
         self._stage_anchors: dict[str, torch.Tensor] = {}
 
     # ---- text side --------------------------------------------------------------------

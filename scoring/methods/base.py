@@ -16,6 +16,7 @@ fetch anchors from a cache by key instead of re-encoding prompts in every worker
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -162,6 +163,15 @@ class AnomalyMethod(nn.Module):
         """softmax over (normal, abnormal) of temperature-scaled cosine similarity; [...] -> [...]."""
         logits = CLIP_TEMPERATURE * F.normalize(embeds.float(), dim=-1) @ self.anchors.stacked().T
         return logits.softmax(dim=-1)[..., 1]
+
+
+@contextmanager
+def seeded_init(seed: int = 0):
+    """Trainable parts start from one seeded initialisation, whatever the caller's RNG state:
+    an untrained method (and its anchor key) is then the same in every process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def nearest_distance(queries: torch.Tensor, memory: torch.Tensor, chunk: int = 1024) -> torch.Tensor:

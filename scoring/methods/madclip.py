@@ -33,7 +33,7 @@ from torch import nn
 from ..losses import dice_loss, focal_loss, siglip_loss
 from ..prompts import TextAnchors
 from ..training import state_digest
-from .base import CLIP_TEMPERATURE, AnomalyMethod, AnomalyScores, gaussian_blur, register_method, upsample
+from .base import CLIP_TEMPERATURE, AnomalyMethod, AnomalyScores, gaussian_blur, register_method, seeded_init, upsample
 
 PLACEHOLDER = "X"
 
@@ -63,10 +63,11 @@ class MadCLIP(AnomalyMethod):
             raise ValueError(f"context_words must be within 1..32, got {context_words!r}")
         self.sigma, self.context_words = sigma, context_words
         text_width, width, dim = backbone.clip.transformer.width, backbone.width, backbone.embed_dim
-        self.text = nn.ParameterDict({state: nn.Parameter(0.02 * torch.randn(context_words, text_width))
-                                      for state in ("normal", "abnormal")})
-        self.adapters = nn.ModuleDict({branch: nn.ModuleList(BranchAdapter(width, dim) for _ in backbone.layers)
-                                       for branch in ("normal", "abnormal")})
+        with seeded_init():
+            self.text = nn.ParameterDict({state: nn.Parameter(0.02 * torch.randn(context_words, text_width))
+                                          for state in ("normal", "abnormal")})
+            self.adapters = nn.ModuleDict({branch: nn.ModuleList(BranchAdapter(width, dim) for _ in backbone.layers)
+                                           for branch in ("normal", "abnormal")})
         self.siglip = nn.ParameterDict({"log_scale": nn.Parameter(torch.tensor(10.0).log()),
                                         "bias": nn.Parameter(torch.tensor(-5.0))})
         self.to(backbone.device).requires_grad_(False)
