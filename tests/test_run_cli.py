@@ -115,3 +115,22 @@ def test_ctrl_c_ends_a_run_with_its_frames_scored_and_events_closed(tmp_path):
     assert [a["status"] for a in alerts] == ["open", "closed"]  # the open event was closed, not dropped
     assert 0 < len(alerts[1]["frames"]) < clip.frame_count  # stopped part-way, every frame read was scored
     assert alerts[1]["frames"] == list(range(len(alerts[1]["frames"])))
+
+
+def test_run_with_a_trained_checkpoint_takes_its_backbone(clip, tmp_path, capsys):
+    """`linewatch train` then `linewatch run --checkpoint`: no backbone flags needed; the
+    scores name the checkpoint; a clashing backbone flag is one clear error line."""
+    from test_eval_cli import make_category
+
+    data = make_category(tmp_path / "data", "widget", seed=1)
+    checkpoint = tmp_path / "widget.safetensors"
+    assert main(["train", "--method", "aa-clip", "--data", str(data), "--arch", "linewatch-tiny", "--epochs", "1",
+                 "--shots", "2", "--views", "1", "--out", str(checkpoint)]) == 0
+    out = tmp_path / "out"
+    assert main(["run", str(clip.video), "--stream-id", "d", "--out", str(out), "--threshold", "0",
+                 "--checkpoint", str(checkpoint), "--class", "widget"]) == 0, capsys.readouterr().err
+    assert f"{clip.frame_count} frames scored" in capsys.readouterr().out
+    assert len(list((out / "archive").rglob("*mask.png"))) == clip.frame_count
+    assert main(["run", str(clip.video), "--out", str(tmp_path / "o2"), "--checkpoint", str(checkpoint),
+                 "--image-size", "96"]) == 2
+    assert "trained for another backbone: image size 64 (this backbone: 96)" in error_line(capsys)
