@@ -39,6 +39,33 @@ def test_set(root: str, size: int):
     return keys, [name for name, _, _ in samples], images, masks, labels
 
 
+def cached_features(backbone, images, root: str, cache: Path | None, desc: str):
+    """Frozen-backbone features of ``images``; kept in ``cache`` (safetensors) when given, so
+    re-running the table with other training settings skips the backbone pass."""
+    from safetensors.torch import load_file, save_file
+
+    from linewatch.scoring.backbone import VisualFeatures
+
+    path = None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        path = cache / f"{backbone.identity.replace(':', '_')}-{Path(root).name}-{backbone.image_size}-{len(images)}.safetensors"
+        if path.is_file():
+            t = load_file(str(path))
+            levels = len(backbone.layers)
+            tokens = [t[f"tokens{i}"] for i in range(levels)]
+            grid = (backbone.image_size // backbone.patch_size,) * 2
+            return VisualFeatures(t["image_embed"], tokens, [t[f"embeds{i}"] for i in range(levels)], grid, tokens)
+    bar = tqdm(total=len(images), desc=desc, unit="img")
+    features = extract_features(backbone, images, on_chunk=bar.update)
+    bar.close()
+    if path is not None:
+        save_file({"image_embed": features.image_embed.contiguous(),
+                   **{f"tokens{i}": t.contiguous() for i, t in enumerate(features.patch_tokens)},
+                   **{f"embeds{i}": t.contiguous() for i, t in enumerate(features.patch_embeds)}}, str(path))
+    return features
+
+
 def evaluate(method, features, keys, classes, masks, labels, exclude: set[str], size: int) -> dict:
     keep = [i for i, key in enumerate(keys) if key not in exclude]
     scores, maps, order = [], [], []
@@ -63,9 +90,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["aprilgan", "aa-clip", "madclip"])
     parser.add_argument("--shots", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--arch", default="ViT-B-16")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/fewshot")
+    parser.add_argument("--features-cache", default=None, help="folder to keep test-set backbone features in")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--views", type=int, default=TrainConfig.views)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,20 +103,17 @@ def main() -> None:
 
     backbone = Backbone.build(BackboneConfig(arch=args.arch, seed=args.seed))
     size = backbone.image_size
-    config = TrainConfig(epochs=args.epochs, seed=args.seed)
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, views=args.views, seed=args.seed)
     print(f"backbone {backbone.identity} at {size} px, layers {backbone.layers}; train {config}")
 
     started = time.monotonic()
+    cache = Path(args.features_cache) if args.features_cache else None
     test = test_set(args.data, size)
-    bar = tqdm(total=len(test[0]), desc="test features", unit="img")
-    test_features = extract_features(backbone, test[2], on_chunk=bar.update)
-    bar.close()
+    test_features = cached_features(backbone, test[2], args.data, cache, "test features")
     cross = cross_features = None
     if args.cross:
         cross = test_set(args.cross, size)
-        bar = tqdm(total=len(cross[0]), desc="cross features", unit="img")
-        cross_features = extract_features(backbone, cross[2], on_chunk=bar.update)
-        bar.close()
+        cross_features = cached_features(backbone, cross[2], args.cross, cache, "cross features")
     print(f"features in {time.monotonic() - started:.0f} s")
 
     rows = []
