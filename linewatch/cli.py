@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from . import commands as pipeline_commands
+from .bench import command as bench_command
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("methods", help="list the registered scoring methods")
     pipeline_commands.build(commands)
+    bench_command.add_parser(commands)
     return parser
 
 
@@ -199,7 +201,8 @@ def run_methods(_: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"eval": run_eval, "train": run_train, "methods": run_methods, **pipeline_commands.HANDLERS}
+    handlers = {"eval": run_eval, "train": run_train, "methods": run_methods, "bench": bench_command.run,
+                **pipeline_commands.HANDLERS}
     from .bus import BusError
     from .datasets import DatasetError
     from .scoring.backbone import BackboneError

@@ -82,6 +82,10 @@ def add_model(parser: argparse.ArgumentParser, redis: bool = True) -> None:
     model.add_argument("--max-batch", dest="worker.max_batch", type=_positive, default=S, help="frames per batch (default 8)")
     model.add_argument("--max-wait-ms", dest="worker.max_wait_ms", type=float, default=S,
                        help="how long a batch waits to fill after its first frame (default 20)")
+    model.add_argument("--precision", dest="worker.precision", choices=["auto", "fp32", "bf16", "fp16"], default=S,
+                       help="image-tower precision (default auto: bf16 on a GPU, fp32 on CPU; see README, Throughput)")
+    model.add_argument("--compile", dest="worker.compile", action="store_const", const=True, default=S,
+                       help="torch.compile the image tower (the first batch waits for the compiler)")
     model.add_argument("--prompts", dest="worker.prompts", default=S, help="prompt pack YAML")
 
 
@@ -225,7 +229,8 @@ def run_worker(args) -> None:
     settings = _settings(args)
     bus = _bus(settings)
     worker = build_worker(bus, settings)
-    logging.getLogger("linewatch").info("worker %s ready (%s)", worker.worker_id, worker.backbone.identity)
+    logging.getLogger("linewatch").info("worker %s ready (%s, %s, batches of up to %d)", worker.worker_id,
+                                        worker.backbone.identity, worker.precision, worker.max_batch)
     stats = worker.run(_stop_on_signals())
     print(f"worker {worker.worker_id}: {stats.frames} frames in {stats.batches} batches, {stats.dead} dead letters; "
           f"model {stats.model_s:.1f} s of {stats.busy_s:.1f} s busy ({stats.model_s / max(stats.busy_s, 1e-9):.0%})")

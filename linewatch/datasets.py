@@ -85,8 +85,14 @@ def load_image(path: Path, size: int) -> torch.Tensor:
 def bgr_to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
     """An OpenCV BGR uint8 image -> [3, size, size] float RGB in [0, 1], squashed to a square.
     The one preprocessing used by eval, references and the streaming workers."""
+    return torch.from_numpy(square_rgb(image, size)).permute(2, 0, 1).float().div_(255.0)
+
+
+def square_rgb(image: np.ndarray, size: int) -> np.ndarray:
+    """An OpenCV BGR uint8 image -> [size, size, 3] uint8 RGB (area filter down, cubic up).
+    The workers batch these and convert once (``workers/frames.py``)."""
     image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if image.shape[0] > size else cv2.INTER_CUBIC)
-    return torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1])).permute(2, 0, 1).float().div_(255.0)
+    return np.ascontiguousarray(image[:, :, ::-1])
 
 
 def load_mask(path: Path | None, size: int) -> torch.Tensor:

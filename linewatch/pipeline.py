@@ -8,6 +8,7 @@ scored and every score has reached both sinks.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import threading
@@ -22,7 +23,7 @@ from .settings import Settings
 from .sinks.alerts import AlertPolicy
 from .workers.anchors import AnchorCache
 from .workers.profiles import ProfileTable
-from .workers.worker import ScoringWorker
+from .workers.worker import ScoringWorker, WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,9 @@ log = logging.getLogger(__name__)
 def check_settings(settings: Settings) -> ProfileTable:
     """Everything a user can get wrong that needs no model: fails fast, names the problem."""
     from .cli import resolve_device
+    from .scoring.precision import resolve_precision
 
-    resolve_device(settings.backbone.device)
+    resolve_precision(settings.worker.precision, resolve_device(settings.backbone.device))
     table = ProfileTable(settings.profile, settings.streams)
     if settings.worker.prompts is not None and not Path(settings.worker.prompts).is_file():
         raise ValueError(f"prompt pack not found: {settings.worker.prompts}")
@@ -56,12 +58,18 @@ def build_backbone(settings: Settings) -> Backbone:
     return Backbone.build(config, resolve_device(b.device))
 
 
-def build_worker(bus: Bus, settings: Settings, **kwargs) -> ScoringWorker:
+def build_worker(bus: Bus, settings: Settings, backbone: Backbone | None = None, **kwargs) -> ScoringWorker:
+    """A prepared worker; ``backbone`` reuses one already built (and accelerated) for these settings."""
+    from .scoring.acceleration import accelerate
+
     profiles = check_settings(settings)
     prompts = PromptPack.load(settings.worker.prompts)
     anchors = AnchorCache(settings.redis_url, folder=settings.anchor_dir)
-    worker = ScoringWorker(bus, build_backbone(settings), profiles, anchors, prompts=prompts,
-                           max_batch=settings.worker.max_batch, max_wait_ms=settings.worker.max_wait_ms, **kwargs)
+    if backbone is None:
+        backbone = accelerate(build_backbone(settings), compile=settings.worker.compile)
+    w = settings.worker
+    worker = ScoringWorker(bus, backbone, profiles, anchors, prompts=prompts, max_batch=w.max_batch,
+                           max_wait_ms=w.max_wait_ms, precision=w.precision, **kwargs)
     worker.prepare_all()
     return worker
 
@@ -99,6 +107,7 @@ class RunSummary:
     alerts_jsonl: str
     archive: str
     dead: int
+    worker: WorkerStats | None = None  # per-frame latencies, decode and busy time
 
     @property
     def fps(self) -> float:
@@ -106,7 +115,7 @@ class RunSummary:
 
 
 def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_ids: list[str] | None = None,
-                 progress: bool = True) -> RunSummary:
+                 progress: bool = True, backbone: Backbone | None = None) -> RunSummary:
     from .bus.memory import MemoryBus
     from .bus import Topics
     from .ingest.publisher import check_stream_id, run_ingest
@@ -127,7 +136,7 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     out.mkdir(parents=True, exist_ok=True)
 
     bus = MemoryBus(Topics(settings.topic_prefix), partitions=1)
-    worker = build_worker(bus, settings)
+    worker = build_worker(bus, settings, backbone)
     stop_sinks, stop_worker = threading.Event(), threading.Event()
     errors: list[BaseException] = []
 
@@ -158,10 +167,11 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     started = scored = time.monotonic()
     try:
         ingest = settings.ingest
-        interrupted = False
+        interrupted, published = False, None
         try:
-            run_ingest(bus, sources, stream_ids=stream_ids, fps=ingest.fps, max_size=ingest.max_size,
-                       jpeg_quality=ingest.jpeg_quality, realtime=ingest.realtime, progress=progress)
+            published = sum(s.published for s in run_ingest(
+                bus, sources, stream_ids=stream_ids, fps=ingest.fps, max_size=ingest.max_size,
+                jpeg_quality=ingest.jpeg_quality, realtime=ingest.realtime, progress=progress))
         except BusError:
             if errors:  # the bus was closed because a part failed: that failure is the news
                 raise errors[0] from None
@@ -169,7 +179,8 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
         except KeyboardInterrupt:  # the end of a live run: what was read still gets scored and alerted
             log.warning("interrupted: scoring the frames already read (Ctrl-C again to stop at once)")
             interrupted = True
-        _wait_drained(bus, bus.topics.frames, errors)
+        with _scored_bar(worker, published, progress) as tick:  # a file is read long before it is scored
+            _wait_drained(bus, bus.topics.frames, errors, tick)
         scored = time.monotonic()  # the last score is out; the sinks may still be flushing
         stop_worker.set()
         threads[0].join()
@@ -184,11 +195,31 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     if errors:
         raise errors[0]
     return RunSummary(frames=worker.stats.frames, seconds=scored - started, model_s=worker.stats.model_s,
-                      alerts_jsonl=settings.alerts.jsonl, archive=settings.archive, dead=worker.stats.dead)
+                      alerts_jsonl=settings.alerts.jsonl, archive=settings.archive, dead=worker.stats.dead,
+                      worker=worker.stats)
 
 
-def _wait_drained(bus, topic: str, errors: list) -> None:
-    """Until every group reading ``topic`` has committed all of it."""
+def _wait_drained(bus, topic: str, errors: list, tick=None) -> None:
+    """Until every group reading ``topic`` has committed all of it; ``tick()`` between checks."""
     with bus.cond:
         while not errors and not bus.drained(topic):
             bus.cond.wait(0.2)
+            if tick is not None:
+                tick()
+
+
+@contextlib.contextmanager
+def _scored_bar(worker: ScoringWorker, total: int | None, progress: bool):
+    """A progress bar of frames scored, for the wait after ingest has read everything."""
+    if not progress:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="scored", unit="frame", dynamic_ncols=True) as bar:
+        def tick():
+            if worker.stats.frames > bar.n:
+                bar.update(worker.stats.frames - bar.n)
+        tick()
+        yield tick
+        tick()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
@@ -43,8 +43,13 @@ class IngestSettings(_Section):
 
 
 class WorkerSettings(_Section):
+    # Defaults picked by `linewatch bench` (README, Throughput): the batch and precision with
+    # the most frames/s, and a wait short next to that batch's scoring time.
     max_batch: int = Field(default=8, ge=1)
     max_wait_ms: float = Field(default=20.0, ge=0)
+    # Image-tower precision: auto = bf16 on a GPU (fp16 where it lacks bf16), fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False  # torch.compile the image tower's blocks (the first batch waits for it)
     prompts: str | None = None  # prompt pack YAML; default: the bundled pack
 
 

@@ -1,8 +1,9 @@
 """The scoring worker: a member of a consumer group on the frames topic.
 
 Loop: gather a micro-batch across streams (up to ``max_batch`` frames or ``max_wait_ms``
-after the first), decode JPEGs, score each profile's frames in one batch, publish one
-ScoreMsg per frame, wait for the broker to acknowledge them, and only then commit the
+after the first), decode JPEGs into one batch on the model's device (``frames.py``), score
+each profile's frames in one batch, with the image tower in the configured ``precision``,
+publish one ScoreMsg per frame, wait for the broker to acknowledge them, and only then commit the
 frames' offsets (at-least-once: a worker killed mid-batch leaves its frames uncommitted,
 and the group's next owner scores them again; sinks de-duplicate by stream and sequence).
 A frame that cannot be read goes to the dead-letter topic with the reason.
@@ -15,6 +16,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import cv2
@@ -22,18 +24,20 @@ import numpy as np
 import torch
 
 from ..bus import Bus, Record
-from ..datasets import bgr_to_tensor
 from ..messages import (DEAD_PAYLOAD_LIMIT, DeadLetter, FrameMeta, FrameRef, Latency, MessageError, ScoreMsg, encode,
                         frame_meta)
 from ..scoring.backbone import Backbone
+from ..scoring.precision import autocast_dtype, resolve_precision
 from ..scoring.prompts import PromptPack
 from ..sinks.maps import encode_map
 from .anchors import AnchorCache
+from .frames import FrameDecoder
 from .profiles import PreparedProfile, ProfileTable
 
 log = logging.getLogger(__name__)
 
 GROUP = "linewatch-workers"
+LATENCY_SAMPLES = 100_000  # per-frame latencies kept for percentiles (the most recent ones)
 
 
 @dataclass
@@ -45,13 +49,18 @@ class WorkerStats:
     decode_s: float = 0.0
     busy_s: float = 0.0  # everything from poll return to commit
     started: float = field(default_factory=time.monotonic)
+    # per scored frame, seconds: batch handling began -> its score sent (decode, model, publish)
+    service_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    # per scored frame, seconds: frame published -> its score sent (adds the time it queued)
+    end_to_end_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    last_score_at: float = 0.0  # time.time() of the last score sent
 
 
 @dataclass
 class _Frame:
     record: Record
     meta: FrameMeta
-    image: torch.Tensor
+    index: int  # row in the decoded batch
 
 
 def dead_letter(record: Record, reason: str, stage: str, meta: FrameMeta | None = None) -> DeadLetter:
@@ -67,11 +76,14 @@ def dead_letter(record: Record, reason: str, stage: str, meta: FrameMeta | None 
 class ScoringWorker:
     def __init__(self, bus: Bus, backbone: Backbone, profiles: ProfileTable, anchors: AnchorCache, *,
                  prompts: PromptPack | None = None, max_batch: int = 8, max_wait_ms: float = 20.0,
-                 group: str = GROUP, source_topic: str | None = None, results_topic: str | None = None,
-                 worker_id: str | None = None):
+                 precision: str = "auto", group: str = GROUP, source_topic: str | None = None,
+                 results_topic: str | None = None, worker_id: str | None = None):
         self.bus, self.backbone, self.profiles, self.anchors = bus, backbone, profiles, anchors
         self.prompts = prompts or PromptPack.load()
         self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1000.0
+        self.precision = resolve_precision(precision, backbone.device)
+        self.compute_dtype = autocast_dtype(self.precision)
+        self.decoder = FrameDecoder(backbone.image_size, backbone.device)
         self.group = group
         self.source_topic = source_topic or bus.topics.frames
         self.results_topic = results_topic or bus.topics.scores
@@ -87,7 +99,9 @@ class ScoringWorker:
     def _prepared(self, profile) -> PreparedProfile:
         key = profile.key()
         if key not in self.prepared:
-            self.prepared[key] = PreparedProfile(profile, self.backbone, self.prompts, self.anchors)
+            # references and calibration go through the tower in the precision frames will
+            with self.backbone.computing_in(self.compute_dtype):
+                self.prepared[key] = PreparedProfile(profile, self.backbone, self.prompts, self.anchors)
         return self.prepared[key]
 
     # ---- the loop ------------------------------------------------------------------------
@@ -126,43 +140,41 @@ class ScoringWorker:
 
     def handle(self, records: list[Record], producer) -> None:
         """Score ``records`` and publish (scores and dead letters), acknowledged on return."""
-        started = time.monotonic()
-        frames: list[_Frame] = []
+        started, started_at = time.monotonic(), time.time()
+        readable: list[tuple[Record, FrameMeta]] = []
         for record in records:
-            frame = self._decode(record, producer)
-            if frame is not None:
-                frames.append(frame)
+            try:
+                readable.append((record, frame_meta(record.headers)))
+            except MessageError as err:
+                self._dead_letter(record, str(err), producer)
+        images, kept, failed = self.decoder.decode([record.value for record, _ in readable])
+        for index, reason in failed.items():
+            self._dead_letter(readable[index][0], reason, producer, readable[index][1])
+        frames = [_Frame(*readable[index], row) for row, index in enumerate(kept)]
         decode_s = time.monotonic() - started
         groups: dict[str, list[_Frame]] = {}
         for frame in frames:
             groups.setdefault(self.profiles.for_stream(frame.meta.stream).key(), []).append(frame)
         for members in groups.values():
-            self._score(members, producer, decode_s / max(len(frames), 1))
+            batch = images if len(members) == len(frames) else images[[f.index for f in members]]
+            self._score(members, batch, producer, decode_s / max(len(frames), 1), started_at)
         producer.flush()  # raises BusError if the broker did not acknowledge: nothing is committed
         self.stats.batches += 1
         self.stats.decode_s += decode_s
         self.stats.busy_s += time.monotonic() - started
 
-    def _decode(self, record: Record, producer) -> _Frame | None:
-        meta = None
-        try:
-            meta = frame_meta(record.headers)
-            image = cv2.imdecode(np.frombuffer(record.value, np.uint8), cv2.IMREAD_COLOR)
-            if image is None:
-                raise MessageError(f"undecodable {meta.encoding} image ({len(record.value)} bytes)")
-            return _Frame(record, meta, bgr_to_tensor(image, self.backbone.image_size))
-        except (MessageError, cv2.error) as err:
-            self.stats.dead += 1
-            log.warning("frame %s:%s@%s -> dead letter: %s", record.topic, record.partition, record.offset, err)
-            producer.send(self.bus.topics.dead, encode(dead_letter(record, str(err), "worker", meta)),
-                          key=record.key)
-            return None
+    def _dead_letter(self, record: Record, reason: str, producer, meta: FrameMeta | None = None) -> None:
+        self.stats.dead += 1
+        log.warning("frame %s:%s@%s -> dead letter: %s", record.topic, record.partition, record.offset, reason)
+        producer.send(self.bus.topics.dead, encode(dead_letter(record, reason, "worker", meta)), key=record.key)
 
-    def _score(self, frames: list[_Frame], producer, decode_share_s: float) -> None:
+    def _score(self, frames: list[_Frame], images: torch.Tensor, producer, decode_share_s: float,
+               started_at: float) -> None:
         prepared = self._prepared(self.profiles.for_stream(frames[0].meta.stream))
         picked = time.time()
         t0 = time.monotonic()
-        result = prepared.method.score(torch.stack([f.image for f in frames]))
+        with self.backbone.computing_in(self.compute_dtype):
+            result = prepared.method.score(images)
         model_s = time.monotonic() - t0
         self.stats.model_s += model_s
         scores = result.image_score.float().cpu().tolist()
@@ -182,6 +194,9 @@ class ScoringWorker:
                 frame_jpeg=frame.record.value if anomalous else None)
             producer.send(self.results_topic, encode(message), key=meta.stream.encode())
             self.stats.frames += 1
+            sent = self.stats.last_score_at = time.time()
+            self.stats.service_s.append(sent - started_at)
+            self.stats.end_to_end_s.append(sent - meta.sent_at)
 
 
 def _to_frame_aspect(anomaly_map: np.ndarray, meta: FrameMeta) -> np.ndarray:
