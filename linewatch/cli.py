@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", required=True, help="a category folder or a folder of categories in MVTec layout")
     tr.add_argument("--shots", type=_positive, default=4, help="normal and anomalous images per category (default 4)")
     tr.add_argument("--epochs", type=_positive, default=30, help="epochs per training stage (default 30)")
-    tr.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    tr.add_argument("--lr", type=float, default=None,
+                    help="learning rate for every stage (default: the paper's per stage; AA-CLIP 1e-5 text, 5e-4 image; others 1e-3)")
     tr.add_argument("--batch-size", type=_positive, default=8)
     tr.add_argument("--views", type=_positive, default=4, help="augmented views per image (default 4)")
     tr.add_argument("--out", required=True, help="checkpoint file to write (.safetensors)")

@@ -47,7 +47,8 @@ class TrainBatch:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 30  # per stage
-    lr: float = 1e-3  # Adam, as MadCLIP; AA-CLIP's stage-2 rate is 5e-4
+    lr: float | None = None  # None: each stage's rate from its paper (method.stage_lr)
+    weight_decay: float = 0.0  # decoupled (AdamW); 0 is plain Adam, as the papers
     batch_size: int = 8
     views: int = 4  # augmented views per image; the first is the image itself
     seed: int = 0
@@ -56,8 +57,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "views"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
 
 # (stage, epoch, step within epoch, steps per epoch, losses of this step)
@@ -121,7 +124,8 @@ def fit(method, data: TrainingSet, config: TrainConfig = TrainConfig(), features
         parameters = method.stage_parameters(stage)
         for parameter in parameters:
             parameter.requires_grad_(True)
-        optimizer = torch.optim.Adam(parameters, lr=config.lr)
+        lr = config.lr or method.stage_lr.get(stage, 1e-3)
+        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay)
         steps = -(-len(labels) // config.batch_size)
         for epoch in range(config.epochs):
             order = torch.randperm(len(labels), generator=generator)

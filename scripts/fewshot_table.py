@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--features-cache", default=None, help="folder to keep test-set backbone features in")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--views", type=int, default=TrainConfig.views)
+    parser.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +104,7 @@ def main() -> None:
 
     backbone = Backbone.build(BackboneConfig(arch=args.arch, seed=args.seed))
     size = backbone.image_size
-    config = TrainConfig(epochs=args.epochs, lr=args.lr, views=args.views, seed=args.seed)
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, views=args.views, weight_decay=args.weight_decay, seed=args.seed)
     print(f"backbone {backbone.identity} at {size} px, layers {backbone.layers}; train {config}")
 
     started = time.monotonic()
@@ -133,7 +134,7 @@ def main() -> None:
             bar.close()
             path = out / f"{name}-k{shots}.safetensors"
             save_checkpoint(path, method, {}, training={"shots": shots, "data": args.data, "test_images_used": used,
-                                                         **{k: getattr(config, k) for k in ("epochs", "lr", "views", "seed")}})
+                                                         **{k: getattr(config, k) for k in ("epochs", "lr", "views", "weight_decay", "seed")}})
             method = load_checkpoint(path, backbone)  # score what was saved, as eval --checkpoint does
             trained = evaluate(method, test_features, *test[:2], *test[3:], {u['path'] for u in used}, size)
             row = {"method": name, "shots": shots, "train_s": round(time.monotonic() - t0, 1),

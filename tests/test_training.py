@@ -27,7 +27,7 @@ CLASS = "widget"
 PACK = PromptPack.model_validate({
     "states": {"normal": ["{}", "flawless {}"], "abnormal": ["damaged {}", "{} with a defect"]},
     "templates": ["a photo of a {}.", "a close-up photo of the {}."]})
-CONFIG = TrainConfig(epochs=8, views=2, batch_size=8, seed=3)
+CONFIG = TrainConfig(epochs=8, lr=1e-3, views=2, batch_size=8, seed=3)  # one rate, so every stage learns in 8 epochs
 
 
 @pytest.fixture(params=TRAINABLE)
@@ -309,3 +309,15 @@ def test_damaged_header_is_named(tmp_path, header):
     save_file({"w": torch.zeros(2)}, str(path), metadata={"linewatch": header})
     with pytest.raises(CheckpointError, match="checkpoint format|damaged checkpoint header"):
         read_header(path)
+
+
+def test_default_rates_are_the_papers_per_stage(tiny, defect_set):
+    """AA-CLIP trains its text side at 1e-5 and its image side at 5e-4 (the authors' rates):
+    Adam moves each weight by about the rate per step."""
+    method = create_method("aa-clip", tiny)
+    before = {k: v.clone() for k, v in method.trained_state().items()}
+    fit(method, defect_set, TrainConfig(epochs=1, views=1, batch_size=8))
+    moved = {k: (v - before[k]).abs().max().item() for k, v in method.trained_state().items()}
+    text = max(v for k, v in moved.items() if k.startswith("text."))
+    image = max(v for k, v in moved.items() if k.startswith("image."))
+    assert 0 < text <= 2e-5 < 1e-4 < image <= 1e-3

@@ -68,6 +68,7 @@ class AACLIP(AnomalyMethod):
 
     name = "aa-clip"
     stages = ("text", "image")
+    stage_lr = {"text": 1e-5, "image": 5e-4}  # the authors' rates (their code's defaults)
 
     def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0,
                  text_layers: int = 3, adapt_weight: float = 0.1, orthogonal_weight: float = 0.1,

@@ -39,6 +39,7 @@ class AprilGAN(AnomalyMethod):
 
     name = "aprilgan"
     stages = ("projections",)
+    stage_lr = {"projections": 1e-3}  # the authors' Adam rate
 
     def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0):
         super().__init__(backbone, prompts, text_weight)

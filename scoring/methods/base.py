@@ -118,6 +118,7 @@ class AnomalyMethod(nn.Module):
 
     # ---- training (methods with something to train) ------------------------------------
     stages: ClassVar[tuple[str, ...]] = ()
+    stage_lr: ClassVar[dict[str, float]] = {}  # the papers' learning rates per stage (default 1e-3)
 
     def begin_stage(self, stage: str, class_names: list[str]) -> None:
         """Set up before a stage's first step (e.g. freeze the previous stage's anchors)."""

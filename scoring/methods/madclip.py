@@ -56,6 +56,7 @@ class MadCLIP(AnomalyMethod):
 
     name = "madclip"
     stages = ("adapters",)
+    stage_lr = {"adapters": 1e-3}  # the paper's Adam rate
 
     def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0, context_words: int = 8):
         super().__init__(backbone, prompts, text_weight)
