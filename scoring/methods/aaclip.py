@@ -12,7 +12,7 @@ Stage 2 freezes those anchors and aligns patch features to them: residual adapte
 multi-level patch tokens (same form, weight 0.1), then a trained projection per level into
 the text space (focal + dice per level) and a detection projection of the last level,
 mean-pooled, for the image score (cross-entropy against the labels). The backbone stays
-frozen throughout.
+frozen throughout. Learning rates are the authors': 1e-5 for stage 1, 5e-4 for stage 2.
 
 Scores: anomaly map = mean over levels of the softmax probability of "abnormal" per patch;
 image score = mean of the detection token's probability and the map's maximum.
