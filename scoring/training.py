@@ -111,10 +111,10 @@ def fit(method, data: TrainingSet, config: TrainConfig = TrainConfig(), features
     already-augmented ``data``). Deterministic for a seed. Returns per-epoch mean losses."""
     if not method.stages:
         raise ValueError(f"{method.name} has nothing to train")
-    generator = torch.Generator().manual_seed(config.seed)
-    if features is None:
-        data = augment(data, config.views, generator)
+    if features is None:  # augmentation and batch order draw from their own seeded streams
+        data = augment(data, config.views, torch.Generator().manual_seed(config.seed))
         features = extract_features(method.backbone, data.images)
+    generator = torch.Generator().manual_seed(config.seed)
     device = method.backbone.device
     masks, labels = data.masks.to(device, torch.float32), data.labels.to(device).long()
     size = tuple(data.images.shape[-2:])
