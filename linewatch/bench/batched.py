@@ -14,14 +14,16 @@ from ..workers.frames import FrameDecoder
 from .measure import MemoryWatch, PartResult, percentiles, synchronize
 
 PRECISION_ORDER = {"fp32": 0, "bf16": 1, "fp16": 2}  # ties go to the more exact
-TIE = 0.03  # configurations within 3 % of the fastest count as equally fast
+TIE = 0.05  # within 5 % of the fastest counts as equally fast: repeat runs on a 2-core machine vary that much
 WAIT_SHARE = 0.10  # a frame waits for company at most this share of its batch's scoring time
 
 
 def score_batches(method: AnomalyMethod, class_name: str, anchors: TextAnchors, jpegs: list[bytes], batch: int,
-                  precision: str, part: str = "scoring", progress=None, compiled: bool = False) -> PartResult:
-    """Decode and score ``jpegs`` in batches of ``batch``; each frame's latency is its batch's time
-    (a frame's score is ready when its batch is). One untimed warm-up batch first."""
+                  precision: str, part: str = "scoring", progress=None, compiled: bool = False,
+                  min_seconds: float = 0.0) -> PartResult:
+    """Decode and score ``jpegs`` in batches of ``batch`` (again, until ``min_seconds`` have passed);
+    each frame's latency is its batch's time (a frame's score is ready when its batch is). One
+    untimed warm-up batch first."""
     backbone = method.backbone
     decoder = FrameDecoder(backbone.image_size, backbone.device)
     method.prepare(class_name, anchors=anchors)  # once: the text side is cached
@@ -39,17 +41,18 @@ def score_batches(method: AnomalyMethod, class_name: str, anchors: TextAnchors, 
         synchronize(backbone.device)
         latencies, batch_times = [], []
         with MemoryWatch(backbone.device) as memory:
-            for start in range(0, len(jpegs), batch):
-                chunk = jpegs[start:start + batch]
-                began = time.perf_counter()
-                run(chunk)
-                synchronize(backbone.device)
-                batch_times.append(time.perf_counter() - began)
-                latencies += [batch_times[-1]] * len(chunk)
-                if progress is not None:
-                    progress.update(len(chunk))
-    return PartResult(part, len(jpegs), sum(batch_times), percentiles(latencies), "its batch, decode to scores on the host",
-                      memory.rss_mb, memory.gpu_mb,
+            while not batch_times or sum(batch_times) < min_seconds:
+                for start in range(0, len(jpegs), batch):
+                    chunk = jpegs[start:start + batch]
+                    began = time.perf_counter()
+                    run(chunk)
+                    synchronize(backbone.device)
+                    batch_times.append(time.perf_counter() - began)
+                    latencies += [batch_times[-1]] * len(chunk)
+                    if progress is not None:
+                        progress.update(len(chunk))
+    return PartResult(part, len(latencies), sum(batch_times), percentiles(latencies), "its batch, decode to scores on the host",
+                      memory.rss_mb, memory.gpu_mb, memory.other_cpu,
                       settings={"batch": batch, "precision": precision, "preprocess": decoder.where,
                                 "anchors": "built once", "autograd": "inference_mode", "compiled": compiled})
 
@@ -68,7 +71,7 @@ class WorkerPick:
 
 
 def pick_settings(sweep: list[PartResult]) -> WorkerPick:
-    """The fastest configuration; among those within 3 % of it the smaller batch (less latency),
+    """The fastest configuration; among those within 5 % of it the smaller batch (less latency),
     then the more exact precision, then uncompiled. The batch may wait for more frames
     ``WAIT_SHARE`` of its own scoring time: at most 10 % added latency when frames are
     scarce, and when they are plentiful the batch fills before the wait ends."""

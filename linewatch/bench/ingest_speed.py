@@ -39,7 +39,7 @@ def opencv_decode(video: Path, min_seconds: float = 2.0) -> PartResult:
             if not latencies:
                 raise ValueError(f"OpenCV cannot read {video}")
     return PartResult("opencv-decode", len(latencies), sum(latencies), percentiles(latencies), "one frame read",
-                      memory.rss_mb, None, settings={"what": "cv2.VideoCapture.read"})
+                      memory.rss_mb, None, memory.other_cpu, settings={"what": "cv2.VideoCapture.read"})
 
 
 def ingest(video: Path, min_seconds: float = 2.0) -> PartResult:
@@ -64,6 +64,6 @@ def ingest(video: Path, min_seconds: float = 2.0) -> PartResult:
             passes += 1
     return PartResult("ingest", len(latencies), sum(latencies), percentiles(latencies),
                       "one frame decoded, resized if over the size cap, JPEG-encoded and published",
-                      memory.rss_mb, None, settings={"max_size": MAX_SIZE, "jpeg_quality": JPEG_QUALITY,
+                      memory.rss_mb, None, memory.other_cpu, settings={"max_size": MAX_SIZE, "jpeg_quality": JPEG_QUALITY,
                                                      "bus": "memory, no consumer"},
                       extra={"passes": passes})

@@ -60,7 +60,7 @@ def naive_loop(method: AnomalyMethod, class_name: str, jpegs: list[bytes], progr
                 if progress is not None:
                     progress.update(1)
     return PartResult("naive", len(jpegs), sum(latencies), percentiles(latencies), "one frame, start to scores on the host",
-                      memory.rss_mb, memory.gpu_mb,
+                      memory.rss_mb, memory.gpu_mb, memory.other_cpu,
                       settings={"batch": 1, "precision": "fp32", "preprocess": "PIL", "anchors": "encoded every frame",
                                 "autograd": "no_grad"},
                       extra={"prompt_s": prompts_s, "prompt_sentences": sum(map(len, method.prompt_pack.prompts(class_name))),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -34,17 +35,26 @@ def _archived(folder: Path) -> int:
     return len(list(folder.rglob("*mask.png"))) if folder.is_dir() else 0
 
 
+def _fresh(folder: Path) -> Path:
+    """The part's own output folder, emptied: archive counts are this run's alone."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
 def embedded_pipeline(workload: Workload, settings: Settings, backbone: Backbone, out_dir: Path,
                       progress: bool = True) -> PartResult:
+    _fresh(out_dir)
     with MemoryWatch(backbone.device) as memory:
         summary = run_embedded([str(workload.video)], settings, str(out_dir), stream_ids=[STREAM], progress=progress,
                                backbone=backbone)
     stats = summary.worker
     return PartResult("embedded", summary.frames, summary.seconds, percentiles(list(stats.service_s)), LATENCY_IS,
-                      memory.rss_mb, memory.gpu_mb, settings=_settings_json(settings, "memory"),
+                      memory.rss_mb, memory.gpu_mb, memory.other_cpu, settings=_settings_json(settings, "memory"),
                       extra={"end_to_end_ms": percentiles(list(stats.end_to_end_s)),
                              "model_share": summary.model_s / summary.seconds if summary.seconds else None,
-                             "dead_letters": summary.dead, "anomalous_frames": _archived(out_dir / "archive")})
+                             "worker_busy_share": stats.busy_s / summary.seconds if summary.seconds else None,
+                             "dead_letters": summary.dead, "anomalous_frames": _archived(out_dir / "archive" / STREAM)})
 
 
 def kafka_pipeline(workload: Workload, settings: Settings, backbone: Backbone, servers: str, out_dir: Path,
@@ -59,7 +69,7 @@ def kafka_pipeline(workload: Workload, settings: Settings, backbone: Backbone, s
     from ..sinks.runner import run_alert_sink, run_archive_sink
 
     prefix = f"lwbench-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _fresh(out_dir)
     settings = settings.model_copy(update={"alerts": settings.alerts.model_copy(
         update={"jsonl": str(out_dir / "alerts.jsonl")})})
     bus = KafkaBus(servers, Topics(prefix), partitions=1)
@@ -93,11 +103,13 @@ def kafka_pipeline(workload: Workload, settings: Settings, backbone: Backbone, s
                               key=meta.stream.encode(), headers=((META_HEADER, encode(meta)),))
             producer.close()
             _wait_scored(worker, warm, errors, "warm-up frames", timeout_s=600)
+            model_before, busy_before = worker.stats.model_s, worker.stats.busy_s
             began = time.time()
             published = sum(s.published for s in run_ingest(bus, [str(workload.video)], stream_ids=[STREAM],
                                                             progress=progress))
             _wait_scored(worker, warm + published, errors, "clip frames", progress=progress, first=warm)
             seconds = worker.stats.last_score_at - began
+            model_s, busy_s = worker.stats.model_s - model_before, worker.stats.busy_s - busy_before
         finally:
             stop_worker.set()
             threads[0].join(timeout=120)
@@ -110,10 +122,11 @@ def kafka_pipeline(workload: Workload, settings: Settings, backbone: Backbone, s
         _delete_topics(bus)
     stats = worker.stats
     return PartResult("kafka", published, seconds, percentiles(list(stats.service_s)[warm:]), LATENCY_IS,
-                      memory.rss_mb, memory.gpu_mb, settings=_settings_json(settings, "kafka"),
+                      memory.rss_mb, memory.gpu_mb, memory.other_cpu, settings=_settings_json(settings, "kafka"),
                       extra={"end_to_end_ms": percentiles(list(stats.end_to_end_s)[warm:]),
+                             "model_share": model_s / seconds, "worker_busy_share": busy_s / seconds,
                              "broker": servers, "topic_prefix": prefix, "dead_letters": stats.dead,
-                             "anomalous_frames": _archived(out_dir / "archive")})
+                             "anomalous_frames": _archived(out_dir / "archive" / STREAM)})
 
 
 def _wait_scored(worker, count: int, errors: list, what: str, timeout_s: float | None = None,
@@ -159,4 +172,5 @@ def _delete_topics(bus) -> None:
 def _settings_json(settings: Settings, bus: str) -> dict:
     w = settings.worker
     return {"bus": bus, "batch": w.max_batch, "max_wait_ms": w.max_wait_ms, "precision": w.precision,
-            "compiled": w.compile, "method": settings.profile.method, "threshold": settings.profile.threshold}
+            "compiled": w.compile, "method": settings.profile.method, "threshold": settings.profile.threshold,
+            "calibration": settings.profile.calibration}

@@ -5,12 +5,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+OTHER_CPU_WARNING = 0.05
 PART_NAMES = {"naive": "baseline loop", "sweep": "sweep", "scoring": "scoring", "embedded": "pipeline, embedded",
               "kafka": "pipeline, Kafka", "opencv-decode": "OpenCV decode", "ingest": "ingest"}
 
 
 def _num(value, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _percent(share) -> str:
+    return "-" if share is None else f"{share:.0%}"
+
+
+def _all_parts(report: dict) -> list[dict]:
+    parts = []
+    for result in report["methods"].values():
+        for key in ("naive", "sweep", "scoring", "embedded", "kafka"):
+            value = result.get(key)
+            parts += value if isinstance(value, list) else ([value] if value else [])
+    ingest = report.get("ingest")
+    return parts + ([ingest["opencv_decode"], ingest["ingest"]] if ingest else [])
 
 
 def _settings(part: dict) -> str:
@@ -32,13 +47,13 @@ def _settings(part: dict) -> str:
 def _row(method: str, part: dict, gpu: bool) -> list[str]:
     row = [method, PART_NAMES.get(part["part"], part["part"]), _settings(part), str(part["frames"]),
            _num(part["fps"], 2), _num(part["latency_ms"]["p50"], 0), _num(part["latency_ms"]["p99"], 0),
-           _num(part["peak_rss_mb"], 0)]
+           _num(part["peak_rss_mb"], 0), _percent(part.get("other_cpu"))]
     return row + [_num(part["peak_gpu_mb"], 0)] if gpu else row
 
 
 def format_table(report: dict) -> str:
     gpu = report["device"].startswith("cuda")
-    header = ["method", "part", "settings", "frames", "frames/s", "p50 ms", "p99 ms", "peak RSS MB"]
+    header = ["method", "part", "settings", "frames", "frames/s", "p50 ms", "p99 ms", "peak RSS MB", "other CPU"]
     header += ["peak GPU MB"] if gpu else []
     rows = []
     for method, result in report["methods"].items():
@@ -73,11 +88,18 @@ def format_table(report: dict) -> str:
                 text += (f"; {bus} pipeline / scoring = {r[f'{bus}_vs_scoring']:.2f} "
                          f"(overhead {r[f'{bus}_overhead']:+.1%} of scoring time)")
         lines.append(text)
+        runs = [f"{key} {'/'.join(f'{fps:.2f}' for fps in result[key]['repeat_fps'])}"
+                for key in ("scoring", "embedded", "kafka") if result.get(key) and "repeat_fps" in result[key]]
+        lines.append(f"{method}: frames/s of each run, the median in the table: {'; '.join(runs)}")
         pick = result["picked"]
         lines.append(f"{method}: picked max_batch {pick['max_batch']}, precision {pick['precision']}, max_wait_ms "
                      f"{pick['max_wait_ms']:g}{', compile' if pick['compile'] else ''} ({pick['why']})")
     if ingest:
         lines.append(f"ingest / OpenCV decode = {ingest['ratios']['ingest_vs_opencv']:.2f}")
+    busy = [p for p in _all_parts(report) if (p.get("other_cpu") or 0) > OTHER_CPU_WARNING]
+    if busy:
+        lines.append(f"WARNING: other processes took over {OTHER_CPU_WARNING:.0%} of the CPU during {len(busy)} "
+                     f"part(s) (column 'other CPU'; a broker the bench started counts too): re-run on a quiet machine")
     kafka = report["kafka"]
     lines.append(f"Kafka: {kafka.get('broker', '')} {kafka.get('servers', '')}".rstrip() if kafka["used"]
                  else f"Kafka pipeline skipped: {kafka['why']}")

