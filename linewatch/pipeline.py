@@ -2,8 +2,8 @@
 
 The embedded run is the same pipeline as the distributed one — ingest, a scoring worker and
 both sinks talking through the bus in the same records — only the bus is in process and the
-anchor cache is local. Each part runs in a thread; the run ends when every frame has been
-scored and every score has reached both sinks.
+anchor cache is local. The worker scores on the main thread, ingest and the sinks run in
+threads; the run ends when every frame has been scored and every score has reached both sinks.
 """
 
 from __future__ import annotations
@@ -137,8 +137,9 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
 
     bus = MemoryBus(Topics(settings.topic_prefix), partitions=1)
     worker = build_worker(bus, settings, backbone)
-    stop_sinks, stop_worker = threading.Event(), threading.Event()
+    stop_sinks, stop_worker, stop_ingest = threading.Event(), threading.Event(), threading.Event()
     errors: list[BaseException] = []
+    published: list[int] = []  # set once ingest has read every source
 
     def guarded(target, *args, **kwargs):
         def body():
@@ -152,46 +153,56 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
                 bus.close()
         return threading.Thread(target=body, name=getattr(target, "__name__", "part"), daemon=True)
 
+    def ingest() -> None:
+        i = settings.ingest
+        stats = run_ingest(bus, sources, stream_ids=stream_ids, fps=i.fps, max_size=i.max_size,
+                           jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=stop_ingest, progress=progress)
+        published.append(sum(s.published for s in stats))
+
     # consumers join their groups before the first frame is published
     worker_consumer = bus.consumer([bus.topics.frames], worker.group)
-    threads = [
-        guarded(worker.run, stop_worker, consumer=worker_consumer),
+    sinks = [
         guarded(run_alert_sink, bus, policy_table(settings), alert_outputs(bus, settings, stop_sinks), stop=stop_sinks),
         guarded(run_archive_sink, bus, Archive(settings.archive), stop=stop_sinks),
     ]
-    for thread in threads:
+    for thread in sinks:
         thread.start()
     with bus.cond:  # the sinks join their groups before the first score exists
         while len(bus.members) < 3 and not errors:
             bus.cond.wait(0.1)
+    # The worker scores on this (the main) thread and ingest reads on another: the model's
+    # OpenMP threads run measurably slower when a Python thread other than the main one drives them.
+    reader = guarded(ingest)
     started = scored = time.monotonic()
+    interrupted = False
     try:
-        ingest = settings.ingest
-        interrupted, published = False, None
-        try:
-            published = sum(s.published for s in run_ingest(
-                bus, sources, stream_ids=stream_ids, fps=ingest.fps, max_size=ingest.max_size,
-                jpeg_quality=ingest.jpeg_quality, realtime=ingest.realtime, progress=progress))
-        except BusError:
-            if errors:  # the bus was closed because a part failed: that failure is the news
-                raise errors[0] from None
-            raise
-        except KeyboardInterrupt:  # the end of a live run: what was read still gets scored and alerted
-            log.warning("interrupted: scoring the frames already read (Ctrl-C again to stop at once)")
-            interrupted = True
-        with _scored_bar(worker, published, progress) as tick:  # a file is read long before it is scored
-            _wait_drained(bus, bus.topics.frames, errors, tick)
+        with _scored_bar(worker, len(sources), progress) as tick:
+            def finished() -> bool:
+                if tick is not None:
+                    tick(published[0] if published else None)
+                return bool(errors) or (bool(published) and bus.drained(bus.topics.frames))
+
+            reader.start()
+            try:
+                worker.run(stop_worker, consumer=worker_consumer, until=finished)
+            except KeyboardInterrupt:  # the end of a live run: what was read still gets scored and alerted
+                log.warning("interrupted: scoring the frames already read (Ctrl-C again to stop at once)")
+                interrupted = True
+                stop_ingest.set()
+                # a batch cut short was not committed: a fresh member of the group reads it again
+                worker.run(stop_worker, consumer=bus.consumer([bus.topics.frames], worker.group), until=finished)
+        reader.join()
         scored = time.monotonic()  # the last score is out; the sinks may still be flushing
-        stop_worker.set()
-        threads[0].join()
         _wait_drained(bus, bus.topics.scores, errors)
         if interrupted:
             raise KeyboardInterrupt
     finally:
+        stop_ingest.set()
         stop_worker.set()
         stop_sinks.set()
-        for thread in threads:
-            thread.join(timeout=60)
+        for thread in [reader, *sinks]:
+            if thread.is_alive():
+                thread.join(timeout=60)
     if errors:
         raise errors[0]
     return RunSummary(frames=worker.stats.frames, seconds=scored - started, model_s=worker.stats.model_s,
@@ -199,27 +210,28 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
                       worker=worker.stats)
 
 
-def _wait_drained(bus, topic: str, errors: list, tick=None) -> None:
-    """Until every group reading ``topic`` has committed all of it; ``tick()`` between checks."""
+def _wait_drained(bus, topic: str, errors: list) -> None:
+    """Until every group reading ``topic`` has committed all of it."""
     with bus.cond:
         while not errors and not bus.drained(topic):
             bus.cond.wait(0.2)
-            if tick is not None:
-                tick()
 
 
 @contextlib.contextmanager
-def _scored_bar(worker: ScoringWorker, total: int | None, progress: bool):
-    """A progress bar of frames scored, for the wait after ingest has read everything."""
+def _scored_bar(worker: ScoringWorker, position: int, progress: bool):
+    """A progress bar of frames scored, below the ingest bars; ``tick(total)`` updates it (the
+    total is known once ingest has read everything)."""
     if not progress:
         yield None
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, desc="scored", unit="frame", dynamic_ncols=True) as bar:
-        def tick():
+    with tqdm(total=None, desc="scored", unit="frame", position=position, dynamic_ncols=True) as bar:
+        def tick(total: int | None = None):
+            if total is not None and bar.total != total:
+                bar.total = total
+                bar.refresh()
             if worker.stats.frames > bar.n:
                 bar.update(worker.stats.frames - bar.n)
-        tick()
         yield tick
         tick()

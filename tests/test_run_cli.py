@@ -48,6 +48,50 @@ def test_run_writes_alerts_and_masks(clip, tmp_path, capsys):
     assert len(list((out / "archive").rglob("*mask.png"))) == clip.frame_count
 
 
+def test_ctrl_c_scores_what_was_read_and_stops(tmp_path, capsys, monkeypatch):
+    """Ctrl-C (here: an interrupt of the main thread, where the worker scores, as soon as the
+    first mask is archived) stops reading; every frame read before it is still scored and
+    archived, and the command exits 130."""
+    import _thread
+    import threading
+
+    from linewatch.ingest import publisher
+
+    published = []
+
+    def counted_ingest(*args, **kwargs):  # the real ingest; the test only notes what it published
+        stats = real_ingest(*args, **kwargs)
+        published.append(sum(s.published for s in stats))
+        return stats
+
+    real_ingest = publisher.run_ingest
+    monkeypatch.setattr(publisher, "run_ingest", counted_ingest)
+    clip = write_demo_clip(tmp_path / "long", seconds=20, fps=5, size=(160, 96), references=0)
+    out = tmp_path / "out"
+    done = threading.Event()
+
+    def interrupt_at_first_mask():
+        while not done.is_set():
+            if any((out / "archive").rglob("*mask.png")):
+                _thread.interrupt_main()
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=interrupt_at_first_mask, daemon=True)
+    watcher.start()
+    try:
+        code = main(["run", str(clip.video), "--stream-id", "d", "--out", str(out), "--threshold", "0",
+                     "--realtime", *TINY])
+    finally:
+        done.set()
+    assert code == 130
+    assert "interrupted" in capsys.readouterr().err
+    with sqlite3.connect(out / "archive" / "index.sqlite") as db:
+        seqs = [r[0] for r in db.execute("SELECT seq FROM frames ORDER BY seq")]
+    assert published and seqs == list(range(published[0]))  # every frame read was scored and archived
+    assert published[0] < clip.frame_count  # reading stopped (the clip takes 20 s at recorded speed)
+
+
 def test_runs_are_sessions_kept_apart(clip, tmp_path, capsys):
     """Ingesting the same file twice is two sessions (seq restarts at 0): two events, two
     archive folders, nothing of the first run overwritten or taken for a duplicate."""

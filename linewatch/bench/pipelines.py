@@ -59,8 +59,8 @@ def embedded_pipeline(workload: Workload, settings: Settings, backbone: Backbone
 
 def kafka_pipeline(workload: Workload, settings: Settings, backbone: Backbone, servers: str, out_dir: Path,
                    progress: bool = True, delete_topics: bool = True) -> PartResult:
-    """The same parts as ``linewatch ingest | worker | sink alerts | sink archive``, as threads of
-    this process on one Kafka (fresh topic prefix and consumer groups, so nothing on a shared
+    """The same parts as ``linewatch ingest | worker | sink alerts | sink archive`` in this process
+    (the worker on the main thread, the others in threads) on one Kafka (fresh topic prefix and consumer groups, so nothing on a shared
     broker interferes). Warm-up frames go through first, so the consumer group has formed and
     the model is warm before the clock starts."""
     from ..bus.kafka import KafkaBus
@@ -86,15 +86,11 @@ def kafka_pipeline(workload: Workload, settings: Settings, backbone: Backbone, s
 
     with MemoryWatch(backbone.device) as memory:
         worker = build_worker(bus, settings, backbone, group=f"{prefix}-workers")
-        threads = [guarded(worker.run, stop_worker),
-                   guarded(run_alert_sink, bus, policy_table(settings), alert_outputs(bus, settings, stop_sinks),
-                           stop=stop_sinks, group=f"{prefix}-alerts"),
-                   guarded(run_archive_sink, bus, Archive(str(out_dir / "archive")), stop=stop_sinks,
-                           group=f"{prefix}-archive")]
-        for thread in threads:
-            thread.start()
-        try:
-            warm = settings.worker.max_batch
+        warm = settings.worker.max_batch
+        clock: dict[str, float] = {}  # began, and the counts the worker must reach
+
+        def drive() -> None:
+            """Warm-up frames, then (clock started) the clip through ``linewatch ingest``'s code."""
             producer = bus.producer()
             for seq in range(warm):
                 meta = FrameMeta(stream=f"{STREAM}-warmup", seq=seq, ts=time.time(), source="bench",
@@ -102,22 +98,39 @@ def kafka_pipeline(workload: Workload, settings: Settings, backbone: Backbone, s
                 producer.send(bus.topics.frames, workload.jpegs[seq % len(workload.jpegs)],
                               key=meta.stream.encode(), headers=((META_HEADER, encode(meta)),))
             producer.close()
-            _wait_scored(worker, warm, errors, "warm-up frames", timeout_s=600)
-            model_before, busy_before = worker.stats.model_s, worker.stats.busy_s
-            began = time.time()
-            published = sum(s.published for s in run_ingest(bus, [str(workload.video)], stream_ids=[STREAM],
-                                                            progress=progress))
-            _wait_scored(worker, warm + published, errors, "clip frames", progress=progress, first=warm)
-            seconds = worker.stats.last_score_at - began
-            model_s, busy_s = worker.stats.model_s - model_before, worker.stats.busy_s - busy_before
+            _wait_scored(worker, warm, errors, stop_worker, "warm-up frames", timeout_s=600)
+            clock.update(began=time.time(), model_s=worker.stats.model_s, busy_s=worker.stats.busy_s)
+            clock["published"] = sum(s.published for s in run_ingest(
+                bus, [str(workload.video)], stream_ids=[STREAM], progress=False))
+
+        threads = [guarded(drive),
+                   guarded(run_alert_sink, bus, policy_table(settings), alert_outputs(bus, settings, stop_sinks),
+                           stop=stop_sinks, group=f"{prefix}-alerts"),
+                   guarded(run_archive_sink, bus, Archive(str(out_dir / "archive")), stop=stop_sinks,
+                           group=f"{prefix}-archive")]
+        for thread in threads:
+            thread.start()
+        # the worker on the main thread, as `linewatch worker` runs it (see ScoringWorker.run)
+        bar = _bar(progress, len(workload.jpegs))
+        try:
+            def finished() -> bool:
+                if bar is not None and "published" in clock:
+                    bar.update(worker.stats.frames - warm - bar.n)
+                return bool(errors) or ("published" in clock and worker.stats.frames >= warm + clock["published"])
+
+            worker.run(stop_worker, until=finished)
         finally:
+            if bar is not None:
+                bar.close()
             stop_worker.set()
-            threads[0].join(timeout=120)
             stop_sinks.set()
-            for thread in threads[1:]:
+            for thread in threads:
                 thread.join(timeout=60)
     if errors:
         raise errors[0]
+    published = int(clock["published"])
+    seconds = worker.stats.last_score_at - clock["began"]
+    model_s, busy_s = worker.stats.model_s - clock["model_s"], worker.stats.busy_s - clock["busy_s"]
     if delete_topics:
         _delete_topics(bus)
     stats = worker.stats
@@ -129,30 +142,24 @@ def kafka_pipeline(workload: Workload, settings: Settings, backbone: Backbone, s
                              "anomalous_frames": _archived(out_dir / "archive" / STREAM)})
 
 
-def _wait_scored(worker, count: int, errors: list, what: str, timeout_s: float | None = None,
-                 progress: bool = False, first: int = 0) -> None:
-    """Until the worker has sent ``count`` scores; a failed part or a stall ends it with the reason."""
-    bar = None
-    if progress:
-        from tqdm import tqdm
+def _wait_scored(worker, count: int, errors: list, stop: threading.Event, what: str, timeout_s: float) -> None:
+    """Until the worker has sent ``count`` scores; a failed part, a stop or a stall ends it."""
+    deadline = time.monotonic() + timeout_s
+    while worker.stats.frames < count:
+        if errors or stop.is_set():
+            raise BusError(f"Kafka pipeline: stopped before the {what} were scored")
+        if time.monotonic() > deadline:
+            raise BusError(f"Kafka pipeline: {what} not scored within {timeout_s:.0f} s "
+                           f"({worker.stats.frames} of {count})")
+        time.sleep(0.05)
 
-        bar = tqdm(total=count - first, desc="scored", unit="frame", dynamic_ncols=True)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    try:
-        while worker.stats.frames < count:
-            if errors:
-                raise errors[0]
-            if deadline is not None and time.monotonic() > deadline:
-                raise BusError(f"Kafka pipeline: {what} not scored within {timeout_s:.0f} s "
-                               f"({worker.stats.frames} of {count})")
-            if bar is not None:
-                bar.update(worker.stats.frames - first - bar.n)
-            time.sleep(0.1)
-        if bar is not None:
-            bar.update(count - first - bar.n)
-    finally:
-        if bar is not None:
-            bar.close()
+
+def _bar(progress: bool, total: int):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="scored", unit="frame", dynamic_ncols=True)
 
 
 def _delete_topics(bus) -> None:
