@@ -79,11 +79,16 @@ def add_model(parser: argparse.ArgumentParser, redis: bool = True) -> None:
     model.add_argument("--layers", dest="backbone.layers", type=_layers, default=S)
     model.add_argument("--seed", dest="backbone.seed", type=int, default=S)
     model.add_argument("--device", dest="backbone.device", default=S)
-    model.add_argument("--max-batch", dest="worker.max_batch", type=_positive, default=S, help="frames per batch (default 8)")
+    from .settings import WorkerSettings
+
+    worker = WorkerSettings()
+    model.add_argument("--max-batch", dest="worker.max_batch", type=_positive, default=S,
+                       help=f"frames per batch (default {worker.max_batch}; README, Throughput)")
     model.add_argument("--max-wait-ms", dest="worker.max_wait_ms", type=float, default=S,
-                       help="how long a batch waits to fill after its first frame (default 20)")
+                       help=f"how long a batch waits to fill after its first frame (default {worker.max_wait_ms:g})")
     model.add_argument("--precision", dest="worker.precision", choices=["auto", "fp32", "bf16", "fp16"], default=S,
-                       help="image-tower precision (default auto: bf16 on a GPU, fp32 on CPU; see README, Throughput)")
+                       help="image-tower precision (default auto: bf16 on a GPU and on a CPU with native bf16, "
+                            "else fp32; README, Throughput)")
     model.add_argument("--compile", dest="worker.compile", action="store_const", const=True, default=S,
                        help="torch.compile the image tower (the first batch waits for the compiler)")
     model.add_argument("--prompts", dest="worker.prompts", default=S, help="prompt pack YAML")

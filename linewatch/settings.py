@@ -47,7 +47,8 @@ class WorkerSettings(_Section):
     # the most frames/s, and a wait short next to that batch's scoring time.
     max_batch: int = Field(default=8, ge=1)
     max_wait_ms: float = Field(default=20.0, ge=0)
-    # Image-tower precision: auto = bf16 on a GPU (fp16 where it lacks bf16), fp32 on CPU.
+    # Image-tower precision: auto = bf16 on a GPU (fp16 where it lacks bf16) and on a CPU with
+    # native bf16 (AVX512-BF16/AMX), else fp32 (scoring/precision.py).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the image tower's blocks (the first batch waits for it)
     prompts: str | None = None  # prompt pack YAML; default: the bundled pack

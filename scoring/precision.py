@@ -6,9 +6,9 @@ norms in float32); the backbone hands float32 features back, so the methods'
 similarity heads (temperature-100 softmax, memory-bank cosine distances, whose small
 differences decide a score) stay exact. ``auto`` picks per device: bf16 on a GPU that has
 it (fp16 on older ones); on a CPU, bf16 where it has bf16 dot-product instructions
-(AVX512-BF16 or AMX on x86, BF16 on Arm), which ``linewatch bench`` measured at about 3x
-fp32's frames/s on our 2-core EPYC (README, Throughput); fp32 on other CPUs, where oneDNN
-emulates bf16 and it does not pay.
+(AVX512-BF16 or AMX on x86, BF16 on Arm), where ``linewatch bench`` measured it at about
+3x fp32's frames/s (2-core Xeon with AMX; README, Throughput); fp32 on other CPUs, where
+oneDNN emulates bf16 and it does not pay.
 """
 
 from __future__ import annotations

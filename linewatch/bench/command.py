@@ -38,7 +38,7 @@ def add_parser(commands) -> None:
     bench.add_argument("--class", dest="class_name", default=DEFAULT_CLASS,
                        help=f"asset class whose prompts are encoded (default {DEFAULT_CLASS}: the shared ensemble)")
     bench.add_argument("--prompts", default=None, help="prompt pack YAML (default: the bundled pack)")
-    bench.add_argument("--frames", type=_positive, default=64, help="frames of the synthetic clip (default 64)")
+    bench.add_argument("--frames", type=_positive, default=128, help="frames of the synthetic clip (default 128)")
     bench.add_argument("--clip", default=None, help="measure on this video instead (all of its frames)")
     bench.add_argument("--naive-frames", type=_positive, default=8, help="frames through the baseline loop (default 8)")
     bench.add_argument("--sweep-frames", type=_positive, default=16, help="frames per sweep configuration (default 16)")

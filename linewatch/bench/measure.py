@@ -76,12 +76,12 @@ def _rss_bytes() -> int | None:
 
 
 class MemoryWatch:
-    """Peak resident memory while the block runs: a sampler thread reads /proc every 20 ms
+    """Peak resident memory while the block runs: a sampler thread reads /proc every 100 ms
     (ru_maxrss only ever grows over the process's life, so it cannot tell parts apart; it
     stands in where /proc is missing). On CUDA also the peak of allocated tensors. And the
     CPU other processes took meanwhile: on a shared machine that is what invalidates a figure."""
 
-    def __init__(self, device: torch.device | str, interval_s: float = 0.02):
+    def __init__(self, device: torch.device | str, interval_s: float = 0.1):
         self.device = torch.device(device)
         self.interval_s = interval_s
         self.peak_rss: int | None = None
