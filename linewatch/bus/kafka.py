@@ -19,12 +19,10 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a 4K JPEG at high quality stays far below this
 CONNECT_TIMEOUT_MS = 10_000
-# How long the broker may hold a fetch that found nothing. Apache Kafka answers as soon as
-# data arrives; Tansu holds the fetch for this long whatever comes, so with kafka-python's
-# 500 ms a frame reaching an idle worker (or a score reaching an idle sink) waited up to
-# half a second (measured: up to 156 ms in 8 tries; within 16 ms at 100 ms). 100 ms costs an
-# idle consumer ten empty fetches a second, about 0.5 % of a core here.
-FETCH_MAX_WAIT_MS = 100
+# kafka-python's fetch wait (500 ms) is kept on purpose. Apache Kafka answers a held fetch as
+# soon as data arrives; Tansu holds it the whole wait, so there a frame reaching an idle worker
+# waited up to 156 ms in 8 tries (16 ms with a 100 ms wait). But at 100 ms the idle consumers'
+# empty fetches cost the model 7-14 % of its frames/s on a 2-core machine (`linewatch bench`).
 
 
 def _unreachable(servers: str, err: Exception) -> BusError:
@@ -115,7 +113,6 @@ class KafkaBusConsumer(Consumer):
                 *(topics if group is not None else ()), bootstrap_servers=bus.servers, group_id=group,
                 enable_auto_commit=False, auto_offset_reset="earliest",
                 session_timeout_ms=bus.session_timeout_ms, heartbeat_interval_ms=1000,
-                fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
                 max_partition_fetch_bytes=MAX_MESSAGE_BYTES, fetch_max_bytes=4 * MAX_MESSAGE_BYTES,
                 bootstrap_timeout_ms=CONNECT_TIMEOUT_MS)
         except (KafkaError, OSError) as err:
