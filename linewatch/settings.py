@@ -43,10 +43,11 @@ class IngestSettings(_Section):
 
 
 class WorkerSettings(_Section):
-    # Defaults picked by `linewatch bench` (README, Throughput): the batch and precision with
-    # the most frames/s, and a wait short next to that batch's scoring time.
-    max_batch: int = Field(default=8, ge=1)
-    max_wait_ms: float = Field(default=20.0, ge=0)
+    # Defaults picked by `linewatch bench` for the default method, aprilgan, on ViT-B-16 at
+    # 224 px on a 2-core CPU (README, Throughput): batch 16 in bf16 gave the most frames/s,
+    # and a batch waits for company at most 10 % of that batch's scoring time.
+    max_batch: int = Field(default=16, ge=1)
+    max_wait_ms: float = Field(default=70.0, ge=0)
     # Image-tower precision: auto = bf16 on a GPU (fp16 where it lacks bf16) and on a CPU with
     # native bf16 (AVX512-BF16/AMX), else fp32 (scoring/precision.py).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -21,8 +21,9 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a 4K JPEG at high quality stays far belo
 CONNECT_TIMEOUT_MS = 10_000
 # kafka-python's fetch wait (500 ms) is kept on purpose. Apache Kafka answers a held fetch as
 # soon as data arrives; Tansu holds it the whole wait, so there a frame reaching an idle worker
-# waited up to 156 ms in 8 tries (16 ms with a 100 ms wait). But at 100 ms the idle consumers'
-# empty fetches cost the model 7-14 % of its frames/s on a 2-core machine (`linewatch bench`).
+# waited up to 156 ms in 8 tries (16 ms with a 100 ms wait). But the idle consumers' empty
+# fetches take CPU from the model: with 100 ms, `linewatch bench` put the Kafka pipeline's
+# overhead on 2 cores at +7 % (winclip) and +14 % (aprilgan), against +4 % and +10 % with 500 ms.
 
 
 def _unreachable(servers: str, err: Exception) -> BusError:
