@@ -12,12 +12,14 @@ import numpy as np
 
 from linewatch.messages import EncodedMap
 
+MAP_MAX_SIDE = 64  # long side of a map on the wire
+
 
 class MapError(ValueError):
     """A map that cannot be encoded, or an ``EncodedMap`` whose PNG does not decode."""
 
 
-def encode_map(anomaly_map: np.ndarray, max_side: int = 64) -> EncodedMap:
+def encode_map(anomaly_map: np.ndarray, max_side: int = MAP_MAX_SIDE) -> EncodedMap:
     """Downscale (area-averaged) so the long side is at most ``max_side``, quantise to 8 bits."""
     values = np.asarray(anomaly_map, dtype=np.float32)
     if values.ndim != 2 or values.size == 0:

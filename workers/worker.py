@@ -20,9 +20,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..bus import Bus, Record
 from ..messages import (DEAD_PAYLOAD_LIMIT, DeadLetter, FrameMeta, FrameRef, Latency, MessageError, ScoreMsg, encode,
@@ -30,7 +30,7 @@ from ..messages import (DEAD_PAYLOAD_LIMIT, DeadLetter, FrameMeta, FrameRef, Lat
 from ..scoring.backbone import Backbone
 from ..scoring.precision import autocast_dtype, resolve_precision
 from ..scoring.prompts import PromptPack
-from ..sinks.maps import encode_map
+from ..sinks.maps import MAP_MAX_SIDE, encode_map
 from .anchors import AnchorCache
 from .frames import FrameDecoder
 from .profiles import PreparedProfile, ProfileTable
@@ -184,7 +184,7 @@ class ScoringWorker:
         model_s = time.monotonic() - t0
         self.stats.model_s += model_s
         scores = result.image_score.float().cpu().tolist()
-        maps = np.nan_to_num(result.anomaly_map.float().cpu().numpy(), nan=0.0, posinf=0.0, neginf=0.0)
+        maps = wire_maps(result.anomaly_map, [(f.meta.width, f.meta.height) for f in frames])
         for frame, value, anomaly_map in zip(frames, scores, maps):
             meta = frame.meta
             anomalous = value >= prepared.threshold
@@ -192,7 +192,7 @@ class ScoringWorker:
                 frame=meta, frame_ref=FrameRef(topic=frame.record.topic, partition=frame.record.partition,
                                                offset=frame.record.offset),
                 image_score=value, threshold=prepared.threshold, anomalous=anomalous,
-                map=encode_map(_to_frame_aspect(anomaly_map, meta)), method=prepared.profile.method,
+                map=encode_map(anomaly_map), method=prepared.profile.method,
                 class_name=prepared.profile.class_name, anchor_key=prepared.anchor_key,
                 model=prepared.model, worker=self.worker_id,
                 latency=Latency(queue_ms=max(0.0, (picked - meta.sent_at) * 1000), decode_ms=decode_share_s * 1000,
@@ -205,11 +205,29 @@ class ScoringWorker:
             self.stats.end_to_end_s.append(sent - meta.sent_at)
 
 
-def _to_frame_aspect(anomaly_map: np.ndarray, meta: FrameMeta) -> np.ndarray:
-    """The model sees a squashed square; give the map back the frame's aspect ratio."""
-    side = anomaly_map.shape[0]
-    if meta.width >= meta.height:
-        size = (side, max(1, round(side * meta.height / meta.width)))
-    else:
-        size = (max(1, round(side * meta.width / meta.height)), side)
-    return cv2.resize(anomaly_map, size, interpolation=cv2.INTER_AREA)
+def wire_maps(maps: torch.Tensor, frame_sizes: list[tuple[int, int]], max_side: int = MAP_MAX_SIDE) -> list[np.ndarray]:
+    """The model's square maps ``[B, S, S]`` as the messages carry them: each at its frame's
+    (width, height) aspect (the model saw a squashed square), long side at most ``max_side``,
+    area-averaged on the maps' device, NaN and infinities as 0. On a GPU a few KB per frame
+    then cross to the host instead of the whole map (1 MB at 518 px), and the host does no
+    per-frame resizing."""
+    maps = torch.nan_to_num(maps.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    side = maps.shape[-1]
+    rows_by_size: dict[tuple[int, int], list[int]] = {}
+    for row, (width, height) in enumerate(frame_sizes):
+        rows_by_size.setdefault(_wire_size(side, width, height, max_side), []).append(row)
+    out: list[np.ndarray | None] = [None] * len(frame_sizes)
+    for size, rows in rows_by_size.items():
+        group = maps if len(rows) == len(frame_sizes) else maps[rows]
+        small = F.interpolate(group[:, None], size=size, mode="area")[:, 0].cpu().numpy()
+        for row, reduced in zip(rows, small):
+            out[row] = reduced
+    return out
+
+
+def _wire_size(side: int, width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(rows, cols) of a ``side``-square map at a width x height frame's aspect, long side <= max_side."""
+    long = min(side, max_side)
+    if width >= height:
+        return max(1, round(long * height / width)), long
+    return long, max(1, round(long * width / height))

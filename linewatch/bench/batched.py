@@ -11,6 +11,7 @@ from ..scoring.methods import AnomalyMethod
 from ..scoring.precision import autocast_dtype
 from ..scoring.prompts import TextAnchors
 from ..workers.frames import FrameDecoder
+from ..workers.worker import wire_maps
 from .measure import MemoryWatch, PartResult, percentiles, synchronize
 
 PRECISION_ORDER = {"fp32": 0, "bf16": 1, "fp16": 2}  # ties go to the more exact
@@ -20,10 +21,11 @@ WAIT_SHARE = 0.10  # a frame waits for company at most this share of its batch's
 
 def score_batches(method: AnomalyMethod, class_name: str, anchors: TextAnchors, jpegs: list[bytes], batch: int,
                   precision: str, part: str = "scoring", progress=None, compiled: bool = False,
-                  min_seconds: float = 0.0) -> PartResult:
+                  min_seconds: float = 0.0, frame_size: tuple[int, int] = (640, 360)) -> PartResult:
     """Decode and score ``jpegs`` in batches of ``batch`` (again, until ``min_seconds`` have passed);
     each frame's latency is its batch's time (a frame's score is ready when its batch is). One
-    untimed warm-up batch first."""
+    untimed warm-up batch first. Scores and maps end on the host as the worker sends them
+    (maps reduced to the wire's size for frames of ``frame_size``)."""
     backbone = method.backbone
     decoder = FrameDecoder(backbone.image_size, backbone.device)
     method.prepare(class_name, anchors=anchors)  # once: the text side is cached
@@ -33,8 +35,8 @@ def score_batches(method: AnomalyMethod, class_name: str, anchors: TextAnchors, 
         if failed:
             raise ValueError(f"benchmark frames failed to decode: {sorted(failed.values())[0]}")
         result = method.score(images)
-        result.image_score.float().cpu()
-        result.anomaly_map.float().cpu()  # results reach the host, as the worker needs them
+        result.image_score.float().cpu().tolist()
+        wire_maps(result.anomaly_map, [frame_size] * len(chunk))  # as the worker sends them
 
     with backbone.computing_in(autocast_dtype(precision)):
         run(jpegs[:batch])

@@ -150,6 +150,7 @@ def _bench_method(name: str, config: BenchConfig, backbone: Backbone, prompts: P
     cls = config.class_name
     jpegs = workload.jpegs
     naive_jpegs, sweep_jpegs = jpegs[:config.naive_frames], jpegs[:config.sweep_frames]
+    frame_size = (workload.width, workload.height)
 
     say(f"[{name}] baseline loop: {len(naive_jpegs)} frames, batch 1, fp32, PIL, prompts encoded every frame")
     with _closing(_bar(config, len(naive_jpegs), f"{name} naive")) as bar:
@@ -162,7 +163,7 @@ def _bench_method(name: str, config: BenchConfig, backbone: Backbone, prompts: P
         for precision in precisions:
             with _closing(_bar(config, None, f"{name} b{batch} {precision}")) as bar:
                 sweep.append(batched.score_batches(method, cls, anchors, sweep_jpegs, batch, precision, "sweep", bar,
-                                                   min_seconds=config.sweep_seconds))
+                                                   min_seconds=config.sweep_seconds, frame_size=frame_size))
     if config.compile:
         best = max(sweep, key=lambda r: r.fps).settings["batch"]
         say(f"[{name}] torch.compile of the image tower at batch {best} (the first batch compiles)")
@@ -170,7 +171,8 @@ def _bench_method(name: str, config: BenchConfig, backbone: Backbone, prompts: P
         for precision in precisions:
             with _closing(_bar(config, None, f"{name} b{best} {precision} compiled")) as bar:
                 sweep.append(batched.score_batches(method, cls, anchors, sweep_jpegs, best, precision, "sweep", bar,
-                                                   compiled=True, min_seconds=config.sweep_seconds))
+                                                   compiled=True, min_seconds=config.sweep_seconds,
+                                                   frame_size=frame_size))
     pick = batched.pick_settings(sweep)
     if config.compile and not pick.compiled:
         uncompile_blocks(backbone)
@@ -182,7 +184,8 @@ def _bench_method(name: str, config: BenchConfig, backbone: Backbone, prompts: P
     for turn in range(1, config.repeats + 1):  # interleaved, so a slow spell of the machine hits every part alike
         with _closing(_bar(config, len(jpegs), f"{name} scoring {turn}/{config.repeats}")) as bar:
             runs.setdefault("scoring", []).append(batched.score_batches(
-                method, cls, anchors, jpegs, pick.max_batch, pick.precision, "scoring", bar, compiled=pick.compiled))
+                method, cls, anchors, jpegs, pick.max_batch, pick.precision, "scoring", bar, compiled=pick.compiled,
+                frame_size=frame_size))
         if config.pipelines:
             say(f"[{name}] embedded pipeline {turn}/{config.repeats}")
             runs.setdefault("embedded", []).append(pipelines.embedded_pipeline(
