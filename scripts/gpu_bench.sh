@@ -37,10 +37,10 @@ cat "$out/env.txt"
         [ -e "$dir" ] && { echo "-- $dir"; ls -la "$dir" | head -30; }
     done
     echo "-- files over 100 MB named like model weights, anywhere on this disk:"
-    timeout 30 find / -xdev -type f \( -name '*.safetensors' -o -name '*.bin' -o -name '*.pt' -o -name '*.pth' \
+    timeout 20 find / -xdev -type f \( -name '*.safetensors' -o -name '*.bin' -o -name '*.pt' -o -name '*.pth' \
         -o -name '*.ckpt' -o -name '*.npz' \) -size +100M 2>/dev/null | head -40
     echo "-- any path naming clip or siglip (first 40):"
-    timeout 30 find / -xdev \( -iname '*clip*' -o -iname '*siglip*' \) -not -path '*/site-packages/*' \
+    timeout 20 find / -xdev \( -iname '*clip*' -o -iname '*siglip*' \) -not -path '*/site-packages/*' \
         -not -path '/proc/*' -not -path "$PWD/*" -not -path '/tmp/*' 2>/dev/null | head -40
 } >"$out/weights.txt" 2>&1
 echo "weights search: $(wc -l <"$out/weights.txt") lines in weights.txt"
@@ -61,11 +61,11 @@ bench() {  # NAME SECONDS ARGS...: one linewatch bench run under its own time li
 }
 
 # 1. APRIL-GAN: the baseline loop, the sweep over batch x precision, both pipelines, ingest.
-bench aprilgan 300 --methods aprilgan --frames 512 --naive-frames 8 --sweep-frames 128 --sweep-seconds 2 \
+bench aprilgan 240 --methods aprilgan --frames 512 --naive-frames 8 --sweep-frames 128 --sweep-seconds 2 \
     --batch-sizes 8,16,32,64 --precisions bf16,fp16,fp32 --repeats 3
 # 2. WinCLIP: ~14x APRIL-GAN's tokens per frame (its window passes), so fewer frames.
-bench winclip 200 --methods winclip --frames 64 --naive-frames 4 --sweep-frames 32 --sweep-seconds 2 \
+bench winclip 150 --methods winclip --frames 64 --naive-frames 4 --sweep-frames 32 --sweep-seconds 2 \
     --batch-sizes 8,16 --precisions bf16,fp32 --repeats 2 --no-kafka
 # 3. torch.compile'd blocks against eager at one batch size (compiling takes a while: last).
-bench compiled 240 --methods aprilgan --frames 256 --naive-frames 2 --sweep-frames 128 --sweep-seconds 2 \
+bench compiled 180 --methods aprilgan --frames 256 --naive-frames 2 --sweep-frames 128 --sweep-seconds 2 \
     --batch-sizes 64 --precisions bf16 --compile --no-pipelines --repeats 1
