@@ -136,6 +136,23 @@ def test_baseline_encodes_the_prompts_every_frame_and_scoring_never(tiny):
         hook.remove()
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_scoring_pass_counts_every_frame_once(tiny, overlap):
+    """With one batch in flight (the GPU loop, run here on the CPU) as without: each frame of an
+    uneven last batch scored and counted once per pass, its latency its batch's."""
+    method = create_method("aprilgan", tiny)
+    anchors = method.build_anchors(CLASS)
+    scored = []
+    hook = tiny.register_forward_hook(lambda _m, args, _out: scored.append(args[0].shape[0]))
+    try:
+        part = score_batches(method, CLASS, anchors, jpegs(7), batch=3, precision="fp32", overlap=overlap)
+    finally:
+        hook.remove()
+    assert scored == [3, 3, 3, 1]  # the warm-up batch, then 3 + 3 + 1
+    assert part.frames == 7 and part.seconds > 0 and part.settings["one_batch_in_flight"] is overlap
+    assert part.latency_ms["p50"] <= part.latency_ms["p99"]
+
+
 def _block_dtypes(backbone) -> tuple[list, object]:
     """The output dtypes of the image tower's first MLP layer, as they run."""
     seen = []

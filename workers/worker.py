@@ -91,6 +91,9 @@ class ScoringWorker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.prepared: dict[str, PreparedProfile] = {}
         self.stats = WorkerStats()
+        # one batch in flight while the previous one is published (see ``run``): pays where the
+        # model runs asynchronously on a GPU; on a CPU it would only delay each batch's scores
+        self.overlap = backbone.device.type == "cuda"
 
     def prepare_all(self) -> None:
         """Prepare every configured profile up front, so the first frames don't wait for it."""
@@ -111,28 +114,48 @@ class ScoringWorker:
         """Score until ``stop`` is set, or ``until()`` is true (asked between batches and after
         each empty poll), or, with ``until_idle_s``, nothing came for that long.
 
+        On a GPU the loop is one batch deep: batch k's model work is queued on the device
+        before batch k-1's scores are published and committed, so the host's per-frame work
+        (messages, PNG maps, the bus) overlaps the device's instead of leaving it idle. A
+        pending batch is published as soon as no further frame is waiting, so a scarce feed
+        gets its scores as early as before. On a CPU, where the model runs on the host's own
+        cores, each batch is published straight away.
+
         Run it on the process's main thread where you can: with OpenMP's intra-op threads, the
         same model on another thread measured 10-20 % slower here (README, Throughput)."""
         consumer = consumer or self.bus.consumer([self.source_topic], self.group)
         producer = self.bus.producer()
+        pending: _Batch | None = None
         idle_since = time.monotonic()
         try:
             while not stop.is_set() and not (until is not None and until()):
-                records = self._gather(consumer)
-                if not records:
-                    if until_idle_s is not None and time.monotonic() - idle_since > until_idle_s:
-                        break
-                    continue
-                idle_since = time.monotonic()
-                self.handle(records, producer)
-                consumer.commit(records)
+                records = self._gather(consumer, busy=pending is not None)
+                launched = self.launch(records) if records else None
+                if pending is not None:
+                    self.finish(pending, producer)
+                    consumer.commit(pending.records)
+                pending = None
+                if launched is not None:
+                    idle_since = time.monotonic()
+                    if self.overlap:
+                        pending = launched
+                    else:
+                        self.finish(launched, producer)
+                        consumer.commit(launched.records)
+                elif until_idle_s is not None and time.monotonic() - idle_since > until_idle_s:
+                    break
+            # a batch still in flight here was stopped (or a part failed): it is not committed,
+            # so the group delivers it again (at-least-once)
         finally:
             consumer.close()
             producer.close()
         return self.stats
 
-    def _gather(self, consumer) -> list[Record]:
-        records = consumer.poll(0.5, self.max_batch)
+    def _gather(self, consumer, busy: bool = False) -> list[Record]:
+        """Up to ``max_batch`` records, waiting at most ``max_wait_ms`` after the first for company.
+        ``busy`` (a batch is in flight on the device): take what is there now; nothing waiting
+        means the pending batch is published first."""
+        records = consumer.poll(0.0 if busy else 0.5, self.max_batch)
         deadline = time.monotonic() + self.max_wait_s
         while records and len(records) < self.max_batch:
             left = deadline - time.monotonic()
@@ -146,45 +169,72 @@ class ScoringWorker:
 
     def handle(self, records: list[Record], producer) -> None:
         """Score ``records`` and publish (scores and dead letters), acknowledged on return."""
+        self.finish(self.launch(records), producer)
+
+    def launch(self, records: list[Record]) -> "_Batch":
+        """Read, decode and queue the model on ``records``: on a GPU this returns once the work
+        and the copies of its results to the host are queued. Unreadable frames are
+        dead-lettered later, by ``finish``, with the batch's scores."""
         started, started_at = time.monotonic(), time.time()
+        batch = _Batch(records, started, started_at)
         readable: list[tuple[Record, FrameMeta]] = []
         for record in records:
             try:
                 readable.append((record, frame_meta(record.headers)))
             except MessageError as err:
-                self._dead_letter(record, str(err), producer)
+                batch.dead.append((record, str(err), None))
         images, kept, failed = self.decoder.decode([record.value for record, _ in readable])
         for index, reason in failed.items():
-            self._dead_letter(readable[index][0], reason, producer, readable[index][1])
+            batch.dead.append((readable[index][0], reason, readable[index][1]))
         frames = [_Frame(*readable[index], row) for row, index in enumerate(kept)]
-        decode_s = time.monotonic() - started
-        groups: dict[str, list[_Frame]] = {}
+        batch.decode_s = time.monotonic() - started
+        by_profile: dict[str, list[_Frame]] = {}
         for frame in frames:
-            groups.setdefault(self.profiles.for_stream(frame.meta.stream).key(), []).append(frame)
-        for members in groups.values():
-            batch = images if len(members) == len(frames) else images[[f.index for f in members]]
-            self._score(members, batch, producer, decode_s / max(len(frames), 1), started_at)
+            by_profile.setdefault(self.profiles.for_stream(frame.meta.stream).key(), []).append(frame)
+        for members in by_profile.values():
+            group = images if len(members) == len(frames) else images[[f.index for f in members]]
+            batch.groups.append(self._launch_group(members, group))
+        return batch
+
+    def _launch_group(self, frames: list[_Frame], images: torch.Tensor) -> "_Group":
+        prepared = self._prepared(self.profiles.for_stream(frames[0].meta.stream))
+        clock = _DeviceClock(self.backbone.device)
+        with self.backbone.computing_in(self.compute_dtype):
+            result = prepared.method.score(images)
+        clock.stop()
+        rows, maps = reduce_maps(result.anomaly_map, [(f.meta.width, f.meta.height) for f in frames])
+        host, ready = to_host([result.image_score.float(), *maps])
+        return _Group(frames, prepared, time.time(), clock, host[0], list(zip(rows, host[1:])), ready)
+
+    def finish(self, batch: "_Batch", producer) -> None:
+        """Publish the batch's scores and dead letters (waiting for the device where it must);
+        acknowledged by the broker on return."""
+        for record, reason, meta in batch.dead:
+            self._dead_letter(record, reason, producer, meta)
+        scored = sum(len(group.frames) for group in batch.groups)
+        for group in batch.groups:
+            self._publish(group, producer, batch.decode_s / max(scored, 1), batch.started_at)
         producer.flush()  # raises BusError if the broker did not acknowledge: nothing is committed
         self.stats.batches += 1
-        self.stats.decode_s += decode_s
-        self.stats.busy_s += time.monotonic() - started
+        self.stats.decode_s += batch.decode_s
+        self.stats.busy_s += time.monotonic() - batch.started
 
     def _dead_letter(self, record: Record, reason: str, producer, meta: FrameMeta | None = None) -> None:
         self.stats.dead += 1
         log.warning("frame %s:%s@%s -> dead letter: %s", record.topic, record.partition, record.offset, reason)
         producer.send(self.bus.topics.dead, encode(dead_letter(record, reason, "worker", meta)), key=record.key)
 
-    def _score(self, frames: list[_Frame], images: torch.Tensor, producer, decode_share_s: float,
-               started_at: float) -> None:
-        prepared = self._prepared(self.profiles.for_stream(frames[0].meta.stream))
-        picked = time.time()
-        t0 = time.monotonic()
-        with self.backbone.computing_in(self.compute_dtype):
-            result = prepared.method.score(images)
-        model_s = time.monotonic() - t0
+    def _publish(self, group: "_Group", producer, decode_share_s: float, started_at: float) -> None:
+        if group.ready is not None:
+            group.ready.synchronize()
+        model_s = group.clock.seconds()
         self.stats.model_s += model_s
-        scores = result.image_score.float().cpu().tolist()
-        maps = wire_maps(result.anomaly_map, [(f.meta.width, f.meta.height) for f in frames])
+        prepared, frames = group.prepared, group.frames
+        scores = group.scores.tolist()
+        maps: list[np.ndarray | None] = [None] * len(frames)
+        for rows, reduced in group.maps:
+            for row, anomaly_map in zip(rows, reduced.numpy()):
+                maps[row] = anomaly_map
         for frame, value, anomaly_map in zip(frames, scores, maps):
             meta = frame.meta
             anomalous = value >= prepared.threshold
@@ -195,7 +245,7 @@ class ScoringWorker:
                 map=encode_map(anomaly_map), method=prepared.profile.method,
                 class_name=prepared.profile.class_name, anchor_key=prepared.anchor_key,
                 model=prepared.model, worker=self.worker_id,
-                latency=Latency(queue_ms=max(0.0, (picked - meta.sent_at) * 1000), decode_ms=decode_share_s * 1000,
+                latency=Latency(queue_ms=max(0.0, (group.picked - meta.sent_at) * 1000), decode_ms=decode_share_s * 1000,
                                 model_ms=model_s * 1000 / len(frames), batch_size=len(frames)),
                 frame_jpeg=frame.record.value if anomalous else None)
             producer.send(self.results_topic, encode(message), key=meta.stream.encode())
@@ -205,23 +255,91 @@ class ScoringWorker:
             self.stats.end_to_end_s.append(sent - meta.sent_at)
 
 
-def wire_maps(maps: torch.Tensor, frame_sizes: list[tuple[int, int]], max_side: int = MAP_MAX_SIDE) -> list[np.ndarray]:
-    """The model's square maps ``[B, S, S]`` as the messages carry them: each at its frame's
-    (width, height) aspect (the model saw a squashed square), long side at most ``max_side``,
-    area-averaged on the maps' device, NaN and infinities as 0. On a GPU a few KB per frame
-    then cross to the host instead of the whole map (1 MB at 518 px), and the host does no
-    per-frame resizing."""
+@dataclass
+class _Group:
+    """One profile's frames of a batch, their model work queued; results land in ``scores``/``maps``."""
+    frames: list[_Frame]
+    prepared: PreparedProfile
+    picked: float  # time.time() the model work was queued
+    clock: "_DeviceClock"
+    scores: torch.Tensor  # [B] on the host once ``ready``
+    maps: list[tuple[list[int], torch.Tensor]]  # (rows, [n, h, w] on the host) per wire size
+    ready: "torch.cuda.Event | None"  # None: already on the host
+
+
+@dataclass
+class _Batch:
+    records: list[Record]
+    started: float  # monotonic
+    started_at: float  # time.time()
+    decode_s: float = 0.0
+    groups: list[_Group] = field(default_factory=list)
+    dead: list[tuple[Record, str, FrameMeta | None]] = field(default_factory=list)
+
+
+class _DeviceClock:
+    """The model's time on its device: CUDA events around the queued work (read once it has run),
+    wall time on a CPU (where the work is done when the call returns)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.began, self.elapsed = time.monotonic(), 0.0
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.end.record()
+        else:
+            self.elapsed = time.monotonic() - self.began
+
+    def seconds(self) -> float:
+        """After the work has run (``end`` reached on CUDA)."""
+        return self.begin.elapsed_time(self.end) / 1000.0 if self.cuda else self.elapsed
+
+
+def to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], "torch.cuda.Event | None"]:
+    """Copies of ``tensors`` in host memory. From a GPU they are queued into pinned buffers
+    without blocking, and the returned event marks them done: a later batch's kernels, queued
+    behind them, do not delay them."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return [t.cpu() for t in tensors], None
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for target, source in zip(host, tensors):
+        target.copy_(source, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+def reduce_maps(maps: torch.Tensor, frame_sizes: list[tuple[int, int]],
+                max_side: int = MAP_MAX_SIDE) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """The model's square maps ``[B, S, S]`` as the messages carry them, still on their device:
+    each at its frame's (width, height) aspect (the model saw a squashed square), long side at
+    most ``max_side``, area-averaged, NaN and infinities as 0. Returns the batch rows and the
+    ``[n, h, w]`` maps of each wire size. On a GPU a few KB per frame then cross to the host
+    instead of the whole map (1 MB at 518 px), and the host does no per-frame resizing."""
     maps = torch.nan_to_num(maps.float(), nan=0.0, posinf=0.0, neginf=0.0)
     side = maps.shape[-1]
     rows_by_size: dict[tuple[int, int], list[int]] = {}
     for row, (width, height) in enumerate(frame_sizes):
         rows_by_size.setdefault(_wire_size(side, width, height, max_side), []).append(row)
+    rows, reduced = [], []
+    for size, members in rows_by_size.items():
+        group = maps if len(members) == len(frame_sizes) else maps[members]
+        rows.append(members)
+        reduced.append(F.interpolate(group[:, None], size=size, mode="area")[:, 0])
+    return rows, reduced
+
+
+def wire_maps(maps: torch.Tensor, frame_sizes: list[tuple[int, int]], max_side: int = MAP_MAX_SIDE) -> list[np.ndarray]:
+    """``reduce_maps``, on the host, one array per frame in batch order."""
     out: list[np.ndarray | None] = [None] * len(frame_sizes)
-    for size, rows in rows_by_size.items():
-        group = maps if len(rows) == len(frame_sizes) else maps[rows]
-        small = F.interpolate(group[:, None], size=size, mode="area")[:, 0].cpu().numpy()
-        for row, reduced in zip(rows, small):
-            out[row] = reduced
+    for members, reduced in zip(*reduce_maps(maps, frame_sizes, max_side)):
+        for row, anomaly_map in zip(members, reduced.cpu().numpy()):
+            out[row] = anomaly_map
     return out
 
 

@@ -11,7 +11,7 @@ from ..scoring.methods import AnomalyMethod
 from ..scoring.precision import autocast_dtype
 from ..scoring.prompts import TextAnchors
 from ..workers.frames import FrameDecoder
-from ..workers.worker import wire_maps
+from ..workers.worker import reduce_maps, to_host
 from .measure import MemoryWatch, PartResult, percentiles, synchronize
 
 PRECISION_ORDER = {"fp32": 0, "bf16": 1, "fp16": 2}  # ties go to the more exact
@@ -21,42 +21,64 @@ WAIT_SHARE = 0.10  # a frame waits for company at most this share of its batch's
 
 def score_batches(method: AnomalyMethod, class_name: str, anchors: TextAnchors, jpegs: list[bytes], batch: int,
                   precision: str, part: str = "scoring", progress=None, compiled: bool = False,
-                  min_seconds: float = 0.0, frame_size: tuple[int, int] = (640, 360)) -> PartResult:
-    """Decode and score ``jpegs`` in batches of ``batch`` (again, until ``min_seconds`` have passed);
-    each frame's latency is its batch's time (a frame's score is ready when its batch is). One
-    untimed warm-up batch first. Scores and maps end on the host as the worker sends them
-    (maps reduced to the wire's size for frames of ``frame_size``)."""
+                  min_seconds: float = 0.0, frame_size: tuple[int, int] = (640, 360),
+                  overlap: bool | None = None) -> PartResult:
+    """Decode and score ``jpegs`` in batches of ``batch`` (again, until ``min_seconds`` have passed),
+    the way the worker does: scores and maps end on the host as it sends them (maps reduced
+    to the wire's size for frames of ``frame_size``), and on a GPU batch k is queued before
+    batch k-1's results are read (``ScoringWorker.run``). Frames/s is frames over the wall
+    time of the passes; a frame's latency is its batch's, queued to results on the host. One
+    untimed warm-up batch first. ``overlap`` None: as the worker decides (on CUDA)."""
     backbone = method.backbone
     decoder = FrameDecoder(backbone.image_size, backbone.device)
     method.prepare(class_name, anchors=anchors)  # once: the text side is cached
+    overlap = backbone.device.type == "cuda" if overlap is None else overlap
 
-    def run(chunk: list[bytes]) -> None:
+    def launch(chunk: list[bytes]):
+        began = time.perf_counter()
         images, _, failed = decoder.decode(chunk)
         if failed:
             raise ValueError(f"benchmark frames failed to decode: {sorted(failed.values())[0]}")
         result = method.score(images)
-        result.image_score.float().cpu().tolist()
-        wire_maps(result.anomaly_map, [frame_size] * len(chunk))  # as the worker sends them
+        rows, maps = reduce_maps(result.anomaly_map, [frame_size] * len(chunk))
+        return began, len(chunk), to_host([result.image_score.float(), *maps])
+
+    def land(launched) -> None:
+        began, frames, (host, ready) = launched
+        if ready is not None:
+            ready.synchronize()
+        host[0].tolist()
+        for maps in host[1:]:
+            maps.numpy()
+        latencies.extend([time.perf_counter() - began] * frames)
+        if progress is not None:
+            progress.update(frames)
 
     with backbone.computing_in(autocast_dtype(precision)):
-        run(jpegs[:batch])
+        latencies: list[float] = []
+        land(launch(jpegs[:batch]))
         synchronize(backbone.device)
-        latencies, batch_times = [], []
+        latencies.clear()
+        seconds = 0.0
         with MemoryWatch(backbone.device) as memory:
-            while not batch_times or sum(batch_times) < min_seconds:
+            while seconds == 0.0 or seconds < min_seconds:
+                began, pending = time.perf_counter(), None
                 for start in range(0, len(jpegs), batch):
-                    chunk = jpegs[start:start + batch]
-                    began = time.perf_counter()
-                    run(chunk)
-                    synchronize(backbone.device)
-                    batch_times.append(time.perf_counter() - began)
-                    latencies += [batch_times[-1]] * len(chunk)
-                    if progress is not None:
-                        progress.update(len(chunk))
-    return PartResult(part, len(latencies), sum(batch_times), percentiles(latencies), "its batch, decode to scores on the host",
+                    launched = launch(jpegs[start:start + batch])
+                    if pending is not None:
+                        land(pending)
+                    pending = launched
+                    if not overlap:
+                        land(pending)
+                        pending = None
+                if pending is not None:
+                    land(pending)
+                seconds += time.perf_counter() - began
+    return PartResult(part, len(latencies), seconds, percentiles(latencies), "its batch, queued to results on the host",
                       memory.rss_mb, memory.gpu_mb, memory.other_cpu,
                       settings={"batch": batch, "precision": precision, "preprocess": decoder.where,
-                                "anchors": "built once", "autograd": "inference_mode", "compiled": compiled})
+                                "anchors": "built once", "autograd": "inference_mode", "compiled": compiled,
+                                "one_batch_in_flight": overlap})
 
 
 @dataclass
