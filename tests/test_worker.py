@@ -334,3 +334,26 @@ def test_a_batch_in_flight_at_stop_is_delivered_again(tiny):
     assert sorted(s.frame.seq for s in _scores(bus)) == [0, 1, 2, 3]
     with bus.cond:
         assert bus.drained(bus.topics.frames)
+
+
+def test_a_non_finite_score_goes_to_dead_letter(tiny):
+    """A score no sink could read (NaN) is dead-lettered with the reason; the batch's other frames go on."""
+    bus = MemoryBus(Topics("w"))
+    worker = make_worker(bus, tiny)
+    method = next(iter(worker.prepared.values())).method
+    score_batch = method.score_batch
+
+    def nan_for_the_first(images):
+        result = score_batch(images)
+        result.image_score[0] = float("nan")
+        return result
+
+    method.score_batch = nan_for_the_first
+    for seq in range(3):
+        publish(bus, "cam-a", seq)
+    worker.run(threading.Event(), until_idle_s=0.5)
+    scored = sorted(decode(r.value, ScoreMsg).frame.seq for r in read_all(bus, bus.topics.scores))
+    (dead,) = [decode(r.value, DeadLetter) for r in read_all(bus, bus.topics.dead)]
+    assert scored == [1, 2] and dead.seq == 0 and "non-finite score" in dead.reason
+    with bus.cond:
+        assert bus.drained(bus.topics.frames)

@@ -10,6 +10,13 @@ decoder is missing, or a batch holds a frame it cannot read (it returns nothing 
 frames decode on the CPU as uint8 into pinned memory and copy without blocking: a
 quarter of the bytes of float32, overlapping the copy with the host's next work. GPU
 batches are channels-last, the layout the patch convolution prefers there.
+
+nvJPEG runs on a side stream of ours. torchvision allocates its output on the caller's
+current stream but writes it from a private stream that never waits for the current one;
+on the main stream, while the worker keeps a batch in flight, it could be handed memory
+the queued model work of the previous batch still reads or writes (seen on an H200:
+scores turned into NaN and garbage). The side stream has its own memory pool; the main
+stream waits for it, and the finished batch is marked as used there.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ class FrameDecoder:
             except Exception as err:  # a torchvision without its image extension
                 log.warning("GPU JPEG decoding unavailable (%s); decoding on the CPU", err)
                 self.gpu_decode = False
+        self._side_stream = torch.cuda.Stream(self.device) if self.gpu_decode else None
 
     @property
     def where(self) -> str:
@@ -73,6 +81,15 @@ class FrameDecoder:
         return batch.permute(0, 3, 1, 2).float().div_(255.0).contiguous(), kept, failed
 
     def _decode_gpu(self, blobs: list[bytes]) -> torch.Tensor:
+        side, main = self._side_stream, torch.cuda.current_stream(self.device)
+        side.synchronize()  # the last batch's resizing is done: memory freed on this stream is truly free
+        with torch.cuda.stream(side):
+            out = self._decode_resize(blobs)
+        main.wait_stream(side)
+        out.record_stream(main)  # not reused by the side stream before the main stream is done with it
+        return out
+
+    def _decode_resize(self, blobs: list[bytes]) -> torch.Tensor:
         from torchvision.io import decode_jpeg
 
         data = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]  # must be on the CPU

@@ -12,6 +12,7 @@ A frame that cannot be read goes to the dead-letter topic with the reason.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -237,6 +238,9 @@ class ScoringWorker:
                 maps[row] = anomaly_map
         for frame, value, anomaly_map in zip(frames, scores, maps):
             meta = frame.meta
+            if not math.isfinite(value):  # no sink could read it; say so instead
+                self._dead_letter(frame.record, f"the model gave a non-finite score ({value})", producer, meta)
+                continue
             anomalous = value >= prepared.threshold
             message = ScoreMsg(
                 frame=meta, frame_ref=FrameRef(topic=frame.record.topic, partition=frame.record.partition,
