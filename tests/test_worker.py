@@ -357,3 +357,15 @@ def test_a_non_finite_score_goes_to_dead_letter(tiny):
     assert scored == [1, 2] and dead.seq == 0 and "non-finite score" in dead.reason
     with bus.cond:
         assert bus.drained(bus.topics.frames)
+
+
+def test_busy_time_counts_overlapping_batches_once(tiny):
+    bus = MemoryBus(Topics("w"))
+    worker = make_worker(bus, tiny, max_batch=2, max_wait_ms=0)
+    worker.overlap = True
+    for seq in range(8):
+        publish(bus, "cam-a", seq)
+    began = time.time()
+    worker.run(threading.Event(), until_idle_s=0.3)
+    # within the span from start to the last score sent (summed per batch, the overlaps would not fit)
+    assert worker.stats.batches == 4 and 0 < worker.stats.busy_s <= worker.stats.last_score_at - began

@@ -49,7 +49,7 @@ class WorkerStats:
     dead: int = 0
     model_s: float = 0.0
     decode_s: float = 0.0
-    busy_s: float = 0.0  # everything from poll return to commit
+    busy_s: float = 0.0  # wall time with a batch in hand, poll return to published (overlapping batches count once)
     started: float = field(default_factory=time.monotonic)
     # per scored frame, seconds: batch handling began -> its score sent (decode, model, publish)
     service_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
@@ -95,6 +95,7 @@ class ScoringWorker:
         # one batch in flight while the previous one is published (see ``run``): pays where the
         # model runs asynchronously on a GPU; on a CPU it would only delay each batch's scores
         self.overlap = backbone.device.type == "cuda"
+        self._busy_until = 0.0  # end of the last published batch (monotonic), so busy time is counted once
 
     def prepare_all(self) -> None:
         """Prepare every configured profile up front, so the first frames don't wait for it."""
@@ -218,7 +219,9 @@ class ScoringWorker:
         producer.flush()  # raises BusError if the broker did not acknowledge: nothing is committed
         self.stats.batches += 1
         self.stats.decode_s += batch.decode_s
-        self.stats.busy_s += time.monotonic() - batch.started
+        now = time.monotonic()
+        self.stats.busy_s += now - max(batch.started, self._busy_until)
+        self._busy_until = now
 
     def _dead_letter(self, record: Record, reason: str, producer, meta: FrameMeta | None = None) -> None:
         self.stats.dead += 1
