@@ -260,10 +260,12 @@ def _part(batch: int, precision: str, fps: float, batch_ms: float) -> PartResult
 
 
 def test_pick_prefers_the_smaller_batch_and_exact_precision_when_nearly_as_fast():
-    sweep = [_part(1, "fp32", 5.0, 200), _part(8, "fp32", 9.8, 800), _part(8, "bf16", 10.0, 790),
-             _part(16, "bf16", 9.9, 1600)]
+    # batch 8's p50 spans two batches (one in flight ahead of it, as on a GPU); the wait is 10 %
+    # of one batch's time at its throughput: 8 / 9.8 frames/s = 816 ms
+    sweep = [_part(1, "fp32", 5.0, 200), _part(8, "fp32", 9.8, 1630), _part(8, "bf16", 10.0, 1600),
+             _part(16, "bf16", 9.9, 3200)]
     pick = pick_settings(sweep)
-    assert (pick.max_batch, pick.precision, pick.max_wait_ms) == (8, "fp32", 80.0)  # 9.8 is within 5 % of 10
+    assert (pick.max_batch, pick.precision, pick.max_wait_ms) == (8, "fp32", 82.0)  # 9.8 is within 5 % of 10
     sweep[1] = _part(8, "fp32", 9.0, 900)
     assert (pick_settings(sweep).max_batch, pick_settings(sweep).precision) == (8, "bf16")
 

@@ -63,6 +63,7 @@ def test_one_batch_in_flight_scores_like_one_at_a_time_on_gpu():
             publish(bus, "cam-a", seq, value=blob)
         worker.run(threading.Event(), until_idle_s=1.0)
         scores = [decode(r.value, ScoreMsg) for r in read_all(bus, bus.topics.scores)]
+        assert len(scores) == len(blobs)  # each frame once
         results[overlap] = {s.frame.seq: (s.image_score, decode_map(s.map)) for s in scores}
     assert sorted(results[True]) == list(range(len(blobs))) == sorted(results[False])
     for seq, (score, anomaly_map) in results[False].items():

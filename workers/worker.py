@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..bus import Bus, Record
+from ..bus import Bus, BusError, Record
 from ..messages import (DEAD_PAYLOAD_LIMIT, DeadLetter, FrameMeta, FrameRef, Latency, MessageError, ScoreMsg, encode,
                         frame_meta)
 from ..scoring.backbone import Backbone
@@ -131,7 +131,8 @@ class ScoringWorker:
         idle_since = time.monotonic()
         try:
             while not stop.is_set() and not (until is not None and until()):
-                records = self._gather(consumer, busy=pending is not None)
+                waited = pending is None  # a busy poll takes what is there and does not wait
+                records = self._gather(consumer, busy=not waited)
                 launched = self.launch(records) if records else None
                 if pending is not None:
                     self.finish(pending, producer)
@@ -144,14 +145,23 @@ class ScoringWorker:
                     else:
                         self.finish(launched, producer)
                         consumer.commit(launched.records)
-                elif until_idle_s is not None and time.monotonic() - idle_since > until_idle_s:
+                elif waited and until_idle_s is not None and time.monotonic() - idle_since > until_idle_s:
                     break
-            # a batch still in flight here was stopped (or a part failed): it is not committed,
-            # so the group delivers it again (at-least-once)
+            if pending is not None:  # stopped with a batch in flight: its scores are computed, send them
+                self._finish_at_stop(pending, producer, consumer)
         finally:
             consumer.close()
             producer.close()
         return self.stats
+
+    def _finish_at_stop(self, batch: "_Batch", producer, consumer) -> None:
+        """Publish and commit a batch still in flight at a stop; when the bus is already gone
+        (a part failed), it stays uncommitted and the group scores it again (at-least-once)."""
+        try:
+            self.finish(batch, producer)
+            consumer.commit(batch.records)
+        except BusError as err:
+            log.warning("the batch in flight at the stop was not published (%s); the group scores it again", err)
 
     def _gather(self, consumer, busy: bool = False) -> list[Record]:
         """Up to ``max_batch`` records, waiting at most ``max_wait_ms`` after the first for company.
@@ -200,13 +210,14 @@ class ScoringWorker:
 
     def _launch_group(self, frames: list[_Frame], images: torch.Tensor) -> "_Group":
         prepared = self._prepared(self.profiles.for_stream(frames[0].meta.stream))
+        picked = time.time()
         clock = _DeviceClock(self.backbone.device)
         with self.backbone.computing_in(self.compute_dtype):
             result = prepared.method.score(images)
         clock.stop()
         rows, maps = reduce_maps(result.anomaly_map, [(f.meta.width, f.meta.height) for f in frames])
         host, ready = to_host([result.image_score.float(), *maps])
-        return _Group(frames, prepared, time.time(), clock, host[0], list(zip(rows, host[1:])), ready)
+        return _Group(frames, prepared, picked, clock, host[0], list(zip(rows, host[1:])), ready)
 
     def finish(self, batch: "_Batch", producer) -> None:
         """Publish the batch's scores and dead letters (waiting for the device where it must);
@@ -267,7 +278,7 @@ class _Group:
     """One profile's frames of a batch, their model work queued; results land in ``scores``/``maps``."""
     frames: list[_Frame]
     prepared: PreparedProfile
-    picked: float  # time.time() the model work was queued
+    picked: float  # time.time() the batch went to the model
     clock: "_DeviceClock"
     scores: torch.Tensor  # [B] on the host once ``ready``
     maps: list[tuple[list[int], torch.Tensor]]  # (rows, [n, h, w] on the host) per wire size
@@ -291,14 +302,15 @@ class _DeviceClock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         if self.cuda:
+            self.stream = torch.cuda.current_stream(device)  # the model's device, not the process's current one
             self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.begin.record()
+            self.begin.record(self.stream)
         else:
             self.began, self.elapsed = time.monotonic(), 0.0
 
     def stop(self) -> None:
         if self.cuda:
-            self.end.record()
+            self.end.record(self.stream)
         else:
             self.elapsed = time.monotonic() - self.began
 
@@ -317,7 +329,7 @@ def to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], "torch.cud
     for target, source in zip(host, tensors):
         target.copy_(source, non_blocking=True)
     ready = torch.cuda.Event()
-    ready.record()
+    ready.record(torch.cuda.current_stream(tensors[0].device))  # the copies' stream, on their device
     return host, ready
 
 

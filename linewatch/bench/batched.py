@@ -43,7 +43,7 @@ def score_batches(method: AnomalyMethod, class_name: str, anchors: TextAnchors, 
         rows, maps = reduce_maps(result.anomaly_map, [frame_size] * len(chunk))
         return began, len(chunk), to_host([result.image_score.float(), *maps])
 
-    def land(launched) -> None:
+    def land(launched, counted: bool = True) -> None:
         began, frames, (host, ready) = launched
         if ready is not None:
             ready.synchronize()
@@ -51,12 +51,12 @@ def score_batches(method: AnomalyMethod, class_name: str, anchors: TextAnchors, 
         for maps in host[1:]:
             maps.numpy()
         latencies.extend([time.perf_counter() - began] * frames)
-        if progress is not None:
+        if progress is not None and counted:
             progress.update(frames)
 
     with backbone.computing_in(autocast_dtype(precision)):
         latencies: list[float] = []
-        land(launch(jpegs[:batch]))
+        land(launch(jpegs[:batch]), counted=False)
         synchronize(backbone.device)
         latencies.clear()
         seconds = 0.0
@@ -103,7 +103,8 @@ def pick_settings(sweep: list[PartResult]) -> WorkerPick:
     close = [r for r in sweep if r.fps >= best * (1 - TIE)]
     chosen = min(close, key=lambda r: (r.settings["batch"], PRECISION_ORDER[r.settings["precision"]],
                                        r.settings["compiled"]))
-    batch_ms = chosen.latency_ms["p50"]
+    batch_ms = 1000.0 * chosen.settings["batch"] / chosen.fps  # a batch's share of the time (with one in
+    # flight on a GPU, a frame's latency also holds the batch ahead of it)
     wait = float(max(1, round(WAIT_SHARE * batch_ms)))
     why = (f"{chosen.fps:.2f} frames/s, the fastest within {TIE:.0%} of the best ({best:.2f}); "
            f"wait {WAIT_SHARE:.0%} of its {batch_ms:.0f} ms batch")

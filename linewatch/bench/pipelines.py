@@ -116,7 +116,8 @@ def kafka_pipeline(workload: Workload, settings: Settings, backbone: Backbone, s
             def finished() -> bool:
                 if bar is not None and "published" in clock:
                     bar.update(worker.stats.frames - warm - bar.n)
-                return bool(errors) or ("published" in clock and worker.stats.frames >= warm + clock["published"])
+                handled = worker.stats.frames + worker.stats.dead  # a dead-lettered frame is done too
+                return bool(errors) or ("published" in clock and handled >= warm + clock["published"])
 
             worker.run(stop_worker, until=finished)
         finally:
@@ -145,7 +146,7 @@ def kafka_pipeline(workload: Workload, settings: Settings, backbone: Backbone, s
 def _wait_scored(worker, count: int, errors: list, stop: threading.Event, what: str, timeout_s: float) -> None:
     """Until the worker has sent ``count`` scores; a failed part, a stop or a stall ends it."""
     deadline = time.monotonic() + timeout_s
-    while worker.stats.frames < count:
+    while worker.stats.frames + worker.stats.dead < count:
         if errors or stop.is_set():
             raise BusError(f"Kafka pipeline: stopped before the {what} were scored")
         if time.monotonic() > deadline:
