@@ -1,4 +1,5 @@
-"""Ingest: video files, image folders, RTSP/HTTP streams and webcams -> frame records on the bus.
+"""Ingest: video files, image folders, RTSP/HTTP streams and webcams -> frame records on the
+bus. May import bus only.
 
 - ``sources``: ``open_source(spec)`` and the adapters (target fps by timestamp, max resolution);
 - ``srt``: DJI-style SRT telemetry sidecars;

@@ -22,10 +22,10 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 
-from linewatch.bus import Bus
-from linewatch.messages import META_HEADER, FrameMeta, encode
+from ..bus import Bus
+from ..bus.messages import META_HEADER, FrameMeta, encode
 
-from .sources import WEBCAM_DEVICE, Backoff, IngestError, Source, VideoFile, open_source
+from .sources import Backoff, IngestError, Source, VideoFile, open_source, webcam_index
 from .srt import TelemetryTrack, find_sidecar, load_track
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,8 @@ class IngestStats:
 def default_stream_id(spec: str) -> str:
     """File stem, folder name, host+path of a URL, or ``webcamN``; only ``[A-Za-z0-9._-]``."""
     spec = spec.strip()
-    device = WEBCAM_DEVICE.match(spec)
-    if spec.isdigit() or device:
-        return f"webcam{int(device.group(1) if device else spec)}"
+    if webcam_index(spec) is not None:
+        return f"webcam{webcam_index(spec)}"
     if "://" in spec:
         parts = urlsplit(spec)  # host, port and path; never the credentials
         raw = f"{parts.hostname or ''}{f'-{parts.port}' if parts.port else ''}{parts.path}"

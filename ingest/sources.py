@@ -276,6 +276,20 @@ class LiveCapture(Source):
             self.capture.release()
 
 
+def webcam_index(spec: str) -> int | None:
+    """``0`` or ``/dev/video0`` -> 0; anything else -> None."""
+    spec = spec.strip()
+    device = WEBCAM_DEVICE.match(spec)
+    return int(device.group(1)) if device else int(spec) if spec.isdigit() else None
+
+
+def is_live(spec: str) -> bool:
+    """An RTSP/HTTP(S) URL or a webcam (``0``, ``/dev/video0``): a source that connects, and
+    may reconnect, rather than a file or folder that must exist now."""
+    spec = spec.strip()
+    return spec.lower().startswith(STREAM_SCHEMES) or webcam_index(spec) is not None
+
+
 def open_source(spec: str, *, fps: float | None = None, max_size: int | None = None, image_fps: float = 1.0,
                 backoff: Backoff = Backoff(), stop: threading.Event | None = None) -> Source:
     """The source a spec names: a video file, an image folder, an RTSP/HTTP(S) URL, or a
@@ -284,13 +298,12 @@ def open_source(spec: str, *, fps: float | None = None, max_size: int | None = N
     live reconnection."""
     options = dict(fps=fps, max_size=max_size)
     spec = spec.strip()
-    if spec.lower().startswith(STREAM_SCHEMES):
-        parts = urlsplit(spec)
-        name = f"{parts.hostname or 'stream'}{parts.path}"
-        return LiveCapture(spec, mask_password(spec), name, backoff=backoff, stop=stop, **options)
-    device = WEBCAM_DEVICE.match(spec)
-    if spec.isdigit() or device:
-        index = int(device.group(1) if device else spec)
+    if is_live(spec):
+        if spec.lower().startswith(STREAM_SCHEMES):
+            parts = urlsplit(spec)
+            name = f"{parts.hostname or 'stream'}{parts.path}"
+            return LiveCapture(spec, mask_password(spec), name, backoff=backoff, stop=stop, **options)
+        index = webcam_index(spec)
         return LiveCapture(index, spec, f"webcam{index}", backoff=backoff, stop=stop, **options)
     path = Path(spec).expanduser()
     try:

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from linewatch.messages import Telemetry
+from ..bus.messages import Telemetry
 
 log = logging.getLogger(__name__)
 

@@ -75,11 +75,28 @@ def read_header(path: str | Path) -> dict:
     return header
 
 
-def backbone_config(header: dict, weights: str | None = None) -> BackboneConfig:
-    """The backbone a checkpoint was trained on (``weights`` overrides where the file now lives)."""
-    b = header["backbone"]
-    return BackboneConfig(arch=b["arch"], weights=weights or b["weights"], image_size=b["image_size"],
-                          layers=tuple(b["layers"]), vv_attention=b["vv_attention"], seed=b["seed"])
+def checkpoint_backbone(path: str | Path, given: dict | None = None) -> BackboneConfig:
+    """The backbone a checkpoint was trained on, against what was set explicitly (flags or
+    settings, by field name). ``weights`` says where the weights live on this machine and
+    ``seed`` which random weights; the load then checks they are the trained ones. Any other
+    field (``arch``, ``image_size``, ``layers``, ``vv_attention``, and ``method``) must agree
+    with the checkpoint or is refused with both sides named. The one policy of eval, train's
+    evaluation and the pipeline."""
+    header = read_header(path)
+    b, given = header["backbone"], {k: v for k, v in (given or {}).items() if v is not None}
+    trained = {"arch": b["arch"], "image_size": b["image_size"], "layers": tuple(b["layers"]),
+               "vv_attention": b["vv_attention"], "method": header["method"]}
+    clashes = [f"--{name.replace('_', '-')} {_shown(given[name])} (checkpoint: {_shown(value)})"
+               for name, value in trained.items() if name in given and _shown(given[name]) != _shown(value)]
+    if clashes:
+        raise CheckpointError(f"checkpoint {path} was trained differently: {'; '.join(clashes)}; leave these "
+                              "out (flags, or the backbone settings) to use the checkpoint's")
+    return BackboneConfig(arch=b["arch"], weights=given.get("weights", b["weights"]), image_size=b["image_size"],
+                          layers=tuple(b["layers"]), vv_attention=b["vv_attention"], seed=given.get("seed", b["seed"]))
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def check_backbone(header: dict, backbone: Backbone, path: str | Path) -> None:

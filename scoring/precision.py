@@ -1,4 +1,4 @@
-"""Inference precision of the image tower: names, the device's default, the autocast dtype.
+"""The device and the image tower's inference precision: names, the device's default, the autocast dtype.
 
 ``fp32`` runs everything in float32. ``bf16`` and ``fp16`` run the ViT blocks under
 ``torch.autocast`` (matmuls and convolutions in the low-precision type, reductions and
@@ -17,6 +17,19 @@ import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str | None) -> str:
+    """``None`` -> cuda when a GPU is there, else cpu; a named device is checked."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but this torch build sees no CUDA GPU")
+    return name
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:

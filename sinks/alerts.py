@@ -44,8 +44,8 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from linewatch.bus import Producer
-from linewatch.messages import AlertMsg, ScoreMsg, encode, track
+from ..bus import Producer
+from ..bus.messages import AlertMsg, ScoreMsg, encode, track
 
 
 class AlertPolicy(BaseModel):

@@ -35,9 +35,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from linewatch.messages import ScoreMsg
+from ..bus.messages import ScoreMsg
 
-from .maps import MapError, decode_map
+from ..bus.maps import MapError, decode_map
 
 OVERLAY_ALPHA = 0.45  # share of the heat colouring in the overlay
 

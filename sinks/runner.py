@@ -14,9 +14,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from linewatch.bus import Bus, Producer, Record
-from linewatch.messages import DEAD_PAYLOAD_LIMIT, AlertMsg, DeadLetter, FrameRef, MessageError, ScoreMsg, decode, encode, track
-
+from ..bus import Bus, Producer, Record
+from ..bus.messages import DEAD_PAYLOAD_LIMIT, AlertMsg, DeadLetter, MessageError, ScoreMsg, decode, encode, track
 from .alerts import AlertOutput, AlertPolicy, AlertTracker, OutputError
 from .archive import Archive, ArchiveError
 
@@ -139,12 +138,9 @@ def _dead_letter(producer: Producer, bus: Bus, stats: SinkStats, reason: str, st
                  seq: int | None = None) -> None:
     if record is not None:
         log.warning("%s:%s@%s -> dead letter: %s", record.topic, record.partition, record.offset, reason)
-        payload = record.value
-        if stream is None and record.key is not None:
-            stream = record.key.decode("utf-8", "replace")
-    letter = DeadLetter(
-        reason=reason, stage=stage, stream=stream, seq=seq, payload=(payload or b"")[:DEAD_PAYLOAD_LIMIT],
-        origin=FrameRef(topic=record.topic, partition=record.partition, offset=record.offset) if record else None,
-        headers={name: value.decode("utf-8", "replace") for name, value in record.headers} if record else {})
-    producer.send(bus.topics.dead, encode(letter), key=stream.encode() if stream is not None else None)
+        letter = DeadLetter.from_record(record, reason, stage, stream=stream, seq=seq)
+    else:
+        letter = DeadLetter(reason=reason, stage=stage, stream=stream, seq=seq,
+                            payload=(payload or b"")[:DEAD_PAYLOAD_LIMIT])
+    producer.send(bus.topics.dead, encode(letter), key=letter.stream.encode() if letter.stream is not None else None)
     stats.dead += 1

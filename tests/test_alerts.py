@@ -15,9 +15,9 @@ import pytest
 from pydantic import ValidationError
 
 from linewatch.bus.memory import MemoryBus
-from linewatch.messages import AlertMsg, DeadLetter, FrameMeta, Latency, ScoreMsg, Telemetry, decode, encode
+from linewatch.bus.messages import AlertMsg, DeadLetter, FrameMeta, Latency, ScoreMsg, Telemetry, decode, encode
 from linewatch.sinks.alerts import AlertPolicy, AlertTracker, BusOutput, JsonlOutput, OutputError, WebhookOutput
-from linewatch.sinks.maps import encode_map
+from linewatch.bus.maps import encode_map
 from linewatch.sinks.runner import run_alert_sink
 
 FRAME_W, FRAME_H = 64, 48

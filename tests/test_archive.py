@@ -14,9 +14,9 @@ from s3_server import s3_server  # noqa: F401  (fixture)
 from test_alerts import FRAME_H, FRAME_W, _read_all, _wait_for, score_msg
 
 from linewatch.bus.memory import MemoryBus
-from linewatch.messages import DeadLetter, EncodedMap, Telemetry, decode, encode
+from linewatch.bus.messages import DeadLetter, EncodedMap, Telemetry, decode, encode
 from linewatch.sinks.archive import Archive, ArchiveError, safe_component
-from linewatch.sinks.maps import MapError, decode_map, encode_map
+from linewatch.bus.maps import MapError, decode_map, encode_map
 from linewatch.sinks.runner import run_archive_sink
 
 

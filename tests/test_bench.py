@@ -19,11 +19,11 @@ from linewatch.bench.naive import naive_loop
 from linewatch.bus import Topics
 from linewatch.bus.memory import MemoryBus
 from linewatch.cli import main
-from linewatch.datasets import bgr_to_tensor
-from linewatch.messages import ScoreMsg, decode
+from linewatch.scoring.pixels import bgr_to_tensor
+from linewatch.bus.messages import ScoreMsg, decode
 from linewatch.scoring.methods import create_method
 from linewatch.scoring.precision import cpu_has_native_bf16
-from linewatch.settings import load_settings
+from linewatch.pipeline.settings import load_settings
 from linewatch.workers.anchors import AnchorCache
 from linewatch.workers.frames import FrameDecoder
 from linewatch.workers.profiles import ProfileTable, StreamProfile
@@ -199,7 +199,7 @@ def test_worker_scores_in_its_precision(tiny, precision, dtype):
 
 
 def test_precision_setting_reaches_the_worker(tiny, monkeypatch):
-    from linewatch.pipeline import build_worker
+    from linewatch.pipeline.wiring import build_worker
 
     monkeypatch.setenv("LINEWATCH_WORKER__PRECISION", "bf16")
     settings = load_settings(None, {"backbone": {"arch": "linewatch-tiny"}, "profile": {"threshold": 0.5}})

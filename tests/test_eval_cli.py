@@ -105,7 +105,7 @@ def test_user_mistakes_get_one_clear_line(tmp_path, args, message):
     cat = make_category(tmp_path, "widget", seed=4)
     args = [a.replace("{cat}", str(cat)) for a in args]
     offline = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a tag download must fail fast and clearly
-    proc = subprocess.run([sys.executable, "-m", "linewatch.cli", "eval", *args], capture_output=True, text=True, env=offline)
+    proc = subprocess.run([sys.executable, "-m", "linewatch", "eval", *args], capture_output=True, text=True, env=offline)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -16,9 +16,9 @@ import torch
 
 from linewatch.bus import Topics
 from linewatch.bus.memory import MemoryBus
-from linewatch.messages import ScoreMsg, decode
+from linewatch.bus.messages import ScoreMsg, decode
 from linewatch.scoring.backbone import Backbone, BackboneConfig
-from linewatch.sinks.maps import decode_map
+from linewatch.bus.maps import decode_map
 from linewatch.workers.anchors import AnchorCache
 from linewatch.workers.frames import FrameDecoder
 from linewatch.workers.profiles import ProfileTable, StreamProfile

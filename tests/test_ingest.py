@@ -18,7 +18,7 @@ from linewatch.ingest.publisher import Ingestor, default_stream_id, run_ingest
 from linewatch.ingest.sources import (Backoff, FrameRateSelector, IngestError, LiveCapture, Source, limit_size,
                                       open_source)
 from linewatch.ingest.srt import TelemetryTrack, load_track, parse_srt
-from linewatch.messages import frame_meta
+from linewatch.bus.messages import frame_meta
 
 
 def write_clip(path: Path, frames: int = 30, fps: float = 30, size=(64, 48)) -> Path:

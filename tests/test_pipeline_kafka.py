@@ -25,7 +25,7 @@ from kafka.partitioner import murmur2
 
 from linewatch.bus import connect
 from linewatch.ingest.demo import write_demo_clip
-from linewatch.messages import META_HEADER, DeadLetter, FrameMeta, ScoreMsg, decode, encode
+from linewatch.bus.messages import META_HEADER, DeadLetter, FrameMeta, ScoreMsg, decode, encode
 
 PARTITIONS = 4
 PREFIX = "itest"
@@ -49,7 +49,7 @@ class Processes:
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")
-        process = subprocess.Popen([sys.executable, "-m", "linewatch.cli", *args], stdout=log,
+        process = subprocess.Popen([sys.executable, "-m", "linewatch", *args], stdout=log,
                                    stderr=subprocess.STDOUT, env=self.env)
         self.running[name] = process
         return process

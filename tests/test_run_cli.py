@@ -55,7 +55,7 @@ def test_ctrl_c_scores_what_was_read_and_stops(tmp_path, capsys, monkeypatch):
     import _thread
     import threading
 
-    from linewatch.ingest import publisher
+    from linewatch.pipeline import embedded
 
     published = []
 
@@ -64,8 +64,8 @@ def test_ctrl_c_scores_what_was_read_and_stops(tmp_path, capsys, monkeypatch):
         published.append(sum(s.published for s in stats))
         return stats
 
-    real_ingest = publisher.run_ingest
-    monkeypatch.setattr(publisher, "run_ingest", counted_ingest)
+    real_ingest = embedded.run_ingest
+    monkeypatch.setattr(embedded, "run_ingest", counted_ingest)
     clip = write_demo_clip(tmp_path / "long", seconds=20, fps=5, size=(160, 96), references=0)
     out = tmp_path / "out"
     done = threading.Event()
@@ -143,7 +143,7 @@ def test_ctrl_c_ends_a_run_with_its_frames_scored_and_events_closed(tmp_path):
 
     clip = write_demo_clip(tmp_path / "long", seconds=30, fps=5, size=(160, 96), references=2)  # 30 s at --realtime
     out = tmp_path / "out"
-    run = subprocess.Popen([sys.executable, "-m", "linewatch.cli", "run", str(clip.video), "--stream-id", "live",
+    run = subprocess.Popen([sys.executable, "-m", "linewatch", "run", str(clip.video), "--stream-id", "live",
                             "--realtime", "--threshold", "0", "--out", str(out), *TINY],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = out / "alerts.jsonl"
@@ -177,4 +177,4 @@ def test_run_with_a_trained_checkpoint_takes_its_backbone(clip, tmp_path, capsys
     assert len(list((out / "archive").rglob("*mask.png"))) == clip.frame_count
     assert main(["run", str(clip.video), "--out", str(tmp_path / "o2"), "--checkpoint", str(checkpoint),
                  "--image-size", "96"]) == 2
-    assert "trained for another backbone: image size 64 (this backbone: 96)" in error_line(capsys)
+    assert "trained differently: --image-size 96 (checkpoint: 64)" in error_line(capsys)

@@ -14,15 +14,16 @@ import torch
 
 from linewatch.bus import Topics
 from linewatch.bus.memory import MemoryBus
-from linewatch.messages import META_HEADER, DeadLetter, FrameMeta, ScoreMsg, decode, encode
-from linewatch.replay import ReplayRange, first_offset_at, replay
+from linewatch.bus.messages import META_HEADER, DeadLetter, FrameMeta, ScoreMsg, decode, encode
+from linewatch.pipeline.replay import ReplayRange, first_offset_at, replay
 from linewatch.scoring.calibrate import leave_one_out_scores, reference_threshold
 from linewatch.scoring.methods import create_method
-from linewatch.settings import load_settings
+from linewatch.pipeline.settings import load_settings
 from linewatch.workers.anchors import AnchorCache
-from linewatch.datasets import load_image
+from linewatch.scoring.pixels import load_image
 from linewatch.scoring.prompts import PromptPack
-from linewatch.workers.profiles import PreparedProfile, ProfileTable, StreamProfile, reference_paths
+from linewatch.workers.prepared import PreparedProfile
+from linewatch.workers.profiles import ProfileTable, StreamProfile, reference_paths
 from linewatch.workers.worker import ScoringWorker
 
 

@@ -1,6 +1,6 @@
 """JPEG frames -> the model's input batch ``[B, 3, S, S]`` float RGB in [0, 1], on its device.
 
-CPU: OpenCV decodes and resizes each frame as uint8 (``datasets.square_rgb``, the same
+CPU: OpenCV decodes and resizes each frame as uint8 (``scoring.pixels.square_rgb``, the same
 pixels eval and the references get), and the batch is converted to float once.
 
 GPU: nvJPEG decodes the whole batch on the device (``torchvision.io.decode_jpeg`` with a
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..datasets import square_rgb
+from ..scoring.pixels import square_rgb
 
 log = logging.getLogger(__name__)
 

@@ -26,15 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from ..bus import Bus, BusError, Record
-from ..messages import (DEAD_PAYLOAD_LIMIT, DeadLetter, FrameMeta, FrameRef, Latency, MessageError, ScoreMsg, encode,
-                        frame_meta)
+from ..bus.maps import MAP_MAX_SIDE, encode_map
+from ..bus.messages import DeadLetter, FrameMeta, FrameRef, Latency, MessageError, ScoreMsg, encode, frame_meta
 from ..scoring.backbone import Backbone
 from ..scoring.precision import autocast_dtype, resolve_precision
 from ..scoring.prompts import PromptPack
-from ..sinks.maps import MAP_MAX_SIDE, encode_map
 from .anchors import AnchorCache
 from .frames import FrameDecoder
-from .profiles import PreparedProfile, ProfileTable
+from .prepared import PreparedProfile
+from .profiles import ProfileTable
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +63,6 @@ class _Frame:
     record: Record
     meta: FrameMeta
     index: int  # row in the decoded batch
-
-
-def dead_letter(record: Record, reason: str, stage: str, meta: FrameMeta | None = None) -> DeadLetter:
-    headers = {}
-    for name, value in record.headers:
-        headers[name] = value.decode("utf-8", "replace")[:4096]
-    return DeadLetter(reason=reason, stage=stage, origin=FrameRef(topic=record.topic, partition=record.partition,
-                                                                  offset=record.offset),
-                      stream=meta.stream if meta else (record.key or b"").decode("utf-8", "replace") or None,
-                      seq=meta.seq if meta else None, payload=record.value[:DEAD_PAYLOAD_LIMIT], headers=headers)
 
 
 class ScoringWorker:
@@ -237,7 +227,9 @@ class ScoringWorker:
     def _dead_letter(self, record: Record, reason: str, producer, meta: FrameMeta | None = None) -> None:
         self.stats.dead += 1
         log.warning("frame %s:%s@%s -> dead letter: %s", record.topic, record.partition, record.offset, reason)
-        producer.send(self.bus.topics.dead, encode(dead_letter(record, reason, "worker", meta)), key=record.key)
+        letter = DeadLetter.from_record(record, reason, "worker", stream=meta.stream if meta else None,
+                                        seq=meta.seq if meta else None)
+        producer.send(self.bus.topics.dead, encode(letter), key=record.key)
 
     def _publish(self, group: "_Group", producer, decode_share_s: float, started_at: float) -> None:
         if group.ready is not None:

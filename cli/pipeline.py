@@ -12,32 +12,10 @@ import signal
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+
+from . import args as a
 
 S = argparse.SUPPRESS
-
-
-def _threshold(text: str):
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
-
-
-def _when(text: str) -> float:
-    """UNIX seconds, or an ISO 8601 time (UTC unless it names a zone)."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected UNIX seconds or an ISO time like 2026-11-23T10:00:00, "
-                                         f"got {text!r}") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def add_common(parser: argparse.ArgumentParser, services: bool = True) -> None:
@@ -51,8 +29,6 @@ def add_common(parser: argparse.ArgumentParser, services: bool = True) -> None:
 
 
 def add_model(parser: argparse.ArgumentParser, redis: bool = True) -> None:
-    from .cli import _layers, _option, _positive
-
     model = parser.add_argument_group("model and scoring profile")
     if redis:
         model.add_argument("--redis-url", dest="redis_url", default=S,
@@ -62,27 +38,20 @@ def add_model(parser: argparse.ArgumentParser, redis: bool = True) -> None:
                        help="trained method from `linewatch train` (sets the method, and the backbone unless given)")
     model.add_argument("--class", dest="profile.class_name", default=S,
                        help="asset class of the prompt pack, e.g. insulator (default)")
-    model.add_argument("--threshold", dest="profile.threshold", type=_threshold, default=S,
+    model.add_argument("--threshold", dest="profile.threshold", type=a.threshold, default=S,
                        help="image score that marks a frame anomalous, or 'auto' (default): from --calibration "
                             "images, else from the references by leave-one-out")
     model.add_argument("--references", dest="profile.references", default=S,
                        help="folder of normal images of the asset (few-shot)")
     model.add_argument("--calibration", dest="profile.calibration", default=S,
                        help="folder of other normal images: threshold 'auto' sits just above their scores")
-    model.add_argument("--shots", dest="profile.shots", type=_positive, default=S, help="use the first N references")
-    model.add_argument("--option", dest="profile.options", type=_option, action="append", default=S,
+    model.add_argument("--shots", dest="profile.shots", type=a.positive, default=S, help="use the first N references")
+    model.add_argument("--option", dest="profile.options", type=a.option, action="append", default=S,
                        metavar="KEY=VALUE", help="method option, repeatable, e.g. text_weight=0")
-    model.add_argument("--arch", dest="backbone.arch", default=S, help="open_clip architecture (default ViT-B-16)")
-    model.add_argument("--weights", dest="backbone.weights", default=S,
-                       help="'none' (random, seeded; default), an open_clip pretrained tag, or a local weights file")
-    model.add_argument("--image-size", dest="backbone.image_size", type=_positive, default=S)
-    model.add_argument("--layers", dest="backbone.layers", type=_layers, default=S)
-    model.add_argument("--seed", dest="backbone.seed", type=int, default=S)
-    model.add_argument("--device", dest="backbone.device", default=S)
-    from .settings import WorkerSettings
+    from ..pipeline.settings import WorkerSettings
 
     worker = WorkerSettings()
-    model.add_argument("--max-batch", dest="worker.max_batch", type=_positive, default=S,
+    model.add_argument("--max-batch", dest="worker.max_batch", type=a.positive, default=S,
                        help=f"frames per batch (default {worker.max_batch}; README, Throughput)")
     model.add_argument("--max-wait-ms", dest="worker.max_wait_ms", type=float, default=S,
                        help=f"how long a batch waits to fill after its first frame (default {worker.max_wait_ms:g})")
@@ -92,6 +61,7 @@ def add_model(parser: argparse.ArgumentParser, redis: bool = True) -> None:
     model.add_argument("--compile", dest="worker.compile", action="store_const", const=True, default=S,
                        help="torch.compile the image tower (the first batch waits for the compiler)")
     model.add_argument("--prompts", dest="worker.prompts", default=S, help="prompt pack YAML")
+    a.add_backbone(parser)
 
 
 def add_ingest(parser: argparse.ArgumentParser) -> None:
@@ -118,7 +88,7 @@ def add_alerts(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--webhook", dest="alerts.webhook", default=S, help="POST each alert as JSON to this URL")
 
 
-def build(commands) -> None:
+def add_parsers(commands) -> None:
     run = commands.add_parser("run", help="run the whole pipeline in this process (no services needed)",
                               description="Ingest, score, alert and archive in one process on the in-process bus. "
                                           "Alerts go to OUT/alerts.jsonl, anomaly masks and overlays to OUT/archive.")
@@ -152,9 +122,9 @@ def build(commands) -> None:
     span = replay.add_argument_group("range (default: everything on the topic)")
     span.add_argument("--from-offset", type=int, default=None)
     span.add_argument("--to-offset", type=int, default=None, help="exclusive")
-    span.add_argument("--since", type=_when, default=None,
+    span.add_argument("--since", type=a.when, default=None,
                       help="frames published from this time on, UNIX seconds or ISO 8601 (UTC unless zoned)")
-    span.add_argument("--until", type=_when, default=None, help="exclusive")
+    span.add_argument("--until", type=a.when, default=None, help="exclusive")
     span.add_argument("--stream", default="*", help="glob of stream ids to replay")
     replay.add_argument("--results-topic", default=None,
                         help="where the scores go (default <prefix>.replay.<method>-<UTC time>)")
@@ -166,14 +136,12 @@ def build(commands) -> None:
     demo.add_argument("--seed", type=int, default=0)
 
     for parser in (run, ingest, worker, sink, replay):
-        for action in parser._actions:  # "--max-batch MAX_BATCH", not "WORKER.MAX_BATCH"
-            if "." in action.dest and action.metavar is None and action.nargs != 0:
-                action.metavar = action.dest.rsplit(".", 1)[1].upper()
+        a.metavars(parser)
 
 
 # ---- handlers ---------------------------------------------------------------------------
 def _settings(args: argparse.Namespace):
-    from .settings import load_settings, nest
+    from ..pipeline.settings import load_settings, nest
 
     flat = {k: v for k, v in vars(args).items() if "." in k or k in ("bootstrap_servers", "redis_url", "topic_prefix",
                                                                       "partitions", "archive")}
@@ -183,7 +151,7 @@ def _settings(args: argparse.Namespace):
 
 
 def _bus(settings):
-    from .bus import BusError, connect
+    from ..bus import BusError, connect
 
     if not settings.bootstrap_servers:
         raise BusError("no Kafka given: pass --bootstrap-servers or set LINEWATCH_BOOTSTRAP_SERVERS "
@@ -205,7 +173,7 @@ def _logging() -> None:
 
 
 def run_run(args) -> None:
-    from .pipeline import run_embedded
+    from ..pipeline.embedded import run_embedded
 
     _logging()
     settings = _settings(args)
@@ -216,7 +184,7 @@ def run_run(args) -> None:
 
 
 def run_ingest_command(args) -> None:
-    from .ingest.publisher import run_ingest
+    from ..ingest.publisher import run_ingest
 
     _logging()
     settings = _settings(args)
@@ -228,7 +196,7 @@ def run_ingest_command(args) -> None:
 
 
 def run_worker(args) -> None:
-    from .pipeline import build_worker
+    from ..pipeline.wiring import build_worker
 
     _logging()
     settings = _settings(args)
@@ -242,9 +210,9 @@ def run_worker(args) -> None:
 
 
 def run_sink(args) -> None:
-    from .pipeline import alert_outputs, policy_table
-    from .sinks.archive import Archive
-    from .sinks.runner import run_alert_sink, run_archive_sink
+    from ..pipeline.wiring import alert_outputs, policy_table
+    from ..sinks.archive import Archive
+    from ..sinks.runner import run_alert_sink, run_archive_sink
 
     _logging()
     settings = _settings(args)
@@ -263,8 +231,8 @@ def run_sink(args) -> None:
 
 
 def run_replay(args) -> None:
-    from .pipeline import build_worker
-    from .replay import ReplayRange, replay
+    from ..pipeline.wiring import build_worker
+    from ..pipeline.replay import ReplayRange, replay
 
     _logging()
     settings = _settings(args)
@@ -281,7 +249,7 @@ def run_replay(args) -> None:
 
 
 def run_demo(args) -> None:
-    from .ingest.demo import find_backgrounds, write_demo_clip
+    from ..ingest.demo import find_backgrounds, write_demo_clip
 
     clip = write_demo_clip(args.out, seconds=args.seconds, fps=args.fps, seed=args.seed, backgrounds=find_backgrounds())
     print(f"clip: {clip.video}\nreferences: {clip.references[0].parent} ({len(clip.references)} normal views)\n"

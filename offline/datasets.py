@@ -1,5 +1,6 @@
 """MVTec-AD layout reader: ``<cat>/train/good``, ``<cat>/test/<defect>``,
-``<cat>/ground_truth/<defect>/<stem>_mask.png``. Returns float RGB tensors in [0, 1]."""
+``<cat>/ground_truth/<defect>/<stem>_mask.png``. Images load through ``scoring.pixels``
+(float RGB tensors in [0, 1]); masks as bool tensors at the same size."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
-import numpy as np
 import torch
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+from ..scoring.pixels import IMAGE_SUFFIXES
 
 
 class DatasetError(ValueError):
@@ -72,27 +72,6 @@ def find_categories(root: str | Path) -> list[Category]:
     if not categories:
         raise DatasetError(f"{root} is not in MVTec layout: no <category>/test/ folders found")
     return categories
-
-
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """[3, size, size] float RGB in [0, 1]; squashed to a square so masks stay aligned."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DatasetError(f"cannot read image {path}")
-    return bgr_to_tensor(image, size)
-
-
-def bgr_to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
-    """An OpenCV BGR uint8 image -> [3, size, size] float RGB in [0, 1], squashed to a square.
-    The one preprocessing used by eval, references and the streaming workers."""
-    return torch.from_numpy(square_rgb(image, size)).permute(2, 0, 1).float().div_(255.0)
-
-
-def square_rgb(image: np.ndarray, size: int) -> np.ndarray:
-    """An OpenCV BGR uint8 image -> [size, size, 3] uint8 RGB (area filter down, cubic up).
-    The workers batch these and convert once (``workers/frames.py``)."""
-    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if image.shape[0] > size else cv2.INTER_CUBIC)
-    return np.ascontiguousarray(image[:, :, ::-1])
 
 
 def load_mask(path: Path | None, size: int) -> torch.Tensor:

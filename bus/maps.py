@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from linewatch.messages import EncodedMap
+from .messages import EncodedMap
 
 MAP_MAX_SIDE = 64  # long side of a map on the wire
 

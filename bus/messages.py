@@ -135,6 +135,18 @@ class DeadLetter(_Message):
     headers: dict[str, str] = {}
     at: float = Field(default_factory=time.time)
 
+    @classmethod
+    def from_record(cls, record, reason: str, stage: str, *, stream: str | None = None,
+                    seq: int | None = None) -> DeadLetter:
+        """The dead letter for a bus record that could not be handled: its bytes (truncated to
+        DEAD_PAYLOAD_LIMIT), headers and position. ``stream`` defaults to the record's key."""
+        if stream is None and record.key is not None:
+            stream = record.key.decode("utf-8", "replace")
+        return cls(reason=reason, stage=stage, stream=stream or None, seq=seq,
+                   origin=FrameRef(topic=record.topic, partition=record.partition, offset=record.offset),
+                   payload=record.value[:DEAD_PAYLOAD_LIMIT],
+                   headers={name: value.decode("utf-8", "replace")[:4096] for name, value in record.headers})
+
 
 _KINDS: dict[str, type[_Message]] = {"frame": FrameMeta, "score": ScoreMsg, "alert": AlertMsg, "dead": DeadLetter}
 

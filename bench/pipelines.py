@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 from ..bus import BusError, Topics
-from ..messages import META_HEADER, FrameMeta, encode
-from ..pipeline import alert_outputs, build_worker, policy_table, run_embedded
+from ..bus.messages import META_HEADER, FrameMeta, encode
+from ..pipeline.embedded import run_embedded
+from ..pipeline.wiring import alert_outputs, build_worker, policy_table
 from ..scoring.backbone import Backbone
-from ..settings import Settings
+from ..pipeline.settings import Settings
 from .measure import MemoryWatch, PartResult, percentiles
 from .workload import Workload
 

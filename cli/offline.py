@@ -1,0 +1,127 @@
+"""``linewatch eval``, ``train`` and ``methods``: work on datasets, outside the pipeline."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import args as a
+
+
+def add_parsers(commands) -> None:
+    ev = commands.add_parser("eval", help="evaluate a method on MVTec-layout data",
+                             description="Score every test image of one category (or a folder of categories) "
+                                         "and print image and pixel AUROC, AP, F1-max and AUPRO.")
+    ev.add_argument("--method", default=None, help="scoring method (see `linewatch methods`; default winclip)")
+    ev.add_argument("--checkpoint", default=None, help="a trained checkpoint from `linewatch train` (sets method and backbone)")
+    ev.add_argument("--data", required=True, help="a category folder or a folder of categories in MVTec layout")
+    ev.add_argument("--shots", type=int, default=0, help="normal reference images from train/good (0: zero-shot)")
+    ev.add_argument("--prompts", default=None, help="prompt pack YAML (default: the bundled pack)")
+    ev.add_argument("--option", dest="options", type=a.option, action="append", default=[], metavar="KEY=VALUE",
+                    help="method option, repeatable, e.g. text_weight=0 (see each method's docstring)")
+    ev.add_argument("--batch-size", type=a.positive, default=8)
+    ev.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON here")
+    a.add_backbone(ev)
+
+    tr = commands.add_parser("train", help="few-shot training of a method, saved as a checkpoint",
+                             description="Train a method's adapters/prompts/projections on k normal and k anomalous "
+                                         "images (with masks) per category of MVTec-layout data; the backbone stays frozen.")
+    tr.add_argument("--method", required=True, help="aprilgan, aa-clip or madclip")
+    tr.add_argument("--data", required=True, help="a category folder or a folder of categories in MVTec layout")
+    tr.add_argument("--shots", type=a.positive, default=4, help="normal and anomalous images per category (default 4)")
+    tr.add_argument("--epochs", type=a.positive, default=30, help="epochs per training stage (default 30)")
+    tr.add_argument("--lr", type=float, default=None,
+                    help="learning rate for every stage (default: the paper's per stage; AA-CLIP 1e-5 text, 5e-4 image; others 1e-3)")
+    tr.add_argument("--batch-size", type=a.positive, default=8)
+    tr.add_argument("--views", type=a.positive, default=4, help="augmented views per image (default 4)")
+    tr.add_argument("--out", required=True, help="checkpoint file to write (.safetensors)")
+    tr.add_argument("--eval", dest="eval_data", default=None,
+                    help="evaluate right after training on this data (same dataset: the training images are left out; "
+                         "another dataset: the cross-dataset protocol)")
+    tr.add_argument("--json", dest="json_out", default=None, help="with --eval, also write the report as JSON here")
+    tr.add_argument("--prompts", default=None, help="prompt pack YAML (default: the bundled pack)")
+    tr.add_argument("--option", dest="options", type=a.option, action="append", default=[], metavar="KEY=VALUE",
+                    help="method option, repeatable (see each method's docstring)")
+    a.add_backbone(tr)
+
+    commands.add_parser("methods", help="list the registered scoring methods")
+
+
+def _backbone(args: argparse.Namespace):
+    from ..scoring.backbone import BackboneConfig
+
+    given = a.given_backbone(args)
+    given.pop("device", None)
+    return BackboneConfig(**given)
+
+
+def _seed(args: argparse.Namespace) -> int:
+    return getattr(args, "backbone.seed", 0)
+
+
+def _device(args: argparse.Namespace) -> str:
+    from ..scoring.precision import resolve_device
+
+    return resolve_device(getattr(args, "backbone.device", None))
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from ..offline.evaluate import EvalConfig, evaluate, format_table, write_json
+    from ..scoring.checkpoint import checkpoint_backbone
+
+    if args.shots < 0:
+        raise ValueError("--shots must be 0 or more")
+    a.check_output_path(args.json_out)
+    if args.checkpoint:
+        given = {k: v for k, v in a.given_backbone(args).items() if k not in ("seed", "device")}
+        backbone = checkpoint_backbone(args.checkpoint, {**given, "method": args.method})
+    else:
+        backbone = _backbone(args)
+    if args.checkpoint and args.options:
+        raise ValueError("--option cannot change a checkpoint's method options; they are fixed at training")
+    config = EvalConfig(
+        method=args.method or "winclip", data=args.data, shots=args.shots, prompts=args.prompts, options=dict(args.options),
+        batch_size=args.batch_size, seed=_seed(args), device=_device(args), backbone=backbone,
+        checkpoint=args.checkpoint)
+    report = evaluate(config)
+    print(format_table(report))
+    if args.json_out:
+        write_json(report, args.json_out)
+        print(f"report written to {args.json_out}")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from ..offline.evaluate import EvalConfig, evaluate, format_table, write_json
+    from ..offline.fewshot import TrainJob, run_training
+    from ..scoring.training import TrainConfig
+
+    if not args.out.endswith(".safetensors"):
+        raise ValueError(f"--out {args.out}: checkpoints are safetensors files; name it *.safetensors")
+    a.check_output_path(args.out, "--out")
+    a.check_output_path(args.json_out)
+    if args.eval_data:
+        from ..offline.datasets import find_categories
+
+        find_categories(args.eval_data)  # a wrong path fails now, not after training
+    job = TrainJob(method=args.method, data=args.data, out=args.out, shots=args.shots, prompts=args.prompts,
+                   options=dict(args.options), device=_device(args), backbone=_backbone(args),
+                   train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, views=args.views,
+                                     seed=_seed(args)))
+    method, _ = run_training(job)
+    if args.eval_data:
+        config = EvalConfig(method=args.method, data=args.eval_data, batch_size=args.batch_size, seed=_seed(args),
+                            device=job.device, backbone=job.backbone, checkpoint=args.out)
+        report = evaluate(config, method=method)
+        print(format_table(report))
+        if args.json_out:
+            write_json(report, args.json_out)
+            print(f"report written to {args.json_out}")
+
+
+def run_methods(_: argparse.Namespace) -> None:
+    from ..scoring.methods import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        print(f"{name:<12}{(cls.__doc__ or '').strip()}")
+
+
+HANDLERS = {"eval": run_eval, "train": run_train, "methods": run_methods}

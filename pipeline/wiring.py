@@ -1,0 +1,87 @@
+"""Wiring: the parts a process runs, built from Settings (the backbone, a prepared worker,
+the alert policies and outputs). Every check a user can fail that needs no model runs first."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from ..bus import Bus
+from ..bus.streams import StreamTable
+from ..scoring.backbone import Backbone, BackboneConfig
+from ..scoring.prompts import PromptPack
+from ..sinks.alerts import AlertPolicy
+from ..workers.anchors import AnchorCache
+from ..workers.profiles import ProfileTable
+from ..workers.worker import ScoringWorker
+from .settings import Settings
+
+
+def check_settings(settings: Settings) -> ProfileTable:
+    """Everything a user can get wrong that needs no model: fails fast, names the problem."""
+    from ..scoring.precision import resolve_device, resolve_precision
+
+    resolve_precision(settings.worker.precision, resolve_device(settings.backbone.device))
+    table = ProfileTable(settings.profile, settings.streams)
+    if settings.worker.prompts is not None and not Path(settings.worker.prompts).is_file():
+        raise ValueError(f"prompt pack not found: {settings.worker.prompts}")
+    policy_table(settings)
+    if settings.profile.checkpoint:
+        backbone_config(settings)
+    return table
+
+
+def backbone_config(settings: Settings) -> BackboneConfig:
+    """The configured backbone; with a checkpoint in the default profile, the one it was
+    trained on, checked against the backbone settings given explicitly (one policy with eval:
+    ``scoring.checkpoint.checkpoint_backbone``)."""
+    from ..scoring.checkpoint import checkpoint_backbone
+
+    b = settings.backbone
+    if settings.profile.checkpoint:
+        given = {name: getattr(b, name) for name in b.model_fields_set if name != "device"}
+        return checkpoint_backbone(settings.profile.checkpoint, given)
+    return BackboneConfig(arch=b.arch, weights=b.weights, image_size=b.image_size, layers=b.layers,
+                          vv_attention=b.vv_attention, seed=b.seed)
+
+
+def build_backbone(settings: Settings) -> Backbone:
+    from ..scoring.precision import resolve_device
+
+    return Backbone.build(backbone_config(settings), resolve_device(settings.backbone.device))
+
+
+def build_worker(bus: Bus, settings: Settings, backbone: Backbone | None = None, **kwargs) -> ScoringWorker:
+    """A prepared worker; ``backbone`` reuses one already built (and accelerated) for these settings."""
+    from ..scoring.acceleration import accelerate
+
+    profiles = check_settings(settings)
+    prompts = PromptPack.load(settings.worker.prompts)
+    anchors = AnchorCache(settings.redis_url, folder=settings.anchor_dir)
+    if backbone is None:
+        backbone = accelerate(build_backbone(settings), compile=settings.worker.compile)
+    w = settings.worker
+    worker = ScoringWorker(bus, backbone, profiles, anchors, prompts=prompts, max_batch=w.max_batch,
+                           max_wait_ms=w.max_wait_ms, precision=w.precision, **kwargs)
+    worker.prepare_all()
+    return worker
+
+
+def policy_table(settings: Settings) -> StreamTable[AlertPolicy]:
+    """stream id -> AlertPolicy (glob overrides of the default policy, first match wins)."""
+    base = settings.alerts.policy
+    return StreamTable(base, {pattern: AlertPolicy.model_validate({**base.model_dump(), **values})
+                              for pattern, values in settings.alerts.streams.items()})
+
+
+def alert_outputs(bus: Bus, settings: Settings, stop: threading.Event | None = None) -> list:
+    from ..sinks.alerts import BusOutput, JsonlOutput, WebhookOutput
+
+    outputs = []
+    if settings.alerts.jsonl:
+        outputs.append(JsonlOutput(settings.alerts.jsonl))
+    if settings.alerts.publish:
+        outputs.append(BusOutput(bus.producer(), bus.topics.alerts))
+    if settings.alerts.webhook:
+        outputs.append(WebhookOutput(settings.alerts.webhook, stop=stop))
+    return outputs
