@@ -20,9 +20,9 @@ from pathlib import Path
 from ..bus import BusError, Topics
 from ..bus.messages import META_HEADER, FrameMeta, encode
 from ..pipeline.embedded import run_embedded
+from ..pipeline.settings import Settings
 from ..pipeline.wiring import alert_outputs, build_worker, policy_table
 from ..scoring.backbone import Backbone
-from ..pipeline.settings import Settings
 from .measure import MemoryWatch, PartResult, percentiles
 from .workload import Workload
 

@@ -133,16 +133,3 @@ def next_offsets(records: list[Record]) -> dict[tuple[str, int], int]:
     for r in records:
         out[(r.topic, r.partition)] = max(out.get((r.topic, r.partition), 0), r.offset + 1)
     return out
-
-
-def connect(url: str, prefix: str = "linewatch", partitions: int = 4) -> Bus:
-    """``memory://`` or ``kafka://host:port,...`` (``host:port`` alone means Kafka)."""
-    topics = Topics(prefix)
-    if url.startswith("memory://"):
-        from .memory import MemoryBus
-        return MemoryBus(topics, partitions)
-    servers = url.removeprefix("kafka://")
-    if not servers or "://" in servers:
-        raise BusError(f"bus URL {url!r}: use memory:// or kafka://host:port[,host:port]")
-    from .kafka import KafkaBus
-    return KafkaBus(servers, topics, partitions)

@@ -14,7 +14,16 @@ import itertools
 import threading
 import time
 
-from . import Bus, BusError, Consumer, Producer, Record, Topics, next_offsets, partition_for
+from . import (
+    Bus,
+    BusError,
+    Consumer,
+    Producer,
+    Record,
+    Topics,
+    next_offsets,
+    partition_for,
+)
 
 
 class _Log:

@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 
-
 from ..bench import DEFAULT_CLASS
 from . import args as a
 

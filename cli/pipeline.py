@@ -151,7 +151,8 @@ def _settings(args: argparse.Namespace):
 
 
 def _bus(settings):
-    from ..bus import BusError, connect
+    from ..bus import BusError
+    from ..pipeline.wiring import connect
 
     if not settings.bootstrap_servers:
         raise BusError("no Kafka given: pass --bootstrap-servers or set LINEWATCH_BOOTSTRAP_SERVERS "
@@ -231,8 +232,8 @@ def run_sink(args) -> None:
 
 
 def run_replay(args) -> None:
-    from ..pipeline.wiring import build_worker
     from ..pipeline.replay import ReplayRange, replay
+    from ..pipeline.wiring import build_worker
 
     _logging()
     settings = _settings(args)

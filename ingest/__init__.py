@@ -7,7 +7,7 @@ bus. May import bus only.
 - ``demo``: a synthetic drone clip with a known insulator defect.
 """
 
-from .publisher import IngestStats, Ingestor, default_stream_id, run_ingest
+from .publisher import Ingestor, IngestStats, default_stream_id, run_ingest
 from .sources import Backoff, IngestError, Source, open_source
 
 __all__ = ["Backoff", "IngestError", "IngestStats", "Ingestor", "Source", "default_stream_id", "open_source",

@@ -24,7 +24,6 @@ import numpy as np
 
 from ..bus import Bus
 from ..bus.messages import META_HEADER, FrameMeta, encode
-
 from .sources import Backoff, IngestError, Source, VideoFile, open_source, webcam_index
 from .srt import TelemetryTrack, find_sidecar, load_track
 

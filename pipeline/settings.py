@@ -11,10 +11,9 @@ Environment variables are ``LINEWATCH_<FIELD>``, nested with ``__``, e.g.
 from __future__ import annotations
 
 from pathlib import Path
-
-import yaml
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 

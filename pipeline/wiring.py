@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from ..bus import Bus
+from ..bus import Bus, BusError, Topics
 from ..bus.streams import StreamTable
 from ..scoring.backbone import Backbone, BackboneConfig
 from ..scoring.prompts import PromptPack
@@ -15,6 +15,19 @@ from ..workers.anchors import AnchorCache
 from ..workers.profiles import ProfileTable
 from ..workers.worker import ScoringWorker
 from .settings import Settings
+
+
+def connect(url: str, prefix: str = "linewatch", partitions: int = 4) -> Bus:
+    """``memory://`` or ``kafka://host:port,...`` (``host:port`` alone means Kafka)."""
+    topics = Topics(prefix)
+    if url.startswith("memory://"):
+        from ..bus.memory import MemoryBus
+        return MemoryBus(topics, partitions)
+    servers = url.removeprefix("kafka://")
+    if not servers or "://" in servers:
+        raise BusError(f"bus URL {url!r}: use memory:// or kafka://host:port[,host:port]")
+    from ..bus.kafka import KafkaBus
+    return KafkaBus(servers, topics, partitions)
 
 
 def check_settings(settings: Settings) -> ProfileTable:

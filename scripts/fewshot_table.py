@@ -22,13 +22,13 @@ import torch
 from tqdm import tqdm
 
 from linewatch.offline.datasets import find_categories, load_mask
-from linewatch.scoring.pixels import load_image
+from linewatch.offline.fewshot import training_set
 from linewatch.scoring.backbone import Backbone, BackboneConfig
 from linewatch.scoring.checkpoint import load_checkpoint, save_checkpoint
 from linewatch.scoring.methods import create_method
 from linewatch.scoring.metrics import image_metrics, pixel_metrics
+from linewatch.scoring.pixels import load_image
 from linewatch.scoring.training import TrainConfig, augment, extract_features, fit
-from linewatch.offline.fewshot import training_set
 
 
 def test_set(root: str, size: int):

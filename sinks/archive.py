@@ -35,9 +35,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..bus.messages import ScoreMsg
-
 from ..bus.maps import MapError, decode_map
+from ..bus.messages import ScoreMsg
 
 OVERLAY_ALPHA = 0.45  # share of the heat colouring in the overlay
 

@@ -15,7 +15,16 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from ..bus import Bus, Producer, Record
-from ..bus.messages import DEAD_PAYLOAD_LIMIT, AlertMsg, DeadLetter, MessageError, ScoreMsg, decode, encode, track
+from ..bus.messages import (
+    DEAD_PAYLOAD_LIMIT,
+    AlertMsg,
+    DeadLetter,
+    MessageError,
+    ScoreMsg,
+    decode,
+    encode,
+    track,
+)
 from .alerts import AlertOutput, AlertPolicy, AlertTracker, OutputError
 from .archive import Archive, ArchiveError
 

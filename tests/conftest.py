@@ -128,6 +128,21 @@ def texture_data() -> SimpleNamespace:
                            defects=torch.from_numpy(defects), masks=masks)
 
 
+# ---- real services (tests using them are marked `services`: `pytest -m "not services"` skips them) ----
+SERVICE_FIXTURES = {"kafka_servers", "redis_url", "s3_server"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "services: starts real services (Tansu, Redis, SeaweedFS S3) or whole "
+                                       "linewatch processes on loopback; minutes, not seconds")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
+
+
 @pytest.fixture(scope="session")
 def kafka_servers(tmp_path_factory):
     """A real Kafka-protocol broker (Tansu) on loopback for the session: 'host:port'."""
@@ -144,3 +159,12 @@ def redis_url(tmp_path_factory):
 
     with redis_server(tmp_path_factory.mktemp("redis")) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on loopback for the session, with one bucket."""
+    from services import s3_server
+
+    with s3_server(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server

@@ -5,46 +5,31 @@ from __future__ import annotations
 import json
 import random
 import threading
-import time
-from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import cv2
-import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from linewatch.bus.memory import MemoryBus
-from linewatch.bus.messages import AlertMsg, DeadLetter, FrameMeta, Latency, ScoreMsg, Telemetry, decode, encode
-from linewatch.sinks.alerts import AlertPolicy, AlertTracker, BusOutput, JsonlOutput, OutputError, WebhookOutput
-from linewatch.bus.maps import encode_map
+from linewatch.bus.messages import (
+    AlertMsg,
+    DeadLetter,
+    ScoreMsg,
+    Telemetry,
+    decode,
+    encode,
+)
+from linewatch.sinks.alerts import (
+    AlertPolicy,
+    AlertTracker,
+    BusOutput,
+    JsonlOutput,
+    OutputError,
+    WebhookOutput,
+)
 from linewatch.sinks.runner import run_alert_sink
 
-FRAME_W, FRAME_H = 64, 48
-TS0, STEP = 1000.0, 0.25  # capture times exact in binary, so cool-down arithmetic is exact
-
-
-@lru_cache(maxsize=None)
-def frame_jpeg() -> bytes:
-    yy, xx = np.mgrid[0:FRAME_H, 0:FRAME_W]
-    image = np.stack([xx * 4, yy * 5, (xx + yy) * 2], axis=-1).clip(0, 255).astype(np.uint8)
-    return cv2.imencode(".jpg", image)[1].tobytes()
-
-
-def score_msg(seq: int, score: float = 0.1, *, stream: str = "cam", threshold: float = 0.5,
-              ts: float | None = None, anomaly_map: np.ndarray | None = None,
-              telemetry: Telemetry | None = None) -> ScoreMsg:
-    """A ScoreMsg as a worker would send it: the frame JPEG only when anomalous."""
-    anomalous = score >= threshold
-    if anomaly_map is None:
-        anomaly_map = np.zeros((FRAME_H // 2, FRAME_W // 2), np.float32)
-        anomaly_map[4:12, 8:20] = score
-    meta = FrameMeta(stream=stream, seq=seq, ts=TS0 + seq * STEP if ts is None else ts, pts=seq * STEP,
-                     source="test.mp4", width=FRAME_W, height=FRAME_H, telemetry=telemetry)
-    return ScoreMsg(frame=meta, image_score=score, threshold=threshold, anomalous=anomalous,
-                    map=encode_map(anomaly_map), method="winclip", class_name="power line", anchor_key="a1",
-                    model="tiny", worker="w0", latency=Latency(queue_ms=1, decode_ms=1, model_ms=1, batch_size=1),
-                    frame_jpeg=frame_jpeg() if anomalous else None)
+from helpers import STEP, TS0, read_all, score_msg, wait_for
 
 
 def run(scores: list[ScoreMsg], policy: AlertPolicy | None = None, flush: bool = True) -> list[AlertMsg]:
@@ -301,19 +286,6 @@ def test_webhook_unreachable_is_retried_then_fails(webhook):
 
 
 # ---- the consume loop ----------------------------------------------------------------------------------
-def _wait_for(condition, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
-def _read_all(bus: MemoryBus, topic: str) -> list:
-    reader = bus.consumer([topic], None)
-    reader.assign(topic, reader.partitions(topic))
-    return reader.poll(0.2, 1000)
-
-
 def test_alert_sink_end_to_end(tmp_path, webhook):
     bus = MemoryBus(partitions=2)
     producer = bus.producer()
@@ -335,13 +307,13 @@ def test_alert_sink_end_to_end(tmp_path, webhook):
     # cam-b's event and cam-a's second one close when the streams go idle
     expected = {("cam-a:1", "open"), ("cam-a:1", "closed"), ("cam-a:8", "open"), ("cam-a:8", "closed"),
                 ("cam-b:2", "open"), ("cam-b:2", "closed")}
-    _wait_for(lambda: jsonl.exists() and set(written()) == expected)
+    wait_for(lambda: jsonl.exists() and set(written()) == expected)
     stop.set()
     sink.join(10)
     stats = result["stats"]
     assert sorted(written()) == sorted(expected)  # each once
     assert (stats.scores, stats.duplicates, stats.alerts) == (len(scores) + 4, 4, 6)
-    dead = [decode(r.value, DeadLetter) for r in _read_all(bus, bus.topics.dead)]
+    dead = [decode(r.value, DeadLetter) for r in read_all(bus, bus.topics.dead)]
     assert sorted(d.stage for d in dead) == ["sink-alerts"] * 7 and stats.dead == 7
     garbage = [d for d in dead if d.origin is not None]
     assert len(garbage) == 1 and garbage[0].payload == b"\x00 not json" and "not JSON" in garbage[0].reason
@@ -358,7 +330,7 @@ def test_alert_sink_end_to_end(tmp_path, webhook):
     sink = threading.Thread(target=run_alert_sink, args=(replay, lambda stream: AlertPolicy(), [JsonlOutput(jsonl)]),
                             kwargs={"stop": stop, "poll_s": 0.05})
     sink.start()
-    _wait_for(lambda: sum(replay.committed.get("linewatch-alerts", {}).values()) == len(scores))
+    wait_for(lambda: sum(replay.committed.get("linewatch-alerts", {}).values()) == len(scores))
     stop.set()  # closes cam-a:8 and cam-b:2 again on the way out: already in the file
     sink.join(10)
     assert sorted(written()) == sorted(expected)

@@ -10,14 +10,14 @@ import threading
 import cv2
 import numpy as np
 import pytest
-from s3_server import s3_server  # noqa: F401  (fixture)
-from test_alerts import FRAME_H, FRAME_W, _read_all, _wait_for, score_msg
 
+from linewatch.bus.maps import MapError, decode_map, encode_map
 from linewatch.bus.memory import MemoryBus
 from linewatch.bus.messages import DeadLetter, EncodedMap, Telemetry, decode, encode
 from linewatch.sinks.archive import Archive, ArchiveError, safe_component
-from linewatch.bus.maps import MapError, decode_map, encode_map
 from linewatch.sinks.runner import run_archive_sink
+
+from helpers import FRAME_H, FRAME_W, read_all, score_msg, wait_for
 
 
 # ---- maps ----------------------------------------------------------------------------------------------
@@ -152,13 +152,13 @@ def test_archive_sink_end_to_end(tmp_path):
     sink = threading.Thread(target=lambda: result.update(stats=run_archive_sink(
         bus, Archive(tmp_path), stop=stop, poll_s=0.05)))
     sink.start()
-    _wait_for(lambda: sum(bus.committed.get("linewatch-archive", {}).values()) == 6)
+    wait_for(lambda: sum(bus.committed.get("linewatch-archive", {}).values()) == 6)
     stop.set()
     sink.join(10)
     stats = result["stats"]
     assert (stats.scores, stats.archived, stats.dead) == (5, 3, 2)
     assert sorted(r[1] for r in rows(tmp_path)) == [1, 2]
-    dead = [decode(r.value, DeadLetter) for r in _read_all(bus, bus.topics.dead)]
+    dead = [decode(r.value, DeadLetter) for r in read_all(bus, bus.topics.dead)]
     assert [(d.stage, d.origin.offset, d.seq) for d in dead] == [("sink-archive", 4, 3), ("sink-archive", 5, None)]
     assert "frame JPEG" in dead[0].reason and "expected a score message" in dead[1].reason
     assert decode(dead[0].payload, type(broken)).frame.seq == 3

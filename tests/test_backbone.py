@@ -1,12 +1,18 @@
-import json
 import hashlib
+import json
 import pathlib
 
 import pytest
 import torch
 
 from linewatch.scoring.backbone import (
-    TINY_ARCH, Backbone, BackboneConfig, BackboneError, create_clip, default_layers, open_clip,
+    TINY_ARCH,
+    Backbone,
+    BackboneConfig,
+    BackboneError,
+    create_clip,
+    default_layers,
+    open_clip,
 )
 
 

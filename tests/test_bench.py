@@ -18,17 +18,18 @@ from linewatch.bench.measure import PartResult, percentiles
 from linewatch.bench.naive import naive_loop
 from linewatch.bus import Topics
 from linewatch.bus.memory import MemoryBus
-from linewatch.cli import main
-from linewatch.scoring.pixels import bgr_to_tensor
 from linewatch.bus.messages import ScoreMsg, decode
-from linewatch.scoring.methods import create_method
-from linewatch.scoring.precision import cpu_has_native_bf16
+from linewatch.cli import main
 from linewatch.pipeline.settings import load_settings
+from linewatch.scoring.methods import create_method
+from linewatch.scoring.pixels import bgr_to_tensor
+from linewatch.scoring.precision import cpu_has_native_bf16
 from linewatch.workers.anchors import AnchorCache
 from linewatch.workers.frames import FrameDecoder
 from linewatch.workers.profiles import ProfileTable, StreamProfile
 from linewatch.workers.worker import ScoringWorker
-from test_worker import publish, read_all
+
+from helpers import error_line, publish, read_all
 
 TINY = ["--arch", "linewatch-tiny", "--image-size", "64"]
 CLASS = "metal_nut"
@@ -212,14 +213,6 @@ def test_precision_setting_reaches_the_worker(tiny, monkeypatch):
     monkeypatch.setenv("LINEWATCH_WORKER__PRECISION", "fp8")
     with pytest.raises(ValueError, match="worker.precision"):
         load_settings(None)
-
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("linewatch: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.mark.parametrize("args, message", [

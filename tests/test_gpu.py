@@ -15,15 +15,16 @@ import pytest
 import torch
 
 from linewatch.bus import Topics
+from linewatch.bus.maps import decode_map
 from linewatch.bus.memory import MemoryBus
 from linewatch.bus.messages import ScoreMsg, decode
 from linewatch.scoring.backbone import Backbone, BackboneConfig
-from linewatch.bus.maps import decode_map
 from linewatch.workers.anchors import AnchorCache
 from linewatch.workers.frames import FrameDecoder
 from linewatch.workers.profiles import ProfileTable, StreamProfile
 from linewatch.workers.worker import ScoringWorker
-from test_worker import publish, read_all
+
+from helpers import publish, read_all
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -4,7 +4,12 @@ import torch
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
-from linewatch.scoring.backbone import TINY_ARCH, Backbone, BackboneConfig, BackboneError
+from linewatch.scoring.backbone import (
+    TINY_ARCH,
+    Backbone,
+    BackboneConfig,
+    BackboneError,
+)
 from linewatch.scoring.methods import METHODS, AnomalyScores, create_method
 from linewatch.scoring.methods.base import gaussian_blur, nearest_distance
 from linewatch.scoring.methods.winclip import spread_to_patches, window_index
@@ -30,8 +35,8 @@ def _assert_same(a: AnomalyScores, b: AnomalyScores, atol: float = 0.0):
 
 # ---- registry and life cycle -------------------------------------------------------------
 
-def test_registry_has_both_methods():
-    assert {"winclip", "aprilgan"} <= set(METHODS)
+def test_registry_names_every_method_by_its_own_name():
+    assert {"winclip", "aprilgan", "aa-clip", "madclip"} <= set(METHODS)
     assert all(cls.name == key for key, cls in METHODS.items())
 
 

@@ -7,7 +7,12 @@ import pytest
 sk = pytest.importorskip("sklearn.metrics")
 
 from linewatch.scoring.metrics import (
-    aupro, auroc, average_precision, f1_max, image_metrics, pixel_metrics,
+    aupro,
+    auroc,
+    average_precision,
+    f1_max,
+    image_metrics,
+    pixel_metrics,
 )
 
 

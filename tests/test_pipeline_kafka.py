@@ -23,9 +23,18 @@ from pathlib import Path
 import pytest
 from kafka.partitioner import murmur2
 
-from linewatch.bus import connect
+from linewatch.bus.messages import (
+    META_HEADER,
+    DeadLetter,
+    FrameMeta,
+    ScoreMsg,
+    decode,
+    encode,
+)
 from linewatch.ingest.demo import write_demo_clip
-from linewatch.bus.messages import META_HEADER, DeadLetter, FrameMeta, ScoreMsg, decode, encode
+from linewatch.pipeline.wiring import connect
+
+from helpers import wait_for
 
 PARTITIONS = 4
 PREFIX = "itest"
@@ -126,8 +135,12 @@ def test_distributed_pipeline_survives_a_killed_worker(kafka_servers, redis_url,
     assert any(s.worker.endswith(f":{workers[survivor].pid}") for group in scored.values() for s in group)
     assert scored.keys() == wanted  # every frame scored (after de-duplication), nothing else
 
-    # the sinks close each stream's event once it has been idle; then stop them politely
-    time.sleep(8)
+    # the alert sink closes each stream's event once the stream has been idle; then stop the sinks politely
+    def closed_streams() -> set:
+        lines = alerts_file.read_text().splitlines() if alerts_file.exists() else []
+        return {a["stream"] for a in map(json.loads, lines) if a["status"] == "closed"}
+
+    wait_for(lambda: closed_streams() == set(streams), timeout_s=120, what="both streams' events to close")
     for name in ("alerts", "archive"):
         processes.running[name].send_signal(signal.SIGTERM)
         assert processes.running[name].wait(60) == 0, processes.log(name)

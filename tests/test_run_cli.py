@@ -12,20 +12,14 @@ import pytest
 from linewatch.cli import main
 from linewatch.ingest.demo import write_demo_clip
 
+from helpers import error_line
+
 TINY = ["--arch", "linewatch-tiny", "--image-size", "64"]
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     return write_demo_clip(tmp_path_factory.mktemp("clip"), seconds=3, fps=5, size=(160, 96), references=3)
-
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("linewatch: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_run_writes_alerts_and_masks(clip, tmp_path, capsys):

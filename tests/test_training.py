@@ -14,12 +14,28 @@ from test_eval_cli import make_category
 
 from linewatch.cli import main
 from linewatch.scoring.backbone import TINY_ARCH, Backbone, BackboneConfig
-from linewatch.scoring.checkpoint import CheckpointError, load_checkpoint, read_header, save_checkpoint
-from linewatch.scoring.losses import dice_loss, focal_loss, segmentation_loss, siglip_loss
+from linewatch.scoring.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_header,
+    save_checkpoint,
+)
+from linewatch.scoring.losses import (
+    dice_loss,
+    focal_loss,
+    segmentation_loss,
+    siglip_loss,
+)
 from linewatch.scoring.methods import create_method
 from linewatch.scoring.methods.base import CLIP_TEMPERATURE, gaussian_blur, upsample
 from linewatch.scoring.prompts import PromptPack
-from linewatch.scoring.training import TrainBatch, TrainConfig, TrainingSet, extract_features, fit
+from linewatch.scoring.training import (
+    TrainBatch,
+    TrainConfig,
+    TrainingSet,
+    extract_features,
+    fit,
+)
 
 TRAINABLE = ["aprilgan", "aa-clip", "madclip"]
 CLASS = "widget"

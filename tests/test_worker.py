@@ -14,35 +14,23 @@ import torch
 
 from linewatch.bus import Topics
 from linewatch.bus.memory import MemoryBus
-from linewatch.bus.messages import META_HEADER, DeadLetter, FrameMeta, ScoreMsg, decode, encode
+from linewatch.bus.messages import (
+    DeadLetter,
+    ScoreMsg,
+    decode,
+)
 from linewatch.pipeline.replay import ReplayRange, first_offset_at, replay
+from linewatch.pipeline.settings import load_settings
 from linewatch.scoring.calibrate import leave_one_out_scores, reference_threshold
 from linewatch.scoring.methods import create_method
-from linewatch.pipeline.settings import load_settings
-from linewatch.workers.anchors import AnchorCache
 from linewatch.scoring.pixels import load_image
 from linewatch.scoring.prompts import PromptPack
+from linewatch.workers.anchors import AnchorCache
 from linewatch.workers.prepared import PreparedProfile
 from linewatch.workers.profiles import ProfileTable, StreamProfile, reference_paths
 from linewatch.workers.worker import ScoringWorker
 
-
-def jpeg(seed: int, size=(48, 64)) -> bytes:
-    image = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
-    return cv2.imencode(".jpg", image)[1].tobytes()
-
-
-def publish(bus, stream: str, seq: int, value: bytes | None = None, meta: bytes | None = None, ts: float = 1000.0):
-    header = meta if meta is not None else encode(FrameMeta(stream=stream, seq=seq, ts=ts + seq, source="test",
-                                                            width=64, height=48))
-    bus.producer().send(bus.topics.frames, value if value is not None else jpeg(seq), key=stream.encode(),
-                        headers=((META_HEADER, header),), timestamp_ms=int((ts + seq) * 1000))
-
-
-def read_all(bus, topic: str) -> list:
-    reader = bus.consumer([], None)
-    reader.assign(topic, list(range(bus.partitions)))
-    return reader.poll(0.2, 10_000)
+from helpers import jpeg, publish, read_all
 
 
 def make_worker(bus, tiny, profile=StreamProfile(method="aprilgan", threshold=0.5), streams=None, **kwargs):
@@ -384,20 +372,28 @@ def test_a_non_finite_score_goes_to_dead_letter(tiny):
         assert bus.drained(bus.topics.frames)
 
 
-def test_busy_time_counts_overlapping_batches_once(tiny):
+def test_busy_time_counts_overlapping_batches_once(tiny, monkeypatch):
+    """With a batch in flight, batch k's model run overlaps batch k-1's publishing: busy time
+    is the union of the batches' spans. A clock that moves only while the model runs (one
+    second per batch) makes the spans exact: 4 batches are 4 s busy; summed per batch, 7 s."""
+    import types
+
+    from linewatch.workers import worker as worker_module
+
+    clock = [0.0]
+    monkeypatch.setattr(worker_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
     bus = MemoryBus(Topics("w"))
     worker = make_worker(bus, tiny, max_batch=2, max_wait_ms=0)
     worker.overlap = True
     method = next(iter(worker.prepared.values())).method
     score_batch = method.score_batch
 
-    def slow(images):
-        time.sleep(0.2)  # batches overlap by a model run each: summed per batch, 0.6 s too much
+    def one_second(images):
+        clock[0] += 1.0
         return score_batch(images)
 
-    method.score_batch = slow
+    method.score_batch = one_second
     for seq in range(8):
         publish(bus, "cam-a", seq)
-    began = time.time()
-    worker.run(threading.Event(), until_idle_s=0.3)
-    assert worker.stats.batches == 4 and 0.7 <= worker.stats.busy_s <= worker.stats.last_score_at - began + 0.2
+    worker.run(threading.Event(), until=lambda: worker.stats.frames == 8)
+    assert worker.stats.batches == 4 and worker.stats.busy_s == 4.0

@@ -1,6 +1,13 @@
 """Anomaly-scoring methods, registered by name: ``create_method("winclip", backbone)``."""
 
-from .base import METHODS, AnomalyMethod, AnomalyScores, check_options, create_method, register_method
 from . import aaclip, aprilgan, madclip, winclip  # noqa: F401  (importing registers them)
+from .base import (
+    METHODS,
+    AnomalyMethod,
+    AnomalyScores,
+    check_options,
+    create_method,
+    register_method,
+)
 
 __all__ = ["METHODS", "AnomalyMethod", "AnomalyScores", "check_options", "create_method", "register_method"]

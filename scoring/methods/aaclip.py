@@ -37,7 +37,15 @@ from torch import nn
 from ..losses import segmentation_loss
 from ..prompts import TextAnchors
 from ..training import state_digest
-from .base import CLIP_TEMPERATURE, AnomalyMethod, AnomalyScores, gaussian_blur, register_method, seeded_init, upsample
+from .base import (
+    CLIP_TEMPERATURE,
+    AnomalyMethod,
+    AnomalyScores,
+    gaussian_blur,
+    register_method,
+    seeded_init,
+    upsample,
+)
 
 
 class ResidualAdapter(nn.Module):

@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import segmentation_loss
-from .base import CLIP_TEMPERATURE, AnomalyMethod, AnomalyScores, gaussian_blur, register_method, upsample
+from .base import (
+    CLIP_TEMPERATURE,
+    AnomalyMethod,
+    AnomalyScores,
+    gaussian_blur,
+    register_method,
+    upsample,
+)
 
 
 @register_method

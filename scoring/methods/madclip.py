@@ -33,7 +33,15 @@ from torch import nn
 from ..losses import dice_loss, focal_loss, siglip_loss
 from ..prompts import TextAnchors
 from ..training import state_digest
-from .base import CLIP_TEMPERATURE, AnomalyMethod, AnomalyScores, gaussian_blur, register_method, seeded_init, upsample
+from .base import (
+    CLIP_TEMPERATURE,
+    AnomalyMethod,
+    AnomalyScores,
+    gaussian_blur,
+    register_method,
+    seeded_init,
+    upsample,
+)
 
 PLACEHOLDER = "X"
 

@@ -27,7 +27,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import AnomalyMethod, AnomalyScores, nearest_distance, register_method, upsample
+from .base import (
+    AnomalyMethod,
+    AnomalyScores,
+    nearest_distance,
+    register_method,
+    upsample,
+)
 
 
 def window_index(grid: tuple[int, int], size: int) -> torch.Tensor:

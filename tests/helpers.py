@@ -1,0 +1,86 @@
+"""Helpers shared by the test modules (tests never import each other): frames on a bus,
+reading a topic whole, the one-line CLI error, waiting on a condition."""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+
+import cv2
+import numpy as np
+
+from linewatch.bus.maps import encode_map
+from linewatch.bus.messages import (
+    META_HEADER,
+    FrameMeta,
+    Latency,
+    ScoreMsg,
+    Telemetry,
+    encode,
+)
+
+
+def jpeg(seed: int, size: tuple[int, int] = (48, 64)) -> bytes:
+    """A small JPEG of random pixels, fixed by ``seed``."""
+    image = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+    return cv2.imencode(".jpg", image)[1].tobytes()
+
+
+def publish(bus, stream: str, seq: int, value: bytes | None = None, meta: bytes | None = None, ts: float = 1000.0):
+    """One frame record on ``bus.topics.frames`` as ingest writes it (a 64x48 JPEG unless ``value``)."""
+    header = meta if meta is not None else encode(FrameMeta(stream=stream, seq=seq, ts=ts + seq, source="test",
+                                                            width=64, height=48))
+    bus.producer().send(bus.topics.frames, value if value is not None else jpeg(seq), key=stream.encode(),
+                        headers=((META_HEADER, header),), timestamp_ms=int((ts + seq) * 1000))
+
+
+def read_all(bus, topic: str) -> list:
+    """Every record still on ``topic`` of an in-process bus, outside any group."""
+    reader = bus.consumer([], None)
+    reader.assign(topic, list(range(bus.partitions)))
+    return reader.poll(0.2, 10_000)
+
+
+def error_line(capsys) -> str:
+    """The one ``linewatch: error:`` line a failed command printed (and no traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("linewatch: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def wait_for(condition, timeout_s: float = 30.0, what: str = "the condition") -> None:
+    """Until ``condition()`` is true; the timeout is a liveness bound, never a measurement."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+# ---- scores as a worker sends them ---------------------------------------------------------------
+FRAME_W, FRAME_H = 64, 48
+TS0, STEP = 1000.0, 0.25  # capture times exact in binary, so cool-down arithmetic is exact
+
+
+@lru_cache(maxsize=None)
+def frame_jpeg() -> bytes:
+    yy, xx = np.mgrid[0:FRAME_H, 0:FRAME_W]
+    image = np.stack([xx * 4, yy * 5, (xx + yy) * 2], axis=-1).clip(0, 255).astype(np.uint8)
+    return cv2.imencode(".jpg", image)[1].tobytes()
+
+
+def score_msg(seq: int, score: float = 0.1, *, stream: str = "cam", threshold: float = 0.5,
+              ts: float | None = None, anomaly_map: np.ndarray | None = None,
+              telemetry: Telemetry | None = None) -> ScoreMsg:
+    """A ScoreMsg as a worker would send it: the frame JPEG only when anomalous."""
+    anomalous = score >= threshold
+    if anomaly_map is None:
+        anomaly_map = np.zeros((FRAME_H // 2, FRAME_W // 2), np.float32)
+        anomaly_map[4:12, 8:20] = score
+    meta = FrameMeta(stream=stream, seq=seq, ts=TS0 + seq * STEP if ts is None else ts, pts=seq * STEP,
+                     source="test.mp4", width=FRAME_W, height=FRAME_H, telemetry=telemetry)
+    return ScoreMsg(frame=meta, image_score=score, threshold=threshold, anomalous=anomalous,
+                    map=encode_map(anomaly_map), method="winclip", class_name="power line", anchor_key="a1",
+                    model="tiny", worker="w0", latency=Latency(queue_ms=1, decode_ms=1, model_ms=1, batch_size=1),
+                    frame_jpeg=frame_jpeg() if anomalous else None)
