@@ -52,7 +52,7 @@ bench() {  # NAME SECONDS ARGS...: one linewatch bench run under its own time li
     [[ $parts == *" $name "* ]] || return 0
     echo "== $name (limit ${limit} s): linewatch bench ${common[*]} $*"
     local began=$SECONDS
-    timeout -k 15 "$limit" python3 -m linewatch.cli bench "${common[@]}" "$@" --json "$out/$name.json" \
+    timeout -k 15 "$limit" python3 -m linewatch bench "${common[@]}" "$@" --json "$out/$name.json" \
         >"$out/$name.txt" 2>"$out/$name.err"
     local rc=$?
     echo "== $name: exit $rc after $((SECONDS - began)) s"

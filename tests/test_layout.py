@@ -141,3 +141,15 @@ def test_help_does_not_import_torch():
             "print(heavy)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout[:500]
+
+
+def test_every_subpackage_is_installed_and_copied_into_the_image():
+    """A new top-level folder must reach pyproject's package-dir and the Dockerfile's COPY lines."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    folders = {path.split("/")[0] for path in project["tool"]["setuptools"]["package-dir"].values()}
+    assert folders == {*RANKS, "linewatch"}
+    copied = set(re.findall(r"^COPY (\S+) \./\1$", (ROOT / "deploy/Dockerfile").read_text(), re.M))
+    assert folders <= copied, sorted(folders - copied)
