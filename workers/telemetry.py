@@ -26,6 +26,7 @@ class WorkerTelemetry:
         self.lag: dict[tuple[str, int], int] | None = None
         self._lag_series: set[tuple[str, str, str]] = set()
         self._next_lag = 0.0
+        self.lag_every_s = LAG_EVERY_S
         self._last = (time.monotonic(), 0, 0, 0)  # time, frames, batches, dead at the last summary
         device = worker.backbone.device
         if device.type == "cuda":
@@ -40,10 +41,11 @@ class WorkerTelemetry:
             self.health.set("assignment", assigned, "partitions assigned by the group" if assigned
                             else "waiting for the group to assign partitions")
         now = time.monotonic()
-        if now >= self._next_lag:
-            self._next_lag = now + LAG_EVERY_S
+        summary_due = self.summary_s and now - self._last[0] >= self.summary_s
+        if now >= self._next_lag or summary_due:
+            self._next_lag = now + self.lag_every_s
             self._update_lag(consumer)
-        if self.summary_s and now - self._last[0] >= self.summary_s:
+        if summary_due:
             self.summarise(now)
 
     def stopped(self) -> None:
