@@ -69,6 +69,9 @@ def test_worker_probes_and_metrics_on_tansu(kafka_servers, tmp_path):
     refs.mkdir()
     for i in range(3):
         cv2.imwrite(str(refs / f"{i}.png"), np.random.default_rng(i).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    bus = connect(f"kafka://{kafka_servers}", PREFIX, 2)
+    stalled = bus.consumer([bus.topics.frames], "linewatch-workers")  # a member of the workers' group
+    wait_for(lambda: stalled.poll(0.2) == [] and stalled.assigned(), timeout_s=60, what="the first member's assignment")
     log = tmp_path / "worker.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "LINEWATCH_OPS__SUMMARY_S": "1"}
     with log.open("wb") as out:
@@ -86,22 +89,30 @@ def test_worker_probes_and_metrics_on_tansu(kafka_servers, tmp_path):
 
         wait_for(endpoint, timeout_s=60, what="the worker's endpoint")
         url = endpoint()
-        seen: list[tuple[int, dict]] = []
+
+        def loop_running() -> bool:
+            assert worker.poll() is None, log.read_text()[-3000:]
+            return "worker" in json.loads(get(f"{url}/healthz")[1])["loops"]
+
+        # The group's other member stops polling: a rebalance cannot finish without it, so the
+        # worker's loop runs but gets no partitions, and must not report ready.
+        wait_for(loop_running, timeout_s=180, what="the worker's loop to run")
+        status, body = get(f"{url}/readyz")
+        conditions = json.loads(body)["conditions"]
+        assert status == 503, body
+        assert [name for name, c in conditions.items() if not c["ok"]] == ["assignment"], body
+        assert get(f"{url}/healthz")[0] == 200  # alive, only not ready
 
         def ready() -> bool:
             assert worker.poll() is None, log.read_text()[-3000:]
-            status, body = get(f"{url}/readyz")
-            seen.append((status, json.loads(body)["conditions"]))
-            return status == 200
+            stalled.poll(0.2)  # the other member rejoins: the rebalance completes
+            return get(f"{url}/readyz")[0] == 200
 
-        wait_for(ready, timeout_s=180, what="/readyz to turn ready")
-        waiting = [sorted(name for name, c in conditions.items() if not c["ok"]) for status, conditions in seen
-                   if status == 503]
-        assert ["assignment"] in waiting, seen[:3]  # model built and bus connected, still not ready
-        assert seen[-1][1]["assignment"] == {"ok": True, "detail": "partitions assigned by the group"}
-        assert get(f"{url}/healthz")[0] == 200
+        wait_for(ready, timeout_s=120, what="/readyz to turn ready")
+        assigned = json.loads(get(f"{url}/readyz")[1])["conditions"]["assignment"]
+        assert assigned == {"ok": True, "detail": "partitions assigned by the group"}
+        stalled.close()  # it leaves (having taken no frames): the worker gets both partitions
 
-        bus = connect(f"kafka://{kafka_servers}", PREFIX, 2)
         send_frames(bus, "cam-1", range(6))
         wait_for(lambda: sample(scrape(url), "linewatch_frames_scored_total") == 6, timeout_s=120,
                  what="6 frames scored")
@@ -126,6 +137,7 @@ def test_worker_probes_and_metrics_on_tansu(kafka_servers, tmp_path):
                  what="a summary line with frames")
         assert all({"time", "level", "logger", "message"} <= set(row) for row in json_lines(log))
     finally:
+        stalled.close()
         worker.send_signal(signal.SIGTERM)
         try:
             worker.wait(60)
