@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -33,7 +33,7 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.redact = redact
 
-    def formatTime(self, record, datefmt=None) -> str:  # noqa: N802 (the stdlib's name)
+    def formatTime(self, record, datefmt=None) -> str:  # the stdlib's name
         return _utc(record)
 
     def format(self, record: logging.LogRecord) -> str:
@@ -47,7 +47,7 @@ class JsonLineFormatter(JsonFormatter):
                          rename_fields={"asctime": "time", "levelname": "level", "name": "logger"})
         self.redact = redact
 
-    def formatTime(self, record, datefmt=None) -> str:  # noqa: N802
+    def formatTime(self, record, datefmt=None) -> str:
         return _utc(record)
 
     def format(self, record: logging.LogRecord) -> str:

@@ -37,7 +37,7 @@ class OpsServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def start(self) -> "OpsServer":
+    def start(self) -> OpsServer:
         self.thread.start()
         log.info("metrics and health on %s (/metrics, /healthz, /readyz)", self.url)
         return self
@@ -47,7 +47,7 @@ class OpsServer:
         self.httpd.server_close()
         self.thread.join(timeout=5)
 
-    def __enter__(self) -> "OpsServer":
+    def __enter__(self) -> OpsServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -56,7 +56,7 @@ class OpsServer:
 
 def _handler(health: Health, registry: CollectorRegistry):
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        def do_GET(self) -> None:  # the stdlib's name
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)

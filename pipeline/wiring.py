@@ -57,7 +57,7 @@ def redis_options(settings: Settings) -> dict:
         if path is None:
             continue
         if not (settings.redis_url or "").startswith("rediss://"):
-            raise ValueError(f"redis TLS files are set but redis_url is not rediss://host:port/db")
+            raise ValueError("redis TLS files are set but redis_url is not rediss://host:port/db")
         if not Path(path).is_file():
             raise ValueError(f"redis {name.replace('ssl_ca_certs', 'ssl_ca_file')}: file not found: {path}")
         options[name] = path

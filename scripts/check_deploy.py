@@ -63,7 +63,7 @@ def tool(name: str) -> str | None:
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, **kwargs)
+    return subprocess.run(command, capture_output=True, text=True, check=False, **kwargs)
 
 
 def helm_binary(report: Report) -> str | None:

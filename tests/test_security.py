@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+from typing import ClassVar
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ def test_every_kafka_client_speaks_mutual_tls(tmp_path, certs):
 class Recorder:
     """Stands in for one of kafka-python's clients and keeps the options it was given."""
 
-    made: list[tuple[str, dict]] = []
+    made: ClassVar[list[tuple[str, dict]]] = []
 
     def __init__(self, *args, **kwargs):
         Recorder.made.append((type(self).__name__, kwargs))
