@@ -9,8 +9,6 @@ import json
 import logging
 import socket
 import threading
-import urllib.error
-import urllib.request
 
 import pytest
 from prometheus_client import REGISTRY
@@ -26,17 +24,9 @@ from linewatch.workers.anchors import AnchorCache
 from linewatch.workers.profiles import ProfileTable, StreamProfile
 from linewatch.workers.worker import ScoringWorker
 
-from helpers import error_line, publish, wait_for
+from helpers import error_line, http_get, publish, wait_for
 
 TINY = ["--arch", "linewatch-tiny", "--image-size", "64"]
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
 
 
 def value(name: str, **labels) -> float:
@@ -92,15 +82,15 @@ class GatedConsumer:
 
 
 def test_endpoint_serves_metrics_and_probes(server, health):
-    status, text = get(f"{server.url}/metrics")
+    status, text = http_get(f"{server.url}/metrics")
     assert status == 200 and "linewatch_frames_scored_total" in text and "process_cpu_seconds_total" in text
     health.expect("model")
-    status, body = get(f"{server.url}/readyz")
+    status, body = http_get(f"{server.url}/readyz")
     assert status == 503 and json.loads(body)["conditions"]["model"] == {"ok": False, "detail": "waiting"}
     health.set("model", True, "tiny")
-    assert get(f"{server.url}/readyz")[0] == 200
-    assert get(f"{server.url}/healthz")[0] == 200  # no loop has started: starting up is not a hang
-    assert get(f"{server.url}/nothing")[0] == 404
+    assert http_get(f"{server.url}/readyz")[0] == 200
+    assert http_get(f"{server.url}/healthz")[0] == 200  # no loop has started: starting up is not a hang
+    assert http_get(f"{server.url}/nothing")[0] == 404
 
 
 def test_the_endpoint_binds_loopback_unless_told(server):
@@ -117,20 +107,20 @@ def test_healthz_fails_while_the_worker_loop_is_stuck(tiny, server, health):
     loop = threading.Thread(target=worker.run, args=(stop,), kwargs={"consumer": consumer}, daemon=True)
     loop.start()
     try:
-        wait_for(lambda: get(f"{server.url}/healthz")[0] == 200 and "worker" in get(f"{server.url}/healthz")[1],
+        wait_for(lambda: http_get(f"{server.url}/healthz")[0] == 200 and "worker" in http_get(f"{server.url}/healthz")[1],
                  what="the worker's first heartbeat")
         consumer.open.clear()  # the next poll never returns: the loop is stuck
         wait_for(consumer.held.is_set, what="the loop to block")
-        wait_for(lambda: get(f"{server.url}/healthz")[0] == 503, what="/healthz to fail")
-        body = json.loads(get(f"{server.url}/healthz")[1])
+        wait_for(lambda: http_get(f"{server.url}/healthz")[0] == 503, what="/healthz to fail")
+        body = json.loads(http_get(f"{server.url}/healthz")[1])
         assert body["loops"]["worker"]["alive"] is False
         consumer.open.set()  # unstuck: it beats again
-        wait_for(lambda: get(f"{server.url}/healthz")[0] == 200, what="/healthz to recover")
+        wait_for(lambda: http_get(f"{server.url}/healthz")[0] == 200, what="/healthz to recover")
     finally:
         consumer.open.set()
         stop.set()
         loop.join(10)
-    assert "worker" not in json.loads(get(f"{server.url}/healthz")[1])["loops"]  # ended on purpose: not a hang
+    assert "worker" not in json.loads(http_get(f"{server.url}/healthz")[1])["loops"]  # ended on purpose: not a hang
 
 
 def test_readyz_waits_for_the_group_assignment(tiny, server, health):
@@ -144,14 +134,14 @@ def test_readyz_waits_for_the_group_assignment(tiny, server, health):
     loop = threading.Thread(target=worker.run, args=(stop,), kwargs={"consumer": consumer}, daemon=True)
     loop.start()
     try:
-        wait_for(lambda: "worker" in json.loads(get(f"{server.url}/healthz")[1])["loops"], what="the loop to run")
-        status, body = get(f"{server.url}/readyz")
+        wait_for(lambda: "worker" in json.loads(http_get(f"{server.url}/healthz")[1])["loops"], what="the loop to run")
+        status, body = http_get(f"{server.url}/readyz")
         assert status == 503
         assert json.loads(body)["conditions"]["assignment"]["detail"] == "waiting for the group to assign partitions"
         consumer.assignment_received = True
-        wait_for(lambda: get(f"{server.url}/readyz")[0] == 200, what="ready after the assignment")
+        wait_for(lambda: http_get(f"{server.url}/readyz")[0] == 200, what="ready after the assignment")
         consumer.assignment_received = False  # a rebalance takes it away again
-        wait_for(lambda: get(f"{server.url}/readyz")[0] == 503, what="not ready during a rebalance")
+        wait_for(lambda: http_get(f"{server.url}/readyz")[0] == 503, what="not ready during a rebalance")
     finally:
         stop.set()
         loop.join(10)

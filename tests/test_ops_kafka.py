@@ -9,8 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import cv2
@@ -20,24 +18,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from linewatch.bus.messages import META_HEADER, FrameMeta, encode
 from linewatch.pipeline.wiring import connect
 
-from helpers import jpeg, wait_for
+from helpers import http_get, jpeg, wait_for
 
 TINY = ["--arch", "linewatch-tiny", "--image-size", "64"]
 PREFIX = "opsk"
 
 
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-
-
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
     """{(sample name, sorted labels): value} of a /metrics page."""
     out = {}
-    for family in text_string_to_metric_families(get(f"{url}/metrics")[1]):
+    for family in text_string_to_metric_families(http_get(f"{url}/metrics")[1]):
         for sample in family.samples:
             out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return out
@@ -92,24 +82,24 @@ def test_worker_probes_and_metrics_on_tansu(kafka_servers, tmp_path):
 
         def loop_running() -> bool:
             assert worker.poll() is None, log.read_text()[-3000:]
-            return "worker" in json.loads(get(f"{url}/healthz")[1])["loops"]
+            return "worker" in json.loads(http_get(f"{url}/healthz")[1])["loops"]
 
         # The group's other member stops polling: a rebalance cannot finish without it, so the
         # worker's loop runs but gets no partitions, and must not report ready.
         wait_for(loop_running, timeout_s=180, what="the worker's loop to run")
-        status, body = get(f"{url}/readyz")
+        status, body = http_get(f"{url}/readyz")
         conditions = json.loads(body)["conditions"]
         assert status == 503, body
         assert [name for name, c in conditions.items() if not c["ok"]] == ["assignment"], body
-        assert get(f"{url}/healthz")[0] == 200  # alive, only not ready
+        assert http_get(f"{url}/healthz")[0] == 200  # alive, only not ready
 
         def ready() -> bool:
             assert worker.poll() is None, log.read_text()[-3000:]
             stalled.poll(0.2)  # the other member rejoins: the rebalance completes
-            return get(f"{url}/readyz")[0] == 200
+            return http_get(f"{url}/readyz")[0] == 200
 
         wait_for(ready, timeout_s=120, what="/readyz to turn ready")
-        assigned = json.loads(get(f"{url}/readyz")[1])["conditions"]["assignment"]
+        assigned = json.loads(http_get(f"{url}/readyz")[1])["conditions"]["assignment"]
         assert assigned == {"ok": True, "detail": "partitions assigned by the group"}
         stalled.close()  # it leaves (having taken no frames): the worker gets both partitions
 
