@@ -10,6 +10,7 @@ import logging
 import socket
 import threading
 
+import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
@@ -271,3 +272,40 @@ def test_liveness_bound_is_per_loop():
     health.stop_beating("fast")
     assert health.liveness()[0]
 
+
+
+class _Capture:
+    """Stands in for cv2.VideoCapture: ``frames`` good reads, then the connection drops."""
+
+    def __init__(self, frames: int):
+        self.left = frames
+
+    def read(self):
+        self.left -= 1
+        return (True, np.zeros((8, 8, 3), np.uint8)) if self.left >= 0 else (False, None)
+
+    def release(self):
+        pass
+
+
+def test_ingest_counts_published_frames_and_reconnects_per_stream(health):
+    from linewatch.ingest.publisher import Ingestor
+    from linewatch.ingest.sources import Backoff, LiveCapture
+
+    class Camera(LiveCapture):  # 3 frames, a refused reconnect, 2 frames, then gone for good
+        def __init__(self):
+            self.script = [_Capture(3), None, _Capture(2)]
+            super().__init__("rtsp://cam.example/live", "rtsp://cam.example/live", "cam",
+                             backoff=Backoff(initial=0.001, cap=0.002, max_retries=1))
+
+        def _open_once(self):
+            return self.script.pop(0) if self.script else None
+
+    before = {name: value(name, stream="ops-cam") for name in ("linewatch_ingest_frames_published_total",
+                                                                "linewatch_ingest_reconnects_total")}
+    stats = Ingestor(Camera(), MemoryBus(Topics("ingest-ops")), stream="ops-cam").run()
+    assert stats.published == 5 and stats.error is not None  # it gave up after the second outage
+    assert value("linewatch_ingest_frames_published_total", stream="ops-cam") - before[
+        "linewatch_ingest_frames_published_total"] == 5
+    assert value("linewatch_ingest_reconnects_total", stream="ops-cam") - before["linewatch_ingest_reconnects_total"] == 1
+    assert "ingest:ops-cam" not in health.liveness()[1]["loops"]  # it ended: its silence is not a hang
