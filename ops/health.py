@@ -6,8 +6,9 @@
   that never returns stops beating, and the orchestrator restarts the process.
 - **Readiness** (``/readyz``): every named condition the process declared (``expect``) holds:
   model built, bus connected, assignment received ... A condition can be withdrawn later with
-  its reason (``set(name, False, "Kafka unreachable")``), e.g. during an outage that the
-  process rides out, so a load balancer or an operator sees it without a restart.
+  its reason (``set(name, False, "Kafka unreachable")``), or read at each probe from elsewhere
+  (``watch(name, check)``: e.g. the outage state of the services a process rides out), so a
+  load balancer or an operator sees it without a restart.
 
 One ``Health`` per process (``HEALTH``), shared by its threads; the embedded run's loops
 beat under their own names.
@@ -36,6 +37,7 @@ class Health:
         self._lock = threading.Lock()
         self._loops: dict[str, _Loop] = {}
         self._conditions: dict[str, tuple[bool, str]] = {}
+        self._watched: dict[str, Callable[[], tuple[bool, object]]] = {}
 
     # ---- liveness ----------------------------------------------------------------------
     def beat(self, loop: str, bound_s: float | None = None) -> None:
@@ -68,9 +70,22 @@ class Health:
         with self._lock:
             self._conditions[name] = (ok, detail or ("ok" if ok else "not ready"))
 
+    def watch(self, name: str, check: Callable[[], tuple[bool, object]]) -> None:
+        """A condition read at each probe: ``check()`` -> (ok, detail), e.g. another registry's
+        view of the outages a process rides out. A check that raises counts as not ready."""
+        with self._lock:
+            self._watched[name] = check
+
     def readiness(self) -> tuple[bool, dict]:
         with self._lock:
             conditions = {name: {"ok": ok, "detail": detail} for name, (ok, detail) in self._conditions.items()}
+            watched = dict(self._watched)
+        for name, check in watched.items():
+            try:
+                ok, detail = check()
+            except Exception as err:  # noqa: BLE001 (a probe must answer; the failure is the answer)
+                ok, detail = False, f"check failed: {type(err).__name__}: {err}"
+            conditions[name] = {"ok": bool(ok), "detail": detail}
         return all(c["ok"] for c in conditions.values()), {"conditions": conditions}
 
     def reset(self) -> None:
@@ -78,6 +93,7 @@ class Health:
         with self._lock:
             self._loops.clear()
             self._conditions.clear()
+            self._watched.clear()
 
 
 HEALTH = Health()

@@ -261,6 +261,22 @@ def test_metrics_port_off_serves_nothing(capsys, monkeypatch, health):
     assert started == []
 
 
+def test_readiness_can_watch_another_registry():
+    """How an outage registry joins /readyz: a check read at each probe."""
+    health, outages = Health(), {}
+    health.expect("model")
+    health.set("model", True)
+    health.watch("outages", lambda: (not outages, outages or "none"))
+    assert health.readiness()[0]
+    outages["Kafka at k:9092"] = "unreachable"
+    ok, body = health.readiness()
+    assert not ok and body["conditions"]["outages"] == {"ok": False, "detail": {"Kafka at k:9092": "unreachable"}}
+    health.watch("broken", lambda: 1 / 0)
+    outages.clear()
+    ok, body = health.readiness()
+    assert not ok and body["conditions"]["broken"]["detail"].startswith("check failed: ZeroDivisionError")
+
+
 def test_liveness_bound_is_per_loop():
     now = [0.0]
     health = Health(clock=lambda: now[0])
