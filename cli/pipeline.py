@@ -36,10 +36,11 @@ def add_ops(parser: argparse.ArgumentParser, endpoint: bool = True) -> None:
                                 "logged; off: none)")
         group.add_argument("--metrics-host", dest="ops.host", default=S,
                            help="address they listen on (default 127.0.0.1; 0.0.0.0 in a container)")
-    group.add_argument("--log-format", dest="ops.log_format", choices=["text", "json"], default=S,
+    group.add_argument("--log-format", dest="ops.log_format", choices=["text", "json"], default=S, metavar="{text,json}",
                        help="text (default) or json: one JSON object per line")
     group.add_argument("--log-level", dest="ops.log_level", choices=["debug", "info", "warning", "error"], default=S,
-                       help="linewatch's log level (default info)")
+                       metavar="LEVEL",
+                       help="linewatch's log level: debug, info (default), warning, error")
 
 
 def add_model(parser: argparse.ArgumentParser, redis: bool = True) -> None:
