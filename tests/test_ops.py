@@ -23,6 +23,7 @@ from linewatch.ops.logs import setup_logging
 from linewatch.ops.server import OpsServer
 from linewatch.workers.anchors import AnchorCache
 from linewatch.workers.profiles import ProfileTable, StreamProfile
+from linewatch.workers.telemetry import FIRST_BATCH_GRACE_S
 from linewatch.workers.worker import ScoringWorker
 
 from helpers import error_line, http_get, publish, wait_for
@@ -106,10 +107,12 @@ def test_healthz_fails_while_the_worker_loop_is_stuck(tiny, server, health):
     consumer = GatedConsumer(bus.consumer([bus.topics.frames], worker.group))
     stop = threading.Event()
     loop = threading.Thread(target=worker.run, args=(stop,), kwargs={"consumer": consumer}, daemon=True)
+    publish(bus, "cam", 0)  # past its first batch, which has a longer grace (compilers, autotuning)
     loop.start()
     try:
-        wait_for(lambda: http_get(f"{server.url}/healthz")[0] == 200 and "worker" in http_get(f"{server.url}/healthz")[1],
-                 what="the worker's first heartbeat")
+        wait_for(lambda: worker.stats.batches == 1, what="the first batch")
+        wait_for(lambda: json.loads(http_get(f"{server.url}/healthz")[1])["loops"].get("worker", {}).get("bound_s")
+                 == 0.3, what="the worker's heartbeat with the configured bound")
         consumer.open.clear()  # the next poll never returns: the loop is stuck
         wait_for(consumer.held.is_set, what="the loop to block")
         wait_for(lambda: http_get(f"{server.url}/healthz")[0] == 503, what="/healthz to fail")
@@ -136,6 +139,8 @@ def test_readyz_waits_for_the_group_assignment(tiny, server, health):
     loop.start()
     try:
         wait_for(lambda: "worker" in json.loads(http_get(f"{server.url}/healthz")[1])["loops"], what="the loop to run")
+        loops = json.loads(http_get(f"{server.url}/healthz")[1])["loops"]
+        assert loops["worker"]["bound_s"] == FIRST_BATCH_GRACE_S  # no batch yet: compilers may take minutes
         status, body = http_get(f"{server.url}/readyz")
         assert status == 503
         assert json.loads(body)["conditions"]["assignment"]["detail"] == "waiting for the group to assign partitions"

@@ -17,6 +17,9 @@ from ..ops.health import HEALTH, Health
 log = logging.getLogger("linewatch.workers.worker")
 
 LAG_EVERY_S = 5.0  # the lag gauge is refreshed this often (kafka-python reads it from fetch responses)
+# Until its first batch is done a worker may wait minutes inside it (torch.compile, cuDNN
+# autotuning, lazy CUDA init): liveness allows this much then, so a slow start never crash-loops.
+FIRST_BATCH_GRACE_S = 900.0
 
 
 class WorkerTelemetry:
@@ -34,7 +37,8 @@ class WorkerTelemetry:
 
     def tick(self, consumer: Consumer) -> None:
         """Once per loop turn (after each poll)."""
-        self.health.beat(self.loop)
+        first = self.worker.stats.batches == 0
+        self.health.beat(self.loop, max(self.health.bound_s, FIRST_BATCH_GRACE_S) if first else None)
         assigned = consumer.assigned()
         if assigned != self.assigned:
             self.assigned = assigned
