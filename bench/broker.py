@@ -59,16 +59,18 @@ def stop(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
 
 @contextmanager
 def local_tansu(log_dir: Path, timeout_s: float = 15.0, storage: str = "memory://tansu/", env: dict | None = None,
-                port: int | None = None):
+                port: int | None = None, advertised: str | None = None):
     """Yields ``127.0.0.1:PORT`` while a Tansu broker runs; stops it afterwards. ``storage``:
     ``memory://tansu/`` (lost on exit) or e.g. ``s3://bucket/`` with ``env`` naming the S3
-    endpoint and keys; ``port`` pins the port (a restart on the same address)."""
+    endpoint and keys; ``port`` pins the port (a restart on the same address); ``advertised``
+    (``host:port``) is the address clients are told to use, e.g. a TLS proxy in front of it."""
     binary = tansu_binary()
     for attempt in range(1 if port else ATTEMPTS):
         chosen = port or free_port()
         url = f"tcp://127.0.0.1:{chosen}"
+        told = f"tcp://{advertised}" if advertised else url
         with open(log_dir / "tansu.log", "ab") as log:
-            process = subprocess.Popen([binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+            process = subprocess.Popen([binary, "broker", "--listener-url", url, "--advertised-listener-url", told,
                                         "--storage-engine", storage], stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             if wait_listening(process, chosen, "tansu", timeout_s):

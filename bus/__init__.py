@@ -93,6 +93,16 @@ class Consumer(ABC):
     def partitions(self, topic: str) -> list[int]:
         ...
 
+    def assigned(self) -> bool:
+        """True once the group has given this member its partitions (possibly none: more
+        members than partitions), False while it joins or rebalances; readiness reports it."""
+        return True
+
+    def lag(self) -> dict[tuple[str, int], int] | None:
+        """Records behind the end of each partition this consumer reads, as far as the broker
+        has told (None: nothing known yet). Only as good as the broker's end offsets."""
+        return None
+
     @abstractmethod
     def assign(self, topic: str, partitions: list[int]) -> None:
         """Read these partitions directly, outside any group (replay)."""

@@ -2,13 +2,20 @@
 
 Install ``crc32c`` beside kafka-python (a dependency of linewatch): without it kafka-python
 checksums record batches in pure Python, about 20x slower.
+
+Security (``KafkaSecurity``): TLS and SASL settings reach every client, admin, producer and
+consumer, through one function, ``KafkaSecurity.client_options``. Topics linewatch creates get
+the configured replication factor (default -1: the broker's ``default.replication.factor``)
+and, when set, ``min.insync.replicas``.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
@@ -26,6 +33,56 @@ CONNECT_TIMEOUT_MS = 10_000
 # overhead on 2 cores at +7 % (winclip) and +14 % (aprilgan), against +4 % and +10 % with 500 ms.
 
 
+PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """How linewatch's Kafka clients connect: ``protocol`` as Kafka names it; SASL user and
+    password (never logged: not in ``repr``, and kafka-python's own logger, which prints its
+    configuration at DEBUG, is kept quiet); TLS trust (``ssl_cafile``, default: the system's
+    CAs) and a client certificate for mutual TLS. Files are checked at construction, so a
+    wrong path fails at start-up with its name."""
+
+    protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"kafka security_protocol {self.protocol!r}: use one of {', '.join(PROTOCOLS)}")
+        if self.protocol.startswith("SASL_"):
+            if self.sasl_mechanism not in SASL_MECHANISMS:
+                raise ValueError(f"kafka security_protocol {self.protocol} needs sasl_mechanism, one of "
+                                 f"{', '.join(SASL_MECHANISMS)}")
+            if not self.sasl_username or not self.sasl_password:
+                raise ValueError(f"kafka security_protocol {self.protocol} needs sasl_username and a password "
+                                 "(LINEWATCH_KAFKA__SASL_PASSWORD or kafka.sasl_password_file)")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"kafka {name}: file not found: {path}")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("kafka ssl_certfile and ssl_keyfile go together (a client certificate and its key)")
+
+    def client_options(self) -> dict:
+        """The keyword arguments every kafka-python client (admin, producer, consumer) gets."""
+        options: dict = {"security_protocol": self.protocol}
+        if self.protocol.startswith("SASL_"):
+            options.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                           sasl_plain_password=self.sasl_password)
+        if self.protocol in ("SSL", "SASL_SSL"):
+            options.update(ssl_check_hostname=self.ssl_check_hostname, ssl_cafile=self.ssl_cafile,
+                           ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
+        return options
+
+
 def _unreachable(servers: str, err: Exception) -> BusError:
     return BusError(f"cannot reach Kafka at {servers}: {err or type(err).__name__} "
                     "(is the broker running, and is --bootstrap-servers right?)")
@@ -33,22 +90,30 @@ def _unreachable(servers: str, err: Exception) -> BusError:
 
 class KafkaBus(Bus):
     def __init__(self, servers: str, topics: Topics = Topics(), partitions: int = 4,
-                 session_timeout_ms: int = 10_000):
+                 session_timeout_ms: int = 10_000, security: KafkaSecurity = KafkaSecurity(),
+                 replication_factor: int = -1, min_insync_replicas: int | None = None):
         super().__init__(topics, partitions)
         self.servers = servers.split(",")
         self.session_timeout_ms = session_timeout_ms
+        self.options = {"bootstrap_servers": self.servers, "bootstrap_timeout_ms": CONNECT_TIMEOUT_MS,
+                        **security.client_options()}
+        if replication_factor == 0 or replication_factor < -1:
+            raise ValueError(f"kafka replication_factor {replication_factor}: use -1 (the broker's default) or >= 1")
+        self.replication_factor, self.min_insync_replicas = replication_factor, min_insync_replicas
         self.ensure_topics(topics.all())
 
     def ensure_topics(self, names: list[str]) -> None:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=self.servers, client_id="linewatch-admin",
-                                     bootstrap_timeout_ms=CONNECT_TIMEOUT_MS)
+            admin = KafkaAdminClient(client_id="linewatch-admin", **self.options)
         except (KafkaError, OSError) as err:
             raise _unreachable(",".join(self.servers), err) from None
         try:
             existing = set(admin.list_topics())
             # frames and anomalous scores can exceed a broker's default 1 MB message size
-            missing = [NewTopic(n, self.partitions, 1, topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)})
+            configs = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+            if self.min_insync_replicas is not None:  # acks=all needs this many replicas in sync
+                configs["min.insync.replicas"] = str(self.min_insync_replicas)
+            missing = [NewTopic(n, self.partitions, self.replication_factor, topic_configs=configs)
                        for n in names if n not in existing]
             if missing:
                 try:
@@ -69,9 +134,8 @@ class KafkaBusProducer(Producer):
     def __init__(self, bus: KafkaBus):
         self.servers = ",".join(bus.servers)
         try:
-            self.producer = KafkaProducer(
-                bootstrap_servers=bus.servers, acks="all", enable_idempotence=True, linger_ms=5,
-                max_request_size=MAX_MESSAGE_BYTES, bootstrap_timeout_ms=CONNECT_TIMEOUT_MS)
+            self.producer = KafkaProducer(acks="all", enable_idempotence=True, linger_ms=5,
+                                          max_request_size=MAX_MESSAGE_BYTES, **bus.options)
         except (KafkaError, OSError) as err:
             raise _unreachable(self.servers, err) from None
         self.pending = []
@@ -109,13 +173,15 @@ class KafkaBusProducer(Producer):
 class KafkaBusConsumer(Consumer):
     def __init__(self, bus: KafkaBus, topics: list[str], group: str | None):
         self.servers = ",".join(bus.servers)
+        self.group = group
+        self.rebalance = _Assignment()
         try:
             self.consumer = KafkaConsumer(
-                *(topics if group is not None else ()), bootstrap_servers=bus.servers, group_id=group,
-                enable_auto_commit=False, auto_offset_reset="earliest",
+                group_id=group, enable_auto_commit=False, auto_offset_reset="earliest",
                 session_timeout_ms=bus.session_timeout_ms, heartbeat_interval_ms=1000,
-                max_partition_fetch_bytes=MAX_MESSAGE_BYTES, fetch_max_bytes=4 * MAX_MESSAGE_BYTES,
-                bootstrap_timeout_ms=CONNECT_TIMEOUT_MS)
+                max_partition_fetch_bytes=MAX_MESSAGE_BYTES, fetch_max_bytes=4 * MAX_MESSAGE_BYTES, **bus.options)
+            if group is not None:
+                self.consumer.subscribe(topics, listener=self.rebalance)
         except (KafkaError, OSError) as err:
             raise _unreachable(self.servers, err) from None
 
@@ -140,6 +206,22 @@ class KafkaBusConsumer(Consumer):
             raise BusError(f"topic {topic!r} does not exist on {self.servers}")
         return sorted(found)
 
+    def assigned(self) -> bool:
+        return self.group is None or self.rebalance.received
+
+    def lag(self) -> dict[tuple[str, int], int] | None:
+        """From the high-water marks of the last fetch responses (no extra request). Tansu's
+        end offsets are off by up to a batch, so there this is approximate."""
+        out = {}
+        for tp in sorted(self.consumer.assignment()):
+            try:
+                end, position = self.consumer.highwater(tp), self.consumer.position(tp, timeout_ms=100)
+            except KafkaError:
+                continue
+            if end is not None and position is not None:
+                out[(tp.topic, tp.partition)] = max(0, end - position)
+        return out or None
+
     def assign(self, topic: str, partitions: list[int]) -> None:
         self.consumer.assign([TopicPartition(topic, p) for p in partitions])
 
@@ -148,3 +230,17 @@ class KafkaBusConsumer(Consumer):
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
+
+
+class _Assignment(ConsumerRebalanceListener):
+    """Whether the group has given this member its partitions since it joined or last
+    rebalanced (called from inside ``poll``, on the polling thread)."""
+
+    def __init__(self):
+        self.received = False
+
+    def on_partitions_revoked(self, revoked) -> None:
+        self.received = False
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self.received = True

@@ -170,6 +170,12 @@ class MemoryConsumer(Consumer):
     def partitions(self, topic: str) -> list[int]:
         return list(range(self.bus.partitions))
 
+    def lag(self) -> dict[tuple[str, int], int]:
+        with self.bus.cond:  # exact: the logs are here
+            logs = self.bus.logs
+            return {slot: logs[slot[0]][slot[1]].end - max(self.position.get(slot, 0), logs[slot[0]][slot[1]].start)
+                    for slot in sorted(self.owned)}
+
     def assign(self, topic: str, partitions: list[int]) -> None:
         self.owned = {(topic, p) for p in partitions}
         self.position = {s: self.bus.logs[topic][s[1]].start for s in self.owned}

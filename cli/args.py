@@ -45,6 +45,19 @@ def option(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"{key.strip()}: cannot read {value!r} as a value") from None
 
 
+def port(text: str) -> int | None:
+    """A TCP port, 0 for any free one, or 'off'."""
+    if text.lower() in ("off", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, 0 (any free port) or 'off', got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is outside 0..65535")
+    return value
+
+
 def threshold(text: str):
     if text == "auto":
         return text

@@ -7,9 +7,9 @@ unless given, so flags override LINEWATCH_* variables, which override the --conf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
-import sys
 import threading
 import time
 
@@ -26,6 +26,21 @@ def add_common(parser: argparse.ArgumentParser, services: bool = True) -> None:
         parser.add_argument("--topic-prefix", dest="topic_prefix", default=S, help="topic name prefix (default linewatch)")
         parser.add_argument("--partitions", dest="partitions", type=int, default=S,
                             help="partitions for topics linewatch creates (default 4)")
+
+
+def add_ops(parser: argparse.ArgumentParser, endpoint: bool = True) -> None:
+    group = parser.add_argument_group("operations (README, Operations)")
+    if endpoint:
+        group.add_argument("--metrics-port", dest="ops.port", type=a.port, default=S,
+                           help="port of /metrics, /healthz and /readyz (default 9400; 0: any free port, "
+                                "logged; off: none)")
+        group.add_argument("--metrics-host", dest="ops.host", default=S,
+                           help="address they listen on (default 127.0.0.1; 0.0.0.0 in a container)")
+    group.add_argument("--log-format", dest="ops.log_format", choices=["text", "json"], default=S, metavar="{text,json}",
+                       help="text (default) or json: one JSON object per line")
+    group.add_argument("--log-level", dest="ops.log_level", choices=["debug", "info", "warning", "error"], default=S,
+                       metavar="LEVEL",
+                       help="linewatch's log level: debug, info (default), warning, error")
 
 
 def add_model(parser: argparse.ArgumentParser, redis: bool = True) -> None:
@@ -97,14 +112,17 @@ def add_parsers(commands) -> None:
     add_common(run, services=False)
     add_model(run, redis=False)
     add_alerts(run)
+    add_ops(run)
 
     ingest = commands.add_parser("ingest", help="publish frames of sources to Kafka")
     add_ingest(ingest)
     add_common(ingest)
+    add_ops(ingest)
 
     worker = commands.add_parser("worker", help="score frames from Kafka (a consumer group member)")
     add_common(worker)
     add_model(worker)
+    add_ops(worker)
 
     sink = commands.add_parser("sink", help="alert or archive sink on the scores topic")
     sink.add_argument("kind", choices=["alerts", "archive"])
@@ -115,6 +133,7 @@ def add_parsers(commands) -> None:
     sink.add_argument("--archive", dest="archive", default=S, help="archive sink: folder or s3://bucket/prefix")
     add_common(sink)
     add_alerts(sink)
+    add_ops(sink)
 
     replay = commands.add_parser("replay", help="re-score frames still on the frames topic into a results topic")
     add_common(replay)
@@ -128,6 +147,7 @@ def add_parsers(commands) -> None:
     span.add_argument("--stream", default="*", help="glob of stream ids to replay")
     replay.add_argument("--results-topic", default=None,
                         help="where the scores go (default <prefix>.replay.<method>-<UTC time>)")
+    add_ops(replay, endpoint=False)
 
     demo = commands.add_parser("demo", help="write a synthetic drone inspection clip with a defect, and references")
     demo.add_argument("out", help="output folder")
@@ -152,12 +172,16 @@ def _settings(args: argparse.Namespace):
 
 def _bus(settings):
     from ..bus import BusError
-    from ..pipeline.wiring import connect
+    from ..ops.health import HEALTH
+    from ..pipeline.wiring import connect, kafka_options
 
     if not settings.bootstrap_servers:
         raise BusError("no Kafka given: pass --bootstrap-servers or set LINEWATCH_BOOTSTRAP_SERVERS "
                        "(or use `linewatch run` for the in-process pipeline)")
-    return connect(f"kafka://{settings.bootstrap_servers}", settings.topic_prefix, settings.partitions)
+    bus = connect(f"kafka://{settings.bootstrap_servers}", settings.topic_prefix, settings.partitions,
+                  **kafka_options(settings))
+    HEALTH.set("bus", True, f"Kafka at {settings.bootstrap_servers}")
+    return bus
 
 
 def _stop_on_signals() -> threading.Event:
@@ -167,18 +191,41 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _logging() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("linewatch").setLevel(logging.INFO)
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # its reconnect chatter; our errors say what failed
+@contextlib.contextmanager
+def _operations(settings, *conditions: str):
+    """For the command's lifetime: logs as configured, and the /metrics /healthz /readyz endpoint
+    (unless ``ops.port`` is off), not ready until every one of ``conditions`` is reported."""
+    from .. import __version__
+    from ..ops import metrics
+    from ..ops.health import HEALTH
+    from ..ops.logs import setup_logging
+    from ..ops.server import OpsServer
+
+    ops = settings.ops
+    setup_logging(ops.log_format, ops.log_level)
+    HEALTH.reset()
+    HEALTH.bound_s = ops.heartbeat_s
+    HEALTH.expect(*conditions)
+    metrics.BUILD.info({"version": __version__})
+    if ops.port is None:
+        yield None
+        return
+    with OpsServer(ops.host, ops.port) as server:
+        yield server
+
+
+def _logging(settings) -> None:
+    from ..ops.logs import setup_logging
+
+    setup_logging(settings.ops.log_format, settings.ops.log_level)
 
 
 def run_run(args) -> None:
     from ..pipeline.embedded import run_embedded
 
-    _logging()
     settings = _settings(args)
-    summary = run_embedded(args.sources, settings, args.out, stream_ids=args.stream_ids)
+    with _operations(settings, "model"):
+        summary = run_embedded(args.sources, settings, args.out, stream_ids=args.stream_ids)
     print(f"{summary.frames} frames scored in {summary.seconds:.1f} s ({summary.fps:.2f} frames/s, "
           f"{summary.model_s / max(summary.seconds, 1e-9):.0%} of it in the model); {summary.dead} dead letters")
     print(f"alerts: {summary.alerts_jsonl}\narchive: {summary.archive}")
@@ -187,25 +234,27 @@ def run_run(args) -> None:
 def run_ingest_command(args) -> None:
     from ..ingest.publisher import run_ingest
 
-    _logging()
     settings = _settings(args)
-    bus, i = _bus(settings), settings.ingest
-    stats = run_ingest(bus, args.sources, stream_ids=args.stream_ids, fps=i.fps, max_size=i.max_size,
-                       jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=_stop_on_signals())
+    with _operations(settings, "bus", "sources"):
+        bus, i = _bus(settings), settings.ingest
+        stats = run_ingest(bus, args.sources, stream_ids=args.stream_ids, fps=i.fps, max_size=i.max_size,
+                           jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=_stop_on_signals())
     for s in stats:
         print(s.summary())
 
 
 def run_worker(args) -> None:
+    from ..ops.health import HEALTH
     from ..pipeline.wiring import build_worker
 
-    _logging()
     settings = _settings(args)
-    bus = _bus(settings)
-    worker = build_worker(bus, settings)
-    logging.getLogger("linewatch").info("worker %s ready (%s, %s, batches of up to %d)", worker.worker_id,
-                                        worker.backbone.identity, worker.precision, worker.max_batch)
-    stats = worker.run(_stop_on_signals())
+    with _operations(settings, "bus", "model", "assignment"):
+        bus = _bus(settings)
+        worker = build_worker(bus, settings)
+        HEALTH.set("model", True, f"{worker.backbone.identity}, {len(worker.prepared)} profile(s) prepared")
+        logging.getLogger("linewatch").info("worker %s ready (%s, %s, batches of up to %d)", worker.worker_id,
+                                            worker.backbone.identity, worker.precision, worker.max_batch)
+        stats = worker.run(_stop_on_signals())
     print(f"worker {worker.worker_id}: {stats.frames} frames in {stats.batches} batches, {stats.dead} dead letters; "
           f"model {stats.model_s:.1f} s of {stats.busy_s:.1f} s busy ({stats.model_s / max(stats.busy_s, 1e-9):.0%})")
 
@@ -215,19 +264,19 @@ def run_sink(args) -> None:
     from ..sinks.archive import Archive
     from ..sinks.runner import run_alert_sink, run_archive_sink
 
-    _logging()
     settings = _settings(args)
     if args.kind == "archive" and not settings.archive:
         raise ValueError("the archive sink needs --archive FOLDER or s3://bucket/prefix")
     if args.kind == "alerts":
         policy_for = policy_table(settings)
-    bus = _bus(settings)
-    stop = _stop_on_signals()
-    if args.kind == "alerts":
-        stats = run_alert_sink(bus, policy_for, alert_outputs(bus, settings, stop), stop=stop,
-                               topic=args.scores_topic)
-    else:
-        stats = run_archive_sink(bus, Archive(settings.archive), stop=stop, topic=args.scores_topic)
+    with _operations(settings, "bus", "assignment"):
+        bus = _bus(settings)
+        stop = _stop_on_signals()
+        if args.kind == "alerts":
+            stats = run_alert_sink(bus, policy_for, alert_outputs(bus, settings, stop), stop=stop,
+                                   topic=args.scores_topic)
+        else:
+            stats = run_archive_sink(bus, Archive(settings.archive), stop=stop, topic=args.scores_topic)
     print(f"sink {args.kind}: {stats}")
 
 
@@ -235,8 +284,8 @@ def run_replay(args) -> None:
     from ..pipeline.replay import ReplayRange, replay
     from ..pipeline.wiring import build_worker
 
-    _logging()
     settings = _settings(args)
+    _logging(settings)
     span = ReplayRange(args.from_offset, args.to_offset, args.since, args.until, args.stream)
     bus = _bus(settings)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

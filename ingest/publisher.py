@@ -24,6 +24,8 @@ import numpy as np
 
 from ..bus import Bus
 from ..bus.messages import META_HEADER, FrameMeta, encode
+from ..ops import metrics
+from ..ops.health import HEALTH
 from .sources import Backoff, IngestError, Source, VideoFile, open_source, webcam_index
 from .srt import TelemetryTrack, find_sidecar, load_track
 
@@ -107,6 +109,8 @@ class Ingestor:
         # seq restarts at 0 with every run; the session tells this run's frames from the last's
         self.session = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
         self.producer = bus.producer()
+        self.loop = f"ingest:{self.stream}"  # its heartbeat (/healthz)
+        self._reconnects = 0  # source reconnections already counted in the metric
 
     def run(self, on_frame: Callable[[IngestStats], None] | None = None) -> IngestStats:
         """Publish until the source ends or ``stop`` is set; ``on_frame`` sees the stats after
@@ -115,6 +119,7 @@ class Ingestor:
         try:
             (self._run_live if self.source.live else self._run_recorded)(on_frame)
         finally:
+            HEALTH.stop_beating(self.loop)
             self.producer.close()  # flushes: every frame is acknowledged before the run returns
             self._update_counts(started)
             log.info("ingest %s", self.stats.summary())
@@ -152,6 +157,7 @@ class Ingestor:
                     with ready:
                         if len(frames) == frames.maxlen:
                             self.stats.dropped += 1  # the deque evicts the oldest on append
+                            metrics.INGEST_DROPPED.labels(self.stream).inc()
                         frames.append((image, pts, grabbed_at))
                         ready.notify()
                     if self.stop.is_set() or quit_grabbing.is_set():
@@ -169,9 +175,11 @@ class Ingestor:
             while True:
                 with ready:
                     while not frames and not finished.is_set() and not self.stop.is_set():
+                        HEALTH.beat(self.loop)  # a silent camera is not a hung process: it reconnects
                         ready.wait(0.1)
                     if self.stop.is_set() or not frames:
                         self.stats.dropped += len(frames)  # stopped with frames still buffered
+                        metrics.INGEST_DROPPED.labels(self.stream).inc(len(frames))
                         break
                     image, pts, grabbed_at = frames.popleft()
                 self._publish(image, pts, grabbed_at)
@@ -198,6 +206,11 @@ class Ingestor:
         self.producer.send(self.bus.topics.frames, jpeg.tobytes(), key=self.stream.encode(),
                            headers=((META_HEADER, encode(meta)),))  # record time: when published
         self.stats.published += 1
+        metrics.INGEST_PUBLISHED.labels(self.stream).inc()
+        HEALTH.beat(self.loop)
+        if self.source.counts.reconnects > self._reconnects:  # counted by the source, as it reconnects
+            metrics.INGEST_RECONNECTS.labels(self.stream).inc(self.source.counts.reconnects - self._reconnects)
+            self._reconnects = self.source.counts.reconnects
 
 
 def run_ingest(bus: Bus, specs: list[str], *, stream_ids: list[str] | None = None, fps: float | None = None,
@@ -226,6 +239,7 @@ def run_ingest(bus: Bus, specs: list[str], *, stream_ids: list[str] | None = Non
         for source in sources:
             source.close()
         raise
+    HEALTH.set("sources", True, f"{len(sources)} source(s) open")
 
     bars = _progress_bars(ingestors) if progress else [None] * len(ingestors)
     errors: list[BaseException] = []

@@ -19,6 +19,7 @@ from ..bus import Topics
 from ..bus.memory import MemoryBus
 from ..ingest.publisher import check_stream_id, run_ingest
 from ..ingest.sources import is_live, open_source
+from ..ops.health import HEALTH
 from ..scoring.backbone import Backbone
 from ..sinks.archive import Archive
 from ..sinks.runner import run_alert_sink, run_archive_sink
@@ -60,6 +61,7 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
 
     bus = MemoryBus(Topics(settings.topic_prefix), partitions=1)
     worker = build_worker(bus, settings, backbone)
+    HEALTH.set("model", True, f"{worker.backbone.identity}, {len(worker.prepared)} profile(s) prepared")
     stop_sinks, stop_worker, stop_ingest = threading.Event(), threading.Event(), threading.Event()
     errors: list[BaseException] = []
     published: list[int] = []  # set once ingest has read every source

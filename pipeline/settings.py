@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
 from ..sinks.alerts import AlertPolicy
@@ -55,6 +55,44 @@ class WorkerSettings(_Section):
     prompts: str | None = None  # prompt pack YAML; default: the bundled pack
 
 
+class OpsSettings(_Section):
+    """The operations endpoint and logs of the long-running commands (README, Operations)."""
+    host: str = "127.0.0.1"  # where /metrics, /healthz and /readyz listen; 0.0.0.0 in a container
+    port: int | None = Field(default=9400, ge=0, le=65535)  # None: no endpoint; 0: any free port (logged)
+    heartbeat_s: float = Field(default=120.0, gt=0)  # /healthz fails when a loop has not beaten for this long
+    summary_s: float = Field(default=30.0, ge=0)  # the worker logs a one-line summary this often; 0: never
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class KafkaSettings(_Section):
+    """Security and topic durability for Kafka (README, Operations: Security). The SASL password
+    comes from LINEWATCH_KAFKA__SASL_PASSWORD or a file (a mounted Secret), never from a flag."""
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    sasl_password_file: str | None = None
+    ssl_cafile: str | None = None  # CA bundle to trust (default: the system's)
+    ssl_certfile: str | None = None  # client certificate (mutual TLS), with ssl_keyfile
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+    # for the topics linewatch creates: -1 takes the broker's default.replication.factor
+    replication_factor: int = -1
+    min_insync_replicas: int | None = Field(default=None, ge=1)  # None: the broker's default
+
+
+class RedisSettings(_Section):
+    """TLS and password for the anchor cache's Redis. The password may sit in ``redis_url``
+    (``rediss://:PASSWORD@host:6380/0``; keep that URL in a Secret) or come from
+    LINEWATCH_REDIS__PASSWORD or ``password_file``."""
+    password: SecretStr | None = None
+    password_file: str | None = None
+    ssl_ca_file: str | None = None  # CA bundle to trust for rediss:// (default: the system's)
+    ssl_certfile: str | None = None  # client certificate, when the server checks clients
+    ssl_keyfile: str | None = None
+
+
 class AlertSettings(_Section):
     policy: AlertPolicy = AlertPolicy()
     streams: dict[str, dict[str, Any]] = {}
@@ -67,7 +105,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LINEWATCH_", env_nested_delimiter="__", extra="forbid")
 
     bootstrap_servers: str | None = None  # None: the in-process bus (embedded run only)
-    redis_url: str | None = None  # None: no shared anchor cache
+    redis_url: str | None = None  # None: no shared anchor cache; rediss:// for TLS
+    redis: RedisSettings = RedisSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    ops: OpsSettings = OpsSettings()
     anchor_dir: str | None = "~/.cache/linewatch/anchors"  # text anchors kept across runs; None: off
     topic_prefix: str = Field(default="linewatch", pattern=r"^[A-Za-z0-9._-]+$")
     partitions: int = Field(default=4, ge=1)
@@ -101,6 +142,18 @@ def load_settings(config: str | None = None, overrides: dict | None = None) -> S
         where = ".".join(str(p) for p in first["loc"])
         raise ValueError(f"configuration: {where}: {first['msg']}"
                          + (f" (in {config} or LINEWATCH_* variables)" if config else "")) from None
+
+
+def secret(value: SecretStr | None, file: str | None, what: str) -> str | None:
+    """A secret from its setting, else from ``file`` (trailing newline dropped); never echoed."""
+    if value is not None:
+        return value.get_secret_value()
+    if file is None:
+        return None
+    try:
+        return Path(file).read_text().rstrip("\r\n")
+    except OSError as err:
+        raise ValueError(f"{what}: cannot read {file}: {err.strerror}") from None
 
 
 def nest(flat: dict[str, Any]) -> dict:

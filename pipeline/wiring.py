@@ -14,11 +14,12 @@ from ..sinks.alerts import AlertPolicy
 from ..workers.anchors import AnchorCache
 from ..workers.profiles import ProfileTable
 from ..workers.worker import ScoringWorker
-from .settings import Settings
+from .settings import Settings, secret
 
 
-def connect(url: str, prefix: str = "linewatch", partitions: int = 4) -> Bus:
-    """``memory://`` or ``kafka://host:port,...`` (``host:port`` alone means Kafka)."""
+def connect(url: str, prefix: str = "linewatch", partitions: int = 4, **kafka) -> Bus:
+    """``memory://`` or ``kafka://host:port,...`` (``host:port`` alone means Kafka); ``kafka``:
+    KafkaBus's security and topic options (``kafka_options``)."""
     topics = Topics(prefix)
     if url.startswith("memory://"):
         from ..bus.memory import MemoryBus
@@ -27,7 +28,40 @@ def connect(url: str, prefix: str = "linewatch", partitions: int = 4) -> Bus:
     if not servers or "://" in servers:
         raise BusError(f"bus URL {url!r}: use memory:// or kafka://host:port[,host:port]")
     from ..bus.kafka import KafkaBus
-    return KafkaBus(servers, topics, partitions)
+    return KafkaBus(servers, topics, partitions, **kafka)
+
+
+def kafka_options(settings: Settings) -> dict:
+    """The configured Kafka security (one KafkaSecurity for every client) and topic durability."""
+    from ..bus.kafka import KafkaSecurity
+
+    k = settings.kafka
+    security = KafkaSecurity(
+        protocol=k.security_protocol, sasl_mechanism=k.sasl_mechanism, sasl_username=k.sasl_username,
+        sasl_password=secret(k.sasl_password, k.sasl_password_file, "kafka.sasl_password_file"),
+        ssl_cafile=k.ssl_cafile, ssl_certfile=k.ssl_certfile, ssl_keyfile=k.ssl_keyfile,
+        ssl_check_hostname=k.ssl_check_hostname)
+    return {"security": security, "replication_factor": k.replication_factor,
+            "min_insync_replicas": k.min_insync_replicas}
+
+
+def redis_options(settings: Settings) -> dict:
+    """redis-py connection options beside ``redis_url``: the password, and TLS files for rediss://."""
+    r = settings.redis
+    options = {}
+    password = secret(r.password, r.password_file, "redis.password_file")
+    if password is not None:
+        options["password"] = password
+    tls = {"ssl_ca_certs": r.ssl_ca_file, "ssl_certfile": r.ssl_certfile, "ssl_keyfile": r.ssl_keyfile}
+    for name, path in tls.items():
+        if path is None:
+            continue
+        if not (settings.redis_url or "").startswith("rediss://"):
+            raise ValueError("redis TLS files are set but redis_url is not rediss://host:port/db")
+        if not Path(path).is_file():
+            raise ValueError(f"redis {name.replace('ssl_ca_certs', 'ssl_ca_file')}: file not found: {path}")
+        options[name] = path
+    return options
 
 
 def check_settings(settings: Settings) -> ProfileTable:
@@ -70,12 +104,13 @@ def build_worker(bus: Bus, settings: Settings, backbone: Backbone | None = None,
 
     profiles = check_settings(settings)
     prompts = PromptPack.load(settings.worker.prompts)
-    anchors = AnchorCache(settings.redis_url, folder=settings.anchor_dir)
+    anchors = AnchorCache(settings.redis_url, folder=settings.anchor_dir, redis_options=redis_options(settings))
     if backbone is None:
         backbone = accelerate(build_backbone(settings), compile=settings.worker.compile)
     w = settings.worker
     worker = ScoringWorker(bus, backbone, profiles, anchors, prompts=prompts, max_batch=w.max_batch,
-                           max_wait_ms=w.max_wait_ms, precision=w.precision, **kwargs)
+                           max_wait_ms=w.max_wait_ms, precision=w.precision, summary_s=settings.ops.summary_s,
+                           **kwargs)
     worker.prepare_all()
     return worker
 

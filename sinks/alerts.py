@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..bus import Producer
 from ..bus.messages import AlertMsg, ScoreMsg, encode, track
+from ..ops import metrics
 
 
 class AlertPolicy(BaseModel):
@@ -311,11 +312,13 @@ class WebhookOutput(AlertOutput):
                     response.read()
                 return True
             except urllib.error.HTTPError as err:
+                metrics.WEBHOOK_FAILURES.inc()
                 last_error = f"HTTP {err.code} {err.reason}"
                 if err.code != 429 and err.code < 500:
                     raise OutputError(f"webhook {self.url} refused alert {alert.event_id} ({alert.status}): "
                                       f"{last_error}") from None
             except OSError as err:  # URLError (refused, DNS), timeouts, resets
+                metrics.WEBHOOK_FAILURES.inc()
                 last_error = str(getattr(err, "reason", None) or err)
         raise OutputError(f"webhook {self.url}: alert {alert.event_id} ({alert.status}) not delivered after "
                           f"{attempt + 1} attempt(s); last error: {last_error}")

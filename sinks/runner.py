@@ -25,6 +25,8 @@ from ..bus.messages import (
     encode,
     track,
 )
+from ..ops import metrics
+from ..ops.health import HEALTH
 from .alerts import AlertOutput, AlertPolicy, AlertTracker, OutputError
 from .archive import Archive, ArchiveError
 
@@ -60,9 +62,11 @@ def run_alert_sink(bus: Bus, policy_for: Callable[[str], AlertPolicy], outputs: 
                     output.write(alert)
                 except OutputError as err:
                     log.warning("alert %s (%s) -> dead letter: %s", alert.event_id, alert.status, err)
+                    metrics.DEAD_LETTERS.labels("sink-alerts", "alert_output").inc()
                     _dead_letter(producer, bus, stats, f"{type(output).__name__}: {err}", "sink-alerts",
                                  payload=encode(alert), stream=alert.stream, seq=alert.end_seq)
             stats.alerts += 1
+            metrics.ALERTS.labels(alert.stream, alert.status).inc()
 
     def commit(everything: bool) -> None:
         nonlocal held
@@ -85,6 +89,7 @@ def run_alert_sink(bus: Bus, policy_for: Callable[[str], AlertPolicy], outputs: 
     try:
         while not stop.is_set():
             records = consumer.poll(poll_s, max_records)
+            _turn("sink-alerts", consumer)
             alerts: list[AlertMsg] = []
             for record in records:
                 score = _decode_score(record, producer, bus, stats, "sink-alerts")
@@ -98,6 +103,7 @@ def run_alert_sink(bus: Bus, policy_for: Callable[[str], AlertPolicy], outputs: 
         deliver(tracker.flush())
         commit(everything=True)
     finally:
+        HEALTH.stop_beating("sink-alerts")
         stats.duplicates, stats.late = tracker.duplicates, tracker.late
         for output in outputs:
             output.close()
@@ -113,6 +119,7 @@ def run_archive_sink(bus: Bus, archive: Archive, *, group: str = "linewatch-arch
     try:
         while not stop.is_set():
             records = consumer.poll(poll_s, max_records)
+            _turn("sink-archive", consumer)
             for record in records:
                 score = _decode_score(record, producer, bus, stats, "sink-archive")
                 if score is None:
@@ -120,13 +127,16 @@ def run_archive_sink(bus: Bus, archive: Archive, *, group: str = "linewatch-arch
                 try:
                     if archive.add(score) is not None:
                         stats.archived += 1
+                        metrics.ARCHIVE_WRITES.inc()
                 except ArchiveError as err:
+                    metrics.DEAD_LETTERS.labels("sink-archive", "archive_error").inc()
                     _dead_letter(producer, bus, stats, str(err), "sink-archive", record=record,
                                  stream=score.frame.stream, seq=score.frame.seq)
             if records:
                 producer.flush()
                 consumer.commit(records)
     finally:
+        HEALTH.stop_beating("sink-archive")
         archive.close()
         consumer.close()
     return stats
@@ -136,10 +146,20 @@ def _decode_score(record: Record, producer: Producer, bus: Bus, stats: SinkStats
     try:
         score = decode(record.value, ScoreMsg)
     except MessageError as err:
+        metrics.DEAD_LETTERS.labels(stage, "bad_score").inc()
         _dead_letter(producer, bus, stats, str(err), stage, record=record)
         return None
     stats.scores += 1
+    metrics.SCORES_RECEIVED.labels(stage).inc()
     return score
+
+
+def _turn(loop: str, consumer) -> None:
+    """Once per loop turn: the heartbeat /healthz checks, and readiness (the group's assignment)."""
+    HEALTH.beat(loop)
+    assigned = consumer.assigned()
+    HEALTH.set("assignment", assigned, "partitions assigned by the group" if assigned
+               else "waiting for the group to assign partitions")
 
 
 def _dead_letter(producer: Producer, bus: Bus, stats: SinkStats, reason: str, stage: str, *,

@@ -42,6 +42,21 @@ def anchor_dir(tmp_path_factory):
         os.environ["LINEWATCH_ANCHOR_DIR"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def metrics_on_any_port():
+    """Commands under test (in process or as child processes) serve /metrics on a free port each,
+    never the default 9400 another process may hold."""
+    import os
+
+    previous = os.environ.get("LINEWATCH_OPS__PORT")
+    os.environ["LINEWATCH_OPS__PORT"] = "0"
+    yield
+    if previous is None:
+        del os.environ["LINEWATCH_OPS__PORT"]
+    else:
+        os.environ["LINEWATCH_OPS__PORT"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny() -> Backbone:
     """The tiny backbone, random weights, seed 0. Shared: tests must not modify it."""

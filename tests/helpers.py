@@ -4,6 +4,8 @@ reading a topic whole, the one-line CLI error, waiting on a condition."""
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 from functools import lru_cache
 
 import cv2
@@ -48,6 +50,15 @@ def error_line(capsys) -> str:
     lines = [line for line in err.splitlines() if line.startswith("linewatch: error:")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """(status, body) of a GET on loopback; an HTTP error status is an answer, not an exception."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
 
 
 def wait_for(condition, timeout_s: float = 30.0, what: str = "the condition") -> None:

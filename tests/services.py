@@ -54,14 +54,20 @@ def tansu_broker(log_dir: Path, **options):
 
 
 @contextmanager
-def redis_server(log_dir: Path, password: str | None = None):
+def redis_server(log_dir: Path, password: str | None = None, tls: SimpleNamespace | None = None):
+    """Yields ``redis://[:password@]127.0.0.1:PORT/0``; with ``tls`` (``tls_files``) it listens
+    on TLS only, requires client certificates, and the URL is ``rediss://``."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server not installed (apt-get install -y redis-server; scripts/test.sh does it)")
     for _ in range(ATTEMPTS):
         port = free_port()
         auth = ["--requirepass", password] if password else []
-        process = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly",
+        listen = ["--port", str(port)]
+        if tls is not None:
+            listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", tls.server_cert, "--tls-key-file",
+                      tls.server_key, "--tls-ca-cert-file", tls.ca, "--tls-auth-clients", "yes"]
+        process = subprocess.Popen([binary, "--bind", "127.0.0.1", *listen, "--save", "", "--appendonly",
                                     "no", "--logfile", str(log_dir / "redis.log"), *auth], stdout=subprocess.DEVNULL)
         if wait_listening(process, port, "redis-server", 15):
             break
@@ -69,9 +75,93 @@ def redis_server(log_dir: Path, password: str | None = None):
     else:
         raise RuntimeError(f"redis-server exited before listening, {ATTEMPTS} times (log: {log_dir / 'redis.log'})")
     try:
-        yield f"redis://{f':{password}@' if password else ''}127.0.0.1:{port}/0"
+        yield f"{'rediss' if tls else 'redis'}://{f':{password}@' if password else ''}127.0.0.1:{port}/0"
     finally:
         stop(process)
+
+
+def tls_files(folder: Path) -> SimpleNamespace:
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a client certificate,
+    all signed by that CA (PEM files, made with the openssl command)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl command not found: TLS tests need it to make certificates")
+    folder.mkdir(parents=True, exist_ok=True)
+    files = SimpleNamespace(**{name: str(folder / f"{name.replace('_', '.')}.pem") for name in
+                               ("ca", "ca_key", "server_cert", "server_key", "client_cert", "client_key")})
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=linewatch-test-ca",
+            "-keyout", files.ca_key, "-out", files.ca)
+    for who, extensions in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+                            ("client", "extendedKeyUsage=clientAuth")):
+        csr, ext = folder / f"{who}.csr", folder / f"{who}.ext"
+        ext.write_text(extensions + "\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=linewatch-test-{who}",
+                "-keyout", getattr(files, f"{who}_key"), "-out", str(csr))
+        openssl("x509", "-req", "-in", str(csr), "-CA", files.ca, "-CAkey", files.ca_key, "-CAcreateserial",
+                "-days", "2", "-extfile", str(ext), "-out", getattr(files, f"{who}_cert"))
+    return files
+
+
+class TlsProxy:
+    """Terminates TLS (requiring a client certificate signed by ``tls.ca``) on a loopback port and
+    forwards the bytes to a plaintext server: Tansu 0.6 cannot serve TLS itself (README,
+    Operations). Bound at construction, so the port can be advertised before the server behind
+    it starts; ``start(upstream)`` then serves until ``close()``. ``handshakes`` counts the
+    connections that completed TLS."""
+
+    def __init__(self, tls: SimpleNamespace):
+        import ssl
+
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(tls.server_cert, tls.server_key)
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.context.load_verify_locations(tls.ca)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.handshakes = 0
+        self.loop = None
+
+    def start(self, upstream: str) -> None:
+        import asyncio
+        import threading
+
+        host, port = upstream.rsplit(":", 1)
+
+        async def pipe(reader, writer) -> None:
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+
+        async def forward(reader, writer) -> None:
+            self.handshakes += 1
+            try:
+                upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+            except OSError:
+                writer.close()
+                return
+            await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(lambda loop, context: None)  # refused handshakes are expected here
+        server = self.loop.run_until_complete(asyncio.start_server(forward, sock=self.listener, ssl=self.context))
+        self.thread = threading.Thread(target=self.loop.run_forever, name="tls-proxy", daemon=True)
+        self.thread.start()
+        self.server = server
+
+    def close(self) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.server.close)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+        self.listener.close()
 
 
 def _weed() -> str | None:

@@ -1,4 +1,4 @@
-"""Checks that need a CUDA device (skipped elsewhere, CI included): nvJPEG decoding against
+"""Checks that need a CUDA device (skipped elsewhere, CI included): the GPU memory metric, nvJPEG decoding against
 OpenCV's, and the worker's one-batch-in-flight loop against publishing each batch at once.
 
 The second is the check that caught torchvision's nvJPEG writing, from its own stream, into
@@ -71,3 +71,17 @@ def test_one_batch_in_flight_scores_like_one_at_a_time_on_gpu():
         other_score, other_map = results[True][seq]
         assert np.isfinite(other_score) and other_score == pytest.approx(score, abs=1e-3), seq
         assert np.abs(other_map - anomaly_map).max() < 1e-2, seq
+
+
+def test_gpu_memory_is_exported():
+    from prometheus_client import REGISTRY
+
+    from linewatch.ops.metrics import watch_gpu
+
+    device = torch.device("cuda", 0)
+    watch_gpu(device)
+    watch_gpu(device)  # once per device: a second worker in the process must not register it again
+    held = torch.empty(64 * 1024 * 1024, dtype=torch.uint8, device=device)
+    allocated = REGISTRY.get_sample_value("linewatch_gpu_memory_bytes", {"device": "cuda:0", "kind": "allocated"})
+    assert allocated >= held.numel()
+    assert REGISTRY.get_sample_value("linewatch_gpu_memory_bytes", {"device": "cuda:0", "kind": "reserved"}) >= allocated

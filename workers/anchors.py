@@ -16,7 +16,9 @@ import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
+from ..ops import metrics
 from ..scoring.prompts import TextAnchors
 
 log = logging.getLogger(__name__)
@@ -25,38 +27,45 @@ TTL_S = 30 * 24 * 3600  # anchors are immutable per key; the TTL only clears key
 
 
 class AnchorCache:
-    def __init__(self, redis_url: str | None = None, capacity: int = 32, folder: str | Path | None = None):
+    def __init__(self, redis_url: str | None = None, capacity: int = 32, folder: str | Path | None = None,
+                 redis_options: dict | None = None):
         self.capacity = capacity
         self.folder = Path(folder).expanduser() if folder else None
         self.local: OrderedDict[str, TextAnchors] = OrderedDict()
         self.redis = None
         self.redis_url = redis_url
+        self.redis_where = _where(redis_url)  # host:port for log lines: the URL may hold a password
         self.redis_down = False  # logged once per outage
         self.stats = {"local_hits": 0, "redis_hits": 0, "file_hits": 0, "computed": 0, "redis_errors": 0}
         if redis_url:
             import redis
 
             try:
-                self.redis = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+                self.redis = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2,
+                                                  **(redis_options or {}))
             except ValueError as err:
-                raise ValueError(f"--redis-url {redis_url!r}: {err}") from None
+                raise ValueError(f"--redis-url {self.redis_where}: {err}") from None
 
     def get(self, key: str, build: Callable[[], TextAnchors]) -> TextAnchors:
         if key in self.local:
             self.local.move_to_end(key)
             self.stats["local_hits"] += 1
+            metrics.ANCHOR_LOOKUPS.labels("local").inc()
             return self.local[key]
         anchors = self._fetch(key)
         if anchors is not None:
             self.stats["redis_hits"] += 1
+            metrics.ANCHOR_LOOKUPS.labels("redis").inc()
         else:
             anchors = self._read_file(key)
             if anchors is None:
                 anchors = build()
                 self.stats["computed"] += 1
+                metrics.ANCHOR_LOOKUPS.labels("miss").inc()
                 self._write_file(key, anchors)
             else:
                 self.stats["file_hits"] += 1
+                metrics.ANCHOR_LOOKUPS.labels("file").inc()
             self._store(key, anchors)
         self.local[key] = anchors
         if len(self.local) > self.capacity:
@@ -110,12 +119,25 @@ class AnchorCache:
             result = call(self.redis)
         except redis.RedisError as err:
             self.stats["redis_errors"] += 1
+            metrics.REDIS_ERRORS.inc()
             if not self.redis_down:
                 log.warning("Redis at %s unavailable (%s); computing text anchors locally until it is back",
-                            self.redis_url, err)
+                            self.redis_where, err)
                 self.redis_down = True
             return None
         if self.redis_down:
-            log.warning("Redis at %s is back", self.redis_url)
+            log.warning("Redis at %s is back", self.redis_where)
             self.redis_down = False
         return result
+
+
+def _where(url: str | None) -> str | None:
+    """``scheme://host:port/db`` of a Redis URL, without its credentials."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    try:
+        host = f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
+    except ValueError:  # a malformed port: redis-py says what is wrong
+        host = "?"
+    return f"{parts.scheme}://{host}{parts.path}"

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..bus import Bus, BusError, Record
 from ..bus.maps import MAP_MAX_SIDE, encode_map
 from ..bus.messages import DeadLetter, FrameMeta, FrameRef, Latency, MessageError, ScoreMsg, encode, frame_meta
+from ..ops import metrics
 from ..scoring.backbone import Backbone
 from ..scoring.precision import autocast_dtype, resolve_precision
 from ..scoring.prompts import PromptPack
@@ -35,6 +36,7 @@ from .anchors import AnchorCache
 from .frames import FrameDecoder
 from .prepared import PreparedProfile
 from .profiles import ProfileTable
+from .telemetry import WorkerTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ class ScoringWorker:
     def __init__(self, bus: Bus, backbone: Backbone, profiles: ProfileTable, anchors: AnchorCache, *,
                  prompts: PromptPack | None = None, max_batch: int = 8, max_wait_ms: float = 20.0,
                  precision: str = "auto", group: str = GROUP, source_topic: str | None = None,
-                 results_topic: str | None = None, worker_id: str | None = None):
+                 results_topic: str | None = None, worker_id: str | None = None, summary_s: float = 0.0):
         self.bus, self.backbone, self.profiles, self.anchors = bus, backbone, profiles, anchors
         self.prompts = prompts or PromptPack.load()
         self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1000.0
@@ -86,6 +88,7 @@ class ScoringWorker:
         # model runs asynchronously on a GPU; on a CPU it would only delay each batch's scores
         self.overlap = backbone.device.type == "cuda"
         self._busy_until = 0.0  # end of the last published batch (monotonic), so busy time is counted once
+        self.telemetry = WorkerTelemetry(self, summary_s=summary_s)  # heartbeat, readiness, lag, summary line
 
     def prepare_all(self) -> None:
         """Prepare every configured profile up front, so the first frames don't wait for it."""
@@ -123,6 +126,7 @@ class ScoringWorker:
             while not stop.is_set() and not (until is not None and until()):
                 waited = pending is None  # a busy poll takes what is there and does not wait
                 records = self._gather(consumer, busy=not waited)
+                self.telemetry.tick(consumer)
                 launched = self.launch(records) if records else None
                 if pending is not None:
                     self.finish(pending, producer)
@@ -140,6 +144,7 @@ class ScoringWorker:
             if pending is not None:  # stopped with a batch in flight: its scores are computed, send them
                 self._finish_at_stop(pending, producer, consumer)
         finally:
+            self.telemetry.stopped()
             consumer.close()
             producer.close()
         return self.stats
@@ -179,17 +184,22 @@ class ScoringWorker:
         dead-lettered later, by ``finish``, with the batch's scores."""
         started, started_at = time.monotonic(), time.time()
         batch = _Batch(records, started, started_at)
+        metrics.FRAMES_RECEIVED.inc(len(records))
+        metrics.BATCH_SIZE.observe(len(records))
         readable: list[tuple[Record, FrameMeta]] = []
         for record in records:
             try:
                 readable.append((record, frame_meta(record.headers)))
             except MessageError as err:
                 batch.dead.append((record, str(err), None))
+                metrics.DEAD_LETTERS.labels("worker", "bad_header").inc()
         images, kept, failed = self.decoder.decode([record.value for record, _ in readable])
         for index, reason in failed.items():
             batch.dead.append((readable[index][0], reason, readable[index][1]))
+            metrics.DEAD_LETTERS.labels("worker", "undecodable_frame").inc()
         frames = [_Frame(*readable[index], row) for row, index in enumerate(kept)]
         batch.decode_s = time.monotonic() - started
+        metrics.DECODE_SECONDS.observe(batch.decode_s)
         by_profile: dict[str, list[_Frame]] = {}
         for frame in frames:
             by_profile.setdefault(self.profiles.for_stream(frame.meta.stream).key(), []).append(frame)
@@ -236,6 +246,7 @@ class ScoringWorker:
             group.ready.synchronize()
         model_s = group.clock.seconds()
         self.stats.model_s += model_s
+        metrics.MODEL_SECONDS.observe(model_s)
         prepared, frames = group.prepared, group.frames
         scores = group.scores.tolist()
         maps: list[np.ndarray | None] = [None] * len(frames)
@@ -245,6 +256,7 @@ class ScoringWorker:
         for frame, value, anomaly_map in zip(frames, scores, maps):
             meta = frame.meta
             if not math.isfinite(value):  # no sink could read it; say so instead
+                metrics.DEAD_LETTERS.labels("worker", "non_finite_score").inc()
                 self._dead_letter(frame.record, f"the model gave a non-finite score ({value})", producer, meta)
                 continue
             anomalous = value >= prepared.threshold
@@ -263,6 +275,9 @@ class ScoringWorker:
             sent = self.stats.last_score_at = time.time()
             self.stats.service_s.append(sent - started_at)
             self.stats.end_to_end_s.append(sent - meta.sent_at)
+            metrics.FRAMES_SCORED.inc()
+            metrics.QUEUE_SECONDS.observe(max(0.0, group.picked - meta.sent_at))
+            metrics.END_TO_END_SECONDS.observe(max(0.0, sent - meta.ts))
 
 
 @dataclass
