@@ -39,7 +39,7 @@ class KafkaBus(Bus):
         self.session_timeout_ms = session_timeout_ms
         self.ensure_topics(topics.all())
 
-    def ensure_topics(self, names: list[str]) -> None:
+    def ensure_topics(self, names: list[str], partitions: int | None = None, compact: bool = False) -> None:
         try:
             admin = KafkaAdminClient(bootstrap_servers=self.servers, client_id="linewatch-admin",
                                      bootstrap_timeout_ms=CONNECT_TIMEOUT_MS)
@@ -48,7 +48,8 @@ class KafkaBus(Bus):
         try:
             existing = set(admin.list_topics())
             # frames and anomalous scores can exceed a broker's default 1 MB message size
-            missing = [NewTopic(n, self.partitions, 1, topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)})
+            configs = {"max.message.bytes": str(MAX_MESSAGE_BYTES), **({"cleanup.policy": "compact"} if compact else {})}
+            missing = [NewTopic(n, partitions or self.partitions, 1, topic_configs=configs)
                        for n in names if n not in existing]
             if missing:
                 try:
@@ -76,13 +77,13 @@ class KafkaBusProducer(Producer):
             raise _unreachable(self.servers, err) from None
         self.pending = []
 
-    def send(self, topic, value, key=None, headers=(), timestamp_ms=None) -> None:
+    def send(self, topic, value, key=None, headers=(), timestamp_ms=None, partition=None) -> None:
         if len(self.pending) >= 1024:  # a long-lived producer (live ingest) must not hoard futures
             self._settle([f for f in self.pending if f.is_done])
             self.pending = [f for f in self.pending if not f.is_done]
         try:
             self.pending.append(self.producer.send(topic, value=value, key=key, headers=list(headers),
-                                                   timestamp_ms=timestamp_ms))
+                                                   timestamp_ms=timestamp_ms, partition=partition))
         except KafkaError as err:
             raise BusError(f"cannot send to {topic}: {err}") from None
 
@@ -139,6 +140,9 @@ class KafkaBusConsumer(Consumer):
         if not found:
             raise BusError(f"topic {topic!r} does not exist on {self.servers}")
         return sorted(found)
+
+    def assignment(self) -> set[tuple[str, int]]:
+        return {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
 
     def assign(self, topic: str, partitions: list[int]) -> None:
         self.consumer.assign([TopicPartition(topic, p) for p in partitions])

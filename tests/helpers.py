@@ -1,10 +1,12 @@
 """Helpers shared by the test modules (tests never import each other): frames on a bus,
-reading a topic whole, the one-line CLI error, waiting on a condition."""
+reading a topic whole, the one-line CLI error, waiting on a condition, a webhook receiver."""
 
 from __future__ import annotations
 
+import threading
 import time
 from functools import lru_cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import cv2
 import numpy as np
@@ -84,3 +86,49 @@ def score_msg(seq: int, score: float = 0.1, *, stream: str = "cam", threshold: f
                     map=encode_map(anomaly_map), method="winclip", class_name="power line", anchor_key="a1",
                     model="tiny", worker="w0", latency=Latency(queue_ms=1, decode_ms=1, model_ms=1, batch_size=1),
                     frame_jpeg=frame_jpeg() if anomalous else None)
+
+
+class Webhook:
+    """A real HTTP receiver on loopback. ``statuses`` are answered in turn (the last one
+    repeats); with ``answer`` (an Event), every request hangs until it is set: a webhook that
+    never answers. ``requests`` holds (headers, body) in arrival order."""
+
+    def __init__(self, statuses: list[int], answer: threading.Event | None = None):
+        self.statuses, self.answer, self.requests = statuses, answer, []
+        self.lock = threading.Lock()
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with hook.lock:
+                    hook.requests.append((dict(self.headers), body))
+                    status = hook.statuses[min(len(hook.requests), len(hook.statuses)) - 1]
+                if hook.answer is not None:
+                    hook.answer.wait()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except OSError:  # the client gave up waiting
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def bodies(self) -> list[bytes]:
+        with self.lock:
+            return [body for _, body in self.requests]
+
+    def close(self):
+        if self.answer is not None:
+            self.answer.set()
+        self.server.shutdown()
+        self.server.server_close()
