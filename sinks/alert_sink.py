@@ -138,8 +138,9 @@ class AlertSink:
                                f"({parcel.alert.status}) was not delivered to it", parcel=parcel)
                     self.store.settle(name, parcel)
             events = sum(s.event is not None for state in restored.states for s in state.sessions.values())
-            log.info("alert sink: partitions %s restored: %d stream(s), %d open event(s), %d undelivered alert(s)",
-                     sorted(gained), len(restored.states), events, len(restored.pending))
+            log.log(logging.INFO if restored.states or restored.pending else logging.DEBUG,
+                    "alert sink: partitions %s restored: %d stream(s), %d open event(s), %d undelivered alert(s)",
+                    sorted(gained), len(restored.states), events, len(restored.pending))
         return current
 
     def _handle(self, record: Record) -> None:
@@ -156,7 +157,6 @@ class AlertSink:
                 alerts = self.tracker.push(message, record.partition)
         except Exception as err:  # noqa: BLE001 - one record never stops the partition
             reason = str(err) if isinstance(err, MessageError) else f"{type(err).__name__}: {err}"
-            log.warning("%s:%s@%s -> dead letter: %s", record.topic, record.partition, record.offset, reason)
             self._dead(reason, record=record, stream=stream, seq=seq)
             return
         self.stats.alerts += len(alerts)
