@@ -134,12 +134,13 @@ def test_a_stopped_sink_leaves_its_events_open_and_a_new_one_resumes_them(tmp_pa
     assert closed.frames == list(range(2, 13))  # one event, the frames of both sinks' parts
 
 
-@pytest.mark.parametrize("step", ["write", "commit"])
+@pytest.mark.parametrize("step", ["in the write", "after the write", "at the commit"])
 def test_a_crash_between_the_checkpoints_steps_raises_nothing_twice(tmp_path, monkeypatch, step):
     """Write-ahead: the state and the pending alerts are acknowledged before the alerts go to
-    the outputs and before the offsets are committed. A sink that dies after the write (or
-    at the commit) leaves state ahead of the offsets; the next one redoes those records as
-    duplicates and delivers what is still pending: every alert once."""
+    the outputs and before the offsets are committed. A sink that dies in the write has
+    committed nothing (its records are redone as new); one that dies after it leaves state
+    ahead of the offsets (the next one redoes those records as duplicates and delivers what
+    is still pending). Either way: every alert once."""
     bus, path = MemoryBus(), tmp_path / "alerts.jsonl"
     scores = pattern("00111100000")
     sent = send(bus, scores + [end("cam", len(scores))])
@@ -150,17 +151,18 @@ def test_a_crash_between_the_checkpoints_steps_raises_nothing_twice(tmp_path, mo
     real_write = AlertStore.write
 
     def write_then_crash(self, states, pending):
-        real_write(self, states, pending)
+        if step == "after the write":
+            real_write(self, states, pending)
         if pending:
             raise Crash()
 
     def crash(*args):
         raise Crash()
 
-    if step == "write":
-        monkeypatch.setattr(AlertStore, "write", write_then_crash)
-    else:
+    if step == "at the commit":
         monkeypatch.setattr(MemoryConsumer, "commit", crash)
+    else:
+        monkeypatch.setattr(AlertStore, "write", write_then_crash)
     crashing = Running(bus, outputs(bus, path))
     crashing.thread.join(30)
     assert isinstance(crashing.errors[0], Crash) and committed(bus) == 0
@@ -169,7 +171,10 @@ def test_a_crash_between_the_checkpoints_steps_raises_nothing_twice(tmp_path, mo
     wait_for(lambda: committed(bus) == sent and restarted.sink.delivered())
     stats = restarted.close()
     assert exactly_once(jsonl(path)) == exactly_once(on_topic(bus)) == {"cam:2"}
-    assert stats.duplicates == len(scores) + 1 and stats.alerts == 0  # redone, nothing raised again
+    if step == "in the write":  # nothing was written: redone as new
+        assert stats.alerts == 2 and stats.duplicates == 0
+    else:  # the state was ahead of the offsets: redone as duplicates, nothing raised again
+        assert stats.alerts == 0 and stats.duplicates == len(scores) + 1
 
 
 def test_a_second_sink_takes_over_partitions_mid_event(tmp_path):

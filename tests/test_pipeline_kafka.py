@@ -135,7 +135,7 @@ def test_distributed_pipeline_survives_a_killed_worker(kafka_servers, redis_url,
     assert any(s.worker.endswith(f":{workers[survivor].pid}") for group in scored.values() for s in group)
     assert scored.keys() == wanted  # every frame scored (after de-duplication), nothing else
 
-    # the alert sink closes each stream's event once the stream has been idle; then stop the sinks politely
+    # the alert sink closes each stream's event on its session's end marker; then stop the sinks politely
     def closed_streams() -> set:
         lines = alerts_file.read_text().splitlines() if alerts_file.exists() else []
         return {a["stream"] for a in map(json.loads, lines) if a["status"] == "closed"}
