@@ -21,8 +21,8 @@ from ..bus.memory import MemoryBus
 from ..ingest.publisher import check_stream_id, run_ingest
 from ..ingest.sources import is_live, open_source
 from ..scoring.backbone import Backbone
-from ..sinks.archive import Archive
 from ..sinks.alert_sink import AlertSink
+from ..sinks.archive import Archive
 from ..sinks.runner import run_archive_sink
 from ..workers.worker import ScoringWorker, WorkerStats
 from .settings import Settings

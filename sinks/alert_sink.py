@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from ..bus import Bus, Record
 from ..bus.messages import MessageError, ScoreMsg, SessionEnd, decode, encode

@@ -11,8 +11,9 @@ transactions, so the reader keeps the last record per key itself and the write o
 Records (key -> JSON value), each on the partition of the scores topic its stream is read
 from, so a new owner of a partition reads exactly that partition of this topic:
 
-- ``state/<stream>``: the stream's ``StreamState`` (per session: watermark, reorder buffer,
-  recent window, open event, last capture time, ended);
+- ``state/<stream>/<epoch>``: the stream's ``StreamState`` (per session: watermark, reorder
+  buffer, recent window, open event, last capture time, ended), written by the owner of that
+  epoch (below);
 - ``pending/<output>/<status>/<event_id>``: an alert raised and not yet delivered by that
   output; a tombstone once it was delivered or dead-lettered;
 - ``fence/<token>``: written by each new owner of a partition before it reads it back.
@@ -27,10 +28,13 @@ whoever owns its stream next. An alert delivered in the instant before its tombs
 written (a kill -9 between the two) is delivered once more on that output: the JSONL file
 skips it (it knows its lines), a webhook receives the same ``Idempotency-Key``.
 
-Zombie fencing: a sink that lost a partition without knowing it yet (paused, cut off) may
+Zombie fencing: a sink that lost a partition without knowing it yet (frozen, cut off) may
 still write to it. Every record carries its writer's epoch, the offset of the fence the
 writer wrote when it took the partition; a reader ignores a record whose epoch is below the
-latest fence before it. Fences have unique keys, so compaction never removes one.
+latest fence before it. Fences have unique keys, so compaction never removes one, and the
+epoch is part of a state record's key, so a zombie's late state can never take the place of
+the owner's under compaction: a new owner writes each state it restored again under its own
+epoch and deletes the earlier owners' records.
 """
 
 from __future__ import annotations
@@ -72,6 +76,10 @@ class StoredState(_Stored):
 class StoredPending(_Stored):
     output: str
     alert: AlertMsg
+
+
+def state_key(stream: str, epoch: int) -> bytes:
+    return f"{STATE}{stream}/{epoch}".encode()
 
 
 def pending_key(output: str, alert: AlertMsg) -> bytes:
@@ -141,11 +149,25 @@ class AlertStore:
                     continue
                 if stored.epoch >= fence[p]:  # else a zombie's: written after a newer owner took over
                     latest[(p, key)] = (record.offset, stored)
-        for (partition, _), (_, stored) in sorted(latest.items(), key=lambda item: item[1][0]):
+        best: dict[str, tuple[int, int, StreamState]] = {}  # stream -> (epoch, offset, state)
+        superseded: list[tuple[int, bytes]] = []  # state records of earlier owners, deleted once re-owned
+        for (partition, key), (offset, stored) in sorted(latest.items(), key=lambda item: item[1][0]):
             if isinstance(stored, StoredState):
-                restored.states.append(stored.state)
+                superseded.append((partition, key))
+                stream = stored.state.stream
+                if stream not in best or (stored.epoch, offset) > best[stream][:2]:
+                    best[stream] = (stored.epoch, offset, stored.state.model_copy(update={"partition": partition}))
             elif isinstance(stored, StoredPending):
                 restored.pending.append((stored.output, Parcel(stored.alert, partition)))
+        restored.states = [state for _, _, state in best.values()]
+        # re-owned: each state written again under this owner's epoch, the earlier records deleted
+        keep = {(state.partition, state_key(state.stream, self.epochs[state.partition])) for state in restored.states}
+        self.write(restored.states, [])
+        with self.lock:
+            for partition, key in superseded:
+                if (partition, key) not in keep:
+                    self.producer.send(self.topic, None, key=key, partition=partition)
+            self.producer.flush()
         return restored
 
     def write(self, states: list[StreamState], pending: list[tuple[str, Parcel]]) -> None:
@@ -153,8 +175,8 @@ class AlertStore:
         with self.lock:
             for state in states:
                 value = StoredState(epoch=self.epochs[state.partition], state=state)
-                self.producer.send(self.topic, value.model_dump_json().encode(), key=f"{STATE}{state.stream}".encode(),
-                                   partition=state.partition)
+                self.producer.send(self.topic, value.model_dump_json().encode(),
+                                   key=state_key(state.stream, value.epoch), partition=state.partition)
             for output, parcel in pending:
                 value = StoredPending(epoch=self.epochs[parcel.partition], output=output, alert=parcel.alert)
                 self.producer.send(self.topic, value.model_dump_json().encode(), key=pending_key(output, parcel.alert),

@@ -43,7 +43,7 @@ changelog topic before it commits offsets and loads them back after a restart or
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 

@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from ..bus import BusError, Producer
 from ..bus.messages import AlertMsg, encode

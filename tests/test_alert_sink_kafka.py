@@ -6,12 +6,7 @@ raised twice, no event is split."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -43,51 +38,26 @@ DEFECT = "0011111111" + "1111100000"  # one defect, frames 2..14; an event open 
 
 
 class Sinks:
-    """`linewatch sink alerts` processes, each with its own log and JSONL file."""
+    """`linewatch sink alerts` processes of one test's topics, each with its own JSONL file."""
 
-    def __init__(self, servers: str, prefix: str, folder: Path):
-        self.servers, self.prefix, self.folder = servers, prefix, folder
-        self.running: dict[str, subprocess.Popen] = {}
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    def __init__(self, processes, servers: str, prefix: str, folder: Path):
+        self.processes, self.servers, self.prefix, self.folder = processes, servers, prefix, folder
+        self.log, self.kill, self.stop = processes.log, processes.kill, processes.stop
 
     def start(self, name: str, jsonl: str) -> None:
-        log = open(self.folder / f"{name}.log", "wb")
-        self.running[name] = subprocess.Popen(
-            [sys.executable, "-m", "linewatch", "sink", "alerts", "--bootstrap-servers", self.servers,
-             "--topic-prefix", self.prefix, "--partitions", str(PARTITIONS), "--jsonl", str(self.folder / jsonl)],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env)
-
-    def log(self, name: str) -> str:
-        return (self.folder / f"{name}.log").read_text(errors="replace")
+        self.processes.start(name, "sink", "alerts", "--bootstrap-servers", self.servers, "--topic-prefix", self.prefix,
+                             "--partitions", str(PARTITIONS), "--jsonl", str(self.folder / jsonl))
 
     def restored(self, name: str) -> int:
-        """How many times ``name`` has taken partitions up (restored their state)."""
-        process = self.running[name]
-        assert process.poll() is None, f"{name} exited {process.returncode}:\n{self.log(name)[-3000:]}"
-        return self.log(name).count("restored:")  # logged where there was state to restore
-
-    def kill(self, name: str) -> None:
-        self.running[name].send_signal(signal.SIGKILL)
-        self.running[name].wait()
-
-    def stop(self, name: str) -> None:
-        self.running[name].send_signal(signal.SIGTERM)
-        assert self.running[name].wait(60) == 0, self.log(name)
-
-    def stop_all(self) -> None:
-        for process in self.running.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        """How many times ``name`` has taken partitions up with state to restore (it logs each)."""
+        self.processes.alive(name)
+        return self.log(name).count("restored:")
 
 
 @pytest.fixture
-def setup(kafka_servers, tmp_path):
-    prefix = f"as-{secrets.token_hex(3)}"  # topics and groups of this test only
-    bus = connect(f"kafka://{kafka_servers}", prefix, PARTITIONS)
-    sinks = Sinks(kafka_servers, prefix, tmp_path)
-    yield bus, sinks
-    sinks.stop_all()
+def setup(kafka_servers, tmp_path, processes):
+    prefix = f"as-{secrets.token_hex(3)}"  # topics of this test only
+    yield connect(f"kafka://{kafka_servers}", prefix, PARTITIONS), Sinks(processes, kafka_servers, prefix, tmp_path)
 
 
 def publish(bus, messages) -> None:
