@@ -145,16 +145,6 @@ def webhook():
         server.close()
 
 
-@pytest.fixture
-def processes(tmp_path):
-    """helpers.Processes logging into the test's folder; whatever still runs is killed after."""
-    from helpers import Processes
-
-    procs = Processes(tmp_path)
-    yield procs
-    procs.stop_all()
-
-
 # ---- real services (tests using them are marked `services`: `pytest -m "not services"` skips them) ----
 SERVICE_FIXTURES = {"kafka_servers", "redis_url", "s3_server"}
 

@@ -65,6 +65,52 @@ def wait_for(condition, timeout_s: float = 30.0, what: str = "the condition") ->
         time.sleep(0.02)
 
 
+# ---- linewatch processes ------------------------------------------------------------------------
+class Processes:
+    """`linewatch` commands as processes, each logging to ``<logs>/<name>.log``."""
+
+    def __init__(self, logs: Path):
+        self.logs, self.running = logs, {}
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")
+        process = subprocess.Popen([sys.executable, "-m", "linewatch", *args], stdout=log,
+                                   stderr=subprocess.STDOUT, env=self.env)
+        self.running[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def alive(self, name: str) -> None:
+        process = self.running[name]
+        assert process.poll() is None, f"{name} exited {process.returncode}:\n{self.log(name)[-3000:]}"
+
+    def wait_for_line(self, name: str, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log(name):
+            self.alive(name)
+            assert time.monotonic() < deadline, f"{name} never said {text!r}:\n{self.log(name)[-3000:]}"
+            time.sleep(0.5)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL: nothing flushed, nothing said."""
+        self.running[name].kill()
+        self.running[name].wait()
+
+    def stop(self, name: str, timeout: float = 60) -> None:
+        """SIGTERM, and a clean exit expected."""
+        self.running[name].terminate()
+        assert self.running[name].wait(timeout) == 0, self.log(name)
+
+    def stop_all(self) -> None:
+        for process in self.running.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
 # ---- scores as a worker sends them ---------------------------------------------------------------
 FRAME_W, FRAME_H = 64, 48
 TS0, STEP = 1000.0, 0.25  # capture times exact in binary, so cool-down arithmetic is exact
@@ -138,47 +184,3 @@ class Webhook:
         self.server.shutdown()
         self.server.server_close()
 
-
-class Processes:
-    """`linewatch` commands as processes, each logging to ``<logs>/<name>.log``."""
-
-    def __init__(self, logs: Path):
-        self.logs, self.running = logs, {}
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")
-        process = subprocess.Popen([sys.executable, "-m", "linewatch", *args], stdout=log,
-                                   stderr=subprocess.STDOUT, env=self.env)
-        self.running[name] = process
-        return process
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def alive(self, name: str) -> None:
-        process = self.running[name]
-        assert process.poll() is None, f"{name} exited {process.returncode}:\n{self.log(name)[-3000:]}"
-
-    def wait_for_line(self, name: str, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log(name):
-            self.alive(name)
-            assert time.monotonic() < deadline, f"{name} never said {text!r}:\n{self.log(name)[-3000:]}"
-            time.sleep(0.5)
-
-    def kill(self, name: str) -> None:
-        """SIGKILL: nothing flushed, nothing said."""
-        self.running[name].kill()
-        self.running[name].wait()
-
-    def stop(self, name: str, timeout: float = 60) -> None:
-        """SIGTERM, and a clean exit expected."""
-        self.running[name].terminate()
-        assert self.running[name].wait(timeout) == 0, self.log(name)
-
-    def stop_all(self) -> None:
-        for process in self.running.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()

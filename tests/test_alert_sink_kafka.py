@@ -17,7 +17,7 @@ from linewatch.bus.messages import AlertMsg, ScoreMsg, SessionEnd, decode, encod
 from linewatch.pipeline.wiring import connect
 from linewatch.sinks.alert_state import PENDING, state_topic
 
-from helpers import score_msg, wait_for
+from helpers import Processes, score_msg, wait_for
 
 PARTITIONS = 2
 GROUP = "linewatch-alerts"
@@ -55,9 +55,11 @@ class Sinks:
 
 
 @pytest.fixture
-def setup(kafka_servers, tmp_path, processes):
+def setup(kafka_servers, tmp_path):
     prefix = f"as-{secrets.token_hex(3)}"  # topics of this test only
+    processes = Processes(tmp_path)
     yield connect(f"kafka://{kafka_servers}", prefix, PARTITIONS), Sinks(processes, kafka_servers, prefix, tmp_path)
+    processes.stop_all()
 
 
 def publish(bus, messages) -> None:

@@ -17,6 +17,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
 from kafka.partitioner import murmur2
 
 from linewatch.bus.messages import (
@@ -30,7 +31,7 @@ from linewatch.bus.messages import (
 from linewatch.ingest.demo import write_demo_clip
 from linewatch.pipeline.wiring import connect
 
-from helpers import wait_for
+from helpers import Processes, wait_for
 
 PARTITIONS = 4
 PREFIX = "itest"
@@ -45,6 +46,13 @@ def stream_ids_on_two_partitions() -> list[str]:
         if murmur2(other.encode()) % PARTITIONS != murmur2(first.encode()) % PARTITIONS:
             return [first, other]
     raise AssertionError("no second partition found")
+
+
+@pytest.fixture
+def processes(tmp_path):
+    procs = Processes(tmp_path)
+    yield procs
+    procs.stop_all()
 
 
 def test_distributed_pipeline_survives_a_killed_worker(kafka_servers, redis_url, tmp_path, processes):
