@@ -24,9 +24,10 @@ the alerts to the outputs and commit the offsets. Killed before the acknowledgem
 owner redoes the records from the last commit as if new; killed after it, the state is a
 little ahead of the offsets and the redone records are duplicates the tracker ignores. No
 event is re-raised under a new id and none is left open; a pending alert is delivered by
-whoever owns its stream next. An alert delivered in the instant before its tombstone was
-written (a kill -9 between the two) is delivered once more on that output: the JSONL file
-skips it (it knows its lines), a webhook receives the same ``Idempotency-Key``.
+whoever owns its stream next. An alert whose delivery was under way when its sink was
+killed (between the receiver's answer and the tombstone) or lost the partition is delivered
+once more by the next owner, the same message: the JSONL file skips it (it knows its lines),
+a webhook receives the same ``Idempotency-Key``.
 
 Zombie fencing: a sink that lost a partition without knowing it yet (frozen, cut off) may
 still write to it. Every record carries its writer's epoch, the offset of the fence the
