@@ -23,6 +23,7 @@ from ..pipeline.embedded import run_embedded
 from ..pipeline.settings import Settings
 from ..pipeline.wiring import alert_outputs, build_worker, policy_table
 from ..scoring.backbone import Backbone
+from ..sinks.alert_state import state_topic
 from .measure import MemoryWatch, PartResult, percentiles
 from .workload import Workload
 
@@ -66,8 +67,9 @@ def kafka_pipeline(workload: Workload, settings: Settings, backbone: Backbone, s
     the model is warm before the clock starts."""
     from ..bus.kafka import KafkaBus
     from ..ingest.publisher import run_ingest
+    from ..sinks.alert_sink import run_alert_sink
     from ..sinks.archive import Archive
-    from ..sinks.runner import run_alert_sink, run_archive_sink
+    from ..sinks.runner import run_archive_sink
 
     prefix = f"lwbench-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
     _fresh(out_dir)
@@ -105,7 +107,7 @@ def kafka_pipeline(workload: Workload, settings: Settings, backbone: Backbone, s
                 bus, [str(workload.video)], stream_ids=[STREAM], progress=False))
 
         threads = [guarded(drive),
-                   guarded(run_alert_sink, bus, policy_table(settings), alert_outputs(bus, settings, stop_sinks),
+                   guarded(run_alert_sink, bus, policy_table(settings), alert_outputs(bus, settings),
                            stop=stop_sinks, group=f"{prefix}-alerts"),
                    guarded(run_archive_sink, bus, Archive(str(out_dir / "archive")), stop=stop_sinks,
                            group=f"{prefix}-archive")]
@@ -171,7 +173,7 @@ def _delete_topics(bus) -> None:
     try:
         admin = KafkaAdminClient(bootstrap_servers=bus.servers, client_id="linewatch-bench")
         try:
-            admin.delete_topics(bus.topics.all())
+            admin.delete_topics([*bus.topics.all(), state_topic(bus.topics.scores, f"{bus.topics.prefix}-alerts")])
         finally:
             admin.close()
     except Exception as err:  # noqa: BLE001 - leftovers are harmless, say so and go on

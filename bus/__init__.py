@@ -27,7 +27,7 @@ class BusError(RuntimeError):
 @dataclass(frozen=True)
 class Record:
     topic: str
-    value: bytes
+    value: bytes | None  # None: a tombstone on a compacted topic (the key is deleted)
     key: bytes | None = None
     headers: tuple[tuple[str, bytes], ...] = ()
     partition: int = 0
@@ -68,9 +68,11 @@ def partition_for(key: bytes | None, partitions: int, counter: int = 0) -> int:
 
 class Producer(ABC):
     @abstractmethod
-    def send(self, topic: str, value: bytes, key: bytes | None = None,
-             headers: tuple[tuple[str, bytes], ...] = (), timestamp_ms: int | None = None) -> None:
-        """Queue a record; may block while the bus applies backpressure."""
+    def send(self, topic: str, value: bytes | None, key: bytes | None = None,
+             headers: tuple[tuple[str, bytes], ...] = (), timestamp_ms: int | None = None,
+             partition: int | None = None) -> None:
+        """Queue a record; may block while the bus applies backpressure. ``partition``
+        overrides the key's partition; ``value=None`` is a tombstone (compacted topics)."""
 
     @abstractmethod
     def flush(self) -> None:
@@ -104,6 +106,12 @@ class Consumer(ABC):
         return None
 
     @abstractmethod
+    def assignment(self) -> set[tuple[str, int]]:
+        """(topic, partition) this consumer reads now. In a group it changes only inside
+        ``poll`` (a rebalance), so a caller comparing it after each poll sees every change
+        before handling the records of a partition it has just been given."""
+
+    @abstractmethod
     def assign(self, topic: str, partitions: list[int]) -> None:
         """Read these partitions directly, outside any group (replay)."""
 
@@ -121,8 +129,10 @@ class Bus(ABC):
         self.partitions = partitions
 
     @abstractmethod
-    def ensure_topics(self, names: list[str]) -> None:
-        ...
+    def ensure_topics(self, names: list[str], partitions: int | None = None, compact: bool = False) -> None:
+        """Create the topics that do not exist, with ``partitions`` (default: the bus's);
+        ``compact``: a changelog, where a reader keeps the last record per key (Kafka
+        compacts such a topic; a reader must not rely on it having done so)."""
 
     @abstractmethod
     def producer(self) -> Producer:

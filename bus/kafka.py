@@ -102,7 +102,7 @@ class KafkaBus(Bus):
         self.replication_factor, self.min_insync_replicas = replication_factor, min_insync_replicas
         self.ensure_topics(topics.all())
 
-    def ensure_topics(self, names: list[str]) -> None:
+    def ensure_topics(self, names: list[str], partitions: int | None = None, compact: bool = False) -> None:
         try:
             admin = KafkaAdminClient(client_id="linewatch-admin", **self.options)
         except (KafkaError, OSError) as err:
@@ -110,10 +110,10 @@ class KafkaBus(Bus):
         try:
             existing = set(admin.list_topics())
             # frames and anomalous scores can exceed a broker's default 1 MB message size
-            configs = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+            configs = {"max.message.bytes": str(MAX_MESSAGE_BYTES), **({"cleanup.policy": "compact"} if compact else {})}
             if self.min_insync_replicas is not None:  # acks=all needs this many replicas in sync
                 configs["min.insync.replicas"] = str(self.min_insync_replicas)
-            missing = [NewTopic(n, self.partitions, self.replication_factor, topic_configs=configs)
+            missing = [NewTopic(n, partitions or self.partitions, self.replication_factor, topic_configs=configs)
                        for n in names if n not in existing]
             if missing:
                 try:
@@ -140,13 +140,13 @@ class KafkaBusProducer(Producer):
             raise _unreachable(self.servers, err) from None
         self.pending = []
 
-    def send(self, topic, value, key=None, headers=(), timestamp_ms=None) -> None:
+    def send(self, topic, value, key=None, headers=(), timestamp_ms=None, partition=None) -> None:
         if len(self.pending) >= 1024:  # a long-lived producer (live ingest) must not hoard futures
             self._settle([f for f in self.pending if f.is_done])
             self.pending = [f for f in self.pending if not f.is_done]
         try:
             self.pending.append(self.producer.send(topic, value=value, key=key, headers=list(headers),
-                                                   timestamp_ms=timestamp_ms))
+                                                   timestamp_ms=timestamp_ms, partition=partition))
         except KafkaError as err:
             raise BusError(f"cannot send to {topic}: {err}") from None
 
@@ -221,6 +221,9 @@ class KafkaBusConsumer(Consumer):
             if end is not None and position is not None:
                 out[(tp.topic, tp.partition)] = max(0, end - position)
         return out or None
+
+    def assignment(self) -> set[tuple[str, int]]:
+        return {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
 
     def assign(self, topic: str, partitions: list[int]) -> None:
         self.consumer.assign([TopicPartition(topic, p) for p in partitions])

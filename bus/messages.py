@@ -2,6 +2,9 @@
 
 Wire format, the same on the in-process bus and on Kafka (never pickle):
 - frame: key = stream id, value = the JPEG bytes, header ``lw`` = ``FrameMeta`` as JSON;
+- end of a session (``SessionEnd``): on the frames topic key = stream id, empty value, header
+  ``lw`` = the message; the worker forwards it to the scores topic as a JSON value, after the
+  scores of every frame that came before it on its partition;
 - score, alert, dead letter: key = stream id, value = the message as JSON (bytes fields base64).
 Every message carries ``v`` (schema version); a reader refuses versions it does not know.
 """
@@ -56,6 +59,20 @@ class FrameMeta(_Message):
     encoding: Literal["jpeg"] = "jpeg"
     telemetry: Telemetry | None = None
     sent_at: float = Field(default_factory=time.time)  # wall time when published, for latency
+
+
+class SessionEnd(_Message):
+    """The end of one ingest session of a stream: no frame of it follows. Ingest sends it when
+    a file or folder ends or ingest stops (a live source too); replay sends one for each
+    session its range cut short. The alert sink closes the session's open event on it."""
+
+    kind: Literal["end"] = "end"
+    stream: StreamId
+    session: str = Field(default="", max_length=64)
+    frames: int = Field(ge=0)  # frames published in the session: seq 0 .. frames - 1
+    ts: float = Field(allow_inf_nan=False)  # capture time of the session's last frame
+    reason: Literal["end", "stopped", "failed", "replay"] = "end"  # source ended, ingest stopped or failed, replay range
+    sent_at: float = Field(default_factory=time.time)
 
 
 class FrameRef(BaseModel):
@@ -148,24 +165,28 @@ class DeadLetter(_Message):
                    headers={name: value.decode("utf-8", "replace")[:4096] for name, value in record.headers})
 
 
-_KINDS: dict[str, type[_Message]] = {"frame": FrameMeta, "score": ScoreMsg, "alert": AlertMsg, "dead": DeadLetter}
+_KINDS: dict[str, type[_Message]] = {"frame": FrameMeta, "score": ScoreMsg, "alert": AlertMsg, "dead": DeadLetter,
+                                     "end": SessionEnd}
 
 
 def encode(message: _Message) -> bytes:
     return message.model_dump_json(exclude_none=True).encode()
 
 
-def decode(data: bytes, expect: type[_Message]) -> _Message:
-    """Parse JSON bytes into ``expect``; any mismatch becomes one MessageError line."""
+def decode(data: bytes, expect: type[_Message], *more: type[_Message]) -> _Message:
+    """Parse JSON bytes into ``expect`` (or one of ``more``, by its ``kind``); any mismatch
+    becomes one MessageError line."""
     try:
         raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
         raise MessageError(f"not JSON: {err}") from None
     if not isinstance(raw, dict):
         raise MessageError(f"expected a JSON object, got {type(raw).__name__}")
     kind, version = raw.get("kind"), raw.get("v")
-    if kind != expect.model_fields["kind"].default:
-        raise MessageError(f"expected a {expect.model_fields['kind'].default} message, got kind={kind!r}")
+    kinds = {model.model_fields["kind"].default: model for model in (expect, *more)}
+    if kind not in kinds:
+        raise MessageError(f"expected a {' or '.join(kinds)} message, got kind={kind!r}")
+    expect = kinds[kind]
     if version != SCHEMA_VERSION:
         raise MessageError(f"unsupported schema version v={version!r} (this linewatch reads v={SCHEMA_VERSION})")
     try:
@@ -183,7 +204,16 @@ def track(meta: FrameMeta) -> str:
 
 def frame_meta(headers) -> FrameMeta:
     """The FrameMeta of a frame record, from its headers (a list of (name, bytes) pairs)."""
+    header = frame_header(headers)
+    if not isinstance(header, FrameMeta):
+        raise MessageError("expected a frame, got the end of a session")
+    return header
+
+
+def frame_header(headers) -> FrameMeta | SessionEnd:
+    """What a record on the frames topic carries in its ``lw`` header: a frame's metadata or
+    the end of a session."""
     for name, value in headers or ():
         if name == META_HEADER:
-            return decode(value, FrameMeta)
+            return decode(value, FrameMeta, SessionEnd)
     raise MessageError(f"frame record has no {META_HEADER!r} header")

@@ -98,6 +98,9 @@ def add_alerts(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--n", dest="alerts.policy.n", type=int, default=S, help="debounce window in frames (default 3)")
     group.add_argument("--cooldown", dest="alerts.policy.cooldown_s", type=float, default=S,
                        help="seconds of quiet before an event closes (default 0)")
+    group.add_argument("--gap", dest="alerts.policy.gap_s", type=float, default=S,
+                       help="seconds missing from a stream's capture time that end its session's event, "
+                            "for live sources that stop without an end marker (default 30)")
     group.add_argument("--alert-threshold", dest="alerts.policy.threshold", type=float, default=S,
                        help="override the workers' thresholds for alerting")
     group.add_argument("--webhook", dest="alerts.webhook", default=S, help="POST each alert as JSON to this URL")
@@ -262,7 +265,8 @@ def run_worker(args) -> None:
 def run_sink(args) -> None:
     from ..pipeline.wiring import alert_outputs, policy_table
     from ..sinks.archive import Archive
-    from ..sinks.runner import run_alert_sink, run_archive_sink
+    from ..sinks.alert_sink import run_alert_sink
+    from ..sinks.runner import run_archive_sink
 
     settings = _settings(args)
     if args.kind == "archive" and not settings.archive:
@@ -273,8 +277,7 @@ def run_sink(args) -> None:
         bus = _bus(settings)
         stop = _stop_on_signals()
         if args.kind == "alerts":
-            stats = run_alert_sink(bus, policy_for, alert_outputs(bus, settings, stop), stop=stop,
-                                   topic=args.scores_topic)
+            stats = run_alert_sink(bus, policy_for, alert_outputs(bus, settings), stop=stop, topic=args.scores_topic)
         else:
             stats = run_archive_sink(bus, Archive(settings.archive), stop=stop, topic=args.scores_topic)
     print(f"sink {args.kind}: {stats}")

@@ -3,6 +3,8 @@
 Recorded sources (files, folders) never drop a frame: the producer's blocking send paces
 them to their consumers. Live sources cannot wait, so a grabber thread keeps reading into
 a small buffer and, when publishing falls behind, the oldest frames are dropped and counted.
+However a session ends (the source ended, ingest was stopped, the source failed), its last
+record is a ``SessionEnd``: the alert sink closes the session's events on it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import cv2
 import numpy as np
 
 from ..bus import Bus
-from ..bus.messages import META_HEADER, FrameMeta, encode
+from ..bus.messages import META_HEADER, FrameMeta, SessionEnd, encode
 from ..ops import metrics
 from ..ops.health import HEALTH
 from .sources import Backoff, IngestError, Source, VideoFile, open_source, webcam_index
@@ -108,6 +110,7 @@ class Ingestor:
         self.stats = IngestStats(self.stream, source.uri)
         # seq restarts at 0 with every run; the session tells this run's frames from the last's
         self.session = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+        self.last_ts = 0.0  # capture time of the last frame published
         self.producer = bus.producer()
         self.loop = f"ingest:{self.stream}"  # its heartbeat (/healthz)
         self._reconnects = 0  # source reconnections already counted in the metric
@@ -116,10 +119,13 @@ class Ingestor:
         """Publish until the source ends or ``stop`` is set; ``on_frame`` sees the stats after
         each published frame (progress display)."""
         started, on_frame = time.monotonic(), on_frame or (lambda stats: None)
+        ending = "failed"
         try:
             (self._run_live if self.source.live else self._run_recorded)(on_frame)
+            ending = "failed" if self.stats.error else "stopped" if self.stop.is_set() else "end"
         finally:
             HEALTH.stop_beating(self.loop)
+            self._end_session(ending)
             self.producer.close()  # flushes: every frame is acknowledged before the run returns
             self._update_counts(started)
             log.info("ingest %s", self.stats.summary())
@@ -195,6 +201,18 @@ class Ingestor:
             self.stats.error = str(err)
             log.error("ingest %s: %s", self.stream, err)
 
+    def _end_session(self, reason: str) -> None:
+        if not self.stats.published:
+            return  # nobody saw the session
+        marker = SessionEnd(stream=self.stream, session=self.session, frames=self.stats.published,
+                            ts=self.last_ts, reason=reason)
+        try:
+            self.producer.send(self.bus.topics.frames, b"", key=self.stream.encode(),
+                               headers=((META_HEADER, encode(marker)),))
+        except Exception as err:  # noqa: BLE001 - never hide why the run ended
+            log.warning("ingest %s: the end of the session was not sent (%s); its open events close "
+                        "when the stream's capture time moves on", self.stream, err)
+
     def _publish(self, image: np.ndarray, pts: float, ts: float) -> None:
         ok, jpeg = cv2.imencode(".jpg", image, self.jpeg_params)
         if not ok:
@@ -206,6 +224,7 @@ class Ingestor:
         self.producer.send(self.bus.topics.frames, jpeg.tobytes(), key=self.stream.encode(),
                            headers=((META_HEADER, encode(meta)),))  # record time: when published
         self.stats.published += 1
+        self.last_ts = ts
         metrics.INGEST_PUBLISHED.labels(self.stream).inc()
         HEALTH.beat(self.loop)
         if self.source.counts.reconnects > self._reconnects:  # counted by the source, as it reconnects

@@ -3,7 +3,8 @@
 It is the same pipeline as the distributed one — ingest, a scoring worker and both sinks
 talking through the bus in the same records — only the bus is in process and the anchor
 cache is local. The worker scores on the main thread, ingest and the sinks run in threads;
-the run ends when every frame has been scored and every score has reached both sinks.
+the run ends when every frame has been scored, every score has reached both sinks (each file
+session's end marker among them, which closes its events) and every alert has been delivered.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from ..ingest.publisher import check_stream_id, run_ingest
 from ..ingest.sources import is_live, open_source
 from ..ops.health import HEALTH
 from ..scoring.backbone import Backbone
+from ..sinks.alert_sink import AlertSink
 from ..sinks.archive import Archive
-from ..sinks.runner import run_alert_sink, run_archive_sink
+from ..sinks.runner import run_archive_sink
 from ..workers.worker import ScoringWorker, WorkerStats
 from .settings import Settings
 from .wiring import alert_outputs, build_worker, check_settings, policy_table
@@ -86,8 +88,9 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
 
     # consumers join their groups before the first frame is published
     worker_consumer = bus.consumer([bus.topics.frames], worker.group)
+    alert_sink = AlertSink(bus, policy_table(settings), alert_outputs(bus, settings))
     sinks = [
-        guarded(run_alert_sink, bus, policy_table(settings), alert_outputs(bus, settings, stop_sinks), stop=stop_sinks),
+        guarded(alert_sink.run, stop_sinks),
         guarded(run_archive_sink, bus, Archive(settings.archive), stop=stop_sinks),
     ]
     for thread in sinks:
@@ -119,6 +122,7 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
         reader.join()
         scored = time.monotonic()  # the last score is out; the sinks may still be flushing
         _wait_drained(bus, bus.topics.scores, errors)
+        _wait_delivered(alert_sink, errors)
         if interrupted:
             raise KeyboardInterrupt
     finally:
@@ -140,6 +144,12 @@ def _wait_drained(bus, topic: str, errors: list) -> None:
     with bus.cond:
         while not errors and not bus.drained(topic):
             bus.cond.wait(0.2)
+
+
+def _wait_delivered(sink: AlertSink, errors: list) -> None:
+    """Until every alert output has delivered (or dead-lettered) what it was given."""
+    while not errors and not sink.delivered():
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager

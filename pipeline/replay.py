@@ -6,6 +6,10 @@ latency, for files the moment they were ingested). Time ranges are found by seek
 binary search over offsets on record times, which only grow within a partition, because
 Tansu's ``offsets_for_times`` always answers 0. Each partition is assigned on its own
 while it is searched and read, so records of other partitions never confuse the search.
+
+The end of a session (``SessionEnd``) inside the range goes through with the frames; a
+session the range cuts short gets one at the end of the replay, so an alert sink on the
+results topic closes its events.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from ..bus import Bus, Consumer, Record
+from ..bus.messages import FrameMeta, MessageError, SessionEnd, encode, frame_header
 from ..workers.worker import ScoringWorker
 
 log = logging.getLogger(__name__)
@@ -80,6 +85,7 @@ def replay(bus: Bus, worker: ScoringWorker, span: ReplayRange, progress: bool = 
     consumer = bus.consumer([], None)
     producer = bus.producer()
     counts = {"read": 0, "scored": 0, "skipped": 0, "partitions": 0}
+    sessions: dict[tuple[str, str], FrameMeta | None] = {}  # the last frame of each session replayed; None: ended
     try:
         partitions = consumer.partitions(topic)
         with tqdm(desc="replay", unit="frame", disable=not progress) as bar:
@@ -93,8 +99,14 @@ def replay(bus: Bus, worker: ScoringWorker, span: ReplayRange, progress: bool = 
                 counts["partitions"] += 1
                 for batch in _read(consumer, topic, partition, start, span, worker.max_batch, counts):
                     worker.handle(batch, producer)
-                    counts["scored"] += len(batch)
-                    bar.update(len(batch))
+                    ends = _note_sessions(batch, sessions)
+                    counts["scored"] += len(batch) - ends
+                    bar.update(len(batch) - ends)
+        for last in sessions.values():
+            if last is not None:  # cut short by the range
+                end = SessionEnd(stream=last.stream, session=last.session, frames=last.seq + 1, ts=last.ts,
+                                 reason="replay")
+                producer.send(worker.results_topic, encode(end), key=last.stream.encode())
         producer.flush()
     finally:
         consumer.close()
@@ -102,10 +114,25 @@ def replay(bus: Bus, worker: ScoringWorker, span: ReplayRange, progress: bool = 
     return counts
 
 
+def _note_sessions(batch: list[Record], sessions: dict) -> int:
+    """Note each session's last frame, or its end; returns how many ends the batch held."""
+    ends = 0
+    for record in batch:
+        try:
+            header = frame_header(record.headers)
+        except MessageError:
+            continue  # the worker dead-lettered it
+        key = (header.stream, header.session)
+        if isinstance(header, SessionEnd):
+            sessions[key] = None
+            ends += 1
+        elif key not in sessions or (sessions[key] is not None and header.seq > sessions[key].seq):
+            sessions[key] = header
+    return ends
+
+
 def _read(consumer: Consumer, topic: str, partition: int, start: int, span: ReplayRange, batch_size: int,
           counts: dict):
-    from ..bus.messages import MessageError, frame_meta
-
     consumer.seek(topic, partition, start)
     batch: list[Record] = []
     last_data = time.monotonic()
@@ -127,7 +154,7 @@ def _read(consumer: Consumer, topic: str, partition: int, start: int, span: Repl
             counts["read"] += 1
             if span.streams != "*":
                 try:
-                    stream = frame_meta(record.headers).stream
+                    stream = frame_header(record.headers).stream
                 except MessageError:
                     stream = None  # the worker dead-letters it with the reason
                 if stream is not None and not fnmatch.fnmatchcase(stream, span.streams):

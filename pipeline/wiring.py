@@ -3,7 +3,6 @@ the alert policies and outputs). Every check a user can fail that needs no model
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 from ..bus import Bus, BusError, Topics
@@ -122,8 +121,8 @@ def policy_table(settings: Settings) -> StreamTable[AlertPolicy]:
                               for pattern, values in settings.alerts.streams.items()})
 
 
-def alert_outputs(bus: Bus, settings: Settings, stop: threading.Event | None = None) -> list:
-    from ..sinks.alerts import BusOutput, JsonlOutput, WebhookOutput
+def alert_outputs(bus: Bus, settings: Settings) -> list:
+    from ..sinks.outputs import BusOutput, JsonlOutput, WebhookOutput
 
     outputs = []
     if settings.alerts.jsonl:
@@ -131,5 +130,5 @@ def alert_outputs(bus: Bus, settings: Settings, stop: threading.Event | None = N
     if settings.alerts.publish:
         outputs.append(BusOutput(bus.producer(), bus.topics.alerts))
     if settings.alerts.webhook:
-        outputs.append(WebhookOutput(settings.alerts.webhook, stop=stop))
+        outputs.append(WebhookOutput(settings.alerts.webhook))
     return outputs

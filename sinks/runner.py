@@ -1,6 +1,7 @@
-"""The sinks' consume loops (``linewatch sink alerts|archive`` and the embedded run).
+"""The archive sink's consume loop (``linewatch sink archive`` and the embedded run), and the
+dead-letter helpers both sinks use (the alert sink's loop is ``alert_sink``).
 
-Both read ``bus.topics.scores`` (or a replay's results ``topic``) in a consumer group, at least once: offsets are committed only
+Both sinks read ``bus.topics.scores`` (or a replay's results ``topic``) in a consumer group, at least once: offsets are committed only
 after the outputs (or the archive) have taken everything polled, so a crash redelivers and the
 de-duplication downstream (tracker, JSONL, idempotent archive) makes that harmless. A record
 that cannot be handled (not a ScoreMsg, undecodable image or map, an alert an output gave up
@@ -12,26 +13,22 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from ..bus import Bus, Producer, Record
 from ..bus.messages import (
     DEAD_PAYLOAD_LIMIT,
-    AlertMsg,
     DeadLetter,
     MessageError,
     ScoreMsg,
+    SessionEnd,
     decode,
     encode,
-    track,
 )
 from ..ops import metrics
 from ..ops.health import HEALTH
-from .alerts import AlertOutput, AlertPolicy, AlertTracker, OutputError
 from .archive import Archive, ArchiveError
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -42,73 +39,6 @@ class SinkStats:
     alerts: int = 0  # alerts raised by the tracker and handed to the outputs
     archived: int = 0  # anomalous frames archived
     dead: int = 0  # dead letters published
-
-
-def run_alert_sink(bus: Bus, policy_for: Callable[[str], AlertPolicy], outputs: Iterable[AlertOutput], *,
-                   group: str = "linewatch-alerts", stop: threading.Event, idle_flush_s: float = 5.0,
-                   poll_s: float = 0.5, max_records: int = 64, topic: str | None = None) -> SinkStats:
-    """Scores -> AlertTracker -> outputs, until ``stop`` is set; then open events are closed.
-    A stream with no score for ``idle_flush_s`` is flushed (the end of a file closes its event)."""
-    outputs, stats = list(outputs), SinkStats()
-    tracker = AlertTracker(policy_for)
-    consumer, producer = bus.consumer([topic or bus.topics.scores], group), bus.producer()
-    held: list[Record] = []  # handled, not yet committed (a buffered score pins its partition)
-    origin: dict[tuple[str, int], Record] = {}  # (track, seq) -> record, for buffered scores
-
-    def deliver(alerts: list[AlertMsg]) -> None:
-        for alert in alerts:
-            for output in outputs:
-                try:
-                    output.write(alert)
-                except OutputError as err:
-                    log.warning("alert %s (%s) -> dead letter: %s", alert.event_id, alert.status, err)
-                    metrics.DEAD_LETTERS.labels("sink-alerts", "alert_output").inc()
-                    _dead_letter(producer, bus, stats, f"{type(output).__name__}: {err}", "sink-alerts",
-                                 payload=encode(alert), stream=alert.stream, seq=alert.end_seq)
-            stats.alerts += 1
-            metrics.ALERTS.labels(alert.stream, alert.status).inc()
-
-    def commit(everything: bool) -> None:
-        nonlocal held
-        for output in outputs:
-            output.flush()
-        producer.flush()  # dead letters acknowledged before their records are committed
-        buffered = tracker.buffered()
-        for key in [k for k in origin if k not in buffered]:
-            del origin[key]
-        floor: dict[tuple[str, int], int] = {}  # lowest offset per partition still needed
-        if not everything:
-            for record in origin.values():
-                slot = (record.topic, record.partition)
-                floor[slot] = min(floor.get(slot, record.offset), record.offset)
-        ready = [r for r in held if r.offset < floor.get((r.topic, r.partition), r.offset + 1)]
-        if ready:
-            consumer.commit(ready)
-        held = [r for r in held if r.offset >= floor.get((r.topic, r.partition), r.offset + 1)]
-
-    try:
-        while not stop.is_set():
-            records = consumer.poll(poll_s, max_records)
-            _turn("sink-alerts", consumer)
-            alerts: list[AlertMsg] = []
-            for record in records:
-                score = _decode_score(record, producer, bus, stats, "sink-alerts")
-                if score is not None:
-                    origin.setdefault((track(score.frame), score.frame.seq), record)
-                    alerts += tracker.push(score)
-            alerts += tracker.flush_idle(idle_flush_s)
-            deliver(alerts)
-            held += records
-            commit(everything=False)
-        deliver(tracker.flush())
-        commit(everything=True)
-    finally:
-        HEALTH.stop_beating("sink-alerts")
-        stats.duplicates, stats.late = tracker.duplicates, tracker.late
-        for output in outputs:
-            output.close()
-        consumer.close()
-    return stats
 
 
 def run_archive_sink(bus: Bus, archive: Archive, *, group: str = "linewatch-archive", stop: threading.Event,
@@ -122,7 +52,7 @@ def run_archive_sink(bus: Bus, archive: Archive, *, group: str = "linewatch-arch
             _turn("sink-archive", consumer)
             for record in records:
                 score = _decode_score(record, producer, bus, stats, "sink-archive")
-                if score is None:
+                if score is None or isinstance(score, SessionEnd):  # nothing to archive at a session's end
                     continue
                 try:
                     if archive.add(score) is not None:
@@ -142,15 +72,17 @@ def run_archive_sink(bus: Bus, archive: Archive, *, group: str = "linewatch-arch
     return stats
 
 
-def _decode_score(record: Record, producer: Producer, bus: Bus, stats: SinkStats, stage: str) -> ScoreMsg | None:
+def _decode_score(record: Record, producer: Producer, bus: Bus, stats: SinkStats,
+                  stage: str) -> ScoreMsg | SessionEnd | None:
     try:
-        score = decode(record.value, ScoreMsg)
+        score = decode(record.value, ScoreMsg, SessionEnd)
     except MessageError as err:
         metrics.DEAD_LETTERS.labels(stage, "bad_score").inc()
         _dead_letter(producer, bus, stats, str(err), stage, record=record)
         return None
-    stats.scores += 1
-    metrics.SCORES_RECEIVED.labels(stage).inc()
+    if isinstance(score, ScoreMsg):
+        stats.scores += 1
+        metrics.SCORES_RECEIVED.labels(stage).inc()
     return score
 
 

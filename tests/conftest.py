@@ -143,6 +143,23 @@ def texture_data() -> SimpleNamespace:
                            defects=torch.from_numpy(defects), masks=masks)
 
 
+@pytest.fixture
+def webhook():
+    """webhook(statuses, answer=None): a real HTTP receiver on loopback (helpers.Webhook),
+    closed after the test."""
+    from helpers import Webhook
+
+    servers = []
+
+    def start(statuses, answer=None):
+        servers.append(Webhook(statuses, answer))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
 # ---- real services (tests using them are marked `services`: `pytest -m "not services"` skips them) ----
 SERVICE_FIXTURES = {"kafka_servers", "redis_url", "s3_server"}
 

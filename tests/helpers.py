@@ -1,12 +1,19 @@
 """Helpers shared by the test modules (tests never import each other): frames on a bus,
-reading a topic whole, the one-line CLI error, waiting on a condition."""
+reading a topic whole, the one-line CLI error, waiting on a condition, a webhook receiver,
+`linewatch` processes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from functools import lru_cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -69,6 +76,52 @@ def wait_for(condition, timeout_s: float = 30.0, what: str = "the condition") ->
         time.sleep(0.02)
 
 
+# ---- linewatch processes ------------------------------------------------------------------------
+class Processes:
+    """`linewatch` commands as processes, each logging to ``<logs>/<name>.log``."""
+
+    def __init__(self, logs: Path):
+        self.logs, self.running = logs, {}
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")
+        process = subprocess.Popen([sys.executable, "-m", "linewatch", *args], stdout=log,
+                                   stderr=subprocess.STDOUT, env=self.env)
+        self.running[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def alive(self, name: str) -> None:
+        process = self.running[name]
+        assert process.poll() is None, f"{name} exited {process.returncode}:\n{self.log(name)[-3000:]}"
+
+    def wait_for_line(self, name: str, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log(name):
+            self.alive(name)
+            assert time.monotonic() < deadline, f"{name} never said {text!r}:\n{self.log(name)[-3000:]}"
+            time.sleep(0.5)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL: nothing flushed, nothing said."""
+        self.running[name].kill()
+        self.running[name].wait()
+
+    def stop(self, name: str, timeout: float = 60) -> None:
+        """SIGTERM, and a clean exit expected."""
+        self.running[name].terminate()
+        assert self.running[name].wait(timeout) == 0, self.log(name)
+
+    def stop_all(self) -> None:
+        for process in self.running.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
 # ---- scores as a worker sends them ---------------------------------------------------------------
 FRAME_W, FRAME_H = 64, 48
 TS0, STEP = 1000.0, 0.25  # capture times exact in binary, so cool-down arithmetic is exact
@@ -95,3 +148,50 @@ def score_msg(seq: int, score: float = 0.1, *, stream: str = "cam", threshold: f
                     map=encode_map(anomaly_map), method="winclip", class_name="power line", anchor_key="a1",
                     model="tiny", worker="w0", latency=Latency(queue_ms=1, decode_ms=1, model_ms=1, batch_size=1),
                     frame_jpeg=frame_jpeg() if anomalous else None)
+
+
+class Webhook:
+    """A real HTTP receiver on loopback. ``statuses`` are answered in turn (the last one
+    repeats); with ``answer`` (an Event), every request hangs until it is set: a webhook that
+    never answers. ``requests`` holds (headers, body) in arrival order."""
+
+    def __init__(self, statuses: list[int], answer: threading.Event | None = None):
+        self.statuses, self.answer, self.requests = statuses, answer, []
+        self.lock = threading.Lock()
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with hook.lock:
+                    hook.requests.append((dict(self.headers), body))
+                    status = hook.statuses[min(len(hook.requests), len(hook.statuses)) - 1]
+                if hook.answer is not None:
+                    hook.answer.wait()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except OSError:  # the client gave up waiting
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def bodies(self) -> list[bytes]:
+        with self.lock:
+            return [body for _, body in self.requests]
+
+    def close(self):
+        if self.answer is not None:
+            self.answer.set()
+        self.server.shutdown()
+        self.server.server_close()
+

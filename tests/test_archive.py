@@ -13,7 +13,7 @@ import pytest
 
 from linewatch.bus.maps import MapError, decode_map, encode_map
 from linewatch.bus.memory import MemoryBus
-from linewatch.bus.messages import DeadLetter, EncodedMap, Telemetry, decode, encode
+from linewatch.bus.messages import DeadLetter, EncodedMap, SessionEnd, Telemetry, decode, encode
 from linewatch.sinks.archive import Archive, ArchiveError, safe_component
 from linewatch.sinks.runner import run_archive_sink
 
@@ -148,11 +148,12 @@ def test_archive_sink_end_to_end(tmp_path):
     for s in good + [broken]:
         producer.send(bus.topics.scores, encode(s), key=b"cam")
     producer.send(bus.topics.scores, b'{"kind": "frame", "v": 1}', key=b"cam")  # the wrong kind
+    producer.send(bus.topics.scores, encode(SessionEnd(stream="cam", frames=4, ts=1001.0)), key=b"cam")  # skipped
     stop, result = threading.Event(), {}
     sink = threading.Thread(target=lambda: result.update(stats=run_archive_sink(
         bus, Archive(tmp_path), stop=stop, poll_s=0.05)))
     sink.start()
-    wait_for(lambda: sum(bus.committed.get("linewatch-archive", {}).values()) == 6)
+    wait_for(lambda: sum(bus.committed.get("linewatch-archive", {}).values()) == 7)
     stop.set()
     sink.join(10)
     stats = result["stats"]
@@ -160,7 +161,7 @@ def test_archive_sink_end_to_end(tmp_path):
     assert sorted(r[1] for r in rows(tmp_path)) == [1, 2]
     dead = [decode(r.value, DeadLetter) for r in read_all(bus, bus.topics.dead)]
     assert [(d.stage, d.origin.offset, d.seq) for d in dead] == [("sink-archive", 4, 3), ("sink-archive", 5, None)]
-    assert "frame JPEG" in dead[0].reason and "expected a score message" in dead[1].reason
+    assert "frame JPEG" in dead[0].reason and "expected a score or end message" in dead[1].reason
     assert decode(dead[0].payload, type(broken)).frame.seq == 3
 
 

@@ -66,8 +66,58 @@ def test_uncommitted_records_are_redelivered_to_the_next_member():
 def test_members_of_a_group_split_partitions():
     bus = MemoryBus(Topics("t"), partitions=4)
     a, b = bus.consumer([bus.topics.frames], "w"), bus.consumer([bus.topics.frames], "w")
-    assert a.owned and b.owned and not (a.owned & b.owned)
-    assert len(a.owned | b.owned) == 4
+    a.poll(0), b.poll(0)  # a member takes up its assignment in poll, like Kafka's
+    assert a.assignment() and b.assignment() and not (a.assignment() & b.assignment())
+    assert len(a.assignment() | b.assignment()) == 4
+
+
+def test_a_partition_moves_only_once_its_reader_has_let_go():
+    """Like Kafka's eager rebalance: the newcomer does not read a partition while its old
+    reader still holds it (has not polled since), so the two never handle it at once."""
+    bus = MemoryBus(Topics("t"), partitions=2)
+    producer = bus.producer()
+    for partition in (0, 1):
+        producer.send(bus.topics.scores, b"x", partition=partition)
+    old = bus.consumer([bus.topics.scores], "g")
+    assert len(old.poll(0.1)) == 2 and old.assignment() == {(bus.topics.scores, 0), (bus.topics.scores, 1)}
+    new = bus.consumer([bus.topics.scores], "g")
+    assert new.poll(0.1) == [] and new.assignment() == set()  # the old reader has not let go yet
+    old.poll(0)  # ... now it has, of one partition: it learns of the rebalance in poll
+    assert len(old.assignment()) == 1
+    taken = new.poll(0.1)  # uncommitted: the record is read again by its new reader
+    assert len(taken) == 1 and new.assignment() == {(bus.topics.scores, taken[0].partition)}
+    assert not (old.assignment() & new.assignment())
+
+
+def test_explicit_partition_and_tombstones():
+    bus = MemoryBus(Topics("t"), partitions=3)
+    producer = bus.producer()
+    producer.send(bus.topics.scores, None, key=b"k", partition=2)
+    with pytest.raises(BusError, match="no partition 3"):
+        producer.send(bus.topics.scores, b"x", partition=3)
+    reader = bus.consumer([], None)
+    reader.assign(bus.topics.scores, [2])
+    assert [(r.key, r.value, r.partition) for r in reader.poll(0.1)] == [(b"k", None, 2)]
+
+
+def test_compacted_topic_keeps_the_last_record_per_key():
+    bus = MemoryBus(Topics("t"), capacity=4)
+    bus.ensure_topics(["t.changelog"], partitions=2, compact=True)
+    producer = bus.producer()
+    for i in range(30):
+        producer.send("t.changelog", bytes([i]), key=f"k{i % 3}".encode(), partition=1)
+    producer.send("t.changelog", None, key=b"k0", partition=1)  # deleted
+    producer.send("t.changelog", b"y", key=b"fresh", partition=1)
+    reader = bus.consumer([], None)
+    assert reader.partitions("t.changelog") == [0, 1]
+    reader.assign("t.changelog", [1])
+    reader.seek("t.changelog", 1, 0)
+    latest = {}
+    for record in reader.poll(0.1, 1000):
+        latest[record.key] = record.value
+    assert {k: v for k, v in latest.items() if v is not None} == {b"k1": bytes([28]), b"k2": bytes([29]), b"fresh": b"y"}
+    with bus.cond:
+        assert len(bus.logs["t.changelog"][1].records) <= 2 * 4  # compacted, not grown without bound
 
 
 def test_producer_waits_for_slow_consumer_and_memory_stays_bounded():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from linewatch.bus.memory import MemoryBus
-from linewatch.bus.messages import frame_meta
+from linewatch.bus.messages import FrameMeta, SessionEnd, frame_header, frame_meta
 from linewatch.ingest.demo import DemoScene, find_backgrounds, write_demo_clip
 from linewatch.ingest.publisher import Ingestor, default_stream_id, run_ingest
 from linewatch.ingest.sources import (
@@ -47,13 +47,17 @@ def clip30(tmp_path_factory) -> Path:
     return write_clip(tmp_path_factory.mktemp("clip") / "clip30.mp4")
 
 
-def drain(bus: MemoryBus) -> list:
+def drain(bus: MemoryBus, ends: list | None = None) -> list:
+    """The frame records on the frames topic; the sessions' end markers go to ``ends``."""
     consumer = bus.consumer([bus.topics.frames], group=None)
     consumer.assign(bus.topics.frames, consumer.partitions(bus.topics.frames))
     records = []
     while batch := consumer.poll(0.05, 256):
         records += batch
-    return records
+    markers = [r for r in records if isinstance(frame_header(r.headers), SessionEnd)]
+    if ends is not None:
+        ends += [frame_header(r.headers) for r in markers]
+    return [r for r in records if r not in markers]
 
 
 # ---- sources ---------------------------------------------------------------------------
@@ -163,7 +167,9 @@ def test_live_stream_that_gives_up_ends_the_ingest_with_an_error_in_stats():
     source = FlakyStream([FakeCapture(4)], backoff=Backoff(initial=0.001, cap=0.001, max_retries=1))
     stats = Ingestor(source, bus, stream="cam").run()
     assert stats.published == 4 and "gave up" in stats.error
-    assert [frame_meta(r.headers).seq for r in drain(bus)] == [0, 1, 2, 3]
+    ends = []
+    assert [frame_meta(r.headers).seq for r in drain(bus, ends)] == [0, 1, 2, 3]
+    assert [(e.stream, e.frames, e.reason) for e in ends] == [("cam", 4, "failed")]  # the session ended
 
 
 # ---- SRT telemetry ---------------------------------------------------------------------
@@ -246,8 +252,12 @@ def test_srt_sidecar_telemetry_lands_in_frame_meta(tmp_path, clip30):
 def test_ingestor_publishes_decodable_frames_with_contiguous_seq(clip30):
     bus = MemoryBus()
     stats = Ingestor(open_source(str(clip30), fps=15), bus, stream="line-7", jpeg_quality=80).run()
-    records = drain(bus)
+    ends = []
+    records = drain(bus, ends)
     metas = [frame_meta(r.headers) for r in records]
+    # last on the topic, the session's end: the alert sink closes its events on it
+    assert [(e.stream, e.session, e.frames, e.ts, e.reason) for e in ends] == [
+        ("line-7", metas[0].session, 15, metas[-1].ts, "end")]
     assert stats.published == len(records) == 15 and stats.read == 30 and stats.thinned == 15
     assert [m.seq for m in metas] == list(range(15))
     assert all(r.key == b"line-7" and r.topic == bus.topics.frames for r in records)
@@ -306,7 +316,7 @@ def test_live_source_drops_the_oldest_frames_when_publishing_lags():
         while not done.is_set():
             records = consumer.poll(0.05, max_records=1)
             time.sleep(0.01)
-            pts.extend(frame_meta(r.headers).pts for r in records)
+            pts.extend(m.pts for m in map(frame_header, (r.headers for r in records)) if isinstance(m, FrameMeta))
             consumer.commit(records)
 
     reader = threading.Thread(target=consume)
@@ -337,6 +347,9 @@ def test_stop_event_ends_a_live_ingest():
     stop.set()
     run.join(timeout=60)  # a liveness bound: without the stop the camera never ends
     assert not run.is_alive() and result["stats"].published > 0
+    ends = []
+    drain(bus, ends)
+    assert [(e.frames, e.reason) for e in ends] == [(result["stats"].published, "stopped")]
 
 
 def test_run_ingest_opens_every_source_before_publishing(tmp_path, clip30):

@@ -12,11 +12,8 @@ normal part; the anomalous frames' masks archived; a corrupt frame dead-lettered
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,13 +25,14 @@ from linewatch.bus.messages import (
     DeadLetter,
     FrameMeta,
     ScoreMsg,
+    SessionEnd,
     decode,
     encode,
 )
 from linewatch.ingest.demo import write_demo_clip
 from linewatch.pipeline.wiring import connect
 
-from helpers import wait_for
+from helpers import Processes, wait_for
 
 PARTITIONS = 4
 PREFIX = "itest"
@@ -49,36 +47,6 @@ def stream_ids_on_two_partitions() -> list[str]:
         if murmur2(other.encode()) % PARTITIONS != murmur2(first.encode()) % PARTITIONS:
             return [first, other]
     raise AssertionError("no second partition found")
-
-
-class Processes:
-    def __init__(self, logs: Path):
-        self.logs, self.running = logs, {}
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")
-        process = subprocess.Popen([sys.executable, "-m", "linewatch", *args], stdout=log,
-                                   stderr=subprocess.STDOUT, env=self.env)
-        self.running[name] = process
-        return process
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def wait_for_line(self, name: str, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log(name):
-            process = self.running[name]
-            assert process.poll() is None, f"{name} exited {process.returncode}:\n{self.log(name)[-3000:]}"
-            assert time.monotonic() < deadline, f"{name} never said {text!r}:\n{self.log(name)[-3000:]}"
-            time.sleep(0.5)
-
-    def stop_all(self) -> None:
-        for process in self.running.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
 
 
 @pytest.fixture
@@ -122,8 +90,9 @@ def test_distributed_pipeline_survives_a_killed_worker(kafka_servers, redis_url,
     while not wanted <= scored.keys():
         assert time.monotonic() < deadline, f"missing frames: {sorted(wanted - scored.keys())[:10]}..."
         for record in reader.poll(1.0, 256):
-            score = decode(record.value, ScoreMsg)
-            scored.setdefault((score.frame.stream, score.frame.seq), []).append(score)
+            score = decode(record.value, ScoreMsg, SessionEnd)
+            if isinstance(score, ScoreMsg):  # (a session's end comes after its scores)
+                scored.setdefault((score.frame.stream, score.frame.seq), []).append(score)
         if killed is None and len(scored) >= 10:
             # kill the busiest worker mid-stream, with frames in flight and uncommitted
             busiest = max(workers, key=lambda n: sum(s[0].worker.endswith(f":{workers[n].pid}")
@@ -135,7 +104,7 @@ def test_distributed_pipeline_survives_a_killed_worker(kafka_servers, redis_url,
     assert any(s.worker.endswith(f":{workers[survivor].pid}") for group in scored.values() for s in group)
     assert scored.keys() == wanted  # every frame scored (after de-duplication), nothing else
 
-    # the alert sink closes each stream's event once the stream has been idle; then stop the sinks politely
+    # the alert sink closes each stream's event on its session's end marker; then stop the sinks politely
     def closed_streams() -> set:
         lines = alerts_file.read_text().splitlines() if alerts_file.exists() else []
         return {a["stream"] for a in map(json.loads, lines) if a["status"] == "closed"}

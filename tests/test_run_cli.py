@@ -12,7 +12,7 @@ import pytest
 from linewatch.cli import main
 from linewatch.ingest.demo import write_demo_clip
 
-from helpers import error_line
+from helpers import error_line, wait_for
 
 TINY = ["--arch", "linewatch-tiny", "--image-size", "64"]
 
@@ -40,6 +40,36 @@ def test_run_writes_alerts_and_masks(clip, tmp_path, capsys):
         rows = db.execute("SELECT seq FROM frames WHERE stream = 'drone-1' ORDER BY seq").fetchall()
     assert [r[0] for r in rows] == list(range(clip.frame_count))
     assert len(list((out / "archive").rglob("*mask.png"))) == clip.frame_count
+
+
+SLOW_S = 6.0  # longer than the 5 s of silence after which the sink used to end an event by its own clock
+
+
+@pytest.mark.services  # seconds of injected slowness
+def test_slow_scoring_does_not_split_the_demos_event(clip, tmp_path, capsys, monkeypatch):
+    """The demo clip with a worker that stalls for SLOW_S seconds mid-event (a busy machine),
+    once the sink has opened the event and caught up. The event ends on the file's end
+    marker, by capture time: still one event, all frames (threshold 0: every frame anomalous)."""
+    from linewatch.workers.worker import ScoringWorker
+
+    out = tmp_path / "out"
+    real_finish, stalled = ScoringWorker.finish, []
+
+    def finish(self, batch, producer):
+        real_finish(self, batch, producer)
+        if not stalled:
+            stalled.append(True)
+            wait_for(lambda: "open" in (out / "alerts.jsonl").read_text() if (out / "alerts.jsonl").exists() else False,
+                     what="the sink to open the event")
+            time.sleep(SLOW_S)  # the injected slowness, not a synchronisation
+
+    monkeypatch.setattr(ScoringWorker, "finish", finish)
+    code = main(["run", str(clip.video), "--stream-id", "drone-1", "--out", str(out), "--threshold", "0",
+                 "--k", "3", "--n", "10", "--max-batch", "4", *TINY])
+    assert code == 0, capsys.readouterr().err
+    alerts = [json.loads(line) for line in (out / "alerts.jsonl").read_text().splitlines()]
+    assert [a["status"] for a in alerts] == ["open", "closed"] and len({a["event_id"] for a in alerts}) == 1
+    assert alerts[1]["frames"] == list(range(clip.frame_count))
 
 
 def test_ctrl_c_scores_what_was_read_and_stops(tmp_path, capsys, monkeypatch):

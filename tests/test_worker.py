@@ -15,9 +15,12 @@ import torch
 from linewatch.bus import Topics
 from linewatch.bus.memory import MemoryBus
 from linewatch.bus.messages import (
+    META_HEADER,
     DeadLetter,
     ScoreMsg,
+    SessionEnd,
     decode,
+    encode,
 )
 from linewatch.pipeline.replay import ReplayRange, first_offset_at, replay
 from linewatch.pipeline.settings import load_settings
@@ -52,6 +55,38 @@ def test_every_frame_scored_once_and_committed(tiny):
     assert first.anomalous and first.frame_jpeg == jpeg(first.frame.seq)
     assert first.model == tiny.identity and first.anchor_key.startswith("anchors:")
     assert first.map.png.startswith(b"\x89PNG") and first.latency.batch_size >= 1
+    with bus.cond:
+        assert bus.drained(bus.topics.frames)
+
+
+def test_a_session_end_is_forwarded_after_the_scores_of_its_frames(tiny):
+    """The end marker keeps its place: after every score of the frames before it on the
+    partition, even when a batch mixes streams of two profiles (scored and published
+    profile by profile) and when a batch holds nothing but an end."""
+    bus = MemoryBus(Topics("w"))
+    worker = make_worker(bus, tiny, streams={"drone-*": {"threshold": 0.25}}, max_batch=8)
+    ends = {stream: SessionEnd(stream=stream, frames=frames, ts=1000.0 + frames) for stream, frames in
+            (("drone-7", 3), ("cam-a", 6))}
+
+    def end(stream):
+        bus.producer().send(bus.topics.frames, b"", key=stream.encode(),
+                            headers=((META_HEADER, encode(ends[stream])),))
+
+    for seq in range(3):
+        publish(bus, "cam-a", seq)
+        publish(bus, "drone-7", seq)
+    end("drone-7")  # in the first batch of 8, after drone-7's frames, before cam-a's last ones
+    for seq in range(3, 6):
+        publish(bus, "cam-a", seq)
+    end("cam-a")
+    worker.run(threading.Event(), until_idle_s=0.3)
+    out = [decode(r.value, ScoreMsg, SessionEnd) for r in read_all(bus, bus.topics.scores)]
+    for stream, marker in ends.items():
+        mine = [m for m in out if getattr(m, "stream", None) == stream or
+                (isinstance(m, ScoreMsg) and m.frame.stream == stream)]
+        assert mine[-1] == marker and all(isinstance(m, ScoreMsg) for m in mine[:-1])
+        assert sorted(m.frame.seq for m in mine[:-1]) == list(range(marker.frames))
+    assert worker.stats.frames == 9 and worker.stats.dead == 0
     with bus.cond:
         assert bus.drained(bus.topics.frames)
 
@@ -169,8 +204,11 @@ def test_replay_by_time_finds_the_range_by_seeking(tiny):
     bus.ensure_topics(["r.replay.test"])
     worker = make_worker(bus, tiny, results_topic="r.replay.test")
     counts = replay(bus, worker, ReplayRange(since=1010, until=1020), progress=False)
-    seqs = sorted(decode(r.value, ScoreMsg).frame.seq for r in read_all(bus, "r.replay.test"))
-    assert seqs == list(range(10, 20)) and counts["scored"] == 10
+    *scores, end = read_all(bus, "r.replay.test")
+    assert sorted(decode(r.value, ScoreMsg).frame.seq for r in scores) == list(range(10, 20)) and counts["scored"] == 10
+    # the range cut the session short: it ends there, so an alert sink on the results closes its events
+    end = decode(end.value, SessionEnd)
+    assert (end.stream, end.frames, end.ts, end.reason) == ("cam-a", 20, 1019.0, "replay")
     assert not read_all(bus, bus.topics.scores)  # the live scores topic is untouched
 
 

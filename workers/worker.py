@@ -6,7 +6,9 @@ each profile's frames in one batch, with the image tower in the configured ``pre
 publish one ScoreMsg per frame, wait for the broker to acknowledge them, and only then commit the
 frames' offsets (at-least-once: a worker killed mid-batch leaves its frames uncommitted,
 and the group's next owner scores them again; sinks de-duplicate by stream and sequence).
-A frame that cannot be read goes to the dead-letter topic with the reason.
+A frame that cannot be read goes to the dead-letter topic with the reason. The end of an
+ingest session (``SessionEnd``) is forwarded to the scores topic after the batch's scores,
+so it follows the scores of every frame before it on its partition.
 """
 
 from __future__ import annotations
@@ -27,7 +29,17 @@ import torch.nn.functional as F
 
 from ..bus import Bus, BusError, Record
 from ..bus.maps import MAP_MAX_SIDE, encode_map
-from ..bus.messages import DeadLetter, FrameMeta, FrameRef, Latency, MessageError, ScoreMsg, encode, frame_meta
+from ..bus.messages import (
+    DeadLetter,
+    FrameMeta,
+    FrameRef,
+    Latency,
+    MessageError,
+    ScoreMsg,
+    SessionEnd,
+    encode,
+    frame_header,
+)
 from ..ops import metrics
 from ..scoring.backbone import Backbone
 from ..scoring.precision import autocast_dtype, resolve_precision
@@ -189,10 +201,17 @@ class ScoringWorker:
         readable: list[tuple[Record, FrameMeta]] = []
         for record in records:
             try:
-                readable.append((record, frame_meta(record.headers)))
+                header = frame_header(record.headers)
             except MessageError as err:
                 batch.dead.append((record, str(err), None))
                 metrics.DEAD_LETTERS.labels("worker", "bad_header").inc()
+                continue
+            if isinstance(header, SessionEnd):
+                batch.ends.append(header)
+            else:
+                readable.append((record, header))
+        if not readable:
+            return batch
         images, kept, failed = self.decoder.decode([record.value for record, _ in readable])
         for index, reason in failed.items():
             batch.dead.append((readable[index][0], reason, readable[index][1]))
@@ -227,6 +246,8 @@ class ScoringWorker:
         scored = sum(len(group.frames) for group in batch.groups)
         for group in batch.groups:
             self._publish(group, producer, batch.decode_s / max(scored, 1), batch.started_at)
+        for end in batch.ends:  # after the scores: a session's scores all precede its end
+            producer.send(self.results_topic, encode(end), key=end.stream.encode())
         producer.flush()  # raises BusError if the broker did not acknowledge: nothing is committed
         self.stats.batches += 1
         self.stats.decode_s += batch.decode_s
@@ -300,6 +321,7 @@ class _Batch:
     decode_s: float = 0.0
     groups: list[_Group] = field(default_factory=list)
     dead: list[tuple[Record, str, FrameMeta | None]] = field(default_factory=list)
+    ends: list[SessionEnd] = field(default_factory=list)  # forwarded after the scores
 
 
 class _DeviceClock:
