@@ -81,8 +81,9 @@ def add_backbone(parser: argparse.ArgumentParser) -> None:
                        help="input size in px (default: the architecture's, or the checkpoint's)")
     group.add_argument("--layers", dest="backbone.layers", type=layers, default=S,
                        help="ViT blocks to tap, e.g. 6,12,18,24 (default: four evenly spaced, or the checkpoint's)")
-    group.add_argument("--vv-attention", dest="backbone.vv_attention", action="store_const", const=True, default=S,
-                       help="V-V attention local path for patch embeddings (CLIP-VV)")
+    group.add_argument("--vv-attention", dest="backbone.vv_attention", action=argparse.BooleanOptionalAction,
+                       default=S, help="V-V attention local path for patch embeddings (CLIP-VV; default: off, "
+                                       "or the checkpoint's or preset's)")
     group.add_argument("--seed", dest="backbone.seed", type=int, default=S,
                        help="seed for random weights (and few-shot sampling in eval/train; default 0)")
     group.add_argument("--device", dest="backbone.device", default=S,
