@@ -21,6 +21,7 @@ def add_parsers(commands) -> None:
     ev.add_argument("--batch-size", type=a.positive, default=8)
     ev.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON here")
     a.add_backbone(ev)
+    a.metavars(ev)
 
     tr = commands.add_parser("train", help="few-shot training of a method, saved as a checkpoint",
                              description="Train a method's adapters/prompts/projections on k normal and k anomalous "
@@ -55,6 +56,7 @@ def add_parsers(commands) -> None:
     tr.add_argument("--option", dest="options", type=a.option, action="append", default=[], metavar="KEY=VALUE",
                     help="method option, repeatable, on top of the preset's (see each method's docstring)")
     a.add_backbone(tr)
+    a.metavars(tr)
 
     methods = commands.add_parser("methods", help="list the registered scoring methods")
     methods.add_argument("--presets", action="store_true", help="also list each method's training presets")
