@@ -15,7 +15,7 @@ A file (all keys but ``options`` and the optional ones required; unknown keys ar
                   "layers": [6, 12, 18, 24], "vv_attention": false},
      "options": {"memory_bank": false, "sigma": 0},
      "training": {"shots": 16, "views": 11,
-                  "optimizer": {"betas": [0.5, 0.999], "weight_decay": 0},
+                  "optimizer": {"name": "adam", "betas": [0.5, 0.999], "weight_decay": 0},
                   "stages": {"adapters": {"epochs": 60, "batch_size": 16, "lr": 0.001,
                                           "lr_milestones": [], "lr_gamma": 1.0}}},
      "source": {"backbone": "paper §3 ...", "training.stages.adapters.lr": "train.py --learning_rate ..."}}
@@ -42,7 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -63,6 +63,7 @@ class BackboneSpec(Strict):
 
 
 class OptimizerSpec(Strict):
+    name: Literal["adam", "adamw"] = "adam"  # torch.optim.Adam (L2 weight decay) or AdamW (decoupled)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
 
@@ -190,7 +191,8 @@ def describe(preset: Preset) -> str:
                        + (f" x{s.lr_gamma:g} at steps {','.join(map(str, s.lr_milestones))}" if s.lr_milestones else "")
                        for name, s in t.stages.items())
     options = ", ".join(f"{k}={json.dumps(v)}" for k, v in preset.options.items())
-    return (f"{backbone}; {stages}; Adam betas {tuple(t.optimizer.betas)}"
+    optimizer = {"adam": "Adam", "adamw": "AdamW"}[t.optimizer.name]
+    return (f"{backbone}; {stages}; {optimizer} betas {tuple(t.optimizer.betas)}"
             f"{f', weight decay {t.optimizer.weight_decay:g}' if t.optimizer.weight_decay else ''}; "
             f"{t.views} view{'s' * (t.views > 1)}{f', {t.shots} shots' if t.shots else ''}"
             f"{f'; {options}' if options else ''}")
@@ -226,7 +228,8 @@ def train_config(preset: Preset, seed: int = 0, epochs: int | None = None, lr: f
               for name, s in t.stages.items()}
     first = next(iter(stages.values()))
     return TrainConfig(epochs=first.epochs, lr=lr, weight_decay=t.optimizer.weight_decay, batch_size=first.batch_size,
-                       views=views or t.views, seed=seed, betas=tuple(t.optimizer.betas), stages=stages)
+                       views=views or t.views, seed=seed, betas=tuple(t.optimizer.betas), stages=stages,
+                       optimizer=t.optimizer.name)
 
 
 def header_entry(preset: Preset, path: Path) -> dict:

@@ -8,8 +8,8 @@ what lets ViT-B-16 train on a 2-core CPU in minutes.
 
 Methods train in stages (AA-CLIP has two); each stage names its parameters and its loss,
 and may have its own epochs, batch size, rate and step schedule (``StageSchedule``, which the
-presets in ``scoring/presets/`` fill in). The optimiser is Adam with the configured betas
-(AdamW when ``weight_decay`` > 0).
+presets in ``scoring/presets/`` fill in). The optimiser is Adam (or AdamW) with the
+configured betas.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ class TrainBatch:
     size: tuple[int, int]
 
 
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
 @dataclass(frozen=True)
 class StageSchedule:
     """One stage's schedule. The rate is multiplied by ``lr_gamma`` after each optimiser step
@@ -73,12 +76,13 @@ class StageSchedule:
 class TrainConfig:
     epochs: int = 30  # per stage, for stages without an entry in `stages`
     lr: float | None = None  # None: each stage's rate from its paper (method.stage_lr)
-    weight_decay: float = 0.0  # decoupled (AdamW); 0 is plain Adam, as the papers
+    weight_decay: float = 0.0  # L2 for "adam", decoupled for "adamw"; 0 in every paper
     batch_size: int = 8
     views: int = 4  # augmented views per image; the first is the image itself
     seed: int = 0
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's; the authors of AA-CLIP and MadCLIP use (0.5, 0.999)
     stages: dict[str, StageSchedule] = field(default_factory=dict)  # per-stage schedules (presets)
+    optimizer: str = "adam"  # "adam" (the papers') or "adamw"
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "views"):
@@ -88,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
 
@@ -99,10 +105,10 @@ class TrainConfig:
 
 
 def optimizer_for(parameters: list, schedule: StageSchedule, default_lr: float, config: TrainConfig):
-    """(optimizer, scheduler) of one stage: Adam (AdamW with weight decay) at the stage's rate
-    with the configured betas, and the stage's step schedule (stepped once per batch)."""
-    optimizer = torch.optim.AdamW(parameters, lr=schedule.lr or default_lr, betas=tuple(config.betas),
-                                  weight_decay=config.weight_decay)
+    """(optimizer, scheduler) of one stage: Adam or AdamW at the stage's rate with the
+    configured betas, and the stage's step schedule (stepped once per batch)."""
+    optimizer = OPTIMIZERS[config.optimizer](parameters, lr=schedule.lr or default_lr, betas=tuple(config.betas),
+                                             weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(schedule.lr_milestones), schedule.lr_gamma)
     return optimizer, scheduler
 

@@ -70,9 +70,10 @@ def _write(tmp_path, **changes):
     ({"source__training.views": None}, "missing: training.views"),
     ({"source__training.augment": "made up"}, "fields this preset does not have: training.augment"),
     ({"training__optimizer": {"betas": [0.5, 1.5]}}, "betas must lie in [0, 1)"),
+    ({"training__optimizer": {"name": "sgd"}}, "training.optimizer.name: Input should be 'adam' or 'adamw'"),
     ({"backbone__image_sise": 224}, "backbone.image_sise: Extra inputs are not permitted"),
     ({"training__stages": {"adapters": {"epochs": 0, "batch_size": 8, "lr": 0.001}}}, "epochs"),
-], ids=["option", "stages", "uncited", "stale-source", "betas", "typo", "epochs"])
+], ids=["option", "stages", "uncited", "stale-source", "betas", "optimizer", "typo", "epochs"])
 def test_invalid_presets_are_refused_with_the_reason(tmp_path, changes, message):
     with pytest.raises(ValueError, match="is invalid") as info:
         load_preset(None, _write(tmp_path, **changes))
@@ -93,7 +94,7 @@ def test_flags_override_the_preset():
     config = train_config(preset, seed=3, epochs=2, batch_size=4)
     assert {k: (s.epochs, s.batch_size, s.lr) for k, s in config.stages.items()} == {"text": (2, 4, 1e-5),
                                                                                     "image": (2, 4, 5e-4)}
-    assert config.betas == (0.5, 0.999) and config.views == 1 and config.seed == 3
+    assert config.betas == (0.5, 0.999) and config.optimizer == "adam" and config.views == 1 and config.seed == 3
     assert config.stages["image"].lr_milestones == (16000, 32000)
     assert train_config(preset, lr=1e-3).stages["text"].lr == 1e-3
     # The preset's backbone, the given fields on top; another arch takes its own size, layers and weights.
@@ -108,6 +109,7 @@ def test_stage_schedule_reaches_the_optimiser(tiny):
     parameter = torch.nn.Parameter(torch.zeros(3))
     optimizer, scheduler = optimizer_for([parameter], StageSchedule(lr=0.1, lr_milestones=(2, 3), lr_gamma=0.5), 1e-3,
                                          TrainConfig(betas=(0.5, 0.999)))
+    assert type(optimizer) is torch.optim.Adam
     assert optimizer.param_groups[0]["betas"] == (0.5, 0.999) and optimizer.param_groups[0]["weight_decay"] == 0
     rates = []
     for _ in range(4):

@@ -348,6 +348,8 @@ def test_train_then_eval_checkpoint(tmp_path, capsys):
     assert "left out 2 test images the checkpoint was trained on" in captured.err
     header = read_header(out)
     assert header["method"] == "aa-clip" and header["training"]["shots"] == 2
+    assert header["preset"]["name"] == "cpu" and header["method_version"] == 2  # the default preset
+    assert header["training"]["stages"]["text"]["epochs"] == 2 and header["training"]["views"] == 2  # flags win
     used = header["training"]["test_images_used"]
     assert len(used) == 2 and all(u["path"].startswith("widget/test/scratch/") and len(u["sha256"]) == 64 for u in used)
 
@@ -386,6 +388,23 @@ def test_train_with_the_paper_preset_records_it(tmp_path, capsys):
     # Without a memory bank the checkpoint scores zero-shot only, and says why when given references.
     assert main(["eval", "--checkpoint", str(out), "--data", str(data), "--shots", "2"]) == 2
     assert "without a memory bank" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("madclip", {"views": 11, "betas": [0.5, 0.999], "adapters": {"epochs": 2, "batch_size": 16, "lr": 1e-3}}),
+    ("aprilgan", {"views": 1, "betas": [0.5, 0.999], "projections": {"epochs": 2, "batch_size": 64, "lr": 1e-3}}),
+])
+def test_the_other_paper_presets_run_here(name, expected, tmp_path):
+    data = make_category(tmp_path, "widget", seed=15)
+    out = tmp_path / f"{name}.safetensors"
+    assert main(["train", "--method", name, "--preset", "paper", "--data", str(data), "--arch", TINY_ARCH,
+                 "--shots", "2", "--epochs", "2", "--out", str(out)]) == 0
+    header = read_header(out)
+    training = header["training"]
+    (stage,) = [k for k in expected if k not in ("views", "betas")]
+    assert header["preset"]["name"] == "paper" and training["views"] == expected["views"]
+    assert training["betas"] == expected["betas"]
+    assert {k: training["stages"][stage][k] for k in ("epochs", "batch_size", "lr")} == expected[stage]
 
 
 def test_train_with_a_preset_file_that_names_its_method(tmp_path, capsys):
