@@ -86,16 +86,18 @@ def add_backbone(parser: argparse.ArgumentParser) -> None:
     worker, replay): one definition, so they cannot drift apart."""
     group = parser.add_argument_group("backbone")
     group.add_argument("--arch", dest="backbone.arch", default=S,
-                       help="open_clip architecture (default: ViT-B-16, or the checkpoint's)")
+                       help="open_clip architecture (default: ViT-B-16, or the checkpoint's or train preset's)")
     group.add_argument("--weights", dest="backbone.weights", default=S,
                        help="'none' (random, seeded), an open_clip pretrained tag such as 'openai', "
-                            "or a local .safetensors/.pt file (default: none, or the checkpoint's)")
+                            "or a local .safetensors/.pt file (default: none, or the checkpoint's or train preset's)")
     group.add_argument("--image-size", dest="backbone.image_size", type=positive, default=S,
-                       help="input size in px (default: the architecture's, or the checkpoint's)")
+                       help="input size in px (default: the architecture's, or the checkpoint's or train preset's)")
     group.add_argument("--layers", dest="backbone.layers", type=layers, default=S,
-                       help="ViT blocks to tap, e.g. 6,12,18,24 (default: four evenly spaced, or the checkpoint's)")
-    group.add_argument("--vv-attention", dest="backbone.vv_attention", action="store_const", const=True, default=S,
-                       help="V-V attention local path for patch embeddings (CLIP-VV)")
+                       help="ViT blocks to tap, e.g. 6,12,18,24 (default: four evenly spaced, or the checkpoint's "
+                            "or train preset's)")
+    group.add_argument("--vv-attention", dest="backbone.vv_attention", action=argparse.BooleanOptionalAction,
+                       default=S, help="V-V attention local path for patch embeddings (CLIP-VV; default: off, "
+                                       "or the checkpoint's or train preset's)")
     group.add_argument("--seed", dest="backbone.seed", type=int, default=S,
                        help="seed for random weights (and few-shot sampling in eval/train; default 0)")
     group.add_argument("--device", dest="backbone.device", default=S,

@@ -21,29 +21,45 @@ def add_parsers(commands) -> None:
     ev.add_argument("--batch-size", type=a.positive, default=8)
     ev.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON here")
     a.add_backbone(ev)
+    a.metavars(ev)
 
     tr = commands.add_parser("train", help="few-shot training of a method, saved as a checkpoint",
                              description="Train a method's adapters/prompts/projections on k normal and k anomalous "
-                                         "images (with masks) per category of MVTec-layout data; the backbone stays frozen.")
-    tr.add_argument("--method", required=True, help="aprilgan, aa-clip or madclip")
+                                         "images (with masks) per category of MVTec-layout data; the backbone stays "
+                                         "frozen. Settings come from a preset (--preset, default cpu); flags given "
+                                         "explicitly override the preset's values, and another --arch also drops the "
+                                         "preset's weights, image size and layers for that architecture's defaults "
+                                         "(see `linewatch methods --presets`).")
+    tr.add_argument("--method", default=None,
+                    help="aprilgan, aa-clip or madclip (may be left out when --preset is a file naming it)")
+    tr.add_argument("--preset", default=None, metavar="paper|cpu|FILE",
+                    help="settings: 'cpu' (default: ViT-B-16 at 224 px, a schedule that trains in minutes on a CPU), "
+                         "'paper' (the paper's backbone, image size, layers, schedule and choices; needs its "
+                         "pretrained weights and a GPU), or a preset JSON file; explicit flags win over it")
     tr.add_argument("--data", required=True, help="a category folder or a folder of categories in MVTec layout")
-    tr.add_argument("--shots", type=a.positive, default=4, help="normal and anomalous images per category (default 4)")
-    tr.add_argument("--epochs", type=a.positive, default=30, help="epochs per training stage (default 30)")
+    tr.add_argument("--shots", type=a.positive, default=None,
+                    help="normal and anomalous images per category (default: the preset's, else 4)")
+    tr.add_argument("--epochs", type=a.positive, default=None,
+                    help="epochs of every training stage (default: the preset's)")
     tr.add_argument("--lr", type=float, default=None,
-                    help="learning rate for every stage (default: the paper's per stage; AA-CLIP 1e-5 text, 5e-4 image; others 1e-3)")
-    tr.add_argument("--batch-size", type=a.positive, default=8)
-    tr.add_argument("--views", type=a.positive, default=4, help="augmented views per image (default 4)")
+                    help="learning rate of every stage (default: the preset's per stage)")
+    tr.add_argument("--batch-size", type=a.positive, default=None,
+                    help="batch size of every stage (default: the preset's)")
+    tr.add_argument("--views", type=a.positive, default=None, help="augmented views per image (default: the preset's)")
     tr.add_argument("--out", required=True, help="checkpoint file to write (.safetensors)")
     tr.add_argument("--eval", dest="eval_data", default=None,
-                    help="evaluate right after training on this data (same dataset: the training images are left out; "
-                         "another dataset: the cross-dataset protocol)")
+                    help="evaluate right after training on this data: the same dataset (the training images are "
+                         "left out), or another one: the cross-dataset protocol of AA-CLIP and APRIL-GAN (train on an "
+                         "auxiliary dataset, test zero-shot on another)")
     tr.add_argument("--json", dest="json_out", default=None, help="with --eval, also write the report as JSON here")
     tr.add_argument("--prompts", default=None, help="prompt pack YAML (default: the bundled pack)")
     tr.add_argument("--option", dest="options", type=a.option, action="append", default=[], metavar="KEY=VALUE",
-                    help="method option, repeatable (see each method's docstring)")
+                    help="method option, repeatable, on top of the preset's (see each method's docstring)")
     a.add_backbone(tr)
+    a.metavars(tr)
 
-    commands.add_parser("methods", help="list the registered scoring methods")
+    methods = commands.add_parser("methods", help="list the registered scoring methods")
+    methods.add_argument("--presets", action="store_true", help="also list each method's training presets")
 
 
 def _backbone(args: argparse.Namespace):
@@ -91,8 +107,8 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def run_train(args: argparse.Namespace) -> None:
     from ..offline.evaluate import EvalConfig, evaluate, format_table, write_json
-    from ..offline.fewshot import TrainJob, run_training
-    from ..scoring.training import TrainConfig
+    from ..offline.fewshot import TrainJob, check_trainable, run_training
+    from ..scoring.preset import DEFAULT_PRESET, DEFAULT_SHOTS, backbone_config, header_entry, load_preset, train_config
 
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out {args.out}: checkpoints are safetensors files; name it *.safetensors")
@@ -102,13 +118,22 @@ def run_train(args: argparse.Namespace) -> None:
         from ..offline.datasets import find_categories
 
         find_categories(args.eval_data)  # a wrong path fails now, not after training
-    job = TrainJob(method=args.method, data=args.data, out=args.out, shots=args.shots, prompts=args.prompts,
-                   options=dict(args.options), device=_device(args), backbone=_backbone(args),
-                   train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, views=args.views,
-                                     seed=_seed(args)))
+    if args.method is None and not (args.preset and args.preset.endswith(".json")):
+        raise ValueError("--method is required (unless --preset is a preset file that names it)")
+    if args.method is not None:
+        check_trainable(args.method)  # before its presets are looked for
+    preset, path = load_preset(args.method, args.preset or DEFAULT_PRESET)
+    given = a.given_backbone(args)
+    given.pop("device", None)
+    job = TrainJob(method=preset.method, data=args.data, out=args.out, shots=args.shots or preset.training.shots
+                   or DEFAULT_SHOTS, prompts=args.prompts, options={**preset.options, **dict(args.options)},
+                   device=_device(args), backbone=backbone_config(preset, given),
+                   train=train_config(preset, seed=_seed(args), epochs=args.epochs, lr=args.lr,
+                                      batch_size=args.batch_size, views=args.views),
+                   preset=header_entry(preset, path))
     method, _ = run_training(job)
     if args.eval_data:
-        config = EvalConfig(method=args.method, data=args.eval_data, batch_size=args.batch_size, seed=_seed(args),
+        config = EvalConfig(method=job.method, data=args.eval_data, batch_size=8, seed=_seed(args),
                             device=job.device, backbone=job.backbone, checkpoint=args.out)
         report = evaluate(config, method=method)
         print(format_table(report))
@@ -117,11 +142,17 @@ def run_train(args: argparse.Namespace) -> None:
             print(f"report written to {args.json_out}")
 
 
-def run_methods(_: argparse.Namespace) -> None:
+def run_methods(args: argparse.Namespace) -> None:
     from ..scoring.methods import METHODS
 
     for name, cls in sorted(METHODS.items()):
         print(f"{name:<12}{(cls.__doc__ or '').strip()}")
+        if args.presets:
+            from ..scoring.preset import bundled, describe, load_preset
+
+            for preset_name in bundled(name).get(name, []):
+                preset, _ = load_preset(name, preset_name)
+                print(f"  --preset {preset_name:<6} {preset.description}\n{'':<19}{describe(preset)}")
 
 
 HANDLERS = {"eval": run_eval, "train": run_train, "methods": run_methods}

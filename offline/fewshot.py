@@ -1,12 +1,13 @@
 """The `linewatch train` job: few-shot sampling from MVTec-layout data, training (the loop is
 ``scoring.training.fit``) and the checkpoint.
 
-Sampling (MadCLIP's and AA-CLIP's few-shot protocol): per category, ``shots`` normal
-images from train/good and ``shots`` anomalous images with masks from test/, taken round
-robin over the defect types so each type is seen; fixed by the seed. The checkpoint
-records which test images were used, and ``linewatch eval --checkpoint`` leaves them out,
-so evaluation runs on the rest. ``--eval OTHER`` evaluates right after training, on the
-same dataset or, for the cross-dataset protocol, on another one.
+Sampling (MadCLIP's few-shot setting): per category, ``shots`` normal images from
+train/good and ``shots`` anomalous images with masks from test/, taken round robin over the
+defect types so each type is seen; fixed by the seed. The checkpoint records which test
+images were used, and ``linewatch eval --checkpoint`` leaves them out, so evaluation runs on
+the rest. ``--eval OTHER`` evaluates right after training, on the same dataset or on another
+one: the cross-dataset protocol of AA-CLIP and APRIL-GAN (train on an auxiliary dataset,
+test zero-shot on another).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class TrainJob:
     prompts: str | None = None
     options: dict = field(default_factory=dict)
     device: str = "cpu"
+    preset: dict | None = None  # scoring.preset.header_entry of the preset the settings came from
 
 
 def sample_category(category: Category, shots: int, seed: int) -> tuple[list, list]:
@@ -87,14 +89,20 @@ def training_set(categories: list[Category], shots: int, seed: int, size: int) -
     return TrainingSet(torch.stack(images), torch.stack(masks), torch.tensor(labels), names), used
 
 
+def check_trainable(method: str) -> None:
+    """A registered method with something to train, or one clear error naming the ones that have."""
+    check_options(method, {})
+    if not METHODS[method].stages:
+        trainable = sorted(name for name, cls in METHODS.items() if cls.stages)
+        raise ValueError(f"{method} has nothing to train; trainable methods: {', '.join(trainable)}")
+
+
 def run_training(job: TrainJob) -> tuple[object, dict]:
     """Train and save; returns (trained method, checkpoint header)."""
     if job.shots < 1:
         raise ValueError("--shots must be at least 1 (k normal and k anomalous images per category)")
+    check_trainable(job.method)
     check_options(job.method, job.options)
-    if not METHODS[job.method].stages:
-        trainable = sorted(name for name, cls in METHODS.items() if cls.stages)
-        raise ValueError(f"{job.method} has nothing to train; trainable methods: {', '.join(trainable)}")
     categories = find_categories(job.data)
     for category in categories:
         sample_category(category, job.shots, job.train.seed)  # fail on too few images before building the model
@@ -104,9 +112,10 @@ def run_training(job: TrainJob) -> tuple[object, dict]:
     data, used = training_set(categories, job.shots, job.train.seed, backbone.image_size)
     print(f"training {job.method} on {len(data.labels)} images ({job.shots} normal + {job.shots} anomalous per category, "
           f"{len(categories)} categor{'y' if len(categories) == 1 else 'ies'}), {job.train.views} views each, "
-          f"{backbone.identity} at {backbone.image_size} px")
+          f"{backbone.identity} at {backbone.image_size} px"
+          + (f", preset {job.preset['name']} ({job.preset['file']})" if job.preset else ""))
     started = time.monotonic()
-    bar = tqdm(total=len(method.stages) * job.train.epochs, unit="epoch", desc="train")
+    bar = tqdm(total=job.train.total_epochs(method.stages), unit="epoch", desc="train")
 
     def progress(stage, epoch, step, steps, losses):
         bar.set_postfix_str(f"{stage} loss {losses['loss']:.4f}", refresh=False)
@@ -115,9 +124,10 @@ def run_training(job: TrainJob) -> tuple[object, dict]:
 
     history = fit(method, data, job.train, progress=progress)
     bar.close()
-    header = save_checkpoint(job.out, method, job.options, training={
+    header = save_checkpoint(job.out, method, job.options, preset=job.preset, training={
         **asdict(job.train), "shots": job.shots, "data": job.data, "categories": [c.name for c in categories],
-        "test_images_used": used, "final_loss": {k: v for k, v in history[-1].items() if k not in ("stage", "epoch")},
+        "test_images_used": used,
+        "final_loss": {k: v for k, v in history[-1].items() if k not in ("stage", "epoch", "lr")},
         "seconds": round(time.monotonic() - started, 1)})
     print(f"checkpoint written to {job.out} ({header['identity']}), last epoch loss {history[-1]['loss']:.4f}, "
           f"{header['training']['seconds']} s")

@@ -1,10 +1,11 @@
 """Checkpoints: safetensors with only the trained tensors and a JSON header.
 
-The header (safetensors metadata key ``linewatch``) names the method and its options, the
-backbone it was trained on (architecture, weights identity, image size, tapped layers, V-V
-path), the whole prompt pack, how it was trained, and the trained tensors' digest. Loading
-refuses a backbone that differs in any of those, with a message naming both sides.
-Nothing is ever unpickled.
+The header (safetensors metadata key ``linewatch``) names the method, the version of its form
+and its options, the backbone it was trained on (architecture, weights identity, image size,
+tapped layers, V-V path), the whole prompt pack, the preset it was trained from (name, file,
+content digest), how it was trained, and the trained tensors' digest. Loading refuses a
+backbone that differs in any of those, and a checkpoint of another version of its method's
+form, with a message naming both sides. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 from pathlib import Path
 
 from .backbone import Backbone, BackboneConfig
-from .methods import AnomalyMethod, create_method
+from .methods import METHODS, AnomalyMethod, create_method
 from .prompts import PromptPack
 from .training import state_digest
 
@@ -34,14 +35,16 @@ def backbone_header(backbone: Backbone) -> dict:
             "vv_attention": config.vv_attention}
 
 
-def save_checkpoint(path: str | Path, method: AnomalyMethod, options: dict, training: dict) -> dict:
-    """Write the method's trained tensors and header; returns the header."""
+def save_checkpoint(path: str | Path, method: AnomalyMethod, options: dict, training: dict,
+                    preset: dict | None = None) -> dict:
+    """Write the method's trained tensors and header; returns the header. ``preset``: what
+    ``scoring.preset.header_entry`` says of the preset it was trained from."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in method.trained_state().items()}
-    header = {"format": FORMAT, "method": method.name, "options": options,
+    header = {"format": FORMAT, "method": method.name, "method_version": method.version, "options": options,
               "backbone": backbone_header(method.backbone), "prompts": method.prompt_pack.model_dump(),
-              "training": training, "identity": state_digest(state)}
+              "preset": preset, "training": training, "identity": state_digest(state)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={METADATA_KEY: json.dumps(header)})
@@ -72,6 +75,12 @@ def read_header(path: str | Path) -> dict:
     missing = BACKBONE_FIELDS - header["backbone"].keys()
     if missing:
         raise CheckpointError(f"{path}: damaged checkpoint header: backbone lacks {', '.join(sorted(missing))}")
+    method = METHODS.get(header["method"])
+    trained = header.get("method_version", 1)  # checkpoints before versions were recorded: 1
+    if method is not None and trained != method.version:
+        raise CheckpointError(f"{path} holds a {method.name} of form v{trained}; this linewatch scores "
+                              f"v{method.version} "
+                              f"({method.version_note}). Retrain it: linewatch train --method {method.name} ...")
     return header
 
 

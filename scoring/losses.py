@@ -1,5 +1,5 @@
-"""The training losses the seed papers share: focal and dice on anomaly maps, SigLIP on
-image-text pairs. Maps are probabilities in [0, 1]; masks are {0, 1} floats, same shape."""
+"""The training losses the seed papers share: focal and dice on anomaly maps, MadCLIP's
+per-patch SigLIP on image-text scores. Maps are probabilities in [0, 1]; masks are {0, 1} floats, same shape."""
 
 from __future__ import annotations
 
@@ -26,9 +26,12 @@ def segmentation_loss(probability: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return focal_loss(probability, mask) + dice_loss(probability, mask) + dice_loss(1 - probability, 1 - mask)
 
 
-def siglip_loss(similarity: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Sigmoid image-text loss (Zhai et al.): every (image, text) pair is its own binary
-    problem, so one text may match many images. ``similarity`` [B, T]; ``labels`` [B] index
-    the matching text; ``scale`` is the log temperature."""
-    sign = 2 * F.one_hot(labels.long(), similarity.shape[1]).to(similarity.dtype) - 1
-    return -F.logsigmoid(sign * (scale.exp() * similarity + bias)).sum(1).mean()
+def siglip_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """MadCLIP's sigmoid loss (Zhai et al.'s SigLIP, as the authors' ``loss.py LossSigmoid``):
+    each patch's pair ``[S_n, S_ab]`` [B, N, 2] is two binary problems, "matches the normal
+    prompt" and "matches the abnormal prompt", signed by the image's label (``labels`` [B],
+    1 = anomalous): ``-mean_B sum_k mean_N log sigmoid(sign_k S_k)`` with sign = (-y, y),
+    y = 2 label - 1. No temperature or bias: the scores are cosine differences in [-2, 2]."""
+    y = 2 * labels.to(scores.dtype) - 1
+    sign = torch.stack([-y, y], dim=-1)[:, None, :]  # [B, 1, 2]
+    return -F.logsigmoid(sign * scores).mean(1).sum(-1).mean()

@@ -6,13 +6,16 @@ frozen ViT under ``no_grad`` and the epochs then run over those cached features.
 makes a 60-epoch run cost one backbone pass per view instead of one per step, which is
 what lets ViT-B-16 train on a 2-core CPU in minutes.
 
-Methods train in stages (AA-CLIP has two); each stage names its parameters and its loss.
+Methods train in stages (AA-CLIP has two); each stage names its parameters and its loss,
+and may have its own epochs, batch size, rate and step schedule (``StageSchedule``, which the
+presets in ``scoring/presets/`` fill in). The optimiser is Adam (or AdamW) with the
+configured betas.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -44,14 +47,42 @@ class TrainBatch:
     size: tuple[int, int]
 
 
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+@dataclass(frozen=True)
+class StageSchedule:
+    """One stage's schedule. The rate is multiplied by ``lr_gamma`` after each optimiser step
+    count in ``lr_milestones`` (counted within the stage, as torch's MultiStepLR stepped per batch)."""
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float | None = None  # None: the paper's rate for this stage (method.stage_lr)
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 1.0
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if list(self.lr_milestones) != sorted(set(self.lr_milestones)) or any(m < 1 for m in self.lr_milestones):
+            raise ValueError(f"lr_milestones must be increasing step counts >= 1, got {list(self.lr_milestones)}")
+        if not self.lr_gamma > 0:
+            raise ValueError(f"lr_gamma must be > 0, got {self.lr_gamma}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 30  # per stage
+    epochs: int = 30  # per stage, for stages without an entry in `stages`
     lr: float | None = None  # None: each stage's rate from its paper (method.stage_lr)
-    weight_decay: float = 0.0  # decoupled (AdamW); 0 is plain Adam, as the papers
+    weight_decay: float = 0.0  # L2 for "adam", decoupled for "adamw"; 0 in every paper
     batch_size: int = 8
     views: int = 4  # augmented views per image; the first is the image itself
     seed: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's; the authors of AA-CLIP and MadCLIP use (0.5, 0.999)
+    stages: dict[str, StageSchedule] = field(default_factory=dict)  # per-stage schedules (presets)
+    optimizer: str = "adam"  # "adam" (the papers') or "adamw"
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "views"):
@@ -61,6 +92,25 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+
+    def stage(self, name: str) -> StageSchedule:
+        return self.stages.get(name) or StageSchedule(self.epochs, self.batch_size, self.lr)
+
+    def total_epochs(self, stages: tuple[str, ...]) -> int:
+        return sum(self.stage(name).epochs for name in stages)
+
+
+def optimizer_for(parameters: list, schedule: StageSchedule, default_lr: float, config: TrainConfig):
+    """(optimizer, scheduler) of one stage: Adam or AdamW at the stage's rate with the
+    configured betas, and the stage's step schedule (stepped once per batch)."""
+    optimizer = OPTIMIZERS[config.optimizer](parameters, lr=schedule.lr or default_lr, betas=tuple(config.betas),
+                                             weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(schedule.lr_milestones), schedule.lr_gamma)
+    return optimizer, scheduler
 
 
 # (stage, epoch, step within epoch, steps per epoch, losses of this step)
@@ -124,13 +174,13 @@ def fit(method, data: TrainingSet, config: TrainConfig = TrainConfig(), features
         parameters = method.stage_parameters(stage)
         for parameter in parameters:
             parameter.requires_grad_(True)
-        lr = config.lr or method.stage_lr.get(stage, 1e-3)
-        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay)
-        steps = -(-len(labels) // config.batch_size)
-        for epoch in range(config.epochs):
+        schedule = config.stage(stage)
+        optimizer, scheduler = optimizer_for(parameters, schedule, method.stage_lr.get(stage, 1e-3), config)
+        steps = -(-len(labels) // schedule.batch_size)
+        for epoch in range(schedule.epochs):
             order = torch.randperm(len(labels), generator=generator)
             totals: dict[str, float] = {}
-            for step, index in enumerate(order.split(config.batch_size)):
+            for step, index in enumerate(order.split(schedule.batch_size)):
                 index = index.to(device)
                 batch = TrainBatch(features.select(index), masks[index], labels[index],
                                    [data.class_names[i] for i in index.tolist()], size)
@@ -138,12 +188,13 @@ def fit(method, data: TrainingSet, config: TrainConfig = TrainConfig(), features
                 optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 optimizer.step()
+                scheduler.step()
                 values = {k: float(v.detach()) for k, v in losses.items()}
                 for key, value in values.items():
                     totals[key] = totals.get(key, 0.0) + value / steps
                 if progress:
                     progress(stage, epoch, step, steps, values)
-            history.append({"stage": stage, "epoch": epoch, **totals})
+            history.append({"stage": stage, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **totals})
         for parameter in parameters:
             parameter.requires_grad_(False)
     method.end_training()

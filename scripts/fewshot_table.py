@@ -1,13 +1,14 @@
 """The few-shot table: each trainable method, untrained vs trained on k shots, on the rest
 of the dataset, plus the cross-dataset figures (trained on DATA, tested on CROSS).
 
-The same code paths as `linewatch train` / `linewatch eval --checkpoint` (sampling,
-augmentation, training, checkpoints, scoring, metrics), but the frozen backbone runs once
-per image for the whole table: test features are computed once and shared by every row,
-which on a CPU is the difference between minutes and hours. Checkpoints land in OUT.
+The same code paths as `linewatch train --preset P` / `linewatch eval --checkpoint` (preset,
+sampling, augmentation, training, checkpoints, scoring, metrics), but the frozen backbone runs
+once per image for the whole table: test features are computed once per backbone and shared
+by every row, which on a CPU is the difference between minutes and hours. Checkpoints land
+in OUT.
 
-    python scripts/fewshot_table.py --data ../shared/datasets/magnetic_tile \
-        --cross ../shared/datasets/mpdd_metal_plate --shots 4 8 --out runs/fewshot
+    python scripts/fewshot_table.py --data ../shared/datasets/mpdd_metal_plate \
+        --methods aa-clip madclip --shots 4 8 --preset cpu --out runs/fewshot
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +25,13 @@ from tqdm import tqdm
 
 from linewatch.offline.datasets import find_categories, load_mask
 from linewatch.offline.fewshot import training_set
-from linewatch.scoring.backbone import Backbone, BackboneConfig
+from linewatch.scoring.backbone import Backbone
 from linewatch.scoring.checkpoint import load_checkpoint, save_checkpoint
 from linewatch.scoring.methods import create_method
 from linewatch.scoring.metrics import image_metrics, pixel_metrics
 from linewatch.scoring.pixels import load_image
-from linewatch.scoring.training import TrainConfig, augment, extract_features, fit
+from linewatch.scoring.preset import backbone_config, header_entry, load_preset, train_config
+from linewatch.scoring.training import augment, extract_features, fit
 
 
 def test_set(root: str, size: int):
@@ -48,21 +51,26 @@ def cached_features(backbone, images, root: str, cache: Path | None, desc: str):
     from linewatch.scoring.backbone import VisualFeatures
 
     path = None
+    vv = backbone.config.vv_attention
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-        path = cache / f"{backbone.identity.replace(':', '_')}-{Path(root).name}-{backbone.image_size}-{len(images)}.safetensors"
+        layers = "-".join(map(str, backbone.layers))
+        path = cache / (f"{backbone.identity.replace(':', '_')}-{Path(root).name}-{backbone.image_size}-L{layers}"
+                        f"{'-vv' if vv else ''}-{len(images)}.safetensors")
         if path.is_file():
             t = load_file(str(path))
             levels = len(backbone.layers)
             tokens = [t[f"tokens{i}"] for i in range(levels)]
+            local = [t[f"local{i}"] for i in range(levels)] if vv else tokens
             grid = (backbone.image_size // backbone.patch_size,) * 2
-            return VisualFeatures(t["image_embed"], tokens, [t[f"embeds{i}"] for i in range(levels)], grid, tokens)
+            return VisualFeatures(t["image_embed"], tokens, [t[f"embeds{i}"] for i in range(levels)], grid, local)
     bar = tqdm(total=len(images), desc=desc, unit="img")
     features = extract_features(backbone, images, on_chunk=bar.update)
     bar.close()
     if path is not None:
         save_file({"image_embed": features.image_embed.contiguous(),
                    **{f"tokens{i}": t.contiguous() for i, t in enumerate(features.patch_tokens)},
+                   **({f"local{i}": t.contiguous() for i, t in enumerate(features.local_tokens)} if vv else {}),
                    **{f"embeds{i}": t.contiguous() for i, t in enumerate(features.patch_embeds)}}, str(path))
     return features
 
@@ -90,68 +98,72 @@ def main() -> None:
     parser.add_argument("--cross", default=None)
     parser.add_argument("--methods", nargs="+", default=["aprilgan", "aa-clip", "madclip"])
     parser.add_argument("--shots", nargs="+", type=int, default=[4, 8])
-    parser.add_argument("--arch", default="ViT-B-16")
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--preset", default="cpu", help="each method's preset (a bundled name), as linewatch train")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/fewshot")
     parser.add_argument("--features-cache", default=None, help="folder to keep test-set backbone features in")
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
-    parser.add_argument("--views", type=int, default=TrainConfig.views)
-    parser.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
+    parser.add_argument("--epochs", type=int, default=None, help="every stage's epochs (default: the preset's)")
+    parser.add_argument("--lr", type=float, default=None, help="every stage's rate (default: the preset's)")
+    parser.add_argument("--views", type=int, default=None, help="default: the preset's")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(torch.get_num_threads())
-
-    backbone = Backbone.build(BackboneConfig(arch=args.arch, seed=args.seed))
-    size = backbone.image_size
-    config = TrainConfig(epochs=args.epochs, lr=args.lr, views=args.views, weight_decay=args.weight_decay, seed=args.seed)
-    print(f"backbone {backbone.identity} at {size} px, layers {backbone.layers}; train {config}")
 
     started = time.monotonic()
     cache = Path(args.features_cache) if args.features_cache else None
-    test = test_set(args.data, size)
-    test_features = cached_features(backbone, test[2], args.data, cache, "test features")
-    cross = cross_features = None
-    if args.cross:
-        cross = test_set(args.cross, size)
-        cross_features = cached_features(backbone, cross[2], args.cross, cache, "cross features")
-    print(f"features in {time.monotonic() - started:.0f} s")
-
+    backbones: dict = {}  # BackboneConfig -> (backbone, test set and features, cross set and features)
     rows = []
     categories = find_categories(args.data)
-    for shots in args.shots:
-        data, used = training_set(categories, shots, args.seed, size)
-        views = augment(data, config.views, torch.Generator().manual_seed(args.seed))
-        train_features = extract_features(backbone, views.images)
-        for name in args.methods:
-            torch.manual_seed(args.seed)
-            method = create_method(name, backbone)
+    for name in args.methods:
+        preset, preset_file = load_preset(name, args.preset)
+        config = train_config(preset, seed=args.seed, epochs=args.epochs, lr=args.lr, views=args.views)
+        backbone_spec = backbone_config(preset, {"seed": args.seed})
+        if backbone_spec not in backbones:
+            backbone = Backbone.build(backbone_spec)
+            size = backbone.image_size
+            test = test_set(args.data, size)
+            test_features = cached_features(backbone, test[2], args.data, cache, "test features")
+            cross = cross_features = None
+            if args.cross:
+                cross = test_set(args.cross, size)
+                cross_features = cached_features(backbone, cross[2], args.cross, cache, "cross features")
+            backbones[backbone_spec] = backbone, test, test_features, cross, cross_features
+            print(f"backbone {backbone.identity} at {size} px, layers {backbone.layers}, "
+                  f"V-V {backbone_spec.vv_attention}; "
+                  f"features after {time.monotonic() - started:.0f} s")
+        backbone, test, test_features, cross, cross_features = backbones[backbone_spec]
+        size = backbone.image_size
+        print(f"{name}: preset {preset.name} ({preset.digest}); train {config}")
+        for shots in args.shots:
+            data, used = training_set(categories, shots, args.seed, size)
+            views = augment(data, config.views, torch.Generator().manual_seed(args.seed))
+            train_features = extract_features(backbone, views.images)
+            method = create_method(name, backbone, **preset.options)
             untrained = evaluate(method, test_features, *test[:2], *test[3:], {u['path'] for u in used}, size)
             t0 = time.monotonic()
-            bar = tqdm(total=len(method.stages) * config.epochs, desc=f"{name} k={shots}", unit="epoch")
+            bar = tqdm(total=config.total_epochs(method.stages), desc=f"{name} k={shots}", unit="epoch")
             fit(method, views, config, features=train_features,
                 progress=lambda stage, epoch, step, steps, losses: bar.update(step == steps - 1))
             bar.close()
             path = out / f"{name}-k{shots}.safetensors"
-            save_checkpoint(path, method, {}, training={"shots": shots, "data": args.data, "test_images_used": used,
-                                                         **{k: getattr(config, k) for k in ("epochs", "lr", "views", "weight_decay", "seed")}})
+            save_checkpoint(path, method, dict(preset.options), preset=header_entry(preset, preset_file),
+                            training={"shots": shots, "data": args.data, "test_images_used": used, **asdict(config)})
             method = load_checkpoint(path, backbone)  # score what was saved, as eval --checkpoint does
             trained = evaluate(method, test_features, *test[:2], *test[3:], {u['path'] for u in used}, size)
-            row = {"method": name, "shots": shots, "train_s": round(time.monotonic() - t0, 1),
+            row = {"method": name, "shots": shots, "preset": preset.name, "backbone": backbone.identity,
+                   "vv_attention": backbone_spec.vv_attention, "train_s": round(time.monotonic() - t0, 1),
                    "untrained": untrained, "trained": trained}
             if cross:
-                torch.manual_seed(args.seed)
-                row["cross_untrained"] = evaluate(create_method(name, backbone), cross_features, *cross[:2], *cross[3:], set(), size)
+                row["cross_untrained"] = evaluate(create_method(name, backbone, **preset.options), cross_features,
+                                                  *cross[:2], *cross[3:], set(), size)
                 row["cross_trained"] = evaluate(method, cross_features, *cross[:2], *cross[3:], set(), size)
             rows.append(row)
             print(json.dumps(row))
-            (out / "table.json").write_text(json.dumps({"backbone": backbone.identity, "image_size": size,
-                                                        "config": vars(args), "rows": rows}, indent=2))
+            (out / "table.json").write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2))
 
     def fmt(r):
         return f"{100 * r['image_auroc']:6.1f} {100 * r['pixel_auroc']:6.1f} {100 * r['aupro']:6.1f}"
-    print(f"\n{backbone.identity}, {size} px; I-AUROC P-AUROC AUPRO on the rest of {args.data}")
+    print(f"\npreset {args.preset}; I-AUROC P-AUROC AUPRO on the rest of {args.data}")
     print(f"{'method':<10}{'k':>3}  {'untrained':>20}  {'trained':>20}" + ("  {:>20}  {:>20}".format("cross untrained", "cross trained") if cross else ""))
     for r in rows:
         line = f"{r['method']:<10}{r['shots']:>3}  {fmt(r['untrained'])}  {fmt(r['trained'])}"

@@ -295,6 +295,25 @@ def test_vv_attention_changes_only_patch_embeds(tiny, make_images):
         assert not torch.allclose(a, b, atol=1e-3)
 
 
+def test_vv_levels_are_each_their_own(make_images):
+    """With V-V attention on, every tapped level has its own V-V tokens and embeddings (a known
+    bug in a public CLIP anomaly code base returned the same features at every level), and each
+    level's V-V tokens are that level's: running the blocks only up to it gives the same."""
+    vv = Backbone.build(BackboneConfig(arch=TINY_ARCH, vv_attention=True, layers=(2, 3, 4)))
+    images = make_images(2, seed=5)
+    with torch.no_grad():
+        features = vv(images)
+        embedded, grid = vv.embed(images)
+        shorter = vv.forward_embedded(embedded, grid, layers=(2, 3))
+    for i in range(len(vv.layers)):
+        for j in range(i + 1, len(vv.layers)):
+            for kind in ("local_tokens", "patch_embeds"):
+                a, b = getattr(features, kind)[i], getattr(features, kind)[j]
+                assert not torch.allclose(a, b, atol=1e-3), (kind, vv.layers[i], vv.layers[j])
+    for level in range(2):
+        torch.testing.assert_close(shorter.local_tokens[level], features.local_tokens[level], rtol=0, atol=1e-6)
+
+
 def test_encode_text_unit_norm(tiny):
     texts = ["a photo of a insulator.", "a photo of a broken insulator.", "x", ""]
     embeds = tiny.encode_text(texts, chunk=3)

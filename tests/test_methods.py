@@ -148,11 +148,13 @@ def equal_anchors(method, class_name: str) -> TextAnchors:
 
 def test_equal_anchors_give_half_everywhere(name, tiny, neutral_pack, make_images):
     """With T_N == T_A every zero-shot probability is exactly 0.5 at every scale and level,
-    so the aggregated zero-shot map and image score must be 0.5 too."""
+    so the aggregated zero-shot map and image score must be 0.5 too. AA-CLIP's image score
+    mixes in its detection token's cosine to T_A alone, which T_N == T_A does not pin down."""
     method = create_method(name, tiny, neutral_pack)
     method.prepare("screw", anchors=equal_anchors(method, "screw"))
     scores = method.score(make_images(2, seed=30))
-    torch.testing.assert_close(scores.image_score, torch.full((2,), 0.5), rtol=0, atol=1e-5)
+    if name != "aa-clip":
+        torch.testing.assert_close(scores.image_score, torch.full((2,), 0.5), rtol=0, atol=1e-5)
     torch.testing.assert_close(scores.anomaly_map, torch.full((2, 64, 64), 0.5), rtol=0, atol=1e-5)
 
 

@@ -27,8 +27,11 @@ from linewatch.scoring.losses import (
     siglip_loss,
 )
 from linewatch.scoring.methods import create_method
+from linewatch.scoring.preset import PRESET_DIR
+from linewatch.scoring.methods.aaclip import abnormal_cosine_score
+from linewatch.scoring.methods.madclip import placement_order, abnormal_map, dual_scores
 from linewatch.scoring.methods.base import CLIP_TEMPERATURE, gaussian_blur, upsample
-from linewatch.scoring.prompts import PromptPack
+from linewatch.scoring.prompts import PromptPack, TextAnchors
 from linewatch.scoring.training import (
     TrainBatch,
     TrainConfig,
@@ -106,9 +109,7 @@ def test_stage_loss_gradients_reach_stage_parameters_only(name, tiny, defect_set
                 assert p.grad is None, key
             elif id(p) in ids:
                 assert p.grad is not None and torch.isfinite(p.grad).all(), key
-                # 0-d: MadCLIP's SigLIP bias has an exactly zero gradient at its initial point
-                # (bias = -scale/2 and each image's two prompt scores sum to 1).
-                assert p.ndim == 0 or p.grad.abs().sum() > 0, key
+                assert p.grad.abs().sum() > 0, key
             else:
                 assert p.grad is None, f"{key} is not trained in stage {stage}"
         for p in parameters:
@@ -143,7 +144,78 @@ def test_untrained_aprilgan_is_the_zero_shot_path(tiny, defect_set):
     torch.testing.assert_close(scores.image_score, probability(features.image_embed), rtol=0, atol=1e-6)
 
 
+def test_aaclip_detection_score_is_the_abnormal_cosine_alone():
+    """(cos(det, T_A) + 1) / 2, as the authors' test.py: det (2, 0) and (0, 1) against
+    T_A = (0.6, 0.8) have cosines 0.6 and 0.8, so 0.8 and 0.9 whatever T_N is (the softmax
+    over (T_N, T_A) it replaces gave ~1 and ~0 here for T_N = (1, 0))."""
+    det = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    for normal in ([0.0, 1.0], [1.0, 0.0]):
+        anchors = torch.tensor([normal, [0.6, 0.8]])
+        torch.testing.assert_close(abnormal_cosine_score(det, anchors), torch.tensor([0.8, 0.9]))
+
+
+def test_aaclip_image_score_mixes_the_abnormal_cosine_with_the_map(trained, defect_set):
+    """image score = 0.5 (cos(det, T_A) + 1) / 2 + 0.5 max(map); swapping T_N moves the map only."""
+    method, _ = trained("aa-clip")
+    method.sigma = 0.0  # the map as scored, unsmoothed (restored below; the fixture is shared)
+    try:
+        method.prepare(CLASS)
+        features = method.backbone(defect_set.images[2:6])
+        anchors = method.anchors
+        _, det = method.image_outputs(features, anchors.stacked())
+        expected = 0.5 * abnormal_cosine_score(det, anchors.stacked())
+        for normal in (anchors.normal, F.normalize(anchors.normal + anchors.abnormal, dim=0)):
+            method.anchors = TextAnchors(normal, anchors.abnormal, anchors.key)
+            scores = method.score_features(features, (64, 64))
+            torch.testing.assert_close(scores.image_score - 0.5 * scores.anomaly_map.flatten(1).amax(1), expected)
+    finally:
+        method.sigma = 4.0
+
+
+def test_madclip_dual_scores_and_image_probability():
+    """S_n = O_n.t_n - O_n.t_ab, S_ab = O_ab.t_ab - O_ab.t_n, no temperature: O_n = (1, 0),
+    O_ab = (0, 1), t_n = (1, 0), t_ab = (0.6, 0.8) give S = (1 - 0.6, 0.8 - 0) = (0.4, 0.8), and
+    the abnormal probability softmax(S)[ab] = sigmoid(0.4) = 0.5987."""
+    scores = dual_scores(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.6, 0.8]]))
+    torch.testing.assert_close(scores, torch.tensor([[0.4, 0.8]]))
+    torch.testing.assert_close(scores.softmax(-1)[:, 1], torch.tensor([0.598688]), rtol=0, atol=1e-6)
+
+
+def test_madclip_map_interpolates_scores_before_the_softmax():
+    """M = SoftMax(Interpolate(S)): patches S_ab - S_n = 0 and 2 on a 1 x 2 grid, upsampled to
+    1 x 4 (bilinear, half-pixel centres: weights 1, 3/4 1/4, 1/4 3/4, 1) are 0, 0.5, 1.5, 2, so the
+    map is their sigmoids 0.5, 0.6225, 0.8176, 0.8808 (softmax first would give 0.5952, 0.7856 inside)."""
+    scores = torch.tensor([[[0.0, 0.0], [0.0, 2.0]]])  # [B, N, 2]
+    expected = torch.sigmoid(torch.tensor([[[0.0, 0.5, 1.5, 2.0]]]))
+    torch.testing.assert_close(abnormal_map(scores, (1, 2), (1, 4)), expected)
+    torch.testing.assert_close(expected, torch.tensor([[[0.5, 0.622459, 0.817574, 0.880797]]]), rtol=0, atol=1e-6)
+
+
+def test_madclip_prompts_own_a_context_per_synonym_and_placement(tiny):
+    """Each shared synonym and each placement (context after, before, around the phrase) has its
+    own context vectors; a class's extra phrases share one more row (unused by a class without)."""
+    pack = PromptPack.model_validate({**PACK.model_dump(), "classes": {"gadget": {"abnormal": ["dented {}"]}}})
+    method = create_method("madclip", tiny, pack)
+    assert method.text["abnormal"].shape == (2 + 1, 3, method.context_words, tiny.clip.transformer.width)
+    for class_name, used in ((CLASS, [True, True, False]), ("gadget", [True, True, True])):
+        context = method.text["abnormal"].detach().clone().requires_grad_(True)
+        method.text["abnormal"] = torch.nn.Parameter(context)
+        method.encode_state(class_name, "abnormal").sum().backward()
+        reached = method.text["abnormal"].grad.abs().sum(dim=(-1, -2)) > 0  # [row, placement]
+        assert reached.tolist() == [[u] * 3 for u in used], class_name
+        method.text["abnormal"].requires_grad_(False)
+    assert placement_order("end", 4, 2, 9).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert placement_order("front", 4, 2, 9).tolist() == [0, 5, 6, 1, 2, 3, 4, 7, 8]
+    assert placement_order("middle", 4, 2, 9).tolist() == [0, 1, 2, 5, 6, 3, 4, 7, 8]
+
+
 # ---- fit ----------------------------------------------------------------------------------
+
+# MadCLIP's scores are cosine differences without a temperature, bounded by |t_n - t_ab|, which
+# starts near 0 with random text weights: SigLIP and dice sit near their chance values until the
+# prompts move apart, so its loss falls more slowly than the others' (9 % in these 8 epochs).
+MARGIN = {"madclip": 0.95}
+
 
 def test_training_loss_decreases(name, trained):
     method, history = trained(name)
@@ -151,7 +223,7 @@ def test_training_loss_decreases(name, trained):
     for stage in method.stages:
         losses = [h["loss"] for h in history if h["stage"] == stage]
         assert all(np.isfinite(losses))
-        assert losses[-1] < 0.9 * losses[0], (stage, losses)  # by a margin, not by rounding noise
+        assert losses[-1] < MARGIN.get(name, 0.9) * losses[0], (stage, losses)  # by a margin, not by rounding noise
 
 
 def test_fit_is_deterministic(name, trained, tiny, defect_set):
@@ -249,12 +321,18 @@ def test_segmentation_losses_near_zero_when_right_large_when_wrong():
     assert dice_loss(empty, empty) == 0  # an all-normal image predicted all normal
 
 
-def test_siglip_loss_lower_when_similarity_agrees_with_labels():
-    labels = torch.tensor([0, 1, 1])
-    agree = F.one_hot(labels, 2).float() * 2 - 1  # +1 for the matching text, -1 for the other
-    scale, bias = torch.tensor(10.0).log(), torch.tensor(0.0)
-    assert siglip_loss(agree, labels, scale, bias) < siglip_loss(torch.zeros(3, 2), labels, scale, bias) \
-        < siglip_loss(-agree, labels, scale, bias)
+def test_siglip_loss_is_the_authors_per_patch_form():
+    """Hand-computed: a normal image (signs +1 on S_n, -1 on S_ab) with two patches,
+    S = (0, 0) and (ln 3, -ln 3). log sigmoid(0) = -ln 2, log sigmoid(ln 3) = ln 3/4; per column
+    the patch mean is (-ln 2 + ln 3/4) / 2, and the two columns sum to ln 3/8: loss ln 8/3."""
+    ln3 = float(np.log(3.0))
+    scores = torch.tensor([[[0.0, 0.0], [ln3, -ln3]]])
+    torch.testing.assert_close(siglip_loss(scores, torch.tensor([0])), torch.tensor(np.log(8 / 3), dtype=torch.float32))
+    # The same scores on an anomalous image are wrong twice over: signs flip, log sigmoid(-ln 3) = ln 1/4.
+    torch.testing.assert_close(siglip_loss(scores, torch.tensor([1])), torch.tensor(np.log(8 / 1), dtype=torch.float32))
+    # A batch is the mean of its images.
+    both = siglip_loss(scores.repeat(2, 1, 1), torch.tensor([0, 1]))
+    torch.testing.assert_close(both, torch.tensor((np.log(8 / 3) + np.log(8)) / 2, dtype=torch.float32))
 
 
 # ---- CLI ----------------------------------------------------------------------------------
@@ -270,6 +348,8 @@ def test_train_then_eval_checkpoint(tmp_path, capsys):
     assert "left out 2 test images the checkpoint was trained on" in captured.err
     header = read_header(out)
     assert header["method"] == "aa-clip" and header["training"]["shots"] == 2
+    assert header["preset"]["name"] == "cpu" and header["method_version"] == 2  # the default preset
+    assert header["training"]["stages"]["text"]["epochs"] == 2 and header["training"]["views"] == 2  # flags win
     used = header["training"]["test_images_used"]
     assert len(used) == 2 and all(u["path"].startswith("widget/test/scratch/") and len(u["sha256"]) == 64 for u in used)
 
@@ -286,11 +366,71 @@ def test_train_then_eval_checkpoint(tmp_path, capsys):
     assert "trained differently: --arch ViT-B-16 (checkpoint: linewatch-tiny)" in err and "Traceback" not in err
 
 
+def test_train_with_the_paper_preset_records_it(tmp_path, capsys):
+    """The paper preset's schedule runs as written (here on the tiny architecture, which drops the
+    preset's ViT-L weights, size and layers); flags given win; the header records the preset."""
+    data = make_category(tmp_path, "widget", seed=13)
+    out = tmp_path / "paper.safetensors"
+    assert main(["train", "--method", "aa-clip", "--preset", "paper", "--data", str(data), "--arch", TINY_ARCH,
+                 "--out", str(out), "--option", "prompt_sample=8"]) == 0
+    assert "preset paper (bundled:aa-clip/paper.json)" in capsys.readouterr().out
+    header = read_header(out)
+    training = header["training"]
+    assert header["preset"]["name"] == "paper" and header["preset"]["file"] == "bundled:aa-clip/paper.json"
+    assert header["backbone"]["vv_attention"] is True and header["backbone"]["arch"] == TINY_ARCH
+    assert header["options"] == {"text_layers": 3, "adapt_weight": 0.1, "orthogonal_weight": 0.1, "prompt_sample": 8,
+                                 "sigma": 14, "memory_bank": False}
+    assert training["betas"] == [0.5, 0.999] and training["shots"] == 2 and training["views"] == 1
+    assert training["stages"]["text"] == {"epochs": 5, "batch_size": 16, "lr": 1e-5, "lr_milestones": [],
+                                          "lr_gamma": 1.0}
+    assert training["stages"]["image"] == {"epochs": 20, "batch_size": 2, "lr": 5e-4,
+                                           "lr_milestones": [16000, 32000], "lr_gamma": 0.5}
+    # Without a memory bank the checkpoint scores zero-shot only, and says why when given references.
+    assert main(["eval", "--checkpoint", str(out), "--data", str(data), "--shots", "2"]) == 2
+    assert "without a memory bank" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("madclip", {"views": 11, "betas": [0.5, 0.999], "adapters": {"epochs": 2, "batch_size": 16, "lr": 1e-3}}),
+    ("aprilgan", {"views": 1, "betas": [0.5, 0.999], "projections": {"epochs": 2, "batch_size": 64, "lr": 1e-3}}),
+])
+def test_the_other_paper_presets_run_here(name, expected, tmp_path):
+    data = make_category(tmp_path, "widget", seed=15)
+    out = tmp_path / f"{name}.safetensors"
+    assert main(["train", "--method", name, "--preset", "paper", "--data", str(data), "--arch", TINY_ARCH,
+                 "--shots", "2", "--epochs", "2", "--out", str(out)]) == 0
+    header = read_header(out)
+    training = header["training"]
+    (stage,) = [k for k in expected if k not in ("views", "betas")]
+    assert header["preset"]["name"] == "paper" and training["views"] == expected["views"]
+    assert training["betas"] == expected["betas"]
+    assert {k: training["stages"][stage][k] for k in ("epochs", "batch_size", "lr")} == expected[stage]
+
+
+def test_train_with_a_preset_file_that_names_its_method(tmp_path, capsys):
+    data = make_category(tmp_path, "widget", seed=14)
+    preset = json.loads((PRESET_DIR / "madclip" / "cpu.json").read_text())
+    preset["name"], preset["training"]["stages"]["adapters"]["epochs"] = "short", 1
+    file = tmp_path / "short.json"
+    file.write_text(json.dumps(preset))
+    out = tmp_path / "m.safetensors"
+    assert main(["train", "--preset", str(file), "--data", str(data), "--arch", TINY_ARCH, "--shots", "2",
+                 "--views", "2", "--out", str(out)]) == 0
+    header = read_header(out)
+    assert header["method"] == "madclip" and header["preset"]["file"] == str(file)
+    assert header["training"]["stages"]["adapters"]["epochs"] == 1 and header["training"]["views"] == 2
+    assert main(["train", "--method", "aa-clip", "--preset", str(file), "--data", str(data), "--arch", TINY_ARCH,
+                 "--out", str(out)]) == 2
+    assert "is for madclip, not --method aa-clip" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "winclip"], "winclip has nothing to train; trainable methods: aa-clip, aprilgan, madclip"),
     (["--shots", "5"], "widget: 5 normal shots asked but train/good has 4 images"),
     (["--out", "{tmp}/x.pt"], "checkpoints are safetensors files"),
     (["--method", "nope"], "unknown method 'nope'"),
+    (["--preset", "gpu"], "aprilgan has no preset 'gpu'; bundled: cpu, paper"),
+    (["--method", "winclip", "--preset", "paper"], "winclip has nothing to train"),
 ])
 def test_train_mistakes_get_one_clear_line(tmp_path, capsys, args, message):
     data = make_category(tmp_path, "widget", seed=12)

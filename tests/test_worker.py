@@ -297,6 +297,8 @@ def test_checkpoint_profile_mistakes_are_named(tiny, madclip_checkpoint, tmp_pat
     with pytest.raises(ValueError, match="checkpoint not found"):
         StreamProfile(checkpoint=str(tmp_path / "missing.safetensors"))
     assert StreamProfile(checkpoint=str(madclip_checkpoint)).method == "madclip"
+    with pytest.raises(ValueError, match="has no memory bank .* takes no references"):
+        ProfileTable(StreamProfile(method="madclip", options={"memory_bank": False}, references=str(tmp_path)))
 
 
 def _scores(bus) -> list[ScoreMsg]:

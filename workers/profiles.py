@@ -43,14 +43,20 @@ class StreamProfile(BaseModel):
         from ..scoring.methods import check_options
 
         check_options(self.method, dict(self.options))
+        options = dict(self.options)
         if self.checkpoint is not None:
             header = read_header(self.checkpoint)
+            options = header["options"]
             if header["method"] != self.method:
                 raise ValueError(f"checkpoint {self.checkpoint} holds a {header['method']} model but the profile "
                                  f"says method {self.method}; leave --method out to use the checkpoint's")
             if self.options:
                 raise ValueError(f"checkpoint {self.checkpoint}: method options are fixed at training; drop {dict(self.options)}")
         if self.references is not None:
+            if options.get("memory_bank") is False:
+                raise ValueError(f"references {self.references}: {self.checkpoint or self.method} has no memory bank "
+                                 "(memory_bank=false, as its paper), so it takes no references; drop them "
+                                 "(and give --calibration normal frames for --threshold auto)")
             reference_paths(self.references, self.shots)
         if self.calibration is not None:
             reference_paths(self.calibration, None)

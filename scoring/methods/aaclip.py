@@ -1,29 +1,59 @@
 """AA-CLIP (Ma et al., "AA-CLIP: Enhancing Zero-shot Anomaly Detection via Anomaly-Aware
 CLIP", CVPR 2025).
 
+The paper text we have (../shared/papers/aa-clip.md) is a summary; the form below follows
+the authors' code, github Mwxinnn/AA-CLIP. Only its ``test.py`` is in our code index; the rest
+was read in a copy of the repository, zhuguli-diu/AA-CLIP (``train.py``, ``model/adapter.py``,
+``model/adapter_modules.py``, ``forward_utils.py``, ``dataset/__init__.py``,
+``model/transformer.py``).
+
 Stage 1 makes the text anchors anomaly-aware: residual adapters after the first three
-blocks of the frozen text encoder (``x <- 0.9 x + 0.1 A(x)``, the adapter output rescaled
-to the token's norm) and a trained text projection. They are trained against the frozen
-visual features (each level's projected patch embedding plus the image embedding) with
-focal + dice on the patch-text similarity maps, plus the disentangle loss
-``0.1 * <T_N, T_A>^2`` that pushes the normal and abnormal anchors apart.
+blocks of the frozen text encoder (``x <- 0.9 x + 0.1 A(x)``, ``A`` = bias-free linear +
+LeakyReLU, its output rescaled to the token's norm; ``SimpleAdapter``) and a trained text
+projection that replaces CLIP's (bias-free linear + LeakyReLU: ``SimpleProj(relu=True)``).
+They are trained against frozen visual features: per tapped level the V-V ("surgery") patch
+embeddings, L2-normalised, plus the L2-normalised class embedding (not normalised again:
+``train_text_adapter``); focal + dice on the patch-text maps (CLIP temperature 100) plus the
+disentangle loss ``0.1 * <T_N, T_A>^2``. The V-V path is the backbone's
+(``--vv-attention``, on in both presets).
 
 Stage 2 freezes those anchors and aligns patch features to them: residual adapters on the
-multi-level patch tokens (same form, weight 0.1), then a trained projection per level into
-the text space (focal + dice per level) and a detection projection of the last level,
-mean-pooled, for the image score (cross-entropy against the labels). The backbone stays
-frozen throughout. Learning rates are the authors': 1e-5 for stage 1, 5e-4 for stage 2.
+multi-level patch tokens (same form, weight 0.1), then a bias-free linear projection per
+level into the text space (focal + dice per level, temperature 100) and a detection
+projection of the last level, mean-pooled: its cross-entropy against the labels takes the
+raw cosines as logits, as ``train_image_adapter`` does. The backbone stays frozen. Rates are
+the authors' (1e-5 for stage 1, 5e-4 for stage 2); the ``paper`` preset adds their schedule
+(5 + 20 epochs, batch 16 / 2, Adam betas (0.5, 0.999), the rate halved after 16k and 32k
+image steps), ViT-L-14-336 at 518 px and layers 6, 12, 18, 24.
 
-Scores: anomaly map = mean over levels of the softmax probability of "abnormal" per patch;
-image score = mean of the detection token's probability and the map's maximum.
+Scores: anomaly map = mean over levels of the softmax probability of "abnormal" per patch
+(smoothed, ``sigma``); image score = 0.5 * (cos(det, T_A) + 1) / 2 + 0.5 * max of the map:
+the detection token ranks by its cosine to the abnormal anchor alone (``test.py``).
 
-Deviations: the paper's image adapters sit inside the first six ViT blocks and change the
-residual stream the later blocks see; here they act on each tapped level's tokens, so the
-frozen ViT runs once per image and its features are shared and cacheable (what makes
-few-shot training on a CPU practical). Each training step encodes a random subset of the
-prompt ensemble (up to ``prompt_sample`` sentences per state), the anchors at inference
-use all of it. Similarities are scaled by CLIP's temperature 100 everywhere. A normal
-reference memory (APRIL-GAN's) is added when references are given; the paper uses none.
+Deviations (each with its reason):
+- The authors' image adapters sit inside the first six ViT blocks and change the residual
+  stream the later blocks see; here they act on each tapped level's tokens, so the frozen ViT
+  runs once per image and its features are cached (what makes training on a CPU practical).
+- Their V-V path replaces the attention of the last 19 blocks of a second ViT (MLPs kept);
+  linewatch's is CLIP Surgery's dual path (V-V attention summed from the first tapped block,
+  no MLP), computed alongside the plain one in the same pass.
+- Their test map is linear in ``cos_A - cos_N`` (blurred at sigma 1 patch on the grid), and
+  map and detection score are min-max normalised over the whole test set before they are
+  mixed. A live frame cannot wait for the test set: here every score is in [0, 1] by itself
+  (probability map, ``(cos + 1) / 2``), and ``sigma`` (pixels) is 14 in the paper preset,
+  one ViT-L/14 patch.
+- Their stage-1 loop reassigns the loss at each level, so only the last tapped level trains
+  the text side; here every level's loss is summed.
+- They augment online (a new random view of each image every epoch); linewatch caches the
+  features of ``views`` fixed views, so the paper preset trains on the images as they are
+  (1 view) and keeps the authors' epoch and step counts.
+- Each training step of the cpu preset encodes a random subset of the prompt ensemble (up to
+  ``prompt_sample`` sentences per state; null: all of it, as the authors and the paper
+  preset); the anchors at inference use all of it.
+- Protocol: the authors train on an auxiliary dataset (VisA) and test zero-shot on others;
+  ``linewatch train --eval OTHER`` does that. Same-dataset k + k sampling is linewatch's.
+- ``memory_bank`` (true in the cpu preset) adds APRIL-GAN's normal reference memory when
+  references are given; the paper uses none (the paper preset sets it false).
 """
 
 from __future__ import annotations
@@ -49,7 +79,7 @@ from .base import (
 
 
 class ResidualAdapter(nn.Module):
-    """AA-CLIP's residual adapter: ``(1 - w) x + w * A(x) * |x| / |A(x)|``."""
+    """AA-CLIP's residual adapter: ``(1 - w) x + w * A(x) * |x| / |A(x)|``, A = LeakyReLU(W x)."""
 
     def __init__(self, width: int, weight: float = 0.1):
         super().__init__()
@@ -58,16 +88,21 @@ class ResidualAdapter(nn.Module):
         self.weight = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.linear(x))
+        out = F.leaky_relu(self.linear(x))
         out = out * x.norm(dim=-1, keepdim=True) / out.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         return (1 - self.weight) * x + self.weight * out
 
 
-def xavier_linear(fan_in: int, fan_out: int) -> nn.Linear:
-    linear = nn.Linear(fan_in, fan_out)
+def xavier_linear(fan_in: int, fan_out: int, leaky_relu: bool = False) -> nn.Module:
+    """The authors' ``SimpleProj``: bias-free linear (xavier init), LeakyReLU after it when asked."""
+    linear = nn.Linear(fan_in, fan_out, bias=False)
     nn.init.xavier_uniform_(linear.weight)
-    nn.init.zeros_(linear.bias)
-    return linear
+    return nn.Sequential(linear, nn.LeakyReLU()) if leaky_relu else linear
+
+
+def abnormal_cosine_score(det: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """AA-CLIP's detection score ``(cos(det, T_A) + 1) / 2`` in [0, 1]; det [B, D], anchors [2, D]."""
+    return (F.normalize(det, dim=-1) @ anchors[1] + 1) / 2
 
 
 @register_method
@@ -75,22 +110,28 @@ class AACLIP(AnomalyMethod):
     """Anomaly-aware text anchors (stage 1), patch features aligned to them (stage 2)."""
 
     name = "aa-clip"
+    version = 2
+    version_note = ("v2 follows the authors' code: image score by the abnormal cosine alone, LeakyReLU text "
+                    "projection and adapters, bias-free projections, raw-cosine detection loss")
     stages = ("text", "image")
     stage_lr = {"text": 1e-5, "image": 5e-4}  # the authors' rates (their code's defaults)
 
     def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0,
                  text_layers: int = 3, adapt_weight: float = 0.1, orthogonal_weight: float = 0.1,
-                 prompt_sample: int = 16):
-        super().__init__(backbone, prompts, text_weight)
+                 prompt_sample: int | None = 16, memory_bank: bool = True):
+        super().__init__(backbone, prompts, text_weight, memory_bank)
         if not isinstance(text_layers, int) or text_layers < 1:
             raise ValueError(f"text_layers must be a whole number >= 1, got {text_layers!r}")
+        if prompt_sample is not None and (not isinstance(prompt_sample, int) or prompt_sample < 1):
+            raise ValueError(f"prompt_sample must be a whole number >= 1 or null (every sentence), "
+                             f"got {prompt_sample!r}")
         text_layers = min(text_layers, len(backbone.clip.transformer.resblocks))  # shallow test towers
         self.sigma, self.orthogonal_weight, self.prompt_sample = sigma, orthogonal_weight, prompt_sample
         text_width, width, dim = backbone.clip.transformer.width, backbone.width, backbone.embed_dim
         with seeded_init():
             self.text = nn.ModuleDict({
                 "adapters": nn.ModuleList(ResidualAdapter(text_width, adapt_weight) for _ in range(text_layers)),
-                "projection": xavier_linear(text_width, dim),
+                "projection": xavier_linear(text_width, dim, leaky_relu=True),
             })
             self.image = nn.ModuleDict({
                 "adapters": nn.ModuleList(ResidualAdapter(width, adapt_weight) for _ in backbone.layers),
@@ -119,7 +160,7 @@ class AACLIP(AnomalyMethod):
         """[2, D] (normal, abnormal), each the normalised mean of its sentences' embeddings."""
         anchors = []
         for sentences in self.prompt_pack.prompts(class_name):
-            if sample is not None and len(sentences) > self.prompt_sample:
+            if sample is not None and self.prompt_sample and len(sentences) > self.prompt_sample:
                 sentences = sample.sample(sentences, self.prompt_sample)
             if sample is None:  # all sentences, in chunks, without a graph
                 with torch.no_grad():
@@ -138,22 +179,22 @@ class AACLIP(AnomalyMethod):
         ln_post = self.backbone.clip.visual.ln_post
         return [ln_post(adapter(tokens)) for adapter, tokens in zip(self.image["adapters"], features.patch_tokens)]
 
-    def image_logits(self, features, anchors: torch.Tensor):
-        """Per-level patch logits [B, N, 2] and detection logits [B, 2]; ``anchors`` [2, D] or [B, 2, D]."""
+    def image_outputs(self, features, anchors: torch.Tensor):
+        """Per-level patch logits [B, N, 2] (temperature 100) and the detection embedding [B, D]
+        (normalised, mean-pooled over the last level's patches); ``anchors`` [2, D] or [B, 2, D]."""
         anchors_t = anchors.transpose(-1, -2)
         levels = self.adapted_levels(features)
         patch = [CLIP_TEMPERATURE * F.normalize(proj(t), dim=-1) @ anchors_t
                  for proj, t in zip(self.image["seg_projections"], levels)]
-        det = F.normalize(self.image["det_projection"](levels[-1]), dim=-1).mean(1)  # [B, D]
-        det_logits = CLIP_TEMPERATURE * (det.unsqueeze(1) @ anchors_t).squeeze(1) if anchors.ndim == 3 \
-            else CLIP_TEMPERATURE * det @ anchors_t
-        return patch, det_logits
+        det = F.normalize(self.image["det_projection"](levels[-1]), dim=-1).mean(1)
+        return patch, det
 
     def score_features(self, features, size) -> AnomalyScores:
-        patch, det = self.image_logits(features, self.anchors.stacked())
+        anchors = self.anchors.stacked()
+        patch, det = self.image_outputs(features, anchors)
         grid = features.grid
         anomaly_map = upsample(torch.stack([p.softmax(-1)[..., 1].view(-1, *grid) for p in patch]).mean(0), size)
-        image_score = 0.5 * det.softmax(-1)[:, 1] + 0.5 * anomaly_map.flatten(1).amax(1)
+        image_score = 0.5 * abnormal_cosine_score(det, anchors) + 0.5 * anomaly_map.flatten(1).amax(1)
         if self.memory is not None:
             anomaly_map, image_score = self.blend(anomaly_map, image_score, self.memory_map(features, size))
         return AnomalyScores(image_score, gaussian_blur(anomaly_map, self.sigma))
@@ -175,16 +216,16 @@ class AACLIP(AnomalyMethod):
             anchors = torch.stack([per_class[c] for c in batch.class_names])  # [B, 2, D]
             image = F.normalize(batch.features.image_embed, dim=-1)[:, None]
             seg = 0.0
-            for embeds in batch.features.patch_embeds:
-                f = F.normalize(F.normalize(embeds, dim=-1) + image, dim=-1)
+            for embeds in batch.features.patch_embeds:  # the V-V path's when the backbone has one
+                f = F.normalize(embeds, dim=-1) + image  # not normalised again, as the authors
                 probability = (CLIP_TEMPERATURE * f @ anchors.transpose(1, 2)).softmax(-1)[..., 1]
                 seg = seg + segmentation_loss(upsample(probability.view(-1, *grid), size), masks)
             orthogonal = torch.stack([(a[0] * a[1]).sum() for a in per_class.values()]).mean() ** 2
             return {"loss": seg + self.orthogonal_weight * orthogonal, "seg": seg, "orthogonal": orthogonal}
         anchors = torch.stack([self._stage_anchors[c] for c in batch.class_names])
-        patch, det = self.image_logits(batch.features, anchors)
+        patch, det = self.image_outputs(batch.features, anchors)
         seg = sum(segmentation_loss(upsample(p.softmax(-1)[..., 1].view(-1, *grid), size), masks) for p in patch)
-        cls = F.cross_entropy(det, batch.labels)
+        cls = F.cross_entropy((det.unsqueeze(1) @ anchors.transpose(1, 2)).squeeze(1), batch.labels)  # raw cosines
         return {"loss": seg + cls, "seg": seg, "cls": cls}
 
     def end_training(self):

@@ -48,8 +48,8 @@ class AprilGAN(AnomalyMethod):
     stages = ("projections",)
     stage_lr = {"projections": 1e-3}  # the authors' Adam rate
 
-    def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0):
-        super().__init__(backbone, prompts, text_weight)
+    def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0, memory_bank: bool = True):
+        super().__init__(backbone, prompts, text_weight, memory_bank)
         if not isinstance(sigma, (int, float)) or sigma < 0:
             raise ValueError(f"sigma must be a number >= 0, got {sigma!r}")
         self.sigma = sigma

@@ -38,13 +38,21 @@ class AnomalyScores:
 
 class AnomalyMethod(nn.Module):
     name: ClassVar[str] = ""
+    # The form of the trained parts and their scoring; a checkpoint of another version is
+    # refused (``version_note`` says what changed), never scored with a form it was not trained for.
+    version: ClassVar[int] = 1
+    version_note: ClassVar[str] = ""
     checkpoint: dict | None = None  # the header of the checkpoint this method was loaded from
 
-    def __init__(self, backbone: Backbone, prompts: PromptPack | None = None, text_weight: float = 0.5):
+    def __init__(self, backbone: Backbone, prompts: PromptPack | None = None, text_weight: float = 0.5,
+                 memory_bank: bool = True):
         super().__init__()
         if not isinstance(text_weight, (int, float)) or not 0.0 <= text_weight <= 1.0:
             raise ValueError(f"text_weight must be within [0, 1], got {text_weight!r}")
+        if not isinstance(memory_bank, bool):
+            raise ValueError(f"memory_bank must be true or false, got {memory_bank!r}")
         self.text_weight = text_weight
+        self.memory_bank = memory_bank  # False: references are refused (MadCLIP and AA-CLIP use no memory bank)
         self.backbone = backbone
         self.prompt_pack = prompts or PromptPack.load()
         self.class_name: str | None = None
@@ -75,6 +83,10 @@ class AnomalyMethod(nn.Module):
         expected = self.anchor_key(class_name)
         if anchors is not None and anchors.key != expected:
             raise ValueError(f"anchors {anchors.key} were built for another model or prompt set (expected {expected})")
+        if reference_images is not None and not self.memory_bank:
+            raise ValueError(f"{self.name} was set up without a memory bank (memory_bank=false, as its paper), "
+                             "so it takes no reference images: score zero-shot (eval --shots 0, no --references), "
+                             "or train with --option memory_bank=true")
         anchors = (anchors or self.build_anchors(class_name)).to(self.backbone.device)
         self.fit_references(None if reference_images is None else self._checked(reference_images))
         self.anchors, self.class_name = anchors, class_name

@@ -1,27 +1,56 @@
-"""MadCLIP (Shiri et al., "MadCLIP: Few-shot Medical Anomaly Detection with CLIP", 2025).
+"""MadCLIP (Shiri et al., "MadCLIP: Few-shot Medical Anomaly Detection with CLIP", MICCAI 2025).
 
-Dual branch: at each tapped level i, a normal adapter A_n^i and an abnormal adapter
-A_ab^i, each a shared layer ``ReLU(W_shared x)`` followed by two heads, detection
-``ReLU(W_det .)`` and segmentation ``ReLU(W_seg .)``, mapping patch features into the text
-space. Learnable prompts ``[V1..VM][normal state][object]`` and ``[W1..WM][abnormal
-state][object]`` are ensembled over the prompt pack's state synonyms ("flawless {}",
-"{} with flaw", ...) and the class's names into t_n and t_ab (frozen CLIP text encoder).
+Where the paper is silent the form follows the authors' code, github mahshid1998/MadCLIP
+(``train.py``, ``loss.py``, ``Prompt/CoOp.py``, ``Prompt/promptChooser.py``); its adapters,
+``CLIP/adapter_shared.py``, are not in our code index and were read in a copy of the
+repository, shoiabshafi/MyMedCLIP.
 
-Per level and head, ``S_n = O_n.t_n - O_n.t_ab`` (normal branch) and
-``S_ab = O_ab.t_ab - O_ab.t_n`` (abnormal branch), cosine similarities. Map
-``M^i = softmax([S_n, S_ab])[ab]`` from the segmentation heads, upsampled; score
-``c^i = mean over patches of softmax([S_n, S_ab])[ab]`` from the detection heads; both
-averaged over levels. Loss per level: dice + focal on M^i, and the SigLIP loss on c^i
-(each image's score for both prompts; every image-prompt pair is a sigmoid problem with
-learnable temperature and bias), summed over levels, Adam at 1e-3 as the paper.
+Dual branch: at each tapped level i, a normal adapter A_n^i and an abnormal adapter A_ab^i,
+each a shared layer ``ReLU(W_shared x)`` followed by two heads, detection ``ReLU(W_det .)`` and
+segmentation ``ReLU(W_seg .)`` (bias-free, as the paper's formulas), mapping the level's
+patch features into the text space. The adapters read the tapped tokens and leave the ViT's
+residual stream alone, as the authors' code does, so the frozen ViT runs once per image.
 
-Deviations: MadCLIP's adapters sit inside the ViT (MVFA-style, their output fed back into
-the residual stream); here they act on each tapped level's tokens after ``ln_post``, so
-the frozen ViT runs once per image and its features are shared and cacheable. Logits use
-CLIP's temperature 100 (as MVFA, which MadCLIP builds on). SigLIP starts at temperature 10
-and bias -5, not SigLIP's -10: c^i lies in [0, 1] and each image has one positive and one
-negative prompt, so 0.5 is the balanced decision point. A normal
-reference memory (APRIL-GAN's) is added when references are given; the paper uses none.
+Prompts (CoOp with class-specific context, ``CSC=True``): every state phrase of the pack with
+the object's name ("flawless {}", "{} with flaw", ...; no templates) is one prompt per
+placement of the learnable words: ``[V1..VM] phrase.``, ``phrase [V1..VM].`` and
+``[V1..VM/2] phrase [VM/2+1..VM].`` (CoOp's "end", "front", "middle"), each synonym and
+placement with its own M context vectors. t_n and t_ab are the normalised means of their
+prompts' embeddings (``PromptMaker.forward``).
+
+Per level and head, ``S_n = O_n.t_n - O_n.t_ab`` and ``S_ab = O_ab.t_ab - O_ab.t_n``
+(cosines, no temperature: ``dual_contrast``). Map ``M^i = SoftMax(Interpolate(S^i))[ab]`` from
+the segmentation heads; image score ``c^i = mean over patches of SoftMax(S^i)[ab]`` from the
+detection heads; both averaged over levels. Loss per level: dice + focal on M^i, plus the
+SigLIP term on the detection scores as ``loss.py``'s ``LossSigmoid``: a log-sigmoid per patch
+on [S_n, S_ab] signed by the image's label, averaged over patches, with no learnable
+temperature or bias; summed over levels. Adam at 1e-3 as the paper; the ``paper`` preset adds
+betas (0.5, 0.999), 60 epochs, batch 16, 16 shots, 11 views and ViT-L-14-336 at 238 px.
+
+Deviations (each with its reason):
+- Adapter input: the tapped tokens after CLIP's ``ln_post``. The authors' code feeds the raw
+  residual stream to a LeakyReLU layer followed by a per-token normalisation (InstanceNorm)
+  and LeakyReLU heads; the paper writes ReLU, which we follow, and ``ln_post`` plays the
+  normalisation's part.
+- Synonyms: the pack's shared state phrases each own their context; a class's extra phrases
+  (``classes.<name>.normal/abnormal`` in the pack) share one more context per state, since
+  they differ per class and a checkpoint must carry the same tensors for every class. Every
+  name of the class (the pack's ``names``) gets the same prompts.
+- Image score: the paper's c^i (detection heads). The authors' evaluation ranks images by the
+  maximum of the segmentation map where masks exist.
+- Image size: the paper's 240 px is not a multiple of ViT-L/14's patch (their stride-14
+  convolution drops the last 2 pixel rows and columns); the paper preset uses 238 px, the
+  same 17 x 17 grid.
+- Views: linewatch's augmentation (random flips, quarter turns, brightness/contrast) in as
+  many views as MVFA's fixed set that the paper follows (the image, 4 small rotations, 4
+  translations, 2 flips: MediaBrain-SJTU/MVFA-AD ``utils.py augment``).
+- Protocol: linewatch's same-dataset k + k sampling matches the paper's few-shot setting
+  (k normal + k abnormal training images, tested on the rest); ``--eval OTHER`` is its
+  cross-dataset evaluation.
+- ``memory_bank`` (true in the cpu preset) adds APRIL-GAN's normal reference memory when
+  references are given; the paper counts "no memory bank" as a contribution (the paper
+  preset sets it false). ``sigma`` smooths the map (4 px in the cpu preset); the authors'
+  code does not (0 in the paper preset).
 """
 
 from __future__ import annotations
@@ -34,28 +63,43 @@ from ..losses import dice_loss, focal_loss, siglip_loss
 from ..prompts import TextAnchors
 from ..training import state_digest
 from .base import (
-    CLIP_TEMPERATURE,
     AnomalyMethod,
     AnomalyScores,
     gaussian_blur,
     register_method,
     seeded_init,
-    upsample,
 )
 
 PLACEHOLDER = "X"
+PLACEMENTS = ("end", "front", "middle")  # CoOp's names: the phrase after, before, inside the context
 
 
 class BranchAdapter(nn.Module):
-    """Shared layer then detection and segmentation heads, all ReLU(linear)."""
+    """Shared layer then detection and segmentation heads, all ReLU(W x), bias-free."""
 
     def __init__(self, width: int, dim: int):
         super().__init__()
-        self.shared, self.det, self.seg = nn.Linear(width, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.shared = nn.Linear(width, dim, bias=False)
+        self.det, self.seg = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shared = F.relu(self.shared(x))
         return F.normalize(F.relu(self.det(shared)), dim=-1), F.normalize(F.relu(self.seg(shared)), dim=-1)
+
+
+def dual_scores(o_n: torch.Tensor, o_ab: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """[S_n, S_ab] [..., N, 2] from the branches' normalised features [..., N, D] and the
+    anchors (t_n, t_ab) [2, D] or [B, 2, D]: S_n = O_n.t_n - O_n.t_ab, S_ab = O_ab.t_ab - O_ab.t_n."""
+    t = anchors.transpose(-1, -2)  # [..., D, 2]
+    s_n = (o_n @ t) @ torch.tensor([1.0, -1.0], device=t.device)
+    s_ab = (o_ab @ t) @ torch.tensor([-1.0, 1.0], device=t.device)
+    return torch.stack([s_n, s_ab], dim=-1)
+
+
+def abnormal_map(scores: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """M = SoftMax(Interpolate(S))[ab]: per-patch [S_n, S_ab] [B, N, 2] -> [B, H, W]."""
+    logits = scores.transpose(1, 2).unflatten(-1, grid)  # [B, 2, h, w]
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False).softmax(1)[:, 1]
 
 
 @register_method
@@ -63,51 +107,64 @@ class MadCLIP(AnomalyMethod):
     """Dual normal/abnormal adapters with detection and segmentation heads, learnable prompts, SigLIP."""
 
     name = "madclip"
+    version = 2
+    version_note = ("v2 follows the authors' code: per-patch SigLIP without temperature or bias, raw-cosine "
+                    "scores, a context per synonym and placement, bias-free adapters")
     stages = ("adapters",)
     stage_lr = {"adapters": 1e-3}  # the paper's Adam rate
 
-    def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0, context_words: int = 8):
-        super().__init__(backbone, prompts, text_weight)
-        if not isinstance(context_words, int) or not 1 <= context_words <= 32:
-            raise ValueError(f"context_words must be within 1..32, got {context_words!r}")
+    def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0, context_words: int = 8,
+                 memory_bank: bool = True):
+        super().__init__(backbone, prompts, text_weight, memory_bank)
+        if not isinstance(context_words, int) or not 2 <= context_words <= 32:
+            raise ValueError(f"context_words must be within 2..32, got {context_words!r}")
+        if not isinstance(sigma, (int, float)) or sigma < 0:
+            raise ValueError(f"sigma must be a number >= 0, got {sigma!r}")
         self.sigma, self.context_words = sigma, context_words
         text_width, width, dim = backbone.clip.transformer.width, backbone.width, backbone.embed_dim
-        with seeded_init():
-            self.text = nn.ParameterDict({state: nn.Parameter(0.02 * torch.randn(context_words, text_width))
-                                          for state in ("normal", "abnormal")})
+        states = self.prompt_pack.states
+        with seeded_init():  # one context per shared synonym, one for a class's own phrases; per placement
+            self.text = nn.ParameterDict({
+                state: nn.Parameter(0.02 * torch.randn(len(phrases) + 1, len(PLACEMENTS), context_words, text_width))
+                for state, phrases in (("normal", states.normal), ("abnormal", states.abnormal))})
             self.adapters = nn.ModuleDict({branch: nn.ModuleList(BranchAdapter(width, dim) for _ in backbone.layers)
                                            for branch in ("normal", "abnormal")})
-        self.siglip = nn.ParameterDict({"log_scale": nn.Parameter(torch.tensor(10.0).log()),
-                                        "bias": nn.Parameter(torch.tensor(-5.0))})
         self.to(backbone.device).requires_grad_(False)
 
     # ---- text side --------------------------------------------------------------------
     def text_identity(self) -> str:
         return "madclip-prompts:" + state_digest({k: v for k, v in self.text.items()})
 
-    def sentences(self, class_name: str) -> tuple[list[str], list[str]]:
-        """``[V1..VM] <state phrase with the object>.`` for every state synonym and class name."""
+    def phrases(self, class_name: str, state: str) -> tuple[list[str], list[int]]:
+        """The state's phrases with the object's names filled in, and each one's context row."""
         entry = self.prompt_pack.classes.get(class_name)
         names = (entry.names if entry and entry.names else None) or [class_name.replace("_", " ")]
-        states = self.prompt_pack.states
-        extra_n, extra_a = (entry.normal, entry.abnormal) if entry else ([], [])
-        context = " ".join([PLACEHOLDER] * self.context_words)
-        make = lambda phrases: [f"{context} {p.format(n)}." for n in names for p in phrases]  # noqa: E731
-        return make(states.normal + extra_n), make(states.abnormal + extra_a)
+        shared = getattr(self.prompt_pack.states, state)
+        extra = getattr(entry, state) if entry else []
+        rows = list(range(len(shared))) + [len(shared)] * len(extra)
+        pairs = [(p.format(n), row) for n in names for p, row in zip(shared + extra, rows)]
+        return [p for p, _ in pairs], [row for _, row in pairs]
 
-    def encode_prompts(self, sentences: list[str], state: str) -> torch.Tensor:
-        """Normalised embeddings [N, D] with the learnable words in place of the placeholders."""
-        tokens = self.backbone.tokenize(sentences)
-        embeddings = self.backbone.clip.token_embedding(tokens)
-        context = self.text[state].unsqueeze(0).expand(len(sentences), -1, -1)
-        m = self.context_words  # right after the start token, as CoOp
-        embeddings = torch.cat([embeddings[:, :1], context.to(embeddings.dtype), embeddings[:, 1 + m:]], dim=1)
-        return F.normalize(self.backbone.encode_tokens(tokens, embeddings=embeddings), dim=-1)
+    def encode_state(self, class_name: str, state: str) -> torch.Tensor:
+        """t_n or t_ab [D] (normalised; differentiable in the context vectors)."""
+        phrases, rows = self.phrases(class_name, state)
+        m = self.context_words
+        tokens = self.backbone.tokenize([f"{' '.join([PLACEHOLDER] * m)} {p}." for p in phrases])  # [S, L]
+        lengths = (self.backbone.tokenize(phrases).argmax(-1) - 1).tolist()  # each phrase's own tokens
+        base = self.backbone.clip.token_embedding(tokens)  # [S, L, W]
+        context = self.text[state][torch.tensor(rows, device=tokens.device)]  # [S, placements, M, W]
+        embeddings = []
+        for k, placement in enumerate(PLACEMENTS):
+            rows_ = torch.cat([base[:, :1], context[:, k].to(base.dtype), base[:, 1 + m:]], dim=1)  # "end" layout
+            order = torch.stack([placement_order(placement, m, n, tokens.shape[1]) for n in lengths]).to(tokens.device)
+            embeddings.append(rows_.gather(1, order[..., None].expand(-1, -1, rows_.shape[-1])))
+        # Every placement keeps the end token where it was, so the same token ids find it.
+        out = self.backbone.encode_tokens(tokens.repeat(len(PLACEMENTS), 1), embeddings=torch.cat(embeddings))
+        return F.normalize(out.mean(0), dim=-1)
 
     def class_anchors(self, class_name: str) -> torch.Tensor:
-        """[2, D]: t_n, t_ab, each the normalised mean over its synonym prompts."""
-        return torch.stack([F.normalize(self.encode_prompts(sentences, state).mean(0), dim=-1)
-                            for sentences, state in zip(self.sentences(class_name), ("normal", "abnormal"))])
+        """[2, D]: t_n, t_ab."""
+        return torch.stack([self.encode_state(class_name, state) for state in ("normal", "abnormal")])
 
     def build_anchors(self, class_name: str) -> TextAnchors:
         with torch.no_grad():
@@ -116,45 +173,48 @@ class MadCLIP(AnomalyMethod):
 
     # ---- image side -------------------------------------------------------------------
     def branch_scores(self, features, anchors: torch.Tensor):
-        """Per level (det, seg), each [B, N, 2] = CLIP temperature x [S_n, S_ab]; anchors [2, D] or [B, 2, D]."""
-        t = anchors.transpose(-1, -2)  # [..., D, 2]
+        """Per level (det, seg), each [B, N, 2] = [S_n, S_ab]; anchors [2, D] or [B, 2, D]."""
         ln_post = self.backbone.clip.visual.ln_post
         levels = []
         for normal, abnormal, tokens in zip(self.adapters["normal"], self.adapters["abnormal"], features.patch_tokens):
             x = ln_post(tokens)
             (det_n, seg_n), (det_a, seg_a) = normal(x), abnormal(x)
-
-            def pair(o_n, o_a):
-                s_n = (o_n @ t) @ torch.tensor([1.0, -1.0], device=x.device)  # O_n.t_n - O_n.t_ab
-                s_a = (o_a @ t) @ torch.tensor([-1.0, 1.0], device=x.device)  # O_ab.t_ab - O_ab.t_n
-                return torch.stack([s_n, s_a], dim=-1)
-
-            levels.append((pair(det_n, det_a), pair(seg_n, seg_a)))
+            levels.append((dual_scores(det_n, det_a, anchors), dual_scores(seg_n, seg_a, anchors)))
         return levels
 
     def score_features(self, features, size) -> AnomalyScores:
-        grid = features.grid
         levels = self.branch_scores(features, self.anchors.stacked())
-        maps = [(CLIP_TEMPERATURE * seg).softmax(-1)[..., 1].view(-1, *grid) for _, seg in levels]
-        anomaly_map = upsample(torch.stack(maps).mean(0), size)
-        image_score = torch.stack([(CLIP_TEMPERATURE * det).softmax(-1)[..., 1].mean(1) for det, _ in levels]).mean(0)
+        anomaly_map = torch.stack([abnormal_map(seg, features.grid, size) for _, seg in levels]).mean(0)
+        image_score = torch.stack([det.softmax(-1)[..., 1].mean(1) for det, _ in levels]).mean(0)
         if self.memory is not None:
             anomaly_map, image_score = self.blend(anomaly_map, image_score, self.memory_map(features, size))
         return AnomalyScores(image_score, gaussian_blur(anomaly_map, self.sigma))
 
     # ---- training ---------------------------------------------------------------------
     def stage_parameters(self, stage):
-        return [*self.text.values(), *self.adapters.parameters(), *self.siglip.values()]
+        return [*self.text.values(), *self.adapters.parameters()]
 
     def stage_loss(self, stage, batch):
         per_class = {c: self.class_anchors(c) for c in sorted(set(batch.class_names))}
         anchors = torch.stack([per_class[c] for c in batch.class_names])  # [B, 2, D]
-        grid, size, masks = batch.features.grid, batch.size, batch.masks
         dice = focal = siglip = 0.0
         for det, seg in self.branch_scores(batch.features, anchors):
-            probability = upsample((CLIP_TEMPERATURE * seg).softmax(-1)[..., 1].view(-1, *grid), size)
-            dice = dice + dice_loss(probability, masks)
-            focal = focal + focal_loss(probability, masks)
-            c_hat = (CLIP_TEMPERATURE * det).softmax(-1).mean(1)  # [B, 2]: the image's (normal, abnormal) score
-            siglip = siglip + siglip_loss(c_hat, batch.labels, self.siglip["log_scale"], self.siglip["bias"])
+            probability = abnormal_map(seg, batch.features.grid, batch.size)
+            dice = dice + dice_loss(probability, batch.masks)
+            focal = focal + focal_loss(probability, batch.masks)
+            siglip = siglip + siglip_loss(det, batch.labels)
         return {"loss": dice + focal + siglip, "dice": dice, "focal": focal, "siglip": siglip}
+
+
+def placement_order(placement: str, m: int, n: int, length: int) -> torch.Tensor:
+    """Positions of a prompt laid out as ``[start][context x m][phrase x n][rest]`` in the order
+    of ``placement``: the context after, before or around (m/2 each side) the phrase."""
+    start, context, phrase = [0], list(range(1, 1 + m)), list(range(1 + m, 1 + m + n))
+    rest = list(range(1 + m + n, length))
+    if placement == "end":
+        order = start + context + phrase + rest
+    elif placement == "front":
+        order = start + phrase + context + rest
+    else:
+        order = start + context[:m // 2] + phrase + context[m // 2:] + rest
+    return torch.tensor(order)

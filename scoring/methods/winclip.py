@@ -65,8 +65,9 @@ class WinCLIP(AnomalyMethod):
 
     name = "winclip"
 
-    def __init__(self, backbone, prompts=None, text_weight: float = 0.5, window_sizes: tuple[int, ...] = (2, 3)):
-        super().__init__(backbone, prompts, text_weight)
+    def __init__(self, backbone, prompts=None, text_weight: float = 0.5, window_sizes: tuple[int, ...] = (2, 3),
+                 memory_bank: bool = True):
+        super().__init__(backbone, prompts, text_weight, memory_bank)
         if not window_sizes or not all(isinstance(s, int) and s >= 1 for s in window_sizes):
             raise ValueError(f"window_sizes must be a list of positive patch counts, got {window_sizes!r}")
         self.window_sizes = tuple(window_sizes)
