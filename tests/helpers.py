@@ -195,3 +195,31 @@ class Webhook:
         self.server.shutdown()
         self.server.server_close()
 
+
+# ---- a tiny MVTec-layout category ---------------------------------------------------------------
+def _texture(rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """Smooth stripes plus mild noise: a stand-in for a normal surface."""
+    y, x = np.mgrid[0:size, 0:size]
+    phase = rng.uniform(0, 2 * np.pi)
+    base = 110 + 50 * np.sin(x / 3.0 + phase)[..., None] * np.array([1.0, 0.8, 0.6])
+    return np.clip(base + rng.normal(0, 6, (size, size, 3)), 0, 255).astype(np.uint8)
+
+
+def make_category(root: Path, name: str, seed: int, masks: bool = True) -> Path:
+    rng = np.random.default_rng(seed)
+    cat = root / name
+    for folder in ("train/good", "test/good", "test/scratch", "ground_truth/scratch"):
+        (cat / folder).mkdir(parents=True)
+    for i in range(4):
+        cv2.imwrite(str(cat / "train/good" / f"{i:03d}.png"), _texture(rng))
+    for i in range(4):
+        cv2.imwrite(str(cat / "test/good" / f"{i:03d}.png"), _texture(rng))
+    for i in range(4):
+        image, mask = _texture(rng), np.zeros((64, 64), np.uint8)
+        top, left = rng.integers(8, 40, size=2)
+        image[top:top + 16, left:left + 16] = (20, 240, 240)
+        mask[top:top + 16, left:left + 16] = 255
+        cv2.imwrite(str(cat / "test/scratch" / f"{i:03d}.png"), image)
+        if masks:
+            cv2.imwrite(str(cat / "ground_truth/scratch" / f"{i:03d}_mask.png"), mask)
+    return cat

@@ -8,42 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 
 from linewatch.cli import main
 
+from helpers import make_category
+
 SHARED = Path(os.environ.get("LINEWATCH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 TINY = ["--arch", "linewatch-tiny"]
-
-
-def _texture(rng: np.random.Generator, size: int = 64) -> np.ndarray:
-    """Smooth stripes plus mild noise: a stand-in for a normal surface."""
-    y, x = np.mgrid[0:size, 0:size]
-    phase = rng.uniform(0, 2 * np.pi)
-    base = 110 + 50 * np.sin(x / 3.0 + phase)[..., None] * np.array([1.0, 0.8, 0.6])
-    return np.clip(base + rng.normal(0, 6, (size, size, 3)), 0, 255).astype(np.uint8)
-
-
-def make_category(root: Path, name: str, seed: int, masks: bool = True) -> Path:
-    rng = np.random.default_rng(seed)
-    cat = root / name
-    for folder in ("train/good", "test/good", "test/scratch", "ground_truth/scratch"):
-        (cat / folder).mkdir(parents=True)
-    for i in range(4):
-        cv2.imwrite(str(cat / "train/good" / f"{i:03d}.png"), _texture(rng))
-    for i in range(4):
-        cv2.imwrite(str(cat / "test/good" / f"{i:03d}.png"), _texture(rng))
-    for i in range(4):
-        image, mask = _texture(rng), np.zeros((64, 64), np.uint8)
-        top, left = rng.integers(8, 40, size=2)
-        image[top:top + 16, left:left + 16] = (20, 240, 240)
-        mask[top:top + 16, left:left + 16] = 255
-        cv2.imwrite(str(cat / "test/scratch" / f"{i:03d}.png"), image)
-        if masks:
-            cv2.imwrite(str(cat / "ground_truth/scratch" / f"{i:03d}_mask.png"), mask)
-    return cat
 
 
 def test_eval_single_category_writes_table_and_json(tmp_path, capsys):

@@ -146,6 +146,7 @@ def test_help_does_not_import_torch():
 def test_every_subpackage_is_installed_and_copied_into_the_image():
     """A new top-level folder must reach pyproject's package-dir and the Dockerfile's COPY lines."""
     import re
+
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())

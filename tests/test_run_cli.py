@@ -12,7 +12,7 @@ import pytest
 from linewatch.cli import main
 from linewatch.ingest.demo import write_demo_clip
 
-from helpers import error_line, wait_for
+from helpers import error_line, make_category, wait_for
 
 TINY = ["--arch", "linewatch-tiny", "--image-size", "64"]
 
@@ -188,8 +188,7 @@ def test_ctrl_c_ends_a_run_with_its_frames_scored_and_events_closed(tmp_path):
 def test_run_with_a_trained_checkpoint_takes_its_backbone(clip, tmp_path, capsys):
     """`linewatch train` then `linewatch run --checkpoint`: no backbone flags needed; the
     scores name the checkpoint; a clashing backbone flag is one clear error line."""
-    from test_eval_cli import make_category
-
+    
     data = make_category(tmp_path / "data", "widget", seed=1)
     checkpoint = tmp_path / "widget.safetensors"
     assert main(["train", "--method", "aa-clip", "--data", str(data), "--arch", "linewatch-tiny", "--epochs", "1",

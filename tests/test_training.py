@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_eval_cli import make_category
 
 from linewatch.cli import main
 from linewatch.scoring.backbone import TINY_ARCH, Backbone, BackboneConfig
@@ -27,10 +26,10 @@ from linewatch.scoring.losses import (
     siglip_loss,
 )
 from linewatch.scoring.methods import create_method
-from linewatch.scoring.preset import PRESET_DIR
 from linewatch.scoring.methods.aaclip import abnormal_cosine_score
-from linewatch.scoring.methods.madclip import placement_order, abnormal_map, dual_scores
 from linewatch.scoring.methods.base import CLIP_TEMPERATURE, gaussian_blur, upsample
+from linewatch.scoring.methods.madclip import abnormal_map, dual_scores, placement_order
+from linewatch.scoring.preset import PRESET_DIR
 from linewatch.scoring.prompts import PromptPack, TextAnchors
 from linewatch.scoring.training import (
     TrainBatch,
@@ -39,6 +38,8 @@ from linewatch.scoring.training import (
     extract_features,
     fit,
 )
+
+from helpers import make_category
 
 TRAINABLE = ["aprilgan", "aa-clip", "madclip"]
 CLASS = "widget"
