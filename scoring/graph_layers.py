@@ -35,7 +35,7 @@ class SqueezeExcitation(nn.Module):
         return tokens * self.gates(tokens)[:, None]
 
 
-def resolve_neighbours(neighbours: int | float, nodes: int) -> int:
+def resolve_neighbours(neighbours: float, nodes: int) -> int:
     """K for a graph of ``nodes`` nodes: an int is absolute, a float in (0, 1) a share of the
     nodes (rounded, at least 2). Capped at ``nodes - 1`` (small grids)."""
     k = neighbours if isinstance(neighbours, int) else max(2, round(neighbours * nodes))

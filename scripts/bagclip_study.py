@@ -88,7 +88,7 @@ def main() -> None:
                 train_cache[(shots, config.views)] = views, extract_features(backbone, views.images), used
             views, train_features, used = train_cache[(shots, config.views)]
             exclude = {u["path"] for u in used} if args.study == "ablation" else set()
-            scored = lambda method: evaluate(method, test_features, *test[:2], *test[3:], exclude, size)  # noqa: E731
+            scored = lambda method: evaluate(method, test_features, *test[:2], *test[3:], exclude, size)
             untrained = scored(create_method(name, backbone, **preset.options))
             for variant in (args.variants if name == "bag-clip" and args.study == "ablation" else ["full"]):
                 options = {**preset.options, **VARIANTS[variant]}

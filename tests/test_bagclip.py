@@ -265,15 +265,14 @@ def test_checkpoint_round_trip_scores_identically(trained, checkpoint, spots):
     assert torch.equal(ours.image_score, theirs.image_score) and torch.equal(ours.anomaly_map, theirs.anomaly_map)
 
 
-@pytest.mark.parametrize("config, difference", [
-    (BackboneConfig(arch=TINY_ARCH, seed=1), "weights 'random-seed0' (this backbone: 'random-seed1')"),
-    (BackboneConfig(arch=TINY_ARCH, image_size=96), "image size 64 (this backbone: 96)"),
-    (BackboneConfig(arch=TINY_ARCH, layers=(2, 4)), "tapped layers [1, 2, 3, 4] (this backbone: [2, 4])"),
-], ids=["weights", "image-size", "layers"])
-def test_checkpoint_for_another_backbone_is_refused(checkpoint, config, difference):
-    with pytest.raises(CheckpointError, match="trained for another backbone") as info:
-        load_checkpoint(checkpoint, Backbone.build(config))
-    assert difference in str(info.value)
+def test_checkpoint_for_another_backbone_is_refused(checkpoint):
+    """Other random weights, and another grid (its graph has other nodes): refused, both sides named."""
+    cases = [(BackboneConfig(arch=TINY_ARCH, seed=1), "weights 'random-seed0' (this backbone: 'random-seed1')"),
+             (BackboneConfig(arch=TINY_ARCH, image_size=96), "image size 64 (this backbone: 96)")]
+    for config, difference in cases:
+        with pytest.raises(CheckpointError, match="trained for another backbone") as info:
+            load_checkpoint(checkpoint, Backbone.build(config))
+        assert difference in str(info.value)
 
 
 def test_train_with_the_paper_preset_then_run_live(tmp_path, capsys):

@@ -70,14 +70,22 @@ from torch import nn
 
 from ..graph_layers import GraphConvolution, SqueezeExcitation, knn_affinities, normalised_adjacency, resolve_neighbours
 from ..losses import focal_loss, segmentation_loss
-from .base import CLIP_TEMPERATURE, AnomalyMethod, AnomalyScores, gaussian_blur, register_method, seeded_init, upsample
+from .base import (
+    CLIP_TEMPERATURE,
+    AnomalyMethod,
+    AnomalyScores,
+    FixedAnchorTraining,
+    register_method,
+    seeded_init,
+    upsample,
+)
 
 
 class BagClipModel(nn.Module):
     """The trained parts: SAFR, the reduction and GCN of SAG, JFF's per-level projections and the
     global map. Inputs are ln_post'ed level tokens [B, N, W] and CLIP's image embedding [B, D]."""
 
-    def __init__(self, width: int, levels: int, embed_dim: int, proj: torch.Tensor, neighbours: int | float = 15,
+    def __init__(self, width: int, levels: int, embed_dim: int, proj: torch.Tensor, neighbours: float = 15,
                  gcn_layers: int = 5, graph_width: int = 464, reduction: int = 16, safr: bool = True):
         super().__init__()
         channels = levels * width
@@ -138,7 +146,7 @@ def _whole(name: str, value, minimum: int) -> int:
 
 
 @register_method
-class BagCLIP(AnomalyMethod):
+class BagCLIP(FixedAnchorTraining, AnomalyMethod):
     """SAFR-recalibrated multi-level details, a kNN graph over the patches (SAG), joint fusion (JFF)."""
 
     name = "bag-clip"
@@ -146,7 +154,7 @@ class BagCLIP(AnomalyMethod):
     stage_lr = {"head": 1e-3}  # paper §4.1.3
 
     def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0,
-                 neighbours: int | float = 15, gcn_layers: int = 5, graph_width: int = 464, reduction: int = 16,
+                 neighbours: float = 15, gcn_layers: int = 5, graph_width: int = 464, reduction: int = 16,
                  safr: bool = True, memory_bank: bool = True):
         super().__init__(backbone, prompts, text_weight, memory_bank)
         if isinstance(neighbours, bool) or not (isinstance(neighbours, int) and neighbours >= 2
@@ -163,7 +171,6 @@ class BagCLIP(AnomalyMethod):
                                       backbone.clip.visual.proj.detach(), neighbours, _whole("gcn_layers", gcn_layers, 0),
                                       _whole("graph_width", graph_width, 1), _whole("reduction", reduction, 1), safr)
         self.model.to(backbone.device).requires_grad_(False)
-        self._train_anchors: dict[str, torch.Tensor] = {}
 
     def outputs(self, features, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(level-averaged abnormal map on the patch grid [B, h, w], global abnormal share [B])."""
@@ -177,25 +184,14 @@ class BagCLIP(AnomalyMethod):
         grid_map, global_score = self.outputs(features, self.anchors.stacked())
         anomaly_map = upsample(grid_map, size)
         image_score = 0.5 * global_score + 0.5 * anomaly_map.flatten(1).amax(1)
-        if self.memory is not None:
-            anomaly_map, image_score = self.blend(anomaly_map, image_score, self.memory_map(features, size))
-        return AnomalyScores(image_score, gaussian_blur(anomaly_map, self.sigma))
+        return self.finish_scores(anomaly_map, image_score, features, size)
 
-    # ---- training -------------------------------------------------------------------
-    def begin_stage(self, stage, class_names):
-        with torch.no_grad():
-            self._train_anchors = {c: self.build_anchors(c).stacked() for c in class_names}
-
+    # ---- training (anchors: FixedAnchorTraining) -----------------------------------------
     def stage_parameters(self, stage):
         return list(self.model.parameters())
 
     def stage_loss(self, stage, batch):
-        anchors = torch.stack([self._train_anchors[c] for c in batch.class_names])  # [B, 2, D]
-        grid_map, global_score = self.outputs(batch.features, anchors)
+        grid_map, global_score = self.outputs(batch.features, self.batch_anchors(batch))
         seg = segmentation_loss(upsample(grid_map, batch.size), batch.masks)
         cls = focal_loss(global_score, batch.labels.float())
         return {"loss": cls + seg, "seg": seg, "cls": cls}
-
-    def end_training(self):
-        super().end_training()
-        self._train_anchors = {}
