@@ -60,7 +60,7 @@ def knn_affinities(nodes: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Tens
     sigma_j = sigma.gather(1, index.flatten(1)).view(batch, count, k)
     affinity = torch.exp(-nearest.square() / (sigma[..., None] * sigma_j))  # S_ij of the K nearest
     weight = F.relu(affinity - affinity[..., -1:])  # soft threshold at the K-th neighbour's affinity
-    return nodes.new_zeros(batch, count, count).scatter(2, index, weight)
+    return weight.new_zeros(batch, count, count).scatter(2, index, weight)  # fp32 under autocast, as cdist
 
 
 def normalised_adjacency(adjacency: torch.Tensor) -> torch.Tensor:

@@ -301,3 +301,14 @@ def test_gaussian_smoothing_is_the_last_step(trained, spots):
     grid_map, _ = method.outputs(features, method.anchors.stacked())
     expected = gaussian_blur(upsample(grid_map, (64, 64)), method.sigma)
     torch.testing.assert_close(method.score_features(features, (64, 64)).anomaly_map, expected)
+
+
+def test_graph_builds_under_autocast():
+    """The head under bf16 autocast (``scripts/graph_bench.py --dtype bf16``): the reduced nodes
+    come in bf16, distances and affinities in fp32, and the adjacency is built without a clash."""
+    torch.manual_seed(0)
+    model = BagClipModel(8, 2, 4, torch.randn(8, 4), neighbours=4, graph_width=12)
+    levels = [torch.randn(2, 20, 8) for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        embeds, image = model(levels, torch.randn(2, 4))
+    assert all(torch.isfinite(e).all() for e in embeds) and torch.isfinite(image).all()
