@@ -2,23 +2,55 @@
 
 Install ``crc32c`` beside kafka-python (a dependency of linewatch): without it kafka-python
 checksums record batches in pure Python, about 20x slower.
+
+Outages (the broker down, restarting, unreachable) are ridden out here, for every part
+alike: a send waits while the broker takes nothing, a flush waits for the acknowledgements
+(records never expire in the producer), a commit is retried, a poll that fails returns
+nothing; each outage is reported to ``health.HEALTH`` (one warning when it begins, one line
+when it ends) under the bus's ``part`` name. ``stop`` (the process's SIGTERM event) ends any
+such wait within about a second with ``StopRequested``: what was not acknowledged is not
+committed. Only the first connection fails at once (a wrong address is a user's mistake).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAlreadyExistsError,
+)
 from kafka.structs import OffsetAndMetadata
 
-from . import Bus, BusError, Consumer, Producer, Record, Topics, next_offsets
+from . import (
+    MAX_MESSAGE_BYTES,
+    Bus,
+    BusError,
+    Consumer,
+    Producer,
+    Record,
+    RecordTooLarge,
+    Topics,
+    check_size,
+    next_offsets,
+)
+from .health import HEALTH, SERVICE_BACKOFF, StopRequested, describe
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a 4K JPEG at high quality stays far below this
 CONNECT_TIMEOUT_MS = 10_000
+WAIT_STEP_S = 1.0  # how long one blocking call may take before a stop is looked at again
+PATIENCE_S = 5.0  # unacknowledged for this long, or no group coordinator: the broker is down
+NEVER_MS = 2 ** 31 - 1  # records wait in the producer through any outage (the caller decides when to give up)
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 # kafka-python's fetch wait (500 ms) is kept on purpose. Apache Kafka answers a held fetch as
 # soon as data arrives; Tansu holds it the whole wait, so there a frame reaching an idle worker
 # waited up to 156 ms in 8 tries (16 ms with a 100 ms wait). But the idle consumers' empty
@@ -32,11 +64,18 @@ def _unreachable(servers: str, err: Exception) -> BusError:
 
 
 class KafkaBus(Bus):
+    """``part`` names the process part in outage reports; ``stop`` (default: never) ends any
+    wait for the broker with StopRequested."""
+
     def __init__(self, servers: str, topics: Topics = Topics(), partitions: int = 4,
-                 session_timeout_ms: int = 10_000):
-        super().__init__(topics, partitions)
+                 session_timeout_ms: int = 10_000, *, part: str = "linewatch", stop: threading.Event | None = None,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+        super().__init__(topics, partitions, max_message_bytes)
         self.servers = servers.split(",")
         self.session_timeout_ms = session_timeout_ms
+        self.part, self.stop = part, stop or threading.Event()
+        self.dependency = f"Kafka at {servers}"
+        HEALTH.register(part)
         self.ensure_topics(topics.all())
 
     def ensure_topics(self, names: list[str]) -> None:
@@ -48,7 +87,7 @@ class KafkaBus(Bus):
         try:
             existing = set(admin.list_topics())
             # frames and anomalous scores can exceed a broker's default 1 MB message size
-            missing = [NewTopic(n, self.partitions, 1, topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)})
+            missing = [NewTopic(n, self.partitions, 1, topic_configs={"max.message.bytes": str(self.max_message_bytes)})
                        for n in names if n not in existing]
             if missing:
                 try:
@@ -67,72 +106,155 @@ class KafkaBus(Bus):
 
 class KafkaBusProducer(Producer):
     def __init__(self, bus: KafkaBus):
-        self.servers = ",".join(bus.servers)
+        self.bus, self.servers = bus, ",".join(bus.servers)
         try:
             self.producer = KafkaProducer(
                 bootstrap_servers=bus.servers, acks="all", enable_idempotence=True, linger_ms=5,
-                max_request_size=MAX_MESSAGE_BYTES, bootstrap_timeout_ms=CONNECT_TIMEOUT_MS)
+                max_request_size=bus.max_message_bytes, bootstrap_timeout_ms=CONNECT_TIMEOUT_MS,
+                max_block_ms=int(WAIT_STEP_S * 1000), delivery_timeout_ms=NEVER_MS)
         except (KafkaError, OSError) as err:
             raise _unreachable(self.servers, err) from None
         self.pending = []
 
     def send(self, topic, value, key=None, headers=(), timestamp_ms=None) -> None:
+        check_size(self.bus.max_message_bytes, topic, value, key, headers)
         if len(self.pending) >= 1024:  # a long-lived producer (live ingest) must not hoard futures
             self._settle([f for f in self.pending if f.is_done])
             self.pending = [f for f in self.pending if not f.is_done]
-        try:
-            self.pending.append(self.producer.send(topic, value=value, key=key, headers=list(headers),
-                                                   timestamp_ms=timestamp_ms))
-        except KafkaError as err:
-            raise BusError(f"cannot send to {topic}: {err}") from None
+        attempt = 0
+        while True:
+            try:
+                self.pending.append(self.producer.send(topic, value=value, key=key, headers=list(headers),
+                                                       timestamp_ms=timestamp_ms))
+                return
+            except KafkaTimeoutError as err:  # no metadata, or the buffer is full: the broker takes nothing
+                self._waiting(err, attempt)
+                attempt += 1
+            except TOO_LARGE as err:
+                raise RecordTooLarge(f"record for {topic} too large: {err}") from None
+            except KafkaError as err:
+                raise BusError(f"cannot send to {topic}: {describe(err)}") from None
 
     def flush(self) -> None:
+        started, attempt = time.monotonic(), 0
+        while True:
+            try:
+                self.producer.flush(timeout=WAIT_STEP_S)
+                break
+            except KafkaTimeoutError as err:
+                if time.monotonic() - started >= PATIENCE_S:
+                    self._waiting(err, attempt, wait=False)
+                    attempt += 1
+                elif self.bus.stop.is_set():
+                    raise StopRequested("stopped with records not yet acknowledged") from None
+            except KafkaError as err:
+                raise BusError(f"Kafka at {self.servers} did not acknowledge a record: {describe(err)}") from None
         pending, self.pending = self.pending, []
-        try:
-            self.producer.flush()
-        except KafkaError as err:
-            raise BusError(f"Kafka at {self.servers} did not acknowledge a record: {err}") from None
+        if pending:
+            HEALTH.up(self.bus.part, self.bus.dependency, "produce")
         self._settle(pending)
+
+    def _waiting(self, err: Exception, attempt: int, wait: bool = True) -> None:
+        HEALTH.down(self.bus.part, self.bus.dependency, f"records not acknowledged ({describe(err)})", "produce")
+        if self.bus.stop.is_set() or (wait and self.bus.stop.wait(SERVICE_BACKOFF.delay(attempt))):
+            raise StopRequested("stopped while Kafka was unavailable") from None
 
     def _settle(self, futures) -> None:
         for future in futures:
             if future.failed():
-                raise BusError(f"Kafka at {self.servers} did not acknowledge a record: {future.exception}")
+                if isinstance(future.exception, TOO_LARGE):
+                    raise RecordTooLarge(f"Kafka at {self.servers} refused a record as too large: {future.exception}")
+                raise BusError(f"Kafka at {self.servers} did not acknowledge a record: {describe(future.exception)}")
 
-    def close(self) -> None:
+    def close(self) -> int:
+        """Flush, then close; when that cannot finish (a stop during an outage), drop what is
+        unacknowledged quietly (no kafka-python traceback at exit) and say how many."""
+        dropped = 0
         try:
             self.flush()
-        finally:
-            self.producer.close()
+        except (BusError, StopRequested):
+            dropped = self._drop()
+            log.warning("%s: closing with %d record(s) not acknowledged by Kafka", self.bus.part, dropped)
+        try:
+            self.producer.close(timeout=0)
+        except KafkaError as err:
+            log.debug("producer close: %s", err)
+        return dropped
+
+    def _drop(self) -> int:
+        dropped = sum(not future.is_done for future in self.pending)
+        try:
+            self.producer._sender.force_close()
+            self.producer._accumulator.abort_incomplete_batches()
+        except AttributeError:  # another kafka-python: its close may then wait out its own timeout
+            pass
+        self.pending = []
+        return dropped
 
 
 class KafkaBusConsumer(Consumer):
     def __init__(self, bus: KafkaBus, topics: list[str], group: str | None):
-        self.servers = ",".join(bus.servers)
+        self.bus, self.servers, self.group = bus, ",".join(bus.servers), group
         try:
             self.consumer = KafkaConsumer(
                 *(topics if group is not None else ()), bootstrap_servers=bus.servers, group_id=group,
                 enable_auto_commit=False, auto_offset_reset="earliest",
                 session_timeout_ms=bus.session_timeout_ms, heartbeat_interval_ms=1000,
-                max_partition_fetch_bytes=MAX_MESSAGE_BYTES, fetch_max_bytes=4 * MAX_MESSAGE_BYTES,
+                max_partition_fetch_bytes=bus.max_message_bytes, fetch_max_bytes=4 * bus.max_message_bytes,
                 bootstrap_timeout_ms=CONNECT_TIMEOUT_MS)
         except (KafkaError, OSError) as err:
             raise _unreachable(self.servers, err) from None
+        self.coordinator_lost: float | None = None  # monotonic time the group coordinator went missing
 
     def poll(self, timeout_s: float, max_records: int = 64) -> list[Record]:
-        batches = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        try:
+            batches = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except KafkaError as err:  # a connection error surfacing here: nothing read, try again later
+            HEALTH.down(self.bus.part, self.bus.dependency, describe(err), "consume")
+            self.bus.stop.wait(min(timeout_s, WAIT_STEP_S))
+            return []
+        self._watch_coordinator()
         return [Record(r.topic, r.value, r.key, tuple(r.headers or ()), r.partition, r.offset, r.timestamp)
                 for tp in sorted(batches) for r in batches[tp]]
 
+    def _watch_coordinator(self) -> None:
+        """A group member without a coordinator for PATIENCE_S cannot commit: the broker is down."""
+        if self.group is None:
+            return
+        try:
+            lost = self.consumer._coordinator.coordinator_unknown()
+        except AttributeError:  # another kafka-python: outages show through poll and commit only
+            return
+        if not lost:
+            self.coordinator_lost = None
+            HEALTH.up(self.bus.part, self.bus.dependency, "consume")
+        elif self.coordinator_lost is None:
+            self.coordinator_lost = time.monotonic()
+        elif time.monotonic() - self.coordinator_lost >= PATIENCE_S:
+            HEALTH.down(self.bus.part, self.bus.dependency, "no group coordinator (broker down?)", "consume")
+
     def commit(self, records: list[Record]) -> None:
         offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in next_offsets(records).items()}
-        if offsets:
-            # CommitFailedError after a rebalance: the new owner re-reads these frames
-            # (at-least-once); sinks de-duplicate by (stream, seq).
+        attempt = 0
+        while offsets:
             try:
-                self.consumer.commit(offsets)
+                self.consumer.commit(offsets, timeout_ms=int(WAIT_STEP_S * 1000))
+                HEALTH.up(self.bus.part, self.bus.dependency, "consume")
+                return
+            except CommitFailedError as err:
+                # after a rebalance: the new owner re-reads these records (at-least-once); sinks
+                # de-duplicate by (stream, seq)
+                log.warning("commit failed (%s); the records will be delivered again", describe(err))
+                return
             except KafkaError as err:
-                log.warning("commit failed (%s); the records will be delivered again", err)
+                retriable = isinstance(err, KafkaTimeoutError) or getattr(err, "retriable", False)
+                if not retriable:
+                    log.warning("commit failed (%s); the records will be delivered again", describe(err))
+                    return
+                HEALTH.down(self.bus.part, self.bus.dependency, f"cannot commit ({describe(err)})", "consume")
+                if self.bus.stop.is_set() or self.bus.stop.wait(SERVICE_BACKOFF.delay(attempt)):
+                    raise StopRequested("stopped before the commit went through") from None
+                attempt += 1
 
     def partitions(self, topic: str) -> list[int]:
         found = self.consumer.partitions_for_topic(topic)
@@ -147,4 +269,7 @@ class KafkaBusConsumer(Consumer):
         self.consumer.seek(TopicPartition(topic, partition), offset)
 
     def close(self) -> None:
-        self.consumer.close(autocommit=False)
+        try:  # leaving the group waits for a broker that may be gone: briefly
+            self.consumer.close(autocommit=False, timeout_ms=int(WAIT_STEP_S * 1000))
+        except KafkaError as err:
+            log.debug("consumer close: %s", err)

@@ -20,7 +20,13 @@ S = argparse.SUPPRESS
 
 def add_common(parser: argparse.ArgumentParser, services: bool = True) -> None:
     parser.add_argument("--config", default=None, help="YAML settings file (see deploy/linewatch.example.yaml)")
+    parser.add_argument("--max-pixels", dest="max_pixels", type=a.positive, default=S,
+                        help="largest frame (width x height) decoded: ingest scales larger ones down, the worker "
+                             "and the archive dead-letter them (default 40000000)")
     if services:
+        parser.add_argument("--max-message-bytes", dest="max_message_bytes", type=a.positive, default=S,
+                            help="largest record sent to Kafka; set it to the broker's limit if that is lower "
+                                 "(default 16 MiB)")
         parser.add_argument("--bootstrap-servers", dest="bootstrap_servers", default=S,
                             help="Kafka brokers host:port[,host:port] (env LINEWATCH_BOOTSTRAP_SERVERS)")
         parser.add_argument("--topic-prefix", dest="topic_prefix", default=S, help="topic name prefix (default linewatch)")
@@ -144,20 +150,23 @@ def _settings(args: argparse.Namespace):
     from ..pipeline.settings import load_settings, nest
 
     flat = {k: v for k, v in vars(args).items() if "." in k or k in ("bootstrap_servers", "redis_url", "topic_prefix",
-                                                                      "partitions", "archive")}
+                                                                      "partitions", "archive", "max_pixels",
+                                                                      "max_message_bytes")}
     if "profile.options" in flat:
         flat["profile.options"] = dict(flat["profile.options"])
     return load_settings(args.config, nest(flat))
 
 
-def _bus(settings):
+def _bus(settings, part: str, stop: threading.Event):
+    """The Kafka bus of this process's ``part``; ``stop`` (its signals) ends any wait for the broker."""
     from ..bus import BusError
     from ..pipeline.wiring import connect
 
     if not settings.bootstrap_servers:
         raise BusError("no Kafka given: pass --bootstrap-servers or set LINEWATCH_BOOTSTRAP_SERVERS "
                        "(or use `linewatch run` for the in-process pipeline)")
-    return connect(f"kafka://{settings.bootstrap_servers}", settings.topic_prefix, settings.partitions)
+    return connect(f"kafka://{settings.bootstrap_servers}", settings.topic_prefix, settings.partitions, part=part,
+                   stop=stop, max_message_bytes=settings.max_message_bytes)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -168,9 +177,8 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _logging() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    """The pipeline commands also say what they do (linewatch's INFO lines: ready, outage over)."""
     logging.getLogger("linewatch").setLevel(logging.INFO)
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # its reconnect chatter; our errors say what failed
 
 
 def run_run(args) -> None:
@@ -189,9 +197,10 @@ def run_ingest_command(args) -> None:
 
     _logging()
     settings = _settings(args)
-    bus, i = _bus(settings), settings.ingest
+    stop = _stop_on_signals()
+    bus, i = _bus(settings, "ingest", stop), settings.ingest
     stats = run_ingest(bus, args.sources, stream_ids=args.stream_ids, fps=i.fps, max_size=i.max_size,
-                       jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=_stop_on_signals())
+                       jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=stop, max_pixels=settings.max_pixels)
     for s in stats:
         print(s.summary())
 
@@ -201,11 +210,12 @@ def run_worker(args) -> None:
 
     _logging()
     settings = _settings(args)
-    bus = _bus(settings)
+    stop = _stop_on_signals()
+    bus = _bus(settings, "worker", stop)
     worker = build_worker(bus, settings)
     logging.getLogger("linewatch").info("worker %s ready (%s, %s, batches of up to %d)", worker.worker_id,
                                         worker.backbone.identity, worker.precision, worker.max_batch)
-    stats = worker.run(_stop_on_signals())
+    stats = worker.run(stop)
     print(f"worker {worker.worker_id}: {stats.frames} frames in {stats.batches} batches, {stats.dead} dead letters; "
           f"model {stats.model_s:.1f} s of {stats.busy_s:.1f} s busy ({stats.model_s / max(stats.busy_s, 1e-9):.0%})")
 
@@ -221,13 +231,14 @@ def run_sink(args) -> None:
         raise ValueError("the archive sink needs --archive FOLDER or s3://bucket/prefix")
     if args.kind == "alerts":
         policy_for = policy_table(settings)
-    bus = _bus(settings)
     stop = _stop_on_signals()
+    bus = _bus(settings, f"sink-{args.kind}", stop)
     if args.kind == "alerts":
         stats = run_alert_sink(bus, policy_for, alert_outputs(bus, settings, stop), stop=stop,
                                topic=args.scores_topic)
     else:
-        stats = run_archive_sink(bus, Archive(settings.archive), stop=stop, topic=args.scores_topic)
+        stats = run_archive_sink(bus, Archive(settings.archive, max_pixels=settings.max_pixels), stop=stop,
+                                 topic=args.scores_topic)
     print(f"sink {args.kind}: {stats}")
 
 
@@ -238,7 +249,7 @@ def run_replay(args) -> None:
     _logging()
     settings = _settings(args)
     span = ReplayRange(args.from_offset, args.to_offset, args.since, args.until, args.stream)
-    bus = _bus(settings)
+    bus = _bus(settings, "replay", _stop_on_signals())
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     results = args.results_topic or f"{bus.topics.prefix}.replay.{settings.profile.method}-{stamp}"
     bus.ensure_topics([results])

@@ -2,7 +2,9 @@
 
 It is the same pipeline as the distributed one — ingest, a scoring worker and both sinks
 talking through the bus in the same records — only the bus is in process and the anchor
-cache is local. The worker scores on the main thread, ingest and the sinks run in threads;
+cache is local. ``OUT/alerts.jsonl`` holds this run's alerts only (replaced at each run,
+unless ``alerts.jsonl`` is configured elsewhere); the archive keeps every run's frames, by
+session. The worker scores on the main thread, ingest and the sinks run in threads;
 the run ends when every frame has been scored and every score has reached both sinks.
 """
 
@@ -47,18 +49,21 @@ class RunSummary:
 def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_ids: list[str] | None = None,
                  progress: bool = True, backbone: Backbone | None = None) -> RunSummary:
     out = Path(out_dir)
+    fresh_alerts = None if settings.alerts.jsonl else out / "alerts.jsonl"  # this run's own, not appended to the last's
     settings = settings.model_copy(update={
         "alerts": settings.alerts.model_copy(update={"jsonl": settings.alerts.jsonl or str(out / "alerts.jsonl")}),
         "archive": settings.archive or str(out / "archive")})
     check_settings(settings)
     for spec in sources:  # a bad path fails here, before the model is built; live sources connect later
         if not is_live(spec):
-            open_source(spec).close()
+            open_source(spec, max_pixels=settings.max_pixels).close()
     for stream in stream_ids or ():
         check_stream_id(stream)
     out.mkdir(parents=True, exist_ok=True)
+    if fresh_alerts is not None:
+        fresh_alerts.unlink(missing_ok=True)
 
-    bus = MemoryBus(Topics(settings.topic_prefix), partitions=1)
+    bus = MemoryBus(Topics(settings.topic_prefix), partitions=1, max_message_bytes=settings.max_message_bytes)
     worker = build_worker(bus, settings, backbone)
     stop_sinks, stop_worker, stop_ingest = threading.Event(), threading.Event(), threading.Event()
     errors: list[BaseException] = []
@@ -79,14 +84,15 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     def ingest() -> None:
         i = settings.ingest
         stats = run_ingest(bus, sources, stream_ids=stream_ids, fps=i.fps, max_size=i.max_size,
-                           jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=stop_ingest, progress=progress)
+                           jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=stop_ingest, progress=progress,
+                           max_pixels=settings.max_pixels)
         published.append(sum(s.published for s in stats))
 
     # consumers join their groups before the first frame is published
     worker_consumer = bus.consumer([bus.topics.frames], worker.group)
     sinks = [
         guarded(run_alert_sink, bus, policy_table(settings), alert_outputs(bus, settings, stop_sinks), stop=stop_sinks),
-        guarded(run_archive_sink, bus, Archive(settings.archive), stop=stop_sinks),
+        guarded(run_archive_sink, bus, Archive(settings.archive, max_pixels=settings.max_pixels), stop=stop_sinks),
     ]
     for thread in sinks:
         thread.start()

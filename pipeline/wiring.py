@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from ..bus import Bus, BusError, Topics
+from ..bus import MAX_MESSAGE_BYTES, Bus, BusError, Topics
 from ..bus.streams import StreamTable
 from ..scoring.backbone import Backbone, BackboneConfig
 from ..scoring.prompts import PromptPack
@@ -17,17 +17,19 @@ from ..workers.worker import ScoringWorker
 from .settings import Settings
 
 
-def connect(url: str, prefix: str = "linewatch", partitions: int = 4) -> Bus:
-    """``memory://`` or ``kafka://host:port,...`` (``host:port`` alone means Kafka)."""
+def connect(url: str, prefix: str = "linewatch", partitions: int = 4, *, part: str = "linewatch",
+            stop: threading.Event | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES) -> Bus:
+    """``memory://`` or ``kafka://host:port,...`` (``host:port`` alone means Kafka). ``part``
+    names this process's part in outage reports; ``stop`` ends any wait for the broker."""
     topics = Topics(prefix)
     if url.startswith("memory://"):
         from ..bus.memory import MemoryBus
-        return MemoryBus(topics, partitions)
+        return MemoryBus(topics, partitions, max_message_bytes=max_message_bytes)
     servers = url.removeprefix("kafka://")
     if not servers or "://" in servers:
         raise BusError(f"bus URL {url!r}: use memory:// or kafka://host:port[,host:port]")
     from ..bus.kafka import KafkaBus
-    return KafkaBus(servers, topics, partitions)
+    return KafkaBus(servers, topics, partitions, part=part, stop=stop, max_message_bytes=max_message_bytes)
 
 
 def check_settings(settings: Settings) -> ProfileTable:
@@ -75,7 +77,7 @@ def build_worker(bus: Bus, settings: Settings, backbone: Backbone | None = None,
         backbone = accelerate(build_backbone(settings), compile=settings.worker.compile)
     w = settings.worker
     worker = ScoringWorker(bus, backbone, profiles, anchors, prompts=prompts, max_batch=w.max_batch,
-                           max_wait_ms=w.max_wait_ms, precision=w.precision, **kwargs)
+                           max_wait_ms=w.max_wait_ms, precision=w.precision, max_pixels=settings.max_pixels, **kwargs)
     worker.prepare_all()
     return worker
 

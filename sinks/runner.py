@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from ..bus import Bus, Producer, Record
+from ..bus.health import HEALTH, StopRequested, describe, retrying
 from ..bus.messages import (
     DEAD_PAYLOAD_LIMIT,
     AlertMsg,
@@ -26,7 +27,7 @@ from ..bus.messages import (
     track,
 )
 from .alerts import AlertOutput, AlertPolicy, AlertTracker, OutputError
-from .archive import Archive, ArchiveError
+from .archive import Archive, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -107,29 +108,53 @@ def run_alert_sink(bus: Bus, policy_for: Callable[[str], AlertPolicy], outputs: 
 
 def run_archive_sink(bus: Bus, archive: Archive, *, group: str = "linewatch-archive", stop: threading.Event,
                      poll_s: float = 0.5, max_records: int = 64, topic: str | None = None) -> SinkStats:
-    """Scores -> Archive (anomalous frames only), until ``stop`` is set."""
+    """Scores -> Archive (anomalous frames only), until ``stop`` is set. Any failure of one
+    record dead-letters it; a store outage (S3, the disk) is waited out, the records behind it
+    kept; a stop meanwhile commits only the records before it."""
     stats = SinkStats()
+    HEALTH.register(ARCHIVE_PART)
     consumer, producer = bus.consumer([topic or bus.topics.scores], group), bus.producer()
     try:
         while not stop.is_set():
             records = consumer.poll(poll_s, max_records)
-            for record in records:
-                score = _decode_score(record, producer, bus, stats, "sink-archive")
-                if score is None:
-                    continue
-                try:
-                    if archive.add(score) is not None:
-                        stats.archived += 1
-                except ArchiveError as err:
-                    _dead_letter(producer, bus, stats, str(err), "sink-archive", record=record,
-                                 stream=score.frame.stream, seq=score.frame.seq)
-            if records:
-                producer.flush()
-                consumer.commit(records)
+            done: list[Record] = []
+            try:
+                for record in records:
+                    _archive_one(record, archive, producer, bus, stats, stop)
+                    done.append(record)
+            finally:  # a stop during an outage still commits what was archived before it
+                if done:
+                    producer.flush()
+                    consumer.commit(done)
+    except StopRequested as err:
+        log.warning("%s; the records not archived are read again at the next start", err)
     finally:
         archive.close()
         consumer.close()
+        producer.close()
     return stats
+
+
+ARCHIVE_PART = "sink-archive"
+
+
+def _archive_one(record: Record, archive: Archive, producer: Producer, bus: Bus, stats: SinkStats,
+                 stop: threading.Event) -> None:
+    score = None
+    try:
+        score = _decode_score(record, producer, bus, stats, ARCHIVE_PART)
+        if score is None:
+            return
+        row = retrying(lambda: archive.add(score), part=ARCHIVE_PART, dependency=archive.store_name,
+                       transient=(StoreUnavailable,), stop=stop)
+    except StopRequested:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever this record causes, the next one goes on
+        reason = str(err) if isinstance(err, ValueError) else f"cannot archive: {describe(err)}"
+        _dead_letter(producer, bus, stats, reason, ARCHIVE_PART, record=record,
+                     stream=score.frame.stream if score else None, seq=score.frame.seq if score else None)
+        return
+    stats.archived += row is not None
 
 
 def _decode_score(record: Record, producer: Producer, bus: Bus, stats: SinkStats, stage: str) -> ScoreMsg | None:
@@ -151,5 +176,6 @@ def _dead_letter(producer: Producer, bus: Bus, stats: SinkStats, reason: str, st
     else:
         letter = DeadLetter(reason=reason, stage=stage, stream=stream, seq=seq,
                             payload=(payload or b"")[:DEAD_PAYLOAD_LIMIT])
-    producer.send(bus.topics.dead, encode(letter), key=letter.stream.encode() if letter.stream is not None else None)
+    producer.send(bus.topics.dead, letter.encoded(bus.max_message_bytes),
+                  key=letter.stream.encode()[:1024] if letter.stream is not None else None)
     stats.dead += 1
