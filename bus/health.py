@@ -72,7 +72,7 @@ class Health:
             self._parts.add(part)
 
     def down(self, part: str, dependency: str, reason: object, source: str = "", critical: bool = True) -> None:
-        reason = redact(reason)
+        reason, dependency = redact(reason), redact(dependency)
         with self._lock:
             self._parts.add(part)
             outage = self._outages.get((part, dependency))
@@ -84,6 +84,9 @@ class Health:
                     "retrying with backoff" if critical else "going on without it")
 
     def up(self, part: str, dependency: str, source: str = "") -> None:
+        if not self._outages:  # the common case (every acknowledged record): nothing to end
+            return
+        dependency = redact(dependency)
         with self._lock:
             outage = self._outages.get((part, dependency))
             if outage is None:

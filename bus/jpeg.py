@@ -59,8 +59,8 @@ def check_pixels(blob: bytes, max_pixels: int) -> tuple[int, int]:
         raise ValueError(f"undecodable jpeg image ({len(blob)} bytes): no frame header")
     width, height = size
     if width * height > max_pixels:
-        raise FrameTooLarge(f"frame of {width}x{height} px ({width * height / 1e6:.1f} MP) is above the pixel "
-                            f"budget of {max_pixels / 1e6:.1f} MP (max_pixels)")
+        raise FrameTooLarge(f"frame of {width}x{height} ({width * height:,} px) is above the pixel budget "
+                            f"(max_pixels {max_pixels:,})")
     return size
 
 

@@ -115,17 +115,49 @@ class KafkaBusProducer(Producer):
         except (KafkaError, OSError) as err:
             raise _unreachable(self.servers, err) from None
         self.pending = []
+        # acknowledgements, watched from the producer's thread: records waiting PATIENCE_S with
+        # none acknowledged is an outage (said at the next send or flush), the next one its end
+        self.lock = threading.Lock()
+        self.in_flight, self.progress_at = 0, time.monotonic()
+        self.dropped = 0  # records dropped unacknowledged at a stop
+
+    def _acknowledged(self, _metadata) -> None:
+        with self.lock:
+            self.in_flight -= 1
+            self.progress_at = time.monotonic()
+        HEALTH.up(self.bus.part, self.bus.dependency, "produce")
+
+    def _failed(self, _error) -> None:  # settled by flush (or dropped at a stop)
+        with self.lock:
+            self.in_flight -= 1
+
+    def _stalled(self) -> bool:
+        return self._idle_for(PATIENCE_S)
+
+    def _idle_for(self, seconds: float) -> bool:
+        """Records wait and none was acknowledged for ``seconds``."""
+        with self.lock:
+            return self.in_flight > 0 and time.monotonic() - self.progress_at >= seconds
 
     def send(self, topic, value, key=None, headers=(), timestamp_ms=None) -> None:
         check_size(self.bus.max_message_bytes, topic, value, key, headers)
         if len(self.pending) >= 1024:  # a long-lived producer (live ingest) must not hoard futures
             self._settle([f for f in self.pending if f.is_done])
             self.pending = [f for f in self.pending if not f.is_done]
+        if self._stalled():
+            HEALTH.down(self.bus.part, self.bus.dependency, f"nothing acknowledged for {PATIENCE_S:.0f} s", "produce")
         attempt = 0
         while True:
             try:
-                self.pending.append(self.producer.send(topic, value=value, key=key, headers=list(headers),
-                                                       timestamp_ms=timestamp_ms))
+                future = self.producer.send(topic, value=value, key=key, headers=list(headers),
+                                            timestamp_ms=timestamp_ms)
+                with self.lock:
+                    if self.in_flight == 0:
+                        self.progress_at = time.monotonic()
+                    self.in_flight += 1
+                future.add_callback(self._acknowledged)
+                future.add_errback(self._failed)
+                self.pending.append(future)
                 return
             except KafkaTimeoutError as err:  # no metadata, or the buffer is full: the broker takes nothing
                 self._waiting(err, attempt)
@@ -136,28 +168,33 @@ class KafkaBusProducer(Producer):
                 raise BusError(f"cannot send to {topic}: {describe(err)}") from None
 
     def flush(self) -> None:
-        started, attempt = time.monotonic(), 0
         while True:
             try:
                 self.producer.flush(timeout=WAIT_STEP_S)
                 break
             except KafkaTimeoutError as err:
-                if time.monotonic() - started >= PATIENCE_S:
-                    self._waiting(err, attempt, wait=False)
-                    attempt += 1
-                elif self.bus.stop.is_set():
-                    raise StopRequested("stopped with records not yet acknowledged") from None
+                if self._stalled():
+                    HEALTH.down(self.bus.part, self.bus.dependency, f"records not acknowledged ({describe(err)})",
+                                "produce")
+                if self.bus.stop.is_set() and self._idle_for(2 * WAIT_STEP_S):  # flushes what it can
+                    self._stopping("stopped with records not yet acknowledged")
             except KafkaError as err:
                 raise BusError(f"Kafka at {self.servers} did not acknowledge a record: {describe(err)}") from None
         pending, self.pending = self.pending, []
-        if pending:
-            HEALTH.up(self.bus.part, self.bus.dependency, "produce")
         self._settle(pending)
 
-    def _waiting(self, err: Exception, attempt: int, wait: bool = True) -> None:
-        HEALTH.down(self.bus.part, self.bus.dependency, f"records not acknowledged ({describe(err)})", "produce")
-        if self.bus.stop.is_set() or (wait and self.bus.stop.wait(SERVICE_BACKOFF.delay(attempt))):
-            raise StopRequested("stopped while Kafka was unavailable") from None
+    def _waiting(self, err: Exception, attempt: int) -> None:
+        HEALTH.down(self.bus.part, self.bus.dependency, f"records not taken ({describe(err)})", "produce")
+        if self.bus.stop.is_set() or self.bus.stop.wait(SERVICE_BACKOFF.delay(attempt)):
+            self._stopping("stopped while Kafka was unavailable")
+
+    def _stopping(self, why: str) -> None:
+        """StopRequested, the unacknowledged records dropped first (kafka-python would otherwise
+        print tracebacks at exit trying to flush them)."""
+        dropped = self._drop()
+        log.warning("%s: %s; %d record(s) not acknowledged by Kafka are dropped", self.bus.part, why, dropped)
+        self.dropped += dropped
+        raise StopRequested(why)
 
     def _settle(self, futures) -> None:
         for future in futures:
@@ -169,17 +206,19 @@ class KafkaBusProducer(Producer):
     def close(self) -> int:
         """Flush, then close; when that cannot finish (a stop during an outage), drop what is
         unacknowledged quietly (no kafka-python traceback at exit) and say how many."""
-        dropped = 0
         try:
             self.flush()
-        except (BusError, StopRequested):
+        except StopRequested:
+            pass
+        except BusError as err:
             dropped = self._drop()
-            log.warning("%s: closing with %d record(s) not acknowledged by Kafka", self.bus.part, dropped)
+            log.warning("%s: closing with %d record(s) not acknowledged by Kafka (%s)", self.bus.part, dropped, err)
+            self.dropped += dropped
         try:
             self.producer.close(timeout=0)
         except KafkaError as err:
             log.debug("producer close: %s", err)
-        return dropped
+        return self.dropped
 
     def _drop(self) -> int:
         dropped = sum(not future.is_done for future in self.pending)
@@ -205,6 +244,7 @@ class KafkaBusConsumer(Consumer):
         except (KafkaError, OSError) as err:
             raise _unreachable(self.servers, err) from None
         self.coordinator_lost: float | None = None  # monotonic time the group coordinator went missing
+        self.polled_at = time.monotonic()
 
     def poll(self, timeout_s: float, max_records: int = 64) -> list[Record]:
         try:
@@ -218,7 +258,9 @@ class KafkaBusConsumer(Consumer):
                 for tp in sorted(batches) for r in batches[tp]]
 
     def _watch_coordinator(self) -> None:
-        """A group member without a coordinator for PATIENCE_S cannot commit: the broker is down."""
+        """A group member without a coordinator for PATIENCE_S of polls cannot commit: the broker
+        is down. (Polls far apart prove nothing: the coordinator is found again by polling.)"""
+        now, last, self.polled_at = time.monotonic(), self.polled_at, time.monotonic()
         if self.group is None:
             return
         try:
@@ -228,8 +270,8 @@ class KafkaBusConsumer(Consumer):
         if not lost:
             self.coordinator_lost = None
             HEALTH.up(self.bus.part, self.bus.dependency, "consume")
-        elif self.coordinator_lost is None:
-            self.coordinator_lost = time.monotonic()
+        elif self.coordinator_lost is None or now - last > 2 * WAIT_STEP_S:
+            self.coordinator_lost = now
         elif time.monotonic() - self.coordinator_lost >= PATIENCE_S:
             HEALTH.down(self.bus.part, self.bus.dependency, "no group coordinator (broker down?)", "consume")
 
