@@ -59,10 +59,11 @@ def stop(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
 
 @contextmanager
 def local_tansu(log_dir: Path, timeout_s: float = 15.0, storage: str = "memory://tansu/", env: dict | None = None,
-                port: int | None = None):
+                port: int | None = None, started: list | None = None):
     """Yields ``127.0.0.1:PORT`` while a Tansu broker runs; stops it afterwards. ``storage``:
     ``memory://tansu/`` (lost on exit) or e.g. ``s3://bucket/`` with ``env`` naming the S3
-    endpoint and keys; ``port`` pins the port (a restart on the same address)."""
+    endpoint and keys; ``port`` pins the port (a restart on the same address); ``started``
+    receives the broker's process (to kill it in a fault test)."""
     binary = tansu_binary()
     for attempt in range(1 if port else ATTEMPTS):
         chosen = port or free_port()
@@ -72,6 +73,8 @@ def local_tansu(log_dir: Path, timeout_s: float = 15.0, storage: str = "memory:/
                                         "--storage-engine", storage], stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             if wait_listening(process, chosen, "tansu", timeout_s):
+                if started is not None:
+                    started.append(process)
                 break
         except BaseException:
             stop(process)

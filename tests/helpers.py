@@ -3,8 +3,12 @@ reading a topic whole, the one-line CLI error, waiting on a condition."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -56,6 +60,39 @@ def wait_for(condition, timeout_s: float = 30.0, what: str = "the condition") ->
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+# ---- linewatch processes ------------------------------------------------------------------------
+class Processes:
+    def __init__(self, logs: Path):
+        self.logs, self.running = logs, {}
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+    def start(self, name: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+        """``linewatch ARGS`` as a process, its output (appended, across restarts) in ``<name>.log``."""
+        log = open(self.logs / f"{name}.log", "ab")
+        process = subprocess.Popen([sys.executable, "-m", "linewatch", *args], stdout=log,
+                                   stderr=subprocess.STDOUT, env={**self.env, **(env or {})})
+        self.running[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def wait_for_line(self, name: str, text: str, timeout: float, count: int = 1) -> None:
+        """Until ``name``'s log holds ``text`` ``count`` times (a restarted process appends)."""
+        deadline = time.monotonic() + timeout
+        while self.log(name).count(text) < count:
+            process = self.running[name]
+            assert process.poll() is None, f"{name} exited {process.returncode}:\n{self.log(name)[-3000:]}"
+            assert time.monotonic() < deadline, f"{name} never said {text!r}:\n{self.log(name)[-3000:]}"
+            time.sleep(0.5)
+
+    def stop_all(self) -> None:
+        for process in self.running.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 # ---- scores as a worker sends them ---------------------------------------------------------------

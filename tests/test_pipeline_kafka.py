@@ -12,11 +12,8 @@ normal part; the anomalous frames' masks archived; a corrupt frame dead-lettered
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +31,7 @@ from linewatch.bus.messages import (
 from linewatch.ingest.demo import write_demo_clip
 from linewatch.pipeline.wiring import connect
 
-from helpers import wait_for
+from helpers import Processes, wait_for
 
 PARTITIONS = 4
 PREFIX = "itest"
@@ -49,36 +46,6 @@ def stream_ids_on_two_partitions() -> list[str]:
         if murmur2(other.encode()) % PARTITIONS != murmur2(first.encode()) % PARTITIONS:
             return [first, other]
     raise AssertionError("no second partition found")
-
-
-class Processes:
-    def __init__(self, logs: Path):
-        self.logs, self.running = logs, {}
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")
-        process = subprocess.Popen([sys.executable, "-m", "linewatch", *args], stdout=log,
-                                   stderr=subprocess.STDOUT, env=self.env)
-        self.running[name] = process
-        return process
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def wait_for_line(self, name: str, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log(name):
-            process = self.running[name]
-            assert process.poll() is None, f"{name} exited {process.returncode}:\n{self.log(name)[-3000:]}"
-            assert time.monotonic() < deadline, f"{name} never said {text!r}:\n{self.log(name)[-3000:]}"
-            time.sleep(0.5)
-
-    def stop_all(self) -> None:
-        for process in self.running.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
 
 
 @pytest.fixture

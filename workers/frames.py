@@ -86,7 +86,11 @@ class FrameDecoder:
             if image is None:
                 failed[index] = f"undecodable jpeg image ({len(blob)} bytes)"
                 continue
-            arrays.append(square_rgb(image, self.size))
+            try:
+                arrays.append(square_rgb(image, self.size))
+            except (cv2.error, ValueError) as err:  # one frame's oddity is its own dead letter
+                failed[index] = f"cannot resize the frame: {' '.join(str(err).split())[:200]}"
+                continue
             kept.append(index)
         if not arrays:
             return torch.empty(0, 3, self.size, self.size, device=self.device), kept, failed
