@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import contextmanager
 
 import pytest
 
@@ -63,6 +64,19 @@ def test_retrying_waits_out_transient_errors_and_answers_a_stop():
                  dependency="d", transient=(ConnectionError,), stop=stop, health=health)
 
 
+@contextmanager
+def sink_running(bus, archive, stop: threading.Event, result: dict):
+    """The archive sink in a thread, stopped (as by SIGTERM) when the block ends, however it ends."""
+    sink = threading.Thread(target=lambda: result.update(stats=run_archive_sink(bus, archive, stop=stop, poll_s=0.05)),
+                            daemon=True)
+    sink.start()
+    try:
+        yield sink
+    finally:
+        stop.set()
+        sink.join(10)
+
+
 class FlakyStore:
     """The archive's local store, down while ``down`` is set (each write refused, as S3 refuses
     connections), counting the refusals."""
@@ -91,16 +105,11 @@ def test_the_archive_sink_waits_out_a_store_outage(tmp_path, caplog):
     for seq in range(3):
         bus.producer().send(bus.topics.scores, encode(score_msg(seq, 0.9)), key=b"cam")
     stop, result = threading.Event(), {}
-    with caplog.at_level(logging.INFO, logger="linewatch.health"):
-        sink = threading.Thread(target=lambda: result.update(stats=run_archive_sink(bus, archive, stop=stop,
-                                                                                    poll_s=0.05)))
-        sink.start()
+    with caplog.at_level(logging.INFO, logger="linewatch.health"), sink_running(bus, archive, stop, result):
         wait_for(lambda: store.refused >= 3, what="the sink to retry")
         assert bus.committed.get("linewatch-archive", {}).get((bus.topics.scores, 0), 0) == 0
         store.down.clear()
         wait_for(lambda: bus.committed["linewatch-archive"].get((bus.topics.scores, 0)) == 3, what="the commit")
-        stop.set()
-        sink.join(10)
     assert result["stats"].archived == 3 and result["stats"].dead == 0
     assert len(list(tmp_path.rglob("*.json"))) == 3 and len(list(tmp_path.rglob("*.mask.png"))) == 3
     lines = [r.getMessage() for r in caplog.records]
@@ -114,13 +123,10 @@ def test_a_stop_during_a_store_outage_commits_only_what_was_archived(tmp_path):
     producer = bus.producer()
     producer.send(bus.topics.scores, encode(score_msg(0, 0.9)), key=b"cam")
     stop, result = threading.Event(), {}
-    sink = threading.Thread(target=lambda: result.update(stats=run_archive_sink(bus, archive, stop=stop, poll_s=0.05)))
-    sink.start()
-    wait_for(lambda: bus.committed.get("linewatch-archive", {}).get((bus.topics.scores, 0)) == 1)
-    store.down.set()
-    producer.send(bus.topics.scores, encode(score_msg(1, 0.9)), key=b"cam")
-    wait_for(lambda: store.refused >= 1)
-    stop.set()  # SIGTERM during the outage
-    sink.join(10)
-    assert not sink.is_alive() and result["stats"].archived == 1
+    with sink_running(bus, archive, stop, result) as sink:
+        wait_for(lambda: bus.committed.get("linewatch-archive", {}).get((bus.topics.scores, 0)) == 1)
+        store.down.set()
+        producer.send(bus.topics.scores, encode(score_msg(1, 0.9)), key=b"cam")
+        wait_for(lambda: store.refused >= 1)
+    assert not sink.is_alive() and result["stats"].archived == 1  # stopped (SIGTERM) during the outage
     assert bus.committed["linewatch-archive"][(bus.topics.scores, 0)] == 1  # seq 1 is read again next time

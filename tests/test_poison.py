@@ -194,11 +194,14 @@ def test_poison_scores_are_dead_lettered_and_the_archive_goes_on(tmp_path, monke
 
     monkeypatch.setattr(archive, "add", fails_on_seq_4)
     stop, result = threading.Event(), {}
-    sink = threading.Thread(target=lambda: result.update(stats=run_archive_sink(bus, archive, stop=stop, poll_s=0.05)))
+    sink = threading.Thread(target=lambda: result.update(stats=run_archive_sink(bus, archive, stop=stop, poll_s=0.05)),
+                            daemon=True)
     sink.start()
-    wait_for(lambda: sum(bus.committed.get("linewatch-archive", {}).values()) == 6, what="every record committed")
-    stop.set()
-    sink.join(10)
+    try:
+        wait_for(lambda: sum(bus.committed.get("linewatch-archive", {}).values()) == 6, what="every record committed")
+    finally:
+        stop.set()
+        sink.join(10)
     dead = [decode(r.value, DeadLetter) for r in read_all(bus, bus.topics.dead)]
     assert (result["stats"].archived, result["stats"].dead) == (2, 4)
     assert all(d.stage == "sink-archive" for d in dead)
