@@ -25,12 +25,12 @@ from urllib.parse import urlsplit
 
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET; read at FFmpeg's first use
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+import cv2
+import numpy as np
 
-from ..bus.health import Backoff  # noqa: E402  (re-exported: sources' reconnect delays)
-from ..bus.jpeg import DEFAULT_MAX_PIXELS, jpeg_size  # noqa: E402
-from ..bus.redact import redact  # noqa: E402
+from ..bus.health import Backoff  # re-exported: sources' reconnect delays
+from ..bus.jpeg import DEFAULT_MAX_PIXELS, jpeg_size
+from ..bus.redact import redact
 
 log = logging.getLogger(__name__)
 

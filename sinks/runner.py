@@ -31,6 +31,8 @@ from .archive import Archive, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+ARCHIVE_PART = "sink-archive"
+
 
 
 @dataclass
@@ -133,9 +135,6 @@ def run_archive_sink(bus: Bus, archive: Archive, *, group: str = "linewatch-arch
         consumer.close()
         producer.close()
     return stats
-
-
-ARCHIVE_PART = "sink-archive"
 
 
 def _archive_one(record: Record, archive: Archive, producer: Producer, bus: Bus, stats: SinkStats,

@@ -225,7 +225,7 @@ class ScoringWorker:
             self._launch_isolating(batch, members, group)
         return batch
 
-    def _launch_isolating(self, batch: "_Batch", frames: list["_Frame"], images: torch.Tensor) -> None:
+    def _launch_isolating(self, batch: _Batch, frames: list[_Frame], images: torch.Tensor) -> None:
         """Queue the model on ``frames``; when it fails, on each frame alone, and dead-letter a
         frame it still fails on, unless it fails on a blank frame too (then it is broken: raise)."""
         try:
@@ -239,7 +239,7 @@ class ScoringWorker:
                 raise
             batch.dead.append((frames[0].record, f"scoring failed: {describe(err)}", frames[0].meta))
 
-    def _model_works(self, frame: "_Frame", images: torch.Tensor) -> bool:
+    def _model_works(self, frame: _Frame, images: torch.Tensor) -> bool:
         """Whether the frame's model scores a blank frame (the probe telling a poison frame
         from a broken model)."""
         prepared = self._prepared(self.profiles.for_stream(frame.meta.stream))
@@ -281,7 +281,7 @@ class ScoringWorker:
         self.stats.busy_s += now - max(batch.started, self._busy_until)
         self._busy_until = now
 
-    def _resend_each(self, sent: list[tuple["_Frame", bytes]], producer) -> None:
+    def _resend_each(self, sent: list[tuple[_Frame, bytes]], producer) -> None:
         for frame, data in sent:
             try:
                 producer.send(self.results_topic, data, key=frame.meta.stream.encode())
@@ -299,7 +299,7 @@ class ScoringWorker:
                       key=record.key[:1024] if record.key else None)
 
     def _publish(self, group: "_Group", producer, decode_share_s: float,
-                 started_at: float) -> list[tuple["_Frame", bytes]]:
+                 started_at: float) -> list[tuple[_Frame, bytes]]:
         """Send the group's scores; returns (frame, message bytes) of each score sent."""
         if group.ready is not None:
             group.ready.synchronize()
