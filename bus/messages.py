@@ -190,6 +190,8 @@ def encode(message: _Message) -> bytes:
 
 def decode(data: bytes, expect: type[_Message], max_bytes: int = MAX_VALUE_BYTES) -> _Message:
     """Parse JSON bytes into ``expect``; any mismatch becomes one MessageError line."""
+    if not isinstance(data, (bytes, bytearray)):  # a tombstone (None) or anything not a record value
+        raise MessageError(f"expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise MessageError(f"{len(data)} bytes: larger than the {max_bytes} a message may have")
     try:

@@ -63,6 +63,8 @@ def test_frame_headers_are_validated_before_use(header, reason):
 
 
 def test_score_values_are_validated_before_use():
+    with pytest.raises(MessageError, match="expected bytes, got NoneType"):  # a tombstone
+        decode(None, ScoreMsg)
     with pytest.raises(MessageError, match="nested deeper"):
         decode(b'{"kind":"score","v":1,"frame":' + nested(100_000) + b"}", ScoreMsg)
     good = json.loads(encode(score_msg(3, 0.9)))
