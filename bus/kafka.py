@@ -6,7 +6,7 @@ checksums record batches in pure Python, about 20x slower.
 Outages (the broker down, restarting, unreachable) are ridden out here, for every part
 alike: a send waits while the broker takes nothing, a flush waits for the acknowledgements
 (records never expire in the producer), a commit is retried, a poll that fails returns
-nothing; each outage is reported to ``health.HEALTH`` (one warning when it begins, one line
+nothing; each outage is reported to ``health.OUTAGES`` (one warning when it begins, one line
 when it ends) under the bus's ``part`` name. ``stop`` (the process's SIGTERM event) ends any
 such wait within about a second with ``StopRequested``: what was not acknowledged is not
 committed. Only the first connection fails at once (a wrong address is a user's mistake).
@@ -42,7 +42,7 @@ from . import (
     check_size,
     next_offsets,
 )
-from .health import HEALTH, SERVICE_BACKOFF, StopRequested, describe
+from .outages import OUTAGES, SERVICE_BACKOFF, StopRequested, describe
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class KafkaBus(Bus):
         self.session_timeout_ms = session_timeout_ms
         self.part, self.stop = part, stop or threading.Event()
         self.dependency = f"Kafka at {servers}"
-        HEALTH.register(part)
+        OUTAGES.register(part)
         self.ensure_topics(topics.all())
 
     def ensure_topics(self, names: list[str]) -> None:
@@ -125,7 +125,7 @@ class KafkaBusProducer(Producer):
         with self.lock:
             self.in_flight -= 1
             self.progress_at = time.monotonic()
-        HEALTH.up(self.bus.part, self.bus.dependency, "produce")
+        OUTAGES.up(self.bus.part, self.bus.dependency, "produce")
 
     def _failed(self, _error) -> None:  # settled by flush (or dropped at a stop)
         with self.lock:
@@ -145,7 +145,7 @@ class KafkaBusProducer(Producer):
             self._settle([f for f in self.pending if f.is_done])
             self.pending = [f for f in self.pending if not f.is_done]
         if self._stalled():
-            HEALTH.down(self.bus.part, self.bus.dependency, f"nothing acknowledged for {PATIENCE_S:.0f} s", "produce")
+            OUTAGES.down(self.bus.part, self.bus.dependency, f"nothing acknowledged for {PATIENCE_S:.0f} s", "produce")
         attempt = 0
         while True:
             try:
@@ -174,7 +174,7 @@ class KafkaBusProducer(Producer):
                 break
             except KafkaTimeoutError as err:
                 if self._stalled():
-                    HEALTH.down(self.bus.part, self.bus.dependency, f"records not acknowledged ({describe(err)})",
+                    OUTAGES.down(self.bus.part, self.bus.dependency, f"records not acknowledged ({describe(err)})",
                                 "produce")
                 if self.bus.stop.is_set() and self._idle_for(2 * WAIT_STEP_S):  # flushes what it can
                     self._stopping("stopped with records not yet acknowledged")
@@ -184,7 +184,7 @@ class KafkaBusProducer(Producer):
         self._settle(pending)
 
     def _waiting(self, err: Exception, attempt: int) -> None:
-        HEALTH.down(self.bus.part, self.bus.dependency, f"records not taken ({describe(err)})", "produce")
+        OUTAGES.down(self.bus.part, self.bus.dependency, f"records not taken ({describe(err)})", "produce")
         if self.bus.stop.is_set() or self.bus.stop.wait(SERVICE_BACKOFF.delay(attempt)):
             self._stopping("stopped while Kafka was unavailable")
 
@@ -250,7 +250,7 @@ class KafkaBusConsumer(Consumer):
         try:
             batches = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except KafkaError as err:  # a connection error surfacing here: nothing read, try again later
-            HEALTH.down(self.bus.part, self.bus.dependency, describe(err), "consume")
+            OUTAGES.down(self.bus.part, self.bus.dependency, describe(err), "consume")
             self.bus.stop.wait(min(timeout_s, WAIT_STEP_S))
             return []
         self._watch_coordinator()
@@ -269,11 +269,11 @@ class KafkaBusConsumer(Consumer):
             return
         if not lost:
             self.coordinator_lost = None
-            HEALTH.up(self.bus.part, self.bus.dependency, "consume")
+            OUTAGES.up(self.bus.part, self.bus.dependency, "consume")
         elif self.coordinator_lost is None or now - last > 2 * WAIT_STEP_S:
             self.coordinator_lost = now
         elif time.monotonic() - self.coordinator_lost >= PATIENCE_S:
-            HEALTH.down(self.bus.part, self.bus.dependency, "no group coordinator (broker down?)", "consume")
+            OUTAGES.down(self.bus.part, self.bus.dependency, "no group coordinator (broker down?)", "consume")
 
     def commit(self, records: list[Record]) -> None:
         offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in next_offsets(records).items()}
@@ -281,7 +281,7 @@ class KafkaBusConsumer(Consumer):
         while offsets:
             try:
                 self.consumer.commit(offsets, timeout_ms=int(WAIT_STEP_S * 1000))
-                HEALTH.up(self.bus.part, self.bus.dependency, "consume")
+                OUTAGES.up(self.bus.part, self.bus.dependency, "consume")
                 return
             except CommitFailedError as err:
                 # after a rebalance: the new owner re-reads these records (at-least-once); sinks
@@ -293,7 +293,7 @@ class KafkaBusConsumer(Consumer):
                 if not retriable:
                     log.warning("commit failed (%s); the records will be delivered again", describe(err))
                     return
-                HEALTH.down(self.bus.part, self.bus.dependency, f"cannot commit ({describe(err)})", "consume")
+                OUTAGES.down(self.bus.part, self.bus.dependency, f"cannot commit ({describe(err)})", "consume")
                 if self.bus.stop.is_set() or self.bus.stop.wait(SERVICE_BACKOFF.delay(attempt)):
                     raise StopRequested("stopped before the commit went through") from None
                 attempt += 1

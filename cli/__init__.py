@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     handlers = {**offline.HANDLERS, **pipeline.HANDLERS, "bench": bench.run}
     from ..bus import BusError
-    from ..bus.health import StopRequested
+    from ..bus.outages import StopRequested
     from ..offline.datasets import DatasetError
     from ..scoring.backbone import BackboneError
 

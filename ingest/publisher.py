@@ -27,9 +27,9 @@ import cv2
 import numpy as np
 
 from ..bus import Bus, record_size
-from ..bus.health import HEALTH, StopRequested
 from ..bus.jpeg import DEFAULT_MAX_PIXELS
 from ..bus.messages import META_HEADER, FrameMeta, encode
+from ..bus.outages import OUTAGES, StopRequested
 from .sources import Backoff, IngestError, Source, VideoFile, open_source, webcam_index
 from .srt import TelemetryTrack, find_sidecar, load_track
 
@@ -123,7 +123,7 @@ class Ingestor:
         """Publish until the source ends or ``stop`` is set; ``on_frame`` sees the stats after
         each published frame (progress display)."""
         started, on_frame = time.monotonic(), on_frame or (lambda stats: None)
-        HEALTH.register(PART)
+        OUTAGES.register(PART)
         try:
             (self._run_live if self.source.live else self._run_recorded)(on_frame)
         except StopRequested as err:  # stopped while the broker was down

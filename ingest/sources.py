@@ -28,8 +28,8 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET; read at F
 import cv2
 import numpy as np
 
-from ..bus.health import Backoff  # re-exported: sources' reconnect delays
 from ..bus.jpeg import DEFAULT_MAX_PIXELS, jpeg_size
+from ..bus.outages import Backoff  # re-exported: sources' reconnect delays
 from ..bus.redact import redact
 
 log = logging.getLogger(__name__)

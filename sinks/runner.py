@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from ..bus import Bus, Producer, Record
-from ..bus.health import HEALTH, StopRequested, describe, retrying
 from ..bus.messages import (
     DEAD_PAYLOAD_LIMIT,
     AlertMsg,
@@ -26,6 +25,7 @@ from ..bus.messages import (
     encode,
     track,
 )
+from ..bus.outages import OUTAGES, StopRequested, describe, retrying
 from .alerts import AlertOutput, AlertPolicy, AlertTracker, OutputError
 from .archive import Archive, StoreUnavailable
 
@@ -114,7 +114,7 @@ def run_archive_sink(bus: Bus, archive: Archive, *, group: str = "linewatch-arch
     record dead-letters it; a store outage (S3, the disk) is waited out, the records behind it
     kept; a stop meanwhile commits only the records before it."""
     stats = SinkStats()
-    HEALTH.register(ARCHIVE_PART)
+    OUTAGES.register(ARCHIVE_PART)
     consumer, producer = bus.consumer([topic or bus.topics.scores], group), bus.producer()
     try:
         while not stop.is_set():

@@ -1,5 +1,5 @@
 """Outages ridden out, loudly (issue 13, item 5), without services: the outage state each part
-exposes (``bus.health``), and the archive sink waiting out its store. The same against real
+exposes (``bus.outages``), and the archive sink waiting out its store. The same against real
 Tansu, Redis and SeaweedFS, with processes killed and restarted, is ``test_faults.py``."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from contextlib import contextmanager
 import pytest
 
 from linewatch.bus import Topics
-from linewatch.bus.health import Backoff, Health, StopRequested, retrying
 from linewatch.bus.memory import MemoryBus
 from linewatch.bus.messages import encode
+from linewatch.bus.outages import Backoff, Outages, StopRequested, retrying
 from linewatch.sinks.archive import Archive, StoreUnavailable
 from linewatch.sinks.runner import run_archive_sink
 
@@ -23,20 +23,20 @@ FAST = Backoff(initial=0.01, cap=0.02)
 
 
 def test_an_outage_is_one_warning_and_one_line_and_readiness_follows(caplog):
-    health = Health()
-    with caplog.at_level(logging.INFO, logger="linewatch.health"):
+    outages = Outages()
+    with caplog.at_level(logging.INFO, logger="linewatch.outages"):
         for _ in range(5):  # every failed retry, from two clients of the part
-            health.down("worker", "Kafka at k:9092", "connection refused", "produce")
-            health.down("worker", "Kafka at k:9092", "no coordinator", "consume")
-        health.down("worker", "Redis at redis://:pw@r:6379/0", "timeout", critical=False)
-        assert not health.ready("worker") and health.ready("ingest") and not health.ready()
-        snapshot = health.snapshot()
+            outages.down("worker", "Kafka at k:9092", "connection refused", "produce")
+            outages.down("worker", "Kafka at k:9092", "no coordinator", "consume")
+        outages.down("worker", "Redis at redis://:pw@r:6379/0", "timeout", critical=False)
+        assert not outages.ready("worker") and outages.ready("ingest") and not outages.ready()
+        snapshot = outages.snapshot()
         assert snapshot["parts"]["worker"]["down"]["Kafka at k:9092"]["reason"] == "connection refused"
-        health.up("worker", "Kafka at k:9092", "produce")
-        assert not health.ready("worker")  # the consumer has not seen it back yet
-        health.up("worker", "Kafka at k:9092", "consume")
-        assert health.ready("worker")  # Redis down only degrades a worker
-        assert health.snapshot()["parts"]["worker"]["down"].keys() == {"Redis at redis://:***@r:6379/0"}
+        outages.up("worker", "Kafka at k:9092", "produce")
+        assert not outages.ready("worker")  # the consumer has not seen it back yet
+        outages.up("worker", "Kafka at k:9092", "consume")
+        assert outages.ready("worker")  # Redis down only degrades a worker
+        assert outages.snapshot()["parts"]["worker"]["down"].keys() == {"Redis at redis://:***@r:6379/0"}
     lines = [r.getMessage() for r in caplog.records]
     assert sum("Kafka at k:9092 unavailable" in line for line in lines) == 1
     assert sum("Kafka at k:9092 is back after" in line for line in lines) == 1
@@ -44,7 +44,7 @@ def test_an_outage_is_one_warning_and_one_line_and_readiness_follows(caplog):
 
 
 def test_retrying_waits_out_transient_errors_and_answers_a_stop():
-    health, calls = Health(), []
+    outages, calls = Outages(), []
 
     def flaky():
         calls.append(1)
@@ -53,15 +53,15 @@ def test_retrying_waits_out_transient_errors_and_answers_a_stop():
         return "done"
 
     assert retrying(flaky, part="p", dependency="d", transient=(ConnectionError,), stop=threading.Event(),
-                    backoff=FAST, health=health) == "done"
-    assert len(calls) == 4 and health.ready()
+                    backoff=FAST, outages=outages) == "done"
+    assert len(calls) == 4 and outages.ready()
     with pytest.raises(ValueError):  # not transient: passes through at once
-        retrying(lambda: int("x"), part="p", dependency="d", transient=(ConnectionError,), stop=None, health=health)
+        retrying(lambda: int("x"), part="p", dependency="d", transient=(ConnectionError,), stop=None, outages=outages)
     stop = threading.Event()
     stop.set()
     with pytest.raises(StopRequested):
         retrying(lambda: flaky() if False else (_ for _ in ()).throw(ConnectionError("down")), part="p",
-                 dependency="d", transient=(ConnectionError,), stop=stop, health=health)
+                 dependency="d", transient=(ConnectionError,), stop=stop, outages=outages)
 
 
 @contextmanager
@@ -105,7 +105,7 @@ def test_the_archive_sink_waits_out_a_store_outage(tmp_path, caplog):
     for seq in range(3):
         bus.producer().send(bus.topics.scores, encode(score_msg(seq, 0.9)), key=b"cam")
     stop, result = threading.Event(), {}
-    with caplog.at_level(logging.INFO, logger="linewatch.health"), sink_running(bus, archive, stop, result):
+    with caplog.at_level(logging.INFO, logger="linewatch.outages"), sink_running(bus, archive, stop, result):
         wait_for(lambda: store.refused >= 3, what="the sink to retry")
         assert bus.committed.get("linewatch-archive", {}).get((bus.topics.scores, 0), 0) == 0
         store.down.clear()

@@ -5,7 +5,7 @@ worker encodes a class once and shares it through Redis; every other worker, and
 restart, fetches the bytes instead. The key hashes the backbone identity and every prompt
 sentence (``AnomalyMethod.anchor_key``), so a stale entry can never be served for another
 model or prompt set. Redis is an optimisation, not a dependency: when it is down the worker
-computes locally and says so once (``bus.health``: one line when the outage begins, one when it
+computes locally and says so once (``bus.outages``: one line when the outage begins, one when it
 ends). While a worker runs it looks every ``UPKEEP_S`` whether Redis still holds the anchors it
 knows, and writes back the ones it lacks: after an outage, or a Redis restarted empty, the
 next worker to start fetches them instead of encoding them again. The folder (the embedded run's default,
@@ -21,7 +21,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
-from ..bus.health import HEALTH, describe
+from ..bus.outages import OUTAGES, describe
 from ..bus.redact import redact
 from ..scoring.prompts import TextAnchors
 
@@ -153,8 +153,8 @@ class AnchorCache:
             result = call(self.redis)
         except redis.RedisError as err:
             self.stats["redis_errors"] += 1
-            HEALTH.down(self.part, self.dependency, f"{describe(err)}; text anchors computed locally", "anchors",
+            OUTAGES.down(self.part, self.dependency, f"{describe(err)}; text anchors computed locally", "anchors",
                         critical=False)
             return None
-        HEALTH.up(self.part, self.dependency, "anchors")
+        OUTAGES.up(self.part, self.dependency, "anchors")
         return result

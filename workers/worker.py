@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 from ..bus import Bus, BusError, Record, RecordTooLarge, record_size
-from ..bus.health import HEALTH, StopRequested, describe
 from ..bus.jpeg import DEFAULT_MAX_PIXELS, shrink_jpeg
 from ..bus.maps import MAP_MAX_SIDE, encode_map
 from ..bus.messages import (
@@ -48,6 +47,7 @@ from ..bus.messages import (
     encode,
     frame_meta,
 )
+from ..bus.outages import OUTAGES, StopRequested, describe
 from ..scoring.backbone import Backbone
 from ..scoring.precision import autocast_dtype, resolve_precision
 from ..scoring.prompts import PromptPack
@@ -108,7 +108,7 @@ class ScoringWorker:
         # model runs asynchronously on a GPU; on a CPU it would only delay each batch's scores
         self.overlap = backbone.device.type == "cuda"
         self._busy_until = 0.0  # end of the last published batch (monotonic), so busy time is counted once
-        HEALTH.register(PART)
+        OUTAGES.register(PART)
 
     def prepare_all(self) -> None:
         """Prepare every configured profile up front, so the first frames don't wait for it."""

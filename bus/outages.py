@@ -1,13 +1,14 @@
 """Outages of the services a part depends on (Kafka, Redis, S3): wait, retry, and say so once.
 
 - ``Backoff``: retry delays, doubling to a cap, jittered.
-- ``HEALTH``: the process's outage state, per part (``ingest``, ``worker``, ``sink-archive``,
+- ``OUTAGES``: the process's outage state, per part (``ingest``, ``worker``, ``sink-archive``,
   ...) and dependency. An outage logs one warning when it begins and one line when it ends,
-  never a line per retry; ``HEALTH.snapshot()`` is what a ``/readyz`` endpoint reports. A
-  part is not ready while a dependency it cannot work without is down; one it can do without
-  (Redis for a worker, which then computes its text anchors itself) only degrades it.
+  never a line per retry; ``OUTAGES.ready()`` and ``OUTAGES.snapshot()`` are what a
+  ``/readyz`` endpoint reports (a readiness check reads them at each probe). A part is not
+  ready while a dependency it cannot work without is down; one it can do without (Redis for
+  a worker, which then computes its text anchors itself) only degrades it.
 - ``retrying(call, ...)``: run ``call`` until it stops raising the given transient errors,
-  through ``HEALTH``; ``StopRequested`` when the process is asked to stop meanwhile.
+  through ``OUTAGES``; ``StopRequested`` when the process is asked to stop meanwhile.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import TypeVar
 
 from .redact import redact
 
-log = logging.getLogger("linewatch.health")
+log = logging.getLogger("linewatch.outages")
 
 T = TypeVar("T")
 
@@ -58,7 +59,7 @@ class Outage:
     critical: bool = True  # the part cannot work without the dependency (else: degraded)
 
 
-class Health:
+class Outages:
     """Open outages by (part, dependency). Several clients of one part (a worker's producer
     and consumer) report the same outage: it begins with the first report and ends when every
     client that reported it has seen the dependency back."""
@@ -114,27 +115,27 @@ class Health:
         return {"ready": all(p["ready"] for p in parts.values()), "parts": parts}
 
 
-HEALTH = Health()
+OUTAGES = Outages()
 
 
 def retrying(call: Callable[[], T], *, part: str, dependency: str, transient: tuple[type[BaseException], ...],
              stop: threading.Event | None, backoff: Backoff = SERVICE_BACKOFF, source: str = "",
-             health: Health = HEALTH) -> T:
+             outages: Outages = OUTAGES) -> T:
     """``call()``, retried with ``backoff`` while it raises one of ``transient`` (the outage is
-    reported to ``health``); other errors pass through. StopRequested once ``stop`` is set."""
+    reported to ``outages``); other errors pass through. StopRequested once ``stop`` is set."""
     attempt = 0
     while True:
         try:
             result = call()
         except transient as err:
-            health.down(part, dependency, describe(err), source)
+            outages.down(part, dependency, describe(err), source)
             if stop is None:
                 time.sleep(backoff.delay(attempt))
             elif stop.wait(backoff.delay(attempt)):
                 raise StopRequested(f"{part}: stopped while {dependency} was unavailable") from None
             attempt += 1
             continue
-        health.up(part, dependency, source)
+        outages.up(part, dependency, source)
         return result
 
 
