@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 
+from ..bus.redact import redact
 from . import args as a
 
 S = argparse.SUPPRESS
@@ -20,7 +21,13 @@ S = argparse.SUPPRESS
 
 def add_common(parser: argparse.ArgumentParser, services: bool = True) -> None:
     parser.add_argument("--config", default=None, help="YAML settings file (see deploy/linewatch.example.yaml)")
+    parser.add_argument("--max-pixels", dest="max_pixels", type=a.positive, default=S,
+                        help="largest frame (width x height) decoded: ingest scales larger ones down, the worker "
+                             "and the archive dead-letter them (default 40000000)")
     if services:
+        parser.add_argument("--max-message-bytes", dest="max_message_bytes", type=a.positive, default=S,
+                            help="largest record sent to Kafka; set it to the broker's limit if that is lower "
+                                 "(default 16 MiB)")
         parser.add_argument("--bootstrap-servers", dest="bootstrap_servers", default=S,
                             help="Kafka brokers host:port[,host:port] (env LINEWATCH_BOOTSTRAP_SERVERS)")
         parser.add_argument("--topic-prefix", dest="topic_prefix", default=S, help="topic name prefix (default linewatch)")
@@ -167,13 +174,15 @@ def _settings(args: argparse.Namespace):
     from ..pipeline.settings import load_settings, nest
 
     flat = {k: v for k, v in vars(args).items() if "." in k or k in ("bootstrap_servers", "redis_url", "topic_prefix",
-                                                                      "partitions", "archive")}
+                                                                      "partitions", "archive", "max_pixels",
+                                                                      "max_message_bytes")}
     if "profile.options" in flat:
         flat["profile.options"] = dict(flat["profile.options"])
     return load_settings(args.config, nest(flat))
 
 
-def _bus(settings):
+def _bus(settings, part: str, stop: threading.Event):
+    """The Kafka bus of this process's ``part``; ``stop`` (its signals) ends any wait for the broker."""
     from ..bus import BusError
     from ..ops.health import HEALTH
     from ..pipeline.wiring import connect, kafka_options
@@ -181,8 +190,8 @@ def _bus(settings):
     if not settings.bootstrap_servers:
         raise BusError("no Kafka given: pass --bootstrap-servers or set LINEWATCH_BOOTSTRAP_SERVERS "
                        "(or use `linewatch run` for the in-process pipeline)")
-    bus = connect(f"kafka://{settings.bootstrap_servers}", settings.topic_prefix, settings.partitions,
-                  **kafka_options(settings))
+    bus = connect(f"kafka://{settings.bootstrap_servers}", settings.topic_prefix, settings.partitions, part=part,
+                  stop=stop, max_message_bytes=settings.max_message_bytes, **kafka_options(settings))
     HEALTH.set("bus", True, f"Kafka at {settings.bootstrap_servers}")
     return bus
 
@@ -199,16 +208,19 @@ def _operations(settings, *conditions: str):
     """For the command's lifetime: logs as configured, and the /metrics /healthz /readyz endpoint
     (unless ``ops.port`` is off), not ready until every one of ``conditions`` is reported."""
     from .. import __version__
+    from ..bus.outages import OUTAGES
     from ..ops import metrics
     from ..ops.health import HEALTH
     from ..ops.logs import setup_logging
     from ..ops.server import OpsServer
 
     ops = settings.ops
-    setup_logging(ops.log_format, ops.log_level)
+    setup_logging(ops.log_format, ops.log_level, redact=redact)
     HEALTH.reset()
     HEALTH.bound_s = ops.heartbeat_s
     HEALTH.expect(*conditions)
+    # the outages the parts ride out (Kafka, S3, the disk; Redis only degrades): not ready meanwhile
+    HEALTH.watch("outages", lambda: (OUTAGES.ready(), OUTAGES.snapshot()["parts"]))
     metrics.BUILD.info({"version": __version__})
     if ops.port is None:
         yield None
@@ -220,13 +232,14 @@ def _operations(settings, *conditions: str):
 def _logging(settings) -> None:
     from ..ops.logs import setup_logging
 
-    setup_logging(settings.ops.log_format, settings.ops.log_level)
+    setup_logging(settings.ops.log_format, settings.ops.log_level, redact=redact)
 
 
 def run_run(args) -> None:
-    from ..pipeline.embedded import run_embedded
+    from ..pipeline.embedded import check_inputs, run_embedded
 
     settings = _settings(args)
+    check_inputs(args.sources, settings, args.stream_ids)  # a mistake is one line, before the endpoint's
     with _operations(settings, "model"):
         summary = run_embedded(args.sources, settings, args.out, stream_ids=args.stream_ids)
     print(f"{summary.frames} frames scored in {summary.seconds:.1f} s ({summary.fps:.2f} frames/s, "
@@ -239,9 +252,10 @@ def run_ingest_command(args) -> None:
 
     settings = _settings(args)
     with _operations(settings, "bus", "sources"):
-        bus, i = _bus(settings), settings.ingest
+        stop = _stop_on_signals()
+        bus, i = _bus(settings, "ingest", stop), settings.ingest
         stats = run_ingest(bus, args.sources, stream_ids=args.stream_ids, fps=i.fps, max_size=i.max_size,
-                           jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=_stop_on_signals())
+                           jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=stop, max_pixels=settings.max_pixels)
     for s in stats:
         print(s.summary())
 
@@ -252,12 +266,13 @@ def run_worker(args) -> None:
 
     settings = _settings(args)
     with _operations(settings, "bus", "model", "assignment"):
-        bus = _bus(settings)
+        stop = _stop_on_signals()
+        bus = _bus(settings, "worker", stop)
         worker = build_worker(bus, settings)
         HEALTH.set("model", True, f"{worker.backbone.identity}, {len(worker.prepared)} profile(s) prepared")
         logging.getLogger("linewatch").info("worker %s ready (%s, %s, batches of up to %d)", worker.worker_id,
                                             worker.backbone.identity, worker.precision, worker.max_batch)
-        stats = worker.run(_stop_on_signals())
+        stats = worker.run(stop)
     print(f"worker {worker.worker_id}: {stats.frames} frames in {stats.batches} batches, {stats.dead} dead letters; "
           f"model {stats.model_s:.1f} s of {stats.busy_s:.1f} s busy ({stats.model_s / max(stats.busy_s, 1e-9):.0%})")
 
@@ -274,12 +289,13 @@ def run_sink(args) -> None:
     if args.kind == "alerts":
         policy_for = policy_table(settings)
     with _operations(settings, "bus", "assignment"):
-        bus = _bus(settings)
         stop = _stop_on_signals()
+        bus = _bus(settings, f"sink-{args.kind}", stop)
         if args.kind == "alerts":
             stats = run_alert_sink(bus, policy_for, alert_outputs(bus, settings), stop=stop, topic=args.scores_topic)
         else:
-            stats = run_archive_sink(bus, Archive(settings.archive), stop=stop, topic=args.scores_topic)
+            stats = run_archive_sink(bus, Archive(settings.archive, max_pixels=settings.max_pixels), stop=stop,
+                                     topic=args.scores_topic)
     print(f"sink {args.kind}: {stats}")
 
 
@@ -290,7 +306,7 @@ def run_replay(args) -> None:
     settings = _settings(args)
     _logging(settings)
     span = ReplayRange(args.from_offset, args.to_offset, args.since, args.until, args.stream)
-    bus = _bus(settings)
+    bus = _bus(settings, "replay", _stop_on_signals())
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     results = args.results_topic or f"{bus.topics.prefix}.replay.{settings.profile.method}-{stamp}"
     bus.ensure_topics([results])

@@ -2,8 +2,10 @@
 
 It is the same pipeline as the distributed one — ingest, a scoring worker and both sinks
 talking through the bus in the same records — only the bus is in process and the anchor
-cache is local. The worker scores on the main thread, ingest and the sinks run in threads;
-the run ends when every frame has been scored, every score has reached both sinks (each file
+cache is local. ``OUT/alerts.jsonl`` holds this run's alerts only (replaced at each run,
+unless ``alerts.jsonl`` is configured elsewhere); the archive keeps every run's frames, by
+session. The worker scores on the main thread, ingest and the sinks run in threads; the run
+ends when every frame has been scored, every score has reached both sinks (each file
 session's end marker among them, which closes its events) and every alert has been delivered.
 """
 
@@ -47,21 +49,29 @@ class RunSummary:
         return self.frames / self.seconds if self.seconds else 0.0
 
 
-def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_ids: list[str] | None = None,
-                 progress: bool = True, backbone: Backbone | None = None) -> RunSummary:
-    out = Path(out_dir)
-    settings = settings.model_copy(update={
-        "alerts": settings.alerts.model_copy(update={"jsonl": settings.alerts.jsonl or str(out / "alerts.jsonl")}),
-        "archive": settings.archive or str(out / "archive")})
+def check_inputs(sources: list[str], settings: Settings, stream_ids: list[str] | None = None) -> None:
+    """What a user can get wrong about a run that needs no model: fails before anything starts."""
     check_settings(settings)
     for spec in sources:  # a bad path fails here, before the model is built; live sources connect later
         if not is_live(spec):
-            open_source(spec).close()
+            open_source(spec, max_pixels=settings.max_pixels).close()
     for stream in stream_ids or ():
         check_stream_id(stream)
-    out.mkdir(parents=True, exist_ok=True)
 
-    bus = MemoryBus(Topics(settings.topic_prefix), partitions=1)
+
+def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_ids: list[str] | None = None,
+                 progress: bool = True, backbone: Backbone | None = None) -> RunSummary:
+    out = Path(out_dir)
+    fresh_alerts = None if settings.alerts.jsonl else out / "alerts.jsonl"  # this run's own, not appended to the last's
+    settings = settings.model_copy(update={
+        "alerts": settings.alerts.model_copy(update={"jsonl": settings.alerts.jsonl or str(out / "alerts.jsonl")}),
+        "archive": settings.archive or str(out / "archive")})
+    check_inputs(sources, settings, stream_ids)
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh_alerts is not None:
+        fresh_alerts.unlink(missing_ok=True)
+
+    bus = MemoryBus(Topics(settings.topic_prefix), partitions=1, max_message_bytes=settings.max_message_bytes)
     worker = build_worker(bus, settings, backbone)
     HEALTH.set("model", True, f"{worker.backbone.identity}, {len(worker.prepared)} profile(s) prepared")
     stop_sinks, stop_worker, stop_ingest = threading.Event(), threading.Event(), threading.Event()
@@ -83,7 +93,8 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     def ingest() -> None:
         i = settings.ingest
         stats = run_ingest(bus, sources, stream_ids=stream_ids, fps=i.fps, max_size=i.max_size,
-                           jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=stop_ingest, progress=progress)
+                           jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=stop_ingest, progress=progress,
+                           max_pixels=settings.max_pixels)
         published.append(sum(s.published for s in stats))
 
     # consumers join their groups before the first frame is published
@@ -91,7 +102,7 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     alert_sink = AlertSink(bus, policy_table(settings), alert_outputs(bus, settings))
     sinks = [
         guarded(alert_sink.run, stop_sinks),
-        guarded(run_archive_sink, bus, Archive(settings.archive), stop=stop_sinks),
+        guarded(run_archive_sink, bus, Archive(settings.archive, max_pixels=settings.max_pixels), stop=stop_sinks),
     ]
     for thread in sinks:
         thread.start()

@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
+from ..bus import MAX_MESSAGE_BYTES
+from ..bus.jpeg import DEFAULT_MAX_PIXELS
 from ..sinks.alerts import AlertPolicy
 from ..workers.profiles import StreamProfile
 
@@ -119,12 +121,18 @@ class Settings(BaseSettings):
     streams: dict[str, dict[str, Any]] = {}
     alerts: AlertSettings = AlertSettings()
     archive: str | None = None  # folder or s3://bucket/prefix
+    # the largest frame (width x height) a part decodes: ingest scales larger ones down, the
+    # worker and the archive dead-letter them (read from the JPEG header, before decoding)
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0)
+    # the largest record sent (the topics linewatch creates allow it); a score whose frame
+    # does not fit carries it re-encoded smaller. Set it to your broker's limit if lower.
+    max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=64 * 1024)
 
 
 def load_settings(config: str | None = None, overrides: dict | None = None) -> Settings:
     """Settings from ``overrides`` (flags), then LINEWATCH_* variables, then the YAML file."""
-    if config is not None and not Path(config).is_file():
-        raise ValueError(f"config file not found: {config}")
+    if config is not None:
+        _check_config_file(config)
 
     class _Settings(Settings):
         @classmethod
@@ -154,6 +162,23 @@ def secret(value: SecretStr | None, file: str | None, what: str) -> str | None:
         return Path(file).read_text().rstrip("\r\n")
     except OSError as err:
         raise ValueError(f"{what}: cannot read {file}: {err.strerror}") from None
+def _check_config_file(config: str) -> None:
+    """A config file is UTF-8 YAML whose top level is a mapping (or empty): anything else gets
+    an error naming the file, before pydantic-settings reads it."""
+    path = Path(config)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {config}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {config} is not text (expected YAML settings, UTF-8)") from None
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {config} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if content is not None and not isinstance(content, dict):
+        raise ValueError(f"config file {config} holds a YAML {type(content).__name__}, expected a mapping of "
+                         "settings (see deploy/linewatch.example.yaml)")
 
 
 def nest(flat: dict[str, Any]) -> dict:

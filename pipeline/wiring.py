@@ -3,9 +3,10 @@ the alert policies and outputs). Every check a user can fail that needs no model
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
-from ..bus import Bus, BusError, Topics
+from ..bus import MAX_MESSAGE_BYTES, Bus, BusError, Topics
 from ..bus.streams import StreamTable
 from ..scoring.backbone import Backbone, BackboneConfig
 from ..scoring.prompts import PromptPack
@@ -16,18 +17,21 @@ from ..workers.worker import ScoringWorker
 from .settings import Settings, secret
 
 
-def connect(url: str, prefix: str = "linewatch", partitions: int = 4, **kafka) -> Bus:
-    """``memory://`` or ``kafka://host:port,...`` (``host:port`` alone means Kafka); ``kafka``:
-    KafkaBus's security and topic options (``kafka_options``)."""
+def connect(url: str, prefix: str = "linewatch", partitions: int = 4, *, part: str = "linewatch",
+            stop: threading.Event | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES, **kafka) -> Bus:
+    """``memory://`` or ``kafka://host:port,...`` (``host:port`` alone means Kafka). ``part``
+    names this process's part in outage reports; ``stop`` ends any wait for the broker;
+    ``kafka``: KafkaBus's security and topic options (``kafka_options``)."""
     topics = Topics(prefix)
     if url.startswith("memory://"):
         from ..bus.memory import MemoryBus
-        return MemoryBus(topics, partitions)
+        return MemoryBus(topics, partitions, max_message_bytes=max_message_bytes)
     servers = url.removeprefix("kafka://")
     if not servers or "://" in servers:
         raise BusError(f"bus URL {url!r}: use memory:// or kafka://host:port[,host:port]")
     from ..bus.kafka import KafkaBus
-    return KafkaBus(servers, topics, partitions, **kafka)
+    return KafkaBus(servers, topics, partitions, part=part, stop=stop, max_message_bytes=max_message_bytes,
+                    **kafka)
 
 
 def kafka_options(settings: Settings) -> dict:
@@ -109,7 +113,7 @@ def build_worker(bus: Bus, settings: Settings, backbone: Backbone | None = None,
     w = settings.worker
     worker = ScoringWorker(bus, backbone, profiles, anchors, prompts=prompts, max_batch=w.max_batch,
                            max_wait_ms=w.max_wait_ms, precision=w.precision, summary_s=settings.ops.summary_s,
-                           **kwargs)
+                           max_pixels=settings.max_pixels, **kwargs)
     worker.prepare_all()
     return worker
 

@@ -84,10 +84,11 @@ class Processes:
         self.logs, self.running = logs, {}
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")
+    def start(self, name: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+        """``linewatch ARGS`` as a process, its output (appended, across restarts) in ``<name>.log``."""
+        log = open(self.logs / f"{name}.log", "ab")
         process = subprocess.Popen([sys.executable, "-m", "linewatch", *args], stdout=log,
-                                   stderr=subprocess.STDOUT, env=self.env)
+                                   stderr=subprocess.STDOUT, env={**self.env, **(env or {})})
         self.running[name] = process
         return process
 
@@ -98,9 +99,10 @@ class Processes:
         process = self.running[name]
         assert process.poll() is None, f"{name} exited {process.returncode}:\n{self.log(name)[-3000:]}"
 
-    def wait_for_line(self, name: str, text: str, timeout: float) -> None:
+    def wait_for_line(self, name: str, text: str, timeout: float, count: int = 1) -> None:
+        """Until ``name``'s log holds ``text`` ``count`` times (a restarted process appends)."""
         deadline = time.monotonic() + timeout
-        while text not in self.log(name):
+        while self.log(name).count(text) < count:
             self.alive(name)
             assert time.monotonic() < deadline, f"{name} never said {text!r}:\n{self.log(name)[-3000:]}"
             time.sleep(0.5)

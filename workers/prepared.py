@@ -17,6 +17,7 @@ from .anchors import AnchorCache
 from .profiles import StreamProfile, reference_paths
 
 log = logging.getLogger(__name__)
+_warned_random_zero_shot = False  # once per process
 
 
 class PreparedProfile:
@@ -35,6 +36,8 @@ class PreparedProfile:
             paths = reference_paths(profile.references, profile.shots)
             references = torch.stack([load_image(p, backbone.image_size) for p in paths])
         self.method.prepare(profile.class_name, reference_images=references, anchors=text)
+        if references is None and profile.checkpoint is None and backbone.config.weights == "none":
+            _warn_random_zero_shot(profile)
         self.threshold, how = self._threshold(profile, references, text, backbone)
         log.info("%s/%s: threshold %.4f (%s)", profile.method, profile.class_name, self.threshold, how)
         self.anchor_key = key
@@ -53,3 +56,12 @@ class PreparedProfile:
             self.method.prepare(profile.class_name, reference_images=references, anchors=text)  # LOO left a subset
             return value, "auto, leave-one-out over the references"
         return 0.5, "auto, zero-shot: abnormal more likely than normal"
+
+
+def _warn_random_zero_shot(profile: StreamProfile) -> None:
+    global _warned_random_zero_shot
+    if not _warned_random_zero_shot:
+        _warned_random_zero_shot = True
+        log.warning("%s/%s scores zero-shot on RANDOM weights (--weights none): its text anchors are noise, so its "
+                    "scores mean nothing and most frames may be flagged anomalous. Give --references (few-shot), "
+                    "pretrained --weights, or a trained --checkpoint.", profile.method, profile.class_name)
