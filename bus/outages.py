@@ -57,17 +57,31 @@ class Outage:
     began: float  # time.monotonic() it began
     sources: set[str] = field(default_factory=set)  # which clients of the part see it (produce, consume, ...)
     critical: bool = True  # the part cannot work without the dependency (else: degraded)
+    back_at: float | None = None  # time.monotonic() every client saw it back; over once that lasts
+
+
+RECOVERY_S = 3.0  # how long a dependency must stay back before its outage is over (said once)
 
 
 class Outages:
     """Open outages by (part, dependency). Several clients of one part (a worker's producer
     and consumer) report the same outage: it begins with the first report and ends when every
-    client that reported it has seen the dependency back."""
+    client that reported it has seen the dependency back and it has stayed back ``recovery_s``
+    (clients recover at different moments: a producer's first acknowledgement can come before
+    the consumer's first commit fails again). A report meanwhile continues the same outage:
+    one warning, one line, however it flaps. While it recovers the part counts as ready."""
 
-    def __init__(self):
+    def __init__(self, recovery_s: float = RECOVERY_S):
+        self.recovery_s = recovery_s
         self._lock = threading.Lock()
         self._parts: set[str] = set()
         self._outages: dict[tuple[str, str], Outage] = {}
+
+    def reset(self) -> None:
+        """Forget every part and outage (a process that runs several commands: tests)."""
+        with self._lock:
+            self._parts.clear()
+            self._outages.clear()
 
     def register(self, part: str) -> None:
         with self._lock:
@@ -80,6 +94,7 @@ class Outages:
             outage = self._outages.get((part, dependency))
             if outage is not None:
                 outage.sources.add(source)
+                outage.back_at = None  # not over yet: the same outage goes on
                 return
             self._outages[(part, dependency)] = Outage(reason, time.time(), time.monotonic(), {source}, critical)
         log.warning("%s: %s unavailable (%s); %s until it is back", part, dependency, reason,
@@ -94,14 +109,29 @@ class Outages:
             if outage is None:
                 return
             outage.sources.discard(source)
-            if outage.sources:
+            if outage.sources or outage.back_at is not None:
+                return
+            outage.back_at = back_at = time.monotonic()
+        if self.recovery_s <= 0:
+            self._over(part, dependency, back_at)
+            return
+        timer = threading.Timer(self.recovery_s, self._over, (part, dependency, back_at))
+        timer.daemon = True
+        timer.start()
+
+    def _over(self, part: str, dependency: str, back_at: float) -> None:
+        """The outage is over if it has stayed back since ``back_at``."""
+        with self._lock:
+            outage = self._outages.get((part, dependency))
+            if outage is None or outage.back_at != back_at:
                 return
             del self._outages[(part, dependency)]
-        log.info("%s: %s is back after %.1f s", part, dependency, time.monotonic() - outage.began)
+        log.info("%s: %s is back after %.1f s", part, dependency, back_at - outage.began)
 
     def ready(self, part: str | None = None) -> bool:
         with self._lock:
-            return not any(outage.critical and part in (p, None) for (p, _), outage in self._outages.items())
+            return not any(outage.critical and outage.back_at is None and part in (p, None)
+                           for (p, _), outage in self._outages.items())
 
     def snapshot(self) -> dict:
         """{"ready": bool, "parts": {part: {"ready": bool, "down": {dependency: {"reason", "since",
@@ -109,6 +139,8 @@ class Outages:
         with self._lock:
             parts = {part: {"ready": True, "down": {}} for part in self._parts}
             for (part, dependency), outage in self._outages.items():
+                if outage.back_at is not None:
+                    continue  # recovering
                 parts[part]["ready"] &= not outage.critical
                 parts[part]["down"][dependency] = {"reason": outage.reason, "since": outage.since,
                                                    "critical": outage.critical}

@@ -217,6 +217,7 @@ def _operations(settings, *conditions: str):
     ops = settings.ops
     setup_logging(ops.log_format, ops.log_level, redact=redact)
     HEALTH.reset()
+    OUTAGES.reset()
     HEALTH.bound_s = ops.heartbeat_s
     HEALTH.expect(*conditions)
     # the outages the parts ride out (Kafka, S3, the disk; Redis only degrades): not ready meanwhile

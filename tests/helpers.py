@@ -77,6 +77,9 @@ def wait_for(condition, timeout_s: float = 30.0, what: str = "the condition") ->
 
 
 # ---- linewatch processes ------------------------------------------------------------------------
+WORKER_READY = " ready ("  # the worker's "worker <id> ready (<model>, ...)" line (not the endpoint's "/readyz")
+
+
 class Processes:
     """`linewatch` commands as processes, each logging to ``<logs>/<name>.log``."""
 

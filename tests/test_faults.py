@@ -46,7 +46,7 @@ from linewatch.bus.messages import (
 from linewatch.ingest.demo import write_demo_clip
 from linewatch.pipeline.wiring import connect
 
-from helpers import Processes, jpeg, score_msg, wait_for
+from helpers import WORKER_READY, Processes, jpeg, score_msg, wait_for
 
 pytestmark = pytest.mark.services
 
@@ -157,7 +157,7 @@ def test_poison_records_are_dead_lettered_and_nothing_stops(kafka_servers, tmp_p
     processes.start("worker", "worker", *common, *MODEL, *limits)
     processes.start("archive", "sink", "archive", *common, "--archive", str(archive), *limits)
     processes.start("alerts", "sink", "alerts", *common, "--jsonl", str(tmp_path / "alerts.jsonl"), "--no-publish")
-    processes.wait_for_line("worker", "ready", timeout=300)
+    processes.wait_for_line("worker", WORKER_READY, timeout=300)
 
     bus = connect(f"kafka://{kafka_servers}", prefix, PARTITIONS)
     producer = bus.producer()
@@ -213,14 +213,14 @@ def test_killed_parts_resume_and_lose_nothing(kafka_servers, clip, tmp_path, pro
     archive = tmp_path / "archive"
     processes.start("worker", "worker", *common, *MODEL)
     processes.start("archive", "sink", "archive", *common, "--archive", str(archive))
-    processes.wait_for_line("worker", "ready", timeout=300)
+    processes.wait_for_line("worker", WORKER_READY, timeout=300)
     processes.start("ingest", "ingest", str(clip.video), "--stream-id", "drone", "--realtime", *common)
 
     wait_for(lambda: len(index_rows(archive)) >= 10, timeout_s=120, what="10 frames archived")
     processes.running["worker"].send_signal(signal.SIGKILL)  # mid-batch, offsets uncommitted
     processes.running["worker"].wait()
     processes.start("worker", "worker", *common, *MODEL)
-    processes.wait_for_line("worker", "ready", timeout=300, count=2)
+    processes.wait_for_line("worker", WORKER_READY, timeout=300, count=2)
 
     at = len(index_rows(archive))
     wait_for(lambda: len(index_rows(archive)) >= at + 5, timeout_s=120, what="5 more frames archived")
@@ -265,7 +265,7 @@ def test_broker_outages_on_durable_storage(s3_server, clip, tmp_path, processes)
         processes.start("worker", "worker", *common, *MODEL)
         processes.start("archive", "sink", "archive", *common, "--archive", str(archive))
         processes.start("alerts", "sink", "alerts", *common, "--jsonl", str(tmp_path / "alerts.jsonl"))
-        processes.wait_for_line("worker", "ready", timeout=300)
+        processes.wait_for_line("worker", WORKER_READY, timeout=300)
         processes.start("ingest", "ingest", str(clip.video), "--stream-id", "drone", "--realtime", *common)
         wait_for(lambda: len(index_rows(archive)) >= 10, timeout_s=120, what="10 frames archived")
         kill_broker()
@@ -323,7 +323,7 @@ def test_redis_outage_and_an_empty_restart(kafka_servers, tmp_path, processes):
         prefix = "fault-redis"
         common = flags(kafka_servers, prefix)
         processes.start("worker", "worker", *common, *MODEL, "--redis-url", url)
-        processes.wait_for_line("worker", "ready", timeout=300)
+        processes.wait_for_line("worker", WORKER_READY, timeout=300)
         client = redis.Redis.from_url(url)
         (key,) = client.keys("anchors:*")
         server.send_signal(signal.SIGKILL)

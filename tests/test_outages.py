@@ -23,7 +23,7 @@ FAST = Backoff(initial=0.01, cap=0.02)
 
 
 def test_an_outage_is_one_warning_and_one_line_and_readiness_follows(caplog):
-    outages = Outages()
+    outages = Outages(recovery_s=0)
     with caplog.at_level(logging.INFO, logger="linewatch.outages"):
         for _ in range(5):  # every failed retry, from two clients of the part
             outages.down("worker", "Kafka at k:9092", "connection refused", "produce")
@@ -41,6 +41,23 @@ def test_an_outage_is_one_warning_and_one_line_and_readiness_follows(caplog):
     assert sum("Kafka at k:9092 unavailable" in line for line in lines) == 1
     assert sum("Kafka at k:9092 is back after" in line for line in lines) == 1
     assert not any("pw@" in line for line in lines)
+
+
+def test_an_outage_that_flaps_while_its_clients_recover_is_still_one(caplog):
+    """A producer sees Kafka back before the consumer's next commit fails: the same outage goes
+    on (no second warning); it is over once everyone has seen it back for ``recovery_s``."""
+    outages = Outages(recovery_s=0.2)
+    with caplog.at_level(logging.INFO, logger="linewatch.outages"):
+        outages.down("sink-alerts", "Kafka at k:9092", "records not acknowledged", "produce")
+        outages.up("sink-alerts", "Kafka at k:9092", "produce")
+        assert outages.ready("sink-alerts")  # recovering counts as ready
+        outages.down("sink-alerts", "Kafka at k:9092", "cannot commit", "consume")
+        assert not outages.ready("sink-alerts")
+        outages.up("sink-alerts", "Kafka at k:9092", "consume")
+        wait_for(lambda: any("is back after" in r.getMessage() for r in caplog.records), what="the outage to end")
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("unavailable" in line for line in lines) == 1 and sum("is back after" in line for line in lines) == 1
+    assert outages.snapshot()["parts"]["sink-alerts"]["down"] == {}
 
 
 def test_retrying_waits_out_transient_errors_and_answers_a_stop():
@@ -110,6 +127,7 @@ def test_the_archive_sink_waits_out_a_store_outage(tmp_path, caplog):
         assert bus.committed.get("linewatch-archive", {}).get((bus.topics.scores, 0), 0) == 0
         store.down.clear()
         wait_for(lambda: bus.committed["linewatch-archive"].get((bus.topics.scores, 0)) == 3, what="the commit")
+        wait_for(lambda: any("is back after" in r.getMessage() for r in caplog.records), what="the outage's end")
     assert result["stats"].archived == 3 and result["stats"].dead == 0
     assert len(list(tmp_path.rglob("*.json"))) == 3 and len(list(tmp_path.rglob("*.mask.png"))) == 3
     lines = [r.getMessage() for r in caplog.records]
