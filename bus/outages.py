@@ -119,6 +119,15 @@ class Outages:
         timer.daemon = True
         timer.start()
 
+    def settle(self) -> None:
+        """End every outage that is recovering now, at once (a part finishing its work: its
+        "is back" line must not be lost with the process)."""
+        with self._lock:
+            recovering = [(part, dependency, outage.back_at) for (part, dependency), outage in self._outages.items()
+                          if outage.back_at is not None]
+        for part, dependency, back_at in recovering:
+            self._over(part, dependency, back_at)
+
     def _over(self, part: str, dependency: str, back_at: float) -> None:
         """The outage is over if it has stayed back since ``back_at``."""
         with self._lock:

@@ -223,11 +223,14 @@ def _operations(settings, *conditions: str):
     # the outages the parts ride out (Kafka, S3, the disk; Redis only degrades): not ready meanwhile
     HEALTH.watch("outages", lambda: (OUTAGES.ready(), OUTAGES.snapshot()["parts"]))
     metrics.BUILD.info({"version": __version__})
-    if ops.port is None:
-        yield None
-        return
-    with OpsServer(ops.host, ops.port) as server:
-        yield server
+    try:
+        if ops.port is None:
+            yield None
+            return
+        with OpsServer(ops.host, ops.port) as server:
+            yield server
+    finally:
+        OUTAGES.settle()  # an outage that ended as the command finished still gets its "is back" line
 
 
 def _logging(settings) -> None:
@@ -292,11 +295,14 @@ def run_sink(args) -> None:
     with _operations(settings, "bus", "assignment"):
         stop = _stop_on_signals()
         bus = _bus(settings, f"sink-{args.kind}", stop)
+        # a sink on another scores topic (a replay's) is a group of its own, not a member of the live sinks'
+        group = f"linewatch-{args.kind}" + (f"@{args.scores_topic}" if args.scores_topic else "")
         if args.kind == "alerts":
-            stats = run_alert_sink(bus, policy_for, alert_outputs(bus, settings), stop=stop, topic=args.scores_topic)
+            stats = run_alert_sink(bus, policy_for, alert_outputs(bus, settings), stop=stop, topic=args.scores_topic,
+                                   group=group)
         else:
             stats = run_archive_sink(bus, Archive(settings.archive, max_pixels=settings.max_pixels), stop=stop,
-                                     topic=args.scores_topic)
+                                     topic=args.scores_topic, group=group)
     print(f"sink {args.kind}: {stats}")
 
 

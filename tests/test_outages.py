@@ -58,6 +58,11 @@ def test_an_outage_that_flaps_while_its_clients_recover_is_still_one(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert sum("unavailable" in line for line in lines) == 1 and sum("is back after" in line for line in lines) == 1
     assert outages.snapshot()["parts"]["sink-alerts"]["down"] == {}
+    with caplog.at_level(logging.INFO, logger="linewatch.outages"):
+        outages.down("ingest", "Kafka at k:9092", "refused", "produce")
+        outages.up("ingest", "Kafka at k:9092", "produce")
+        outages.settle()  # the part finished its work while recovering: the line is said now, not lost
+    assert sum("ingest: Kafka at k:9092 is back after" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_retrying_waits_out_transient_errors_and_answers_a_stop():
