@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import bench, offline, pipeline
+from . import bench, console, offline, pipeline
 
 DESCRIPTION = "Streaming anomaly inspection for power-line camera and drone video."
 
@@ -19,12 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_parsers(commands)
     pipeline.add_parsers(commands)
     bench.add_parser(commands)
+    console.add_parsers(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {**offline.HANDLERS, **pipeline.HANDLERS, "bench": bench.run}
+    handlers = {**offline.HANDLERS, **pipeline.HANDLERS, **console.HANDLERS, "bench": bench.run}
     from ..bus import BusError
     from ..offline.datasets import DatasetError
     from ..scoring.backbone import BackboneError
