@@ -71,7 +71,7 @@ def demo_console(tmp_path):
                                     "profile": {"references": str(references)}})
     bus, archive = MemoryBus(partitions=1), Archive(tmp_path / "archive")
     server = serve(settings, bus, lambda stream: AlertPolicy(k=2, n=3))
-    event_stream(bus, "0011110000", archive=archive)
+    event_stream(bus, "0011110000100000", archive=archive)  # frame 10: archived, in no event
     wait_for(lambda: server.console.store.events() and server.console.store.events()[0]["status"] == "closed",
              15, "the event in the console")
     yield server, references
@@ -89,7 +89,7 @@ def test_archive_files_are_served_by_id_only(demo_console):
                  "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/api/events/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
                  f"/api/events/{event['id']}/frames/{event['peak_seq']}/..%2f..%2f..%2fetc%2fpasswd",
                  "/api/events/999/frames/2/overlay",  # unknown event
-                 f"/api/events/{event['id']}/frames/0/overlay",  # a frame that is not the event's
+                 f"/api/events/{event['id']}/frames/10/overlay",  # archived, but not the event's
                  f"/api/events/{event['id']}/frames/{event['peak_seq']}/index.sqlite",  # not a kind
                  "/api/events/999", "/api/flights/999", "/api/flights/999/alerts.kml", "/api/streams/7/tile.jpg"):
         status, body, _ = raw(server.port, path)
@@ -239,8 +239,8 @@ def test_the_live_stream_carries_tiles_and_new_points_only(demo_console):
         data = next(line for line in lines if line.startswith(b"data: "))
     update = json.loads(data[len(b"data: "):])
     [stream] = update["streams"]
-    assert stream["name"] == "drone-1" and [p[0] for p in stream["points"]] == list(range(4, 11))
-    assert stream["latest"]["seq"] == 9 and stream["tile"] == "s1:5"  # the newest frame with an image and a map
+    assert stream["name"] == "drone-1" and [p[0] for p in stream["points"]] == list(range(4, 17))
+    assert stream["latest"]["seq"] == 15 and stream["tile"] == "s1:10"  # the newest frame with an image and a map
     assert raw(server.port, f"/api/streams/{stream['id']}/tile.jpg")[0] == 200
 
 
