@@ -30,7 +30,7 @@ def console_token(settings) -> str | None:
     from ..pipeline.settings import secret
 
     c = settings.console
-    token = secret(c.token, c.token_file, "console.token_file")
+    token = secret(c.token, c.token_file, "console.token_file") or None  # empty (compose's default): none
     if token is not None and not TOKEN.fullmatch(token):
         raise ValueError("console token: at least 16 characters of letters, digits and ._~+/=- "
                          "(e.g. `openssl rand -hex 32`)")
