@@ -190,8 +190,8 @@ def message_text(alert: AlertMsg) -> tuple[str, str]:
     verb = "anomaly on" if alert.status == "open" else "cleared:"
     title = f"linewatch: {verb} {alert.stream}"
     lines = [f"event {alert.event_id} ({alert.status})",
-             f"{alert.class_name}, {alert.method}: peak score {alert.peak_score:.3f} (threshold {alert.threshold:.3f}) "
-             f"at frame {alert.peak_seq}",
+             (f"{alert.class_name}, {alert.method}: peak score {alert.peak_score:.3f} "
+              f"(threshold {alert.threshold:.3f}) at frame {alert.peak_seq}"),
              f"from {when(alert.start_ts)}" + (f" to {when(alert.end_ts)}" if alert.status == "closed" else ""),
              f"{len(alert.frames)} anomalous frame(s), {alert.start_seq}..{alert.end_seq}"]
     t = alert.telemetry

@@ -119,6 +119,7 @@ def test_a_broker_that_is_down_delays_no_other_output_and_gets_the_alerts_once_u
     """MQTT points at a port where no broker runs yet: the JSONL file has both alerts while MQTT
     still retries; a broker started there then receives them (paho reconnects on its own)."""
     from linewatch.bench.broker import free_port
+
     from services import mosquitto_broker
 
     port = free_port()

@@ -8,6 +8,7 @@ import base64
 import http.client
 import json
 import threading
+import time
 import urllib.request
 import xml.etree.ElementTree as ET
 
@@ -248,3 +249,57 @@ def test_threads_of_a_stopped_console_end(demo_console):
     server, _ = demo_console
     server.stop()
     assert not [t for t in threading.enumerate() if t.name.startswith("console-")]
+
+
+def test_the_console_reads_kafka_outside_any_group(kafka_servers, tmp_path):
+    """On Tansu: scores from before the console started and after are on the timeline, alerts in
+    the store, the replay topic offered for compare; the sinks' groups are untouched."""
+    from linewatch.pipeline.wiring import connect
+
+    prefix = f"console{time.monotonic_ns()}"
+    bus = connect(f"kafka://{kafka_servers}", prefix, 2)
+    bus.ensure_topics([f"{prefix}.replay.winclip-1"])
+    event_stream(bus, "00111000")
+    bus.producer().flush()
+    settings = load_settings(None, {"archive": str(tmp_path), "console": {"port": 0}, "topic_prefix": prefix})
+    server = serve(settings, bus, lambda stream: AlertPolicy(k=2, n=3))
+    try:
+        event_stream(bus, "0000", stream="drone-2")
+        bus.producer().flush()
+        wait_for(lambda: [e["status"] for e in server.console.store.events()] == ["closed"], 60, "the alert")
+        wait_for(lambda: {s["name"]: len(s["points"]) for s in server.console.live.update(0)["streams"]}
+                 == {"drone-1": 8, "drone-2": 4}, 60, "both streams' scores")
+        body = raw(server.port, "/api/topics")[1]
+        assert json.loads(body) == sorted([f"{prefix}.replay.winclip-1", f"{prefix}.scores"])
+    finally:
+        server.stop()
+        bus.close()
+
+
+def test_an_s3_archive_serves_the_events_frames_and_keeps_the_reviews_in_the_bucket(s3_server, tmp_path, monkeypatch):
+    for name, value in {"AWS_ENDPOINT_URL": s3_server.endpoint_url, "AWS_ACCESS_KEY_ID": s3_server.access_key,
+                        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    root = f"s3://{s3_server.bucket}/console-test"
+    archive = Archive(root)
+    settings = load_settings(None, {"archive": root, "console": {"port": 0, "index": str(tmp_path / "one.sqlite")}})
+    bus = MemoryBus(partitions=1)
+    server = serve(settings, bus, lambda stream: AlertPolicy(k=2, n=3))
+    try:
+        event_stream(bus, "0011000000", archive=archive)
+        wait_for(lambda: [e["status"] for e in server.console.store.events()] == ["closed"], 30, "the event")
+        event = server.console.store.events()[0]
+        status, body, headers = raw(server.port, f"/api/events/{event['id']}/frames/{event['peak_seq']}/overlay")
+        assert status == 200 and headers["content-type"] == "image/jpeg"
+        assert raw(server.port, f"/api/events/{event['id']}/frames/{event['peak_seq']}/../../x")[0] == 404
+        raw(server.port, f"/api/events/{event['id']}/review", {"Content-Type": "application/json"}, "POST",
+            b'{"verdict": "confirmed", "note": "cracked"}')
+    finally:
+        server.stop()
+    # a console with a new, empty local index (a new pod) finds the review in the bucket
+    fresh = serve(load_settings(None, {"archive": root, "console": {"port": 0, "index": str(tmp_path / "two.sqlite")}}))
+    try:
+        assert [(r["event_id"], r["verdict"], r["note"]) for r in fresh.console.store.reviews()] == \
+            [(event["event_id"], "confirmed", "cracked")]
+    finally:
+        fresh.stop()

@@ -93,7 +93,7 @@ def test_console_shows_a_demo_run_and_keeps_its_review(browser, tmp_path, monkey
     def run():
         try:
             run_embedded([str(clip.video)], settings, str(out), stream_ids=["drone-1"], progress=False, attach=attach)
-        except BaseException as err:  # surfaced below
+        except BaseException as err:  # noqa: BLE001 - surfaced below
             errors.append(err)
             release.set()
 
@@ -110,8 +110,8 @@ def test_console_shows_a_demo_run_and_keeps_its_review(browser, tmp_path, monkey
         release.set()
         wait_for(lambda: points(browser) > first, 120, "the timeline to grow")
         wait_for(lambda: points(browser) == clip.frame_count, 120, "every frame on the timeline")
-        tile = js(browser, "return document.querySelector('.tile[data-stream=\"drone-1\"] img').naturalWidth")
-        assert tile > 0  # the latest frame's overlay
+        wait_for(lambda: js(browser, "const i = document.querySelector('.tile[data-stream=\"drone-1\"] img');"
+                                     "return i.complete && i.naturalWidth > 0"), 30, "the latest frame's overlay")
         assert int(js(browser, "return Number(document.querySelector('.tile canvas').dataset.runs)")) >= 1  # shaded
         shot(browser, "2-live-whole-clip")
         runner.join(300)
@@ -119,9 +119,9 @@ def test_console_shows_a_demo_run_and_keeps_its_review(browser, tmp_path, monkey
 
         browser.find_element("css selector", "a[data-tab=alerts]").click()
         row = "#alerts tbody tr[data-event-id^='drone-1@']"
-        wait_for(lambda: js(browser, f"return document.querySelectorAll(\"{row}\").length") == 1, 30,
-                 "the demo's event in the alert list")
-        assert "closed" in browser.find_element("css selector", row).text
+        texts = f"return [...document.querySelectorAll(\"{row}\")].map(r => r.textContent)"
+        wait_for(lambda: len(found := js(browser, texts)) == 1 and "closed" in found[0], 30,
+                 "the demo's event, closed, in the alert list")
         shot(browser, "3-alerts")
         browser.find_element("css selector", row).click()
         wait_for(lambda: js(browser, "const i = document.getElementById('event-overlay');"
