@@ -64,13 +64,17 @@ def build_app(console) -> FastAPI:
 
     @app.get("/api/live")
     async def live(request: Request, after: int = 0):
+        # a browser reconnecting sends the id of the last update it had: only what came after
+        last = request.headers.get("last-event-id", "")
+        cursor = max(after, int(last)) if last.isdigit() else after
+
         async def stream():
-            cursor = after
+            nonlocal cursor
             yield "retry: 2000\n\n"
             while not console.stop.is_set() and not await request.is_disconnected():
                 update = console.live.update(cursor)
                 cursor = update["n"]
-                yield f"data: {json.dumps(update)}\n\n"
+                yield f"id: {cursor}\ndata: {json.dumps(update)}\n\n"
                 await asyncio.sleep(LIVE_PERIOD_S)
 
         return StreamingResponse(stream(), media_type="text/event-stream",

@@ -53,6 +53,13 @@ def js(driver, script: str, *args):
     return driver.execute_script(script, *args)
 
 
+def seen(driver) -> str:
+    """What the page shows, for a failure message."""
+    return js(driver, "return JSON.stringify({status: document.getElementById('status').textContent, hash: location.hash,"
+                      "tiles: [...document.querySelectorAll('.tile')].map(t => [t.dataset.stream,"
+                      "t.querySelector('canvas').dataset.points])})")
+
+
 def points(driver) -> int:
     return int(js(driver, "const c = document.querySelector('.tile[data-stream=\"drone-1\"] canvas');"
                           "return c ? Number(c.dataset.points) : 0;"))
@@ -104,12 +111,13 @@ def test_console_shows_a_demo_run_and_keeps_its_review(browser, tmp_path, monkey
         assert not errors, errors
         server = opened[0]
         browser.get(server.url)
-        wait_for(lambda: points(browser) >= 1, 60, "the stream's tile and its first timeline points")
+        wait_for(lambda: points(browser) >= 1, 60, "the stream's tile and its first timeline points",
+                 lambda: seen(browser))
         first = points(browser)
         shot(browser, "1-live-first-batch")
         release.set()
-        wait_for(lambda: points(browser) > first, 120, "the timeline to grow")
-        wait_for(lambda: points(browser) == clip.frame_count, 120, "every frame on the timeline")
+        wait_for(lambda: points(browser) > first, 120, "the timeline to grow", lambda: seen(browser))
+        wait_for(lambda: points(browser) == clip.frame_count, 120, "every frame on the timeline", lambda: seen(browser))
         wait_for(lambda: js(browser, "const i = document.querySelector('.tile[data-stream=\"drone-1\"] img');"
                                      "return i.complete && i.naturalWidth > 0"), 30, "the latest frame's overlay")
         assert int(js(browser, "return Number(document.querySelector('.tile canvas').dataset.runs)")) >= 1  # shaded

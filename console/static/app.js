@@ -47,7 +47,7 @@ function tileOf(stream) {
     <canvas width="760" height="180" data-points="0"></canvas>`;
   $(".name", element).textContent = stream.name;
   $("#tiles").appendChild(element);
-  view = { element, points: [], tile: null };
+  view = { element, points: [], tile: null, lastN: 0 };
   state.streams.set(stream.id, view);
   return view;
 }
@@ -56,7 +56,9 @@ function onLive(update) {
   $("#live-empty").hidden = update.streams.length > 0;
   for (const stream of update.streams) {
     const view = tileOf(stream);
-    view.points.push(...stream.points);
+    for (const point of stream.points) {  // point[0] numbers it: a reconnect never adds a point twice
+      if (point[0] > view.lastN) { view.points.push(point); view.lastN = point[0]; }
+    }
     const newest = view.points.length ? view.points[view.points.length - 1][2] : 0;
     while (view.points.length && view.points[0][2] < newest - update.history_s) view.points.shift();
     const latest = stream.latest;
