@@ -243,6 +243,13 @@ def test_the_live_stream_carries_tiles_and_new_points_only(demo_console):
     assert stream["name"] == "drone-1" and [p[0] for p in stream["points"]] == list(range(4, 17))
     assert stream["latest"]["seq"] == 15 and stream["tile"] == "s1:10"  # the newest frame with an image and a map
     assert raw(server.port, f"/api/streams/{stream['id']}/tile.jpg")[0] == 200
+    # a browser reconnecting names the last update it had: it gets only what came after
+    request = urllib.request.Request(f"{server.url}api/live", headers={"Last-Event-ID": "12"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        lines = iter(response)
+        ident = next(line for line in lines if line.startswith(b"id: "))
+        data = next(lines)
+    assert ident == b"id: 16\n" and [p[0] for p in json.loads(data[6:])["streams"][0]["points"]] == [13, 14, 15, 16]
 
 
 def test_threads_of_a_stopped_console_end(demo_console):
