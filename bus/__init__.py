@@ -130,6 +130,11 @@ class Consumer(ABC):
     def seek(self, topic: str, partition: int, offset: int) -> None:
         ...
 
+    def end_offsets(self, topic: str) -> dict[int, int] | None:
+        """{partition: offset after its last record} of ``topic``, as far as the broker knows
+        (None: not known). A reader starting near the end (the console) seeks from it."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -154,6 +159,10 @@ class Bus(ABC):
     def consumer(self, topics: list[str], group: str | None) -> Consumer:
         """A consumer in ``group`` (committed offsets, partitions shared among members), reading
         from the earliest uncommitted record; ``group=None`` for a group-less reader (replay)."""
+
+    def topic_names(self) -> list[str]:
+        """The topics on the bus (the console offers results topics to compare)."""
+        return self.topics.all()
 
     def close(self) -> None:
         pass

@@ -168,6 +168,16 @@ class KafkaBus(Bus):
     def consumer(self, topics: list[str], group: str | None) -> Consumer:
         return KafkaBusConsumer(self, topics, group)
 
+    def topic_names(self) -> list[str]:
+        try:
+            admin = KafkaAdminClient(client_id="linewatch-admin", **self.options)
+        except (KafkaError, OSError) as err:
+            raise _unreachable(",".join(self.servers), err) from None
+        try:
+            return sorted(admin.list_topics())
+        finally:
+            admin.close()
+
 
 class KafkaBusProducer(Producer):
     def __init__(self, bus: KafkaBus):
@@ -394,6 +404,13 @@ class KafkaBusConsumer(Consumer):
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
         self.consumer.seek(TopicPartition(topic, partition), offset)
+
+    def end_offsets(self, topic: str) -> dict[int, int] | None:
+        try:  # Tansu's are off by up to a batch: good enough for where a reader starts
+            ends = self.consumer.end_offsets([TopicPartition(topic, p) for p in self.partitions(topic)])
+        except KafkaError:
+            return None
+        return {tp.partition: offset for tp, offset in ends.items()}
 
     def close(self) -> None:
         try:  # leaving the group waits for a broker that may be gone: briefly

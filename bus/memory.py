@@ -91,6 +91,10 @@ class MemoryBus(Bus):
     def consumer(self, topics: list[str], group: str | None) -> Consumer:
         return MemoryConsumer(self, topics, group)
 
+    def topic_names(self) -> list[str]:
+        with self.cond:
+            return sorted(self.logs)
+
     def close(self) -> None:
         with self.cond:
             self.closed = True
@@ -246,6 +250,10 @@ class MemoryConsumer(Consumer):
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
         self.position[(topic, partition)] = offset
+
+    def end_offsets(self, topic: str) -> dict[int, int]:
+        with self.bus.cond:
+            return {p: log.end for p, log in enumerate(self.bus.logs[topic])}
 
     def close(self) -> None:
         bus = self.bus

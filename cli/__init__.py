@@ -11,9 +11,11 @@ import sys
 
 from .. import __version__
 from ..bus.redact import redact
-from . import bench, offline, pipeline
+from . import bench, console, offline, pipeline
 
 DESCRIPTION = "Streaming anomaly inspection for power-line camera and drone video."
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with a mistake reported as one ``linewatch: error:`` line that points to --help."""
 
@@ -37,13 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_parsers(commands)
     pipeline.add_parsers(commands)
     bench.add_parser(commands)
+    console.add_parsers(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    handlers = {**offline.HANDLERS, **pipeline.HANDLERS, "bench": bench.run}
+    handlers = {**offline.HANDLERS, **pipeline.HANDLERS, **console.HANDLERS, "bench": bench.run}
     from ..bus import BusError
     from ..bus.outages import StopRequested
     from ..offline.datasets import DatasetError

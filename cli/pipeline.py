@@ -111,6 +111,13 @@ def add_alerts(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--alert-threshold", dest="alerts.policy.threshold", type=float, default=S,
                        help="override the workers' thresholds for alerting")
     group.add_argument("--webhook", dest="alerts.webhook", default=S, help="POST each alert as JSON to this URL")
+    group.add_argument("--mqtt", dest="alerts.mqtt.url", default=S, metavar="URL",
+                       help="publish alerts to this MQTT broker, mqtt://host[:1883] or mqtts://host[:8883] "
+                            "(README, Alert channels; user and password in the config or environment)")
+    group.add_argument("--mqtt-topic-prefix", dest="alerts.mqtt.topic_prefix", default=S, metavar="PREFIX",
+                       help="MQTT topics are PREFIX/<stream>/open|closed|state (default linewatch)")
+    group.add_argument("--mqtt-discovery", dest="alerts.mqtt.discovery", action="store_const", const=True, default=S,
+                       help="also publish Home Assistant MQTT discovery (one problem sensor per stream)")
 
 
 def add_parsers(commands) -> None:
@@ -119,6 +126,17 @@ def add_parsers(commands) -> None:
                                           "Alerts go to OUT/alerts.jsonl, anomaly masks and overlays to OUT/archive.")
     add_ingest(run)
     run.add_argument("--out", default="linewatch-out", help="output folder (default linewatch-out)")
+    run.add_argument("--scores", default=None, metavar="FILE",
+                     help="also write every frame's score to this JSONL file (stream, seq, time, score, threshold, "
+                          "anomalous; `linewatch report OUT` draws timelines from OUT/scores.jsonl)")
+    view = run.add_argument_group("console (README, The console)")
+    view.add_argument("--console", action="store_true",
+                      help="open the operator's console on this run (http://127.0.0.1:8400/); it stays open "
+                           "after the run until Ctrl-C")
+    view.add_argument("--console-port", dest="console.port", type=a.port, default=S,
+                      help="the console's port (default 8400; 0: any free port, logged)")
+    view.add_argument("--console-host", dest="console.host", default=S,
+                      help="the console's address (default 127.0.0.1; any other needs LINEWATCH_CONSOLE__TOKEN)")
     add_common(run, services=False)
     add_model(run, redis=False)
     add_alerts(run)
@@ -244,11 +262,36 @@ def run_run(args) -> None:
 
     settings = _settings(args)
     check_inputs(args.sources, settings, args.stream_ids)  # a mistake is one line, before the endpoint's
+    opened = []
+
+    def open_console(bus, run_settings) -> None:
+        from ..console.service import serve
+        from ..pipeline.wiring import policy_table
+
+        opened.append(serve(run_settings, bus, policy_table(run_settings)))
+
+    if args.console:
+        from ..console.service import console_token
+
+        console_token(settings)  # a console beyond loopback without a token fails before the model is built
     with _operations(settings, "model"):
-        summary = run_embedded(args.sources, settings, args.out, stream_ids=args.stream_ids)
-    print(f"{summary.frames} frames scored in {summary.seconds:.1f} s ({summary.fps:.2f} frames/s, "
-          f"{summary.model_s / max(summary.seconds, 1e-9):.0%} of it in the model); {summary.dead} dead letters")
-    print(f"alerts: {summary.alerts_jsonl}\narchive: {summary.archive}")
+        try:
+            summary = run_embedded(args.sources, settings, args.out, stream_ids=args.stream_ids, scores=args.scores,
+                                   attach=open_console if args.console else None)
+            print(f"{summary.frames} frames scored in {summary.seconds:.1f} s ({summary.fps:.2f} frames/s, "
+                  f"{summary.model_s / max(summary.seconds, 1e-9):.0%} of it in the model); {summary.dead} dead letters")
+            print(f"alerts: {summary.alerts_jsonl}\narchive: {summary.archive}"
+                  + (f"\nscores: {args.scores}" if args.scores else ""), flush=True)
+            if opened:
+                logging.getLogger("linewatch").info("the run is done; the console stays open at %s until Ctrl-C "
+                                                    "(later: linewatch console --archive %s)", opened[0].url,
+                                                    summary.archive)
+                stop = _stop_on_signals()
+                while not stop.wait(0.5):
+                    pass
+        finally:
+            for server in opened:
+                server.stop()
 
 
 def run_ingest_command(args) -> None:

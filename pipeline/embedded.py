@@ -15,6 +15,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ..scoring.backbone import Backbone
 from ..sinks.alert_sink import AlertSink
 from ..sinks.archive import Archive
 from ..sinks.runner import run_archive_sink
+from ..sinks.scores import run_scores_file
 from ..workers.worker import ScoringWorker, WorkerStats
 from .settings import Settings
 from .wiring import alert_outputs, build_worker, check_settings, policy_table
@@ -60,7 +62,11 @@ def check_inputs(sources: list[str], settings: Settings, stream_ids: list[str] |
 
 
 def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_ids: list[str] | None = None,
-                 progress: bool = True, backbone: Backbone | None = None) -> RunSummary:
+                 progress: bool = True, backbone: Backbone | None = None, scores: str | None = None,
+                 attach: Callable[[MemoryBus, Settings], None] | None = None) -> RunSummary:
+    """``scores``: also write every frame's score to this JSONL file (``sinks.scores``).
+    ``attach(bus, settings)`` is called once the model is ready, before the first frame is
+    read, with the run's bus and settings (``linewatch run --console`` starts the console there)."""
     out = Path(out_dir)
     fresh_alerts = None if settings.alerts.jsonl else out / "alerts.jsonl"  # this run's own, not appended to the last's
     settings = settings.model_copy(update={
@@ -104,11 +110,15 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
         guarded(alert_sink.run, stop_sinks),
         guarded(run_archive_sink, bus, Archive(settings.archive, max_pixels=settings.max_pixels), stop=stop_sinks),
     ]
+    if scores is not None:
+        sinks.append(guarded(run_scores_file, bus, scores, stop=stop_sinks))
     for thread in sinks:
         thread.start()
     with bus.cond:  # the sinks join their groups before the first score exists
-        while len(bus.members) < 3 and not errors:
+        while len(bus.members) < 1 + len(sinks) and not errors:
             bus.cond.wait(0.1)
+    if attach is not None:
+        attach(bus, settings)
     # The worker scores on this (the main) thread and ingest reads on another: the model's
     # OpenMP threads run measurably slower when a Python thread other than the main one drives them.
     reader = guarded(ingest)

@@ -55,6 +55,9 @@ class WorkerSettings(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the image tower's blocks (the first batch waits for it)
     prompts: str | None = None  # prompt pack YAML; default: the bundled pack
+    # how often a worker looks for changed reference and calibration folders (the console's
+    # review adds frames there) and re-prepares the profile; 0: before every batch
+    reload_s: float = Field(default=5.0, ge=0)
 
 
 class OpsSettings(_Section):
@@ -95,12 +98,50 @@ class RedisSettings(_Section):
     ssl_keyfile: str | None = None
 
 
+class MqttSettings(_Section):
+    """The MQTT alert output (README, Alert channels); off unless ``url`` is set."""
+    url: str | None = None  # mqtt://host[:1883] or mqtts://host[:8883] (TLS)
+    username: str | None = None
+    password: SecretStr | None = None  # or LINEWATCH_ALERTS__MQTT__PASSWORD, or password_file
+    password_file: str | None = None
+    ca_file: str | None = None  # CA bundle for mqtts:// (default: the system's)
+    topic_prefix: str = Field(default="linewatch", pattern=r"^[^#+\x00]+$")
+    client_id: str | None = None  # default: linewatch-<host>-<pid>
+    discovery: bool = False  # publish Home Assistant MQTT discovery (a binary_sensor per stream)
+    discovery_prefix: str = "homeassistant"
+
+
 class AlertSettings(_Section):
     policy: AlertPolicy = AlertPolicy()
     streams: dict[str, dict[str, Any]] = {}
     jsonl: str | None = None
     webhook: str | None = None
+    webhook_headers: dict[str, SecretStr] = {}  # sent with every POST (e.g. Authorization); never logged
+    # HMAC-SHA256 key: each POST carries X-Linewatch-Signature: t=<unix time>,v1=<hex of HMAC(key, "t.body")>
+    webhook_secret: SecretStr | None = None
+    webhook_secret_file: str | None = None
     publish: bool = True  # also publish alerts to the alerts topic
+    mqtt: MqttSettings = MqttSettings()
+    # Apprise URLs (mailto://, slack://, msteams://, ...: one output each), or a file of them
+    # (an Apprise config file, e.g. a mounted Secret): they hold tokens, so never a flag
+    apprise: list[SecretStr] = []
+    apprise_config: str | None = None
+
+
+class ConsoleSettings(_Section):
+    """``linewatch console`` and ``linewatch run --console`` (README, The console)."""
+    host: str = "127.0.0.1"  # anything but loopback requires the token
+    port: int = Field(default=8400, ge=0, le=65535)  # 0: any free port (logged)
+    token: SecretStr | None = None  # LINEWATCH_CONSOLE__TOKEN, or token_file; never a flag
+    token_file: str | None = None
+    # map tiles ({z}/{x}/{y}); "" or none: a plain background (also when tiles do not load)
+    tile_url: str | None = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
+    tile_attribution: str = "&copy; OpenStreetMap contributors"
+    history_s: float = Field(default=600.0, gt=0)  # the live timelines' span (capture time)
+    # SQLite of events, reviews and flight tracks. Default: the archive's index.sqlite for a
+    # folder archive; ~/.cache/linewatch/console.sqlite for S3 (reviews are also kept in the bucket)
+    index: str | None = None
+    feedback_frames: int = Field(default=16, ge=1)  # most frames one action adds to a profile's folder
 
 
 class Settings(BaseSettings):
@@ -127,6 +168,7 @@ class Settings(BaseSettings):
     # the largest record sent (the topics linewatch creates allow it); a score whose frame
     # does not fit carries it re-encoded smaller. Set it to your broker's limit if lower.
     max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=64 * 1024)
+    console: ConsoleSettings = ConsoleSettings()
 
 
 def load_settings(config: str | None = None, overrides: dict | None = None) -> Settings:

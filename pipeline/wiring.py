@@ -113,7 +113,7 @@ def build_worker(bus: Bus, settings: Settings, backbone: Backbone | None = None,
     w = settings.worker
     worker = ScoringWorker(bus, backbone, profiles, anchors, prompts=prompts, max_batch=w.max_batch,
                            max_wait_ms=w.max_wait_ms, precision=w.precision, summary_s=settings.ops.summary_s,
-                           max_pixels=settings.max_pixels, **kwargs)
+                           max_pixels=settings.max_pixels, reload_s=w.reload_s, **kwargs)
     worker.prepare_all()
     return worker
 
@@ -126,13 +126,37 @@ def policy_table(settings: Settings) -> StreamTable[AlertPolicy]:
 
 
 def alert_outputs(bus: Bus, settings: Settings) -> list:
-    from ..sinks.outputs import BusOutput, JsonlOutput, WebhookOutput
+    from ..sinks.outputs import BusOutput, JsonlOutput
 
     outputs = []
     if settings.alerts.jsonl:
         outputs.append(JsonlOutput(settings.alerts.jsonl))
     if settings.alerts.publish:
         outputs.append(BusOutput(bus.producer(), bus.topics.alerts))
-    if settings.alerts.webhook:
-        outputs.append(WebhookOutput(settings.alerts.webhook))
+    return outputs + channel_outputs(settings)
+
+
+def channel_outputs(settings: Settings) -> list:
+    """The webhook, MQTT and Apprise outputs the settings ask for (README, Alert channels)."""
+    from ..sinks.outputs import WebhookOutput
+
+    a, outputs = settings.alerts, []
+    if a.webhook:
+        outputs.append(WebhookOutput(a.webhook, headers={k: v.get_secret_value() for k, v in a.webhook_headers.items()},
+                                     secret=secret(a.webhook_secret, a.webhook_secret_file, "alerts.webhook_secret_file")))
+    if a.mqtt.url:
+        from ..sinks.channels import MqttOutput
+
+        m = a.mqtt
+        if m.ca_file is not None and not Path(m.ca_file).is_file():
+            raise ValueError(f"alerts.mqtt.ca_file: file not found: {m.ca_file}")
+        outputs.append(MqttOutput(m.url, username=m.username, ca_file=m.ca_file, topic_prefix=m.topic_prefix,
+                                  password=secret(m.password, m.password_file, "alerts.mqtt.password_file"),
+                                  client_id=m.client_id, discovery=m.discovery, discovery_prefix=m.discovery_prefix))
+    if a.apprise or a.apprise_config:
+        from ..sinks.channels import AppriseOutput
+
+        outputs += [AppriseOutput(url.get_secret_value()) for url in a.apprise]
+        if a.apprise_config:
+            outputs.append(AppriseOutput(config_file=a.apprise_config))
     return outputs

@@ -68,11 +68,12 @@ def http_get(url: str) -> tuple[int, str]:
         return err.code, err.read().decode()
 
 
-def wait_for(condition, timeout_s: float = 30.0, what: str = "the condition") -> None:
-    """Until ``condition()`` is true; the timeout is a liveness bound, never a measurement."""
+def wait_for(condition, timeout_s: float = 30.0, what: str = "the condition", state=None) -> None:
+    """Until ``condition()`` is true; the timeout is a liveness bound, never a measurement.
+    ``state()``, when given, says what was seen instead (in the failure message)."""
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}" + (f"; saw {state()}" if state else "")
         time.sleep(0.02)
 
 

@@ -231,3 +231,28 @@ def _s3_ready(server) -> bool:
                 raise RuntimeError(f"SeaweedFS S3 not ready after {S3_START_TIMEOUT_S} s: {err}") from None
             time.sleep(0.2)
     return False
+
+
+@contextmanager
+def mosquitto_broker(folder: Path, port: int | None = None):
+    """Yields ``mqtt://127.0.0.1:PORT`` while Debian's mosquitto listens there (anonymous, no
+    persistence); ``port`` pins the port (a broker started again where one was down)."""
+    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").is_file() else None)
+    if binary is None:
+        pytest.skip("mosquitto not installed (apt-get install -y mosquitto; scripts/test.sh does it)")
+    folder.mkdir(parents=True, exist_ok=True)
+    for _ in range(1 if port else ATTEMPTS):
+        chosen = port or free_port()
+        config = folder / f"mosquitto-{chosen}.conf"
+        config.write_text(f"listener {chosen} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                          f"log_dest file {folder / 'mosquitto.log'}\n")
+        process = subprocess.Popen([binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if wait_listening(process, chosen, "mosquitto", 15):
+            break
+        stop(process)
+    else:
+        raise RuntimeError(f"mosquitto exited before listening (log: {folder / 'mosquitto.log'})")
+    try:
+        yield f"mqtt://127.0.0.1:{chosen}"
+    finally:
+        stop(process)

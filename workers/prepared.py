@@ -1,9 +1,15 @@
 """A scoring profile made ready on a backbone: its method, text anchors (from the cache),
-reference memory and threshold."""
+reference memory and threshold.
+
+A prepared profile remembers what its reference and calibration folders held (names, sizes,
+modification times: ``folder_signature``); ``stale()`` tells the worker they changed (the
+console adds a false alarm's frames there), and the worker prepares the profile again, with
+no restart (``ScoringWorker._prepared``)."""
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -25,6 +31,7 @@ class PreparedProfile:
 
     def __init__(self, profile: StreamProfile, backbone: Backbone, prompts: PromptPack, anchors: AnchorCache):
         self.profile = profile
+        self.signature = folder_signature(profile)  # before reading: a change meanwhile is seen next time
         if profile.checkpoint is not None:  # brings its own prompt pack, the one it was trained with
             self.method: AnomalyMethod = load_checkpoint(profile.checkpoint, backbone)
         else:
@@ -43,6 +50,10 @@ class PreparedProfile:
         self.anchor_key = key
         trained = self.method.checkpoint
         self.model = backbone.identity + (f"+checkpoint:{trained['identity']}" if trained else "")
+
+    def stale(self) -> bool:
+        """Its reference or calibration folder changed since it was prepared."""
+        return folder_signature(self.profile) != self.signature
 
     def _threshold(self, profile: StreamProfile, references, text, backbone: Backbone) -> tuple[float, str]:
         if profile.threshold != "auto":
@@ -65,3 +76,21 @@ def _warn_random_zero_shot(profile: StreamProfile) -> None:
         log.warning("%s/%s scores zero-shot on RANDOM weights (--weights none): its text anchors are noise, so its "
                     "scores mean nothing and most frames may be flagged anomalous. Give --references (few-shot), "
                     "pretrained --weights, or a trained --checkpoint.", profile.method, profile.class_name)
+
+
+def folder_signature(profile: StreamProfile) -> tuple:
+    """What the profile's reference and calibration folders hold: (name, size, mtime) of each
+    image; a folder that cannot be read counts as empty."""
+    from ..scoring.pixels import IMAGE_SUFFIXES
+
+    out = []
+    for folder in (profile.references, profile.calibration):
+        entries = ()
+        if folder is not None:
+            try:
+                entries = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder)
+                                       if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES))
+            except OSError:
+                pass
+        out.append(entries)
+    return tuple(out)

@@ -57,7 +57,7 @@ from ..scoring.precision import autocast_dtype, resolve_precision
 from ..scoring.prompts import PromptPack
 from .anchors import AnchorCache
 from .frames import FrameDecoder
-from .prepared import PreparedProfile
+from .prepared import PreparedProfile, folder_signature
 from .profiles import ProfileTable
 from .telemetry import WorkerTelemetry
 
@@ -96,7 +96,7 @@ class ScoringWorker:
                  prompts: PromptPack | None = None, max_batch: int = 8, max_wait_ms: float = 20.0,
                  precision: str = "auto", group: str = GROUP, source_topic: str | None = None,
                  results_topic: str | None = None, worker_id: str | None = None, summary_s: float = 0.0,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, reload_s: float = 5.0):
         self.bus, self.backbone, self.profiles, self.anchors = bus, backbone, profiles, anchors
         self.prompts = prompts or PromptPack.load()
         self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1000.0
@@ -108,6 +108,7 @@ class ScoringWorker:
         self.results_topic = results_topic or bus.topics.scores
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.prepared: dict[str, PreparedProfile] = {}
+        self.reload_s, self._reload_at = reload_s, {}  # see _prepared: changed reference folders
         self.stats = WorkerStats()
         # one batch in flight while the previous one is published (see ``run``): pays where the
         # model runs asynchronously on a GPU; on a CPU it would only delay each batch's scores
@@ -123,11 +124,30 @@ class ScoringWorker:
 
     def _prepared(self, profile) -> PreparedProfile:
         key = profile.key()
-        if key not in self.prepared:
-            # references and calibration go through the tower in the precision frames will
-            with self.backbone.computing_in(self.compute_dtype):
-                self.prepared[key] = PreparedProfile(profile, self.backbone, self.prompts, self.anchors)
+        current = self.prepared.get(key)
+        if current is None or (self._reload_due(key) and current.stale()):
+            try:  # references and calibration go through the tower in the precision frames will
+                with self.backbone.computing_in(self.compute_dtype):
+                    self.prepared[key] = PreparedProfile(profile, self.backbone, self.prompts, self.anchors)
+            except (ValueError, OSError) as err:  # a folder changed under us: keep scoring with what was there
+                if current is None:
+                    raise
+                current.signature = folder_signature(profile)  # tried again at the next change
+                log.warning("profile %s/%s: its folders changed but cannot be read (%s); keeping the previous "
+                            "references and threshold", profile.method, profile.class_name, err)
+            else:
+                if current is not None:
+                    log.info("profile %s/%s re-prepared: its reference or calibration folder changed",
+                             profile.method, profile.class_name)
         return self.prepared[key]
+
+    def _reload_due(self, key: str) -> bool:
+        """At most every ``reload_s`` per profile (0: every time) the folders are looked at."""
+        now = time.monotonic()
+        if now - self._reload_at.get(key, 0.0) < self.reload_s:
+            return False
+        self._reload_at[key] = now
+        return True
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self, stop: threading.Event, consumer=None, until_idle_s: float | None = None,
