@@ -6,8 +6,11 @@ stderr — log lines and the error line — has its secrets redacted (``bus.reda
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 
 from .. import __version__
 from ..bus.redact import redact
@@ -32,6 +35,22 @@ def setup_logging() -> None:
     configure("text", "warning", redact=redact)
 
 
+@contextlib.contextmanager
+def _signal_handlers_restored():
+    """Long-running commands turn SIGINT/SIGTERM into a stop event; the process gets its own
+    handlers back when the command returns, so a later Ctrl-C (or a second command run in the
+    same process) is not swallowed by a stale event."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="linewatch", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"linewatch {__version__}")
@@ -53,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..scoring.backbone import BackboneError
 
     try:
-        handlers[args.command](args)
+        with _signal_handlers_restored():
+            handlers[args.command](args)
     except StopRequested as err:  # a signal during an outage, before a part could finish
         print(f"linewatch: stopped: {redact(err)}", file=sys.stderr)
         return 0

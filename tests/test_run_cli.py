@@ -281,3 +281,15 @@ def test_an_unreachable_pretrained_tag_is_one_line(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err == "", err  # nothing but the error, which the command prints as its one line
     assert "could not fetch pretrained weights ViT-B-16/openai" in str(caught.value) and len(str(caught.value)) < 400
+
+
+def test_a_command_gives_the_process_its_signal_handlers_back(capsys):
+    """`ingest` turns SIGINT/SIGTERM into its stop event; once it returns (here on a user
+    mistake, after the handlers were set) Ctrl-C is a KeyboardInterrupt again. A stale handler
+    once made a later in-process run ignore its Ctrl-C."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert main(["ingest", "nothing.mp4", "--bootstrap-servers", ""]) == 2
+    assert "no Kafka given" in error_line(capsys)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
