@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--shots", nargs="+", type=int, default=[4])
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--epochs", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--views", type=int, default=None, help="augmented views per image (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arch", default=None, help="default: the preset's (another drops its size and layers)")
     parser.add_argument("--features-cache", default=None)
@@ -73,7 +74,7 @@ def main() -> None:
     rows, backbones = [], {}
     for name in methods:
         preset, preset_file = load_preset(name, args.preset)
-        config = train_config(preset, seed=args.seed, epochs=args.epochs)
+        config = train_config(preset, seed=args.seed, epochs=args.epochs, views=args.views)
         spec = backbone_config(preset, {"seed": args.seed, "arch": args.arch})
         if spec not in backbones:
             backbone = Backbone.build(spec)
