@@ -1,5 +1,5 @@
 """BAG-CLIP's graph on its own: the cost of SAG (width reduction, graph construction, GCN) per
-image at given node counts, median of repeats, on one device. The paper (Table 4): 11 ms per
+image at given node counts, median of interleaved rounds, on one device. The paper (Table 4): 11 ms per
 518-px image (1369 nodes) on an A6000, 3.84 GFLOPs to build the graph, 7.18 G to propagate.
 
 Inputs are random x_detail features of the given width (default ViT-L-14-336's: 4 levels x 1024),
@@ -23,20 +23,15 @@ from linewatch.scoring.graph_layers import knn_affinities, normalised_adjacency,
 from linewatch.scoring.methods.bagclip import BagClipModel
 
 
-def timed(step, device: torch.device, repeats: int) -> list[float]:
-    """Milliseconds of ``step()`` per call, ``repeats`` calls after two untimed warm-ups."""
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        began = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(1000 * (time.perf_counter() - began))
-    return times
+def timed_once(step, device: torch.device) -> float:
+    """Milliseconds of one ``step()`` call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    began = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1000 * (time.perf_counter() - began)
 
 
 def main() -> None:
@@ -61,32 +56,41 @@ def main() -> None:
                          neighbours, args.gcn_layers, args.graph_width).to(device).eval()
     autocast = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
                 if args.dtype != "fp32" else torch.autocast(device.type, enabled=False))
-    rows = []
-    for count in args.nodes:
-        levels = [torch.randn(args.batch, count, args.width, device=device) for _ in range(args.levels)]
-        image = torch.randn(args.batch, args.embed_dim, device=device)
-        with torch.inference_mode(), autocast:
+    steps = {}  # node count -> {part: step}
+    with torch.inference_mode(), autocast:
+        for count in args.nodes:
+            levels = [torch.randn(args.batch, count, args.width, device=device) for _ in range(args.levels)]
+            image = torch.randn(args.batch, args.embed_dim, device=device)
             detail = model.detail(levels)
             nodes = model.reduce(detail)
             k = resolve_neighbours(neighbours, count)
             adjacency = normalised_adjacency(knn_affinities(nodes, k))
-            parts = {
-                "reduction": lambda: model.reduce(detail),
-                "construction": lambda: normalised_adjacency(knn_affinities(nodes, k)),
-                "gcn": lambda: model.gcn(nodes, adjacency),
-                "sag": lambda: model.graph(detail),
-                "head": lambda: model(levels, image),
+            steps[count] = k, {
+                "reduction": lambda detail=detail: model.reduce(detail),
+                "construction": lambda nodes=nodes, k=k: normalised_adjacency(knn_affinities(nodes, k)),
+                "gcn": lambda nodes=nodes, adjacency=adjacency: model.gcn(nodes, adjacency),
+                "sag": lambda detail=detail: model.graph(detail),
+                "head": lambda levels=levels, image=image: model(levels, image),
             }
-            medians = {name: statistics.median(timed(step, device, args.repeats)) / args.batch
-                       for name, step in parts.items()}
-        row = {"nodes": count, "k": k, **{f"{name}_ms": round(ms, 3) for name, ms in medians.items()}}
+        # rounds interleave every node count and part, so a load that comes and goes (a shared
+        # machine) falls on all of them alike: compare within one run
+        times = {(count, name): [] for count, (_, parts) in steps.items() for name in parts}
+        for round_ in range(args.repeats + 2):  # the first two are warm-ups
+            for count, (_, parts) in steps.items():
+                for name, step in parts.items():
+                    ms = timed_once(step, device)
+                    if round_ >= 2:
+                        times[count, name].append(ms / args.batch)
+    rows = []
+    for count, (k, parts) in steps.items():
+        row = {"nodes": count, "k": k, **{f"{name}_ms": round(statistics.median(times[count, name]), 3) for name in parts}}
         rows.append(row)
         print(json.dumps(row), flush=True)
     report = {"device": str(device), "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch,
               "width": args.width, "levels": args.levels, "graph_width": args.graph_width,
               "gcn_layers": args.gcn_layers, "repeats": args.repeats, "rows": rows}
-    print(f"\nper image, median of {args.repeats} ({report['name']}, {report['threads']} threads, {args.dtype}, "
+    print(f"\nper image, median of {args.repeats} interleaved rounds ({report['name']}, {report['threads']} threads, {args.dtype}, "
           f"batch {args.batch}; x_detail {args.levels} x {args.width}, graph width {args.graph_width}, "
           f"P {args.gcn_layers})")
     print(f"{'nodes':>6} {'K':>3} {'reduce ms':>10} {'build ms':>9} {'GCN ms':>8} {'SAG ms':>8} {'head ms':>8}")
