@@ -426,7 +426,7 @@ def test_train_with_a_preset_file_that_names_its_method(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "winclip"], "winclip has nothing to train; trainable methods: aa-clip, aprilgan, madclip"),
+    (["--method", "winclip"], "winclip has nothing to train; trainable methods: aa-clip, aprilgan, kanoclip, madclip"),
     (["--shots", "5"], "widget: 5 normal shots asked but train/good has 4 images"),
     (["--out", "{tmp}/x.pt"], "checkpoints are safetensors files"),
     (["--method", "nope"], "unknown method 'nope'"),
