@@ -315,3 +315,24 @@ def test_train_and_eval_with_the_cpu_preset_and_a_users_pack(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(out), "--data", str(data), "--json", str(report)]) == 0
     assert json.loads(report.read_text())["categories"][CLASS]["images"] == 6
     capsys.readouterr()
+
+
+def test_the_pipeline_runs_a_kanoclip_checkpoint_and_refuses_it_without_vv(tmp_path, capsys):
+    """`linewatch run --checkpoint` builds the V-V backbone the checkpoint names; the untrained
+    method without --vv-attention is one error line, with it the run scores every frame."""
+    from linewatch.ingest.demo import write_demo_clip
+
+    clip = write_demo_clip(tmp_path / "clip", seconds=1, fps=5, size=(160, 96), references=1)
+    data = make_category(tmp_path / "data", CLASS, seed=23)
+    checkpoint = tmp_path / "k.safetensors"
+    assert main(["train", "--method", "kanoclip", "--data", str(data), "--arch", TINY_ARCH, "--epochs", "1",
+                 "--shots", "2", "--views", "1", "--out", str(checkpoint)]) == 0
+    out = tmp_path / "out"
+    assert main(["run", str(clip.video), "--out", str(out), "--threshold", "0", "--checkpoint", str(checkpoint),
+                 "--class", CLASS]) == 0, capsys.readouterr().err
+    assert f"{clip.frame_count} frames scored" in capsys.readouterr().out
+    tiny = ["--arch", TINY_ARCH, "--image-size", "64", "--method", "kanoclip"]
+    assert main(["run", str(clip.video), "--out", str(tmp_path / "o2"), *tiny]) == 2
+    assert "kanoclip needs the backbone's V-V attention path" in error_line(capsys)
+    assert main(["run", str(clip.video), "--out", str(tmp_path / "o3"), *tiny, "--vv-attention"]) == 0
+    assert f"{clip.frame_count} frames scored" in capsys.readouterr().out
