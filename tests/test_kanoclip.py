@@ -299,6 +299,18 @@ def test_a_backbone_without_the_vv_path_is_refused(tiny, trained, tmp_path, caps
     assert "kanoclip needs the backbone's V-V attention path" in error_line(capsys)
 
 
+def test_presets_carry_the_papers_choices():
+    from linewatch.scoring.preset import load_preset
+
+    paper, _ = load_preset("kanoclip", "paper")
+    assert (paper.backbone.arch, paper.backbone.image_size, paper.backbone.vv_attention) == ("ViT-L-14-336", 518, True)
+    assert paper.options["context_words"] == 12 and paper.options["memory_bank"] is False
+    assert (paper.training.stages["joint"].epochs, paper.training.stages["joint"].batch_size) == (15, 8)
+    assert paper.training.optimizer.betas == (0.5, 0.999)
+    cpu, _ = load_preset("kanoclip", "cpu")
+    assert cpu.backbone.vv_attention is True and cpu.options["context_words"] == 12
+
+
 def test_train_and_eval_with_the_cpu_preset_and_a_users_pack(tmp_path, capsys):
     data = make_category(tmp_path, CLASS, seed=22)
     pack = tmp_path / "pack.yaml"

@@ -394,6 +394,7 @@ def test_train_with_the_paper_preset_records_it(tmp_path, capsys):
 @pytest.mark.parametrize("name, expected", [
     ("madclip", {"views": 11, "betas": [0.5, 0.999], "adapters": {"epochs": 2, "batch_size": 16, "lr": 1e-3}}),
     ("aprilgan", {"views": 1, "betas": [0.5, 0.999], "projections": {"epochs": 2, "batch_size": 64, "lr": 1e-3}}),
+    ("kanoclip", {"views": 1, "betas": [0.5, 0.999], "joint": {"epochs": 2, "batch_size": 8, "lr": 1e-3}}),
 ])
 def test_the_other_paper_presets_run_here(name, expected, tmp_path):
     data = make_category(tmp_path, "widget", seed=15)
