@@ -323,10 +323,12 @@ def test_train_and_eval_with_the_cpu_preset_and_a_users_pack(tmp_path, capsys):
     assert header["options"]["knowledge"]["origin"] == "mixed"
     assert header["options"]["knowledge"]["digest"] == KnowledgePack.load(pack).digest
     pack.unlink()  # the checkpoint carries the pack: it scores without the file
+    capsys.readouterr()
     report = tmp_path / "r.json"
     assert main(["eval", "--checkpoint", str(out), "--data", str(data), "--json", str(report)]) == 0
     assert json.loads(report.read_text())["categories"][CLASS]["images"] == 6
-    capsys.readouterr()
+    printed = capsys.readouterr().out.splitlines()[0]  # the pack is named by its digest, not printed whole
+    assert f"knowledge=digest:{KnowledgePack.load(OWN_PACK).digest}" in printed and "A bent widget" not in printed
 
 
 def test_the_pipeline_runs_a_kanoclip_checkpoint_and_refuses_it_without_vv(tmp_path, capsys):
