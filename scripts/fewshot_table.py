@@ -165,6 +165,7 @@ def main() -> None:
             row = {"method": name, "shots": shots, "preset": preset.name, "options": dict(args.options),
                    "backbone": backbone.identity, "vv_attention": backbone_spec.vv_attention,
                    "train_s": round(time.monotonic() - t0, 1), "final_loss": history[-1],
+                   "max_loss": {k: max(h[k] for h in history) for k in history[-1] if k not in ("stage", "epoch", "lr")},
                    "untrained": untrained, "trained": trained, "cross": {}}
             for cross_name, (cross, cross_features) in crosses.items():
                 row["cross"][cross_name] = {

@@ -23,7 +23,7 @@ from linewatch.scoring.methods.base import CLIP_TEMPERATURE, gaussian_blur, upsa
 from linewatch.scoring.prompts import PromptPack
 from linewatch.scoring.training import TrainBatch, TrainConfig, TrainingSet, extract_features, fit
 
-from helpers import error_line, make_category
+from helpers import defect_training_set, error_line, make_category
 
 CLASS = "widget"
 PACK = PromptPack.model_validate({"states": {"normal": ["{}"], "abnormal": ["damaged {}"]},
@@ -35,16 +35,8 @@ OWN_PACK = {"origin": "mixed", "author": "a test", "default": ["A broken {} with
 
 @pytest.fixture(scope="module")
 def defect_set() -> TrainingSet:
-    """4 normal and 4 defective 64 px images: flat grey; defect = a bright noisy 16 px square."""
-    rng = np.random.default_rng(7)
-    images = (0.45 + 0.03 * rng.standard_normal((8, 3, 64, 64))).astype(np.float32)
-    masks = np.zeros((8, 64, 64), bool)
-    for i in range(4, 8):
-        top, left = rng.integers(4, 44, 2)
-        images[i, :, top:top + 16, left:left + 16] = rng.uniform(0.8, 1.0, (3, 16, 16))
-        masks[i, top:top + 16, left:left + 16] = True
-    return TrainingSet(torch.from_numpy(images.clip(0, 1)), torch.from_numpy(masks),
-                       torch.tensor([0] * 4 + [1] * 4), [CLASS] * 8)
+    """4 normal and 4 defective 64 px images (``helpers.defect_training_set``)."""
+    return defect_training_set(CLASS)
 
 
 @pytest.fixture(scope="module")
