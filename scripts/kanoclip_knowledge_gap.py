@@ -3,8 +3,8 @@
 normal prompts), for the untrained method of a preset and for trained checkpoints. L_KD is
 zero, and gives no gradient, wherever it is negative.
 
-    python scripts/kanoclip_knowledge_gap.py --classes mpdd_metal_plate magnetic_tile \
-        runs/fewshot/kanoclip-k4.safetensors
+    python scripts/kanoclip_knowledge_gap.py runs/fewshot/kanoclip-k4.safetensors \
+        --classes mpdd_metal_plate magnetic_tile
 """
 
 from __future__ import annotations
