@@ -4,7 +4,7 @@
 # failing part never costs the others. Weights: random (speed is real, scores mean nothing)
 # unless LINEWATCH_WEIGHTS names a weights file. Needs linewatch importable (pip install -e .).
 #
-#   bash scripts/gpu_bench.sh OUT_DIR [PART ...]     PART: env aprilgan winclip compiled kanoclip
+#   bash scripts/gpu_bench.sh OUT_DIR [PART ...]     PART: env aprilgan winclip compiled kanoclip bagclip
 #                                                    (default: env aprilgan winclip compiled)
 #
 # OUT_DIR gets env.txt (GPU, driver, library versions), weights.txt (any CLIP weights found in
@@ -73,3 +73,15 @@ bench kanoclip 300 --methods kanoclip,aprilgan --vv-attention --frames 512 --nai
 # 3. torch.compile'd blocks against eager at one batch size (compiling takes a while: last).
 bench compiled 180 --methods aprilgan --frames 256 --naive-frames 2 --sweep-frames 128 --sweep-seconds 2 \
     --batch-sizes 64 --precisions bf16 --compile --no-pipelines --repeats 1
+# 5. BAG-CLIP beside APRIL-GAN (issue 16), only when named: batch 1 is the paper's setting (121.6 ms,
+#    8.2 FPS per 518-px image on an A6000), then the graph's own cost at 196, 1024 and 1369 nodes.
+bench bagclip 300 --methods bag-clip,aprilgan --frames 256 --naive-frames 4 --sweep-frames 64 --sweep-seconds 2 \
+    --batch-sizes 1,8,32 --precisions bf16,fp32 --repeats 2 --no-kafka
+if [[ $parts == *" bagclip "* ]]; then
+    for dtype in bf16 fp32; do
+        timeout -k 15 120 python3 scripts/graph_bench.py --device "${DEVICE:-cuda}" --dtype "$dtype" \
+            --nodes 196 1024 1369 --repeats 50 --json "$out/graph-$dtype.json" >"$out/graph-$dtype.txt" 2>&1
+        echo "== graph ($dtype): exit $?"
+        tail -n 5 "$out/graph-$dtype.txt"
+    done
+fi

@@ -25,7 +25,7 @@ from linewatch.scoring.losses import (
     segmentation_loss,
     siglip_loss,
 )
-from linewatch.scoring.methods import create_method
+from linewatch.scoring.methods import METHODS, create_method
 from linewatch.scoring.methods.aaclip import abnormal_cosine_score
 from linewatch.scoring.methods.base import CLIP_TEMPERATURE, gaussian_blur, upsample
 from linewatch.scoring.methods.madclip import abnormal_map, dual_scores, placement_order
@@ -419,7 +419,8 @@ def test_train_with_a_preset_file_that_names_its_method(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "winclip"], "winclip has nothing to train; trainable methods: aa-clip, aprilgan, kanoclip, madclip"),
+    (["--method", "winclip"], "winclip has nothing to train; trainable methods: "
+                              + ", ".join(sorted(name for name, cls in METHODS.items() if cls.stages))),
     (["--shots", "5"], "widget: 5 normal shots asked but train/good has 4 images"),
     (["--out", "{tmp}/x.pt"], "checkpoints are safetensors files"),
     (["--method", "nope"], "unknown method 'nope'"),

@@ -71,7 +71,6 @@ from .base import (
     CLIP_TEMPERATURE,
     AnomalyMethod,
     AnomalyScores,
-    gaussian_blur,
     register_method,
     seeded_init,
     upsample,
@@ -195,9 +194,7 @@ class AACLIP(AnomalyMethod):
         grid = features.grid
         anomaly_map = upsample(torch.stack([p.softmax(-1)[..., 1].view(-1, *grid) for p in patch]).mean(0), size)
         image_score = 0.5 * abnormal_cosine_score(det, anchors) + 0.5 * anomaly_map.flatten(1).amax(1)
-        if self.memory is not None:
-            anomaly_map, image_score = self.blend(anomaly_map, image_score, self.memory_map(features, size))
-        return AnomalyScores(image_score, gaussian_blur(anomaly_map, self.sigma))
+        return self.finish_scores(anomaly_map, image_score, features, size)
 
     # ---- training ---------------------------------------------------------------------
     def begin_stage(self, stage, class_names):

@@ -34,14 +34,14 @@ from .base import (
     CLIP_TEMPERATURE,
     AnomalyMethod,
     AnomalyScores,
-    gaussian_blur,
+    FixedAnchorTraining,
     register_method,
     upsample,
 )
 
 
 @register_method
-class AprilGAN(AnomalyMethod):
+class AprilGAN(FixedAnchorTraining, AnomalyMethod):
     """Multi-level patch-text similarity through trainable projections; few-shot adds a patch memory."""
 
     name = "aprilgan"
@@ -60,7 +60,6 @@ class AprilGAN(AnomalyMethod):
                 linear.weight.copy_(proj.T)
                 linear.bias.zero_()
         self.projections.to(backbone.device).requires_grad_(False)
-        self._train_anchors: dict[str, torch.Tensor] = {}
 
     def level_logits(self, features, anchors: torch.Tensor) -> list[torch.Tensor]:
         """Per level [B, N, 2] temperature-scaled cosine similarity to (normal, abnormal)."""
@@ -74,27 +73,17 @@ class AprilGAN(AnomalyMethod):
         image_score = self.abnormal_probability(features.image_embed)
         levels = [logits.softmax(-1)[..., 1].view(-1, *grid) for logits in self.level_logits(features, self.anchors.stacked())]
         anomaly_map = upsample(torch.stack(levels).mean(dim=0), size)
-        if self.memory is not None:
-            anomaly_map, image_score = self.blend(anomaly_map, image_score, self.memory_map(features, size))
-        return AnomalyScores(image_score, gaussian_blur(anomaly_map, self.sigma))
+        return self.finish_scores(anomaly_map, image_score, features, size)
 
-    # ---- training -------------------------------------------------------------------
-    def begin_stage(self, stage, class_names):
-        with torch.no_grad():
-            self._train_anchors = {c: self.build_anchors(c).stacked() for c in class_names}
-
+    # ---- training (anchors: FixedAnchorTraining) -----------------------------------------
     def stage_parameters(self, stage):
         return list(self.projections.parameters())
 
     def stage_loss(self, stage, batch):
-        anchors = torch.stack([self._train_anchors[c] for c in batch.class_names])  # [B, 2, D]
+        anchors = self.batch_anchors(batch)  # [B, 2, D]
         grid, loss = batch.features.grid, 0.0
         for linear, tokens in zip(self.projections, batch.features.local_tokens or batch.features.patch_tokens):
             embeds = F.normalize(linear(self.backbone.clip.visual.ln_post(tokens)), dim=-1)
             probability = (CLIP_TEMPERATURE * embeds @ anchors.transpose(1, 2)).softmax(-1)[..., 1]
             loss = loss + segmentation_loss(upsample(probability.view(-1, *grid), batch.size), batch.masks)
         return {"loss": loss}
-
-    def end_training(self):
-        super().end_training()
-        self._train_anchors = {}

@@ -90,7 +90,7 @@ class AnomalyMethod(nn.Module):
     # ---- life cycle -----------------------------------------------------------------
     @torch.inference_mode()
     def prepare(self, class_name: str, reference_images: torch.Tensor | None = None,
-                anchors: TextAnchors | None = None) -> "AnomalyMethod":
+                anchors: TextAnchors | None = None) -> AnomalyMethod:
         self.anchors, self.class_name = None, None  # a failed prepare leaves the method unprepared, not half-old
         expected = self.anchor_key(class_name)
         if anchors is not None and anchors.key != expected:
@@ -184,6 +184,14 @@ class AnomalyMethod(nn.Module):
         self.end_training()
 
     # ---- shared helpers ---------------------------------------------------------------
+    def finish_scores(self, anomaly_map: torch.Tensor, image_score: torch.Tensor, features: VisualFeatures,
+                      size: tuple[int, int]) -> AnomalyScores:
+        """The text-side result, blended with the reference memory when there is one, then the map
+        smoothed by the method's ``sigma``: how the trained methods end ``score_features``."""
+        if self.memory is not None:
+            anomaly_map, image_score = self.blend(anomaly_map, image_score, self.memory_map(features, size))
+        return AnomalyScores(image_score, gaussian_blur(anomaly_map, self.sigma))
+
     def blend(self, text_map: torch.Tensor, text_score: torch.Tensor, reference_map: torch.Tensor):
         """Few-shot result: text (zero-shot) and reference-memory evidence, weighted by `text_weight`.
 
@@ -198,6 +206,25 @@ class AnomalyMethod(nn.Module):
         """softmax over (normal, abnormal) of temperature-scaled cosine similarity; [...] -> [...]."""
         logits = CLIP_TEMPERATURE * F.normalize(embeds.float(), dim=-1) @ self.anchors.stacked().T
         return logits.softmax(dim=-1)[..., 1]
+
+
+class FixedAnchorTraining:
+    """For a trained method whose text anchors stay the fixed prompt ensemble (APRIL-GAN,
+    BAG-CLIP): each class's anchors are built once per stage, a batch gets its images' own."""
+
+    _train_anchors: dict[str, torch.Tensor] = {}
+
+    def begin_stage(self, stage, class_names):
+        with torch.no_grad():
+            self._train_anchors = {c: self.build_anchors(c).stacked() for c in class_names}
+
+    def batch_anchors(self, batch) -> torch.Tensor:
+        """[B, 2, D]: (T_N, T_A) of each image's class."""
+        return torch.stack([self._train_anchors[c] for c in batch.class_names])
+
+    def end_training(self):
+        super().end_training()
+        self._train_anchors = {}
 
 
 @contextmanager

@@ -65,7 +65,6 @@ from ..training import state_digest
 from .base import (
     AnomalyMethod,
     AnomalyScores,
-    gaussian_blur,
     register_method,
     seeded_init,
 )
@@ -186,9 +185,7 @@ class MadCLIP(AnomalyMethod):
         levels = self.branch_scores(features, self.anchors.stacked())
         anomaly_map = torch.stack([abnormal_map(seg, features.grid, size) for _, seg in levels]).mean(0)
         image_score = torch.stack([det.softmax(-1)[..., 1].mean(1) for det, _ in levels]).mean(0)
-        if self.memory is not None:
-            anomaly_map, image_score = self.blend(anomaly_map, image_score, self.memory_map(features, size))
-        return AnomalyScores(image_score, gaussian_blur(anomaly_map, self.sigma))
+        return self.finish_scores(anomaly_map, image_score, features, size)
 
     # ---- training ---------------------------------------------------------------------
     def stage_parameters(self, stage):
