@@ -130,6 +130,8 @@ class AnomalyMethod(nn.Module):
 
     # ---- training (methods with something to train) ------------------------------------
     stages: ClassVar[tuple[str, ...]] = ()
+    # masked views of the training images the stages see (``scoring.training.VIEWS``); () for none
+    training_views: tuple[str, ...] = ()
     stage_lr: ClassVar[dict[str, float]] = {}  # the papers' learning rates per stage (default 1e-3)
 
     def begin_stage(self, stage: str, class_names: list[str]) -> None:

@@ -1,0 +1,168 @@
+"""The context-anomaly table: CoRe-CLIP against appearance-only scorers on the generated
+context set (``linewatch demo OUT --context-set``), with its ablations.
+
+Per shot count k (k normal + k anomalous training images, sampled as ``linewatch train``),
+scored on the rest of the test split:
+  aprilgan        untrained (zero-shot), few-shot memory (the k normal shots as references),
+                  trained (the cpu preset)
+  core-clip       untrained, trained (the cpu preset); ablations trained the same way:
+                  global branch only (branches=[global]) and plain averaging (fusion=mean)
+  winclip         zero-shot and few-shot (WinCLIP+, the k normal shots) on a small subset of
+                  the test split only: its window passes cost seconds per image on a CPU.
+                  Every other row is reported on that subset too.
+The frozen backbone runs once per test image for the whole table (features shared by every
+row, as ``fewshot_table.py``); training goes through the same preset, sampling, fit and
+checkpoint as ``linewatch train``. Checkpoints land in OUT.
+
+    OMP_NUM_THREADS=1 python scripts/context_table.py --data runs/context --shots 8 \
+        --views 1 --out runs/context-table --features-cache runs/features --subset 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from fewshot_table import cached_features, evaluate, test_set
+from tqdm import tqdm
+
+from linewatch.offline.datasets import find_categories
+from linewatch.offline.fewshot import sample_category, training_set
+from linewatch.scoring.backbone import Backbone
+from linewatch.scoring.checkpoint import load_checkpoint, save_checkpoint
+from linewatch.scoring.methods import create_method
+from linewatch.scoring.metrics import image_metrics, pixel_metrics
+from linewatch.scoring.preset import backbone_config, header_entry, load_preset, train_config
+from linewatch.scoring.training import augment, extract_features, fit
+
+VARIANTS = {"core-clip": {}, "core-clip global only": {"branches": ["global"]},
+            "core-clip plain averaging": {"fusion": "mean"}}
+
+
+def subset_of(keys, labels, exclude: set[str], size: int, seed: int) -> list[int]:
+    """``size`` test images outside ``exclude``: half normal, half anomalous, fixed by seed."""
+    rng = random.Random(seed)
+    normal = [i for i, k in enumerate(keys) if labels[i] == 0 and k not in exclude]
+    anomalous = [i for i, k in enumerate(keys) if labels[i] == 1 and k not in exclude]
+    return sorted(rng.sample(normal, size // 2) + rng.sample(anomalous, size - size // 2))
+
+
+def evaluate_images(method, images, masks, labels, class_name, references=None, batch=4) -> dict:
+    """Metrics of a method scored on raw images (WinCLIP's windows need the ViT per window)."""
+    method.prepare(class_name, references)
+    scores, maps = [], []
+    for chunk in tqdm(images.split(batch), desc=f"{method.name} images", leave=False):
+        result = method.score(chunk)
+        scores.append(result.image_score.float().cpu())
+        maps.append(result.anomaly_map.float().cpu())
+    row = {"images": len(labels), **image_metrics(labels, torch.cat(scores).numpy()),
+           **pixel_metrics(masks, torch.cat(maps).numpy())}
+    return {k: row[k] for k in ("images", "image_auroc", "pixel_auroc", "aupro")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="the generated set (linewatch demo OUT --context-set)")
+    parser.add_argument("--shots", nargs="+", type=int, default=[8])
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--views", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--epochs", type=int, default=None, help="every stage's epochs (default: the preset's)")
+    parser.add_argument("--subset", type=int, default=24, help="test images WinCLIP is scored on (and every row again)")
+    parser.add_argument("--skip-winclip", action="store_true")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", default="runs/context-table")
+    parser.add_argument("--features-cache", default=None)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    categories = find_categories(args.data)
+    (category,) = categories
+    presets = {name: load_preset(name, args.preset) for name in ("core-clip", "aprilgan")}
+    specs = {backbone_config(preset, {"seed": args.seed}) for preset, _ in presets.values()}
+    if len(specs) != 1:
+        raise SystemExit(f"the {args.preset} presets of core-clip and aprilgan name different backbones: {specs}")
+    backbone = Backbone.build(specs.pop())
+    size = backbone.image_size
+    keys, classes, images, masks, labels = test_set(args.data, size)
+    features = cached_features(backbone, images, args.data, Path(args.features_cache) if args.features_cache else None,
+                               "test features")
+    used_any = set()
+    for shots in args.shots:
+        _, anomalous = sample_category(category, shots, args.seed)
+        used_any |= {f"{category.name}/{s.path.relative_to(category.root).as_posix()}" for s in anomalous}
+    subset = subset_of(keys, labels, used_any, args.subset, args.seed)
+    subset_keys = {keys[i] for i in subset}
+    not_subset = {k for k in keys if k not in subset_keys}
+    print(f"backbone {backbone.identity} at {size} px, layers {backbone.layers}; {len(keys)} test images, "
+          f"subset {len(subset)}; features after {time.monotonic() - started:.0f} s")
+
+    def both(method, exclude, references=None):
+        return {"rest": evaluate(method, features, keys, classes, masks, labels, exclude, size, references),
+                "subset": evaluate(method, features, keys, classes, masks, labels, not_subset, size, references)}
+
+    rows = []
+
+    def record(row):
+        rows.append(row)
+        print(json.dumps(row))
+        (out / "table.json").write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2))
+
+    for shots in args.shots:
+        data, used = training_set(categories, shots, args.seed, size)
+        exclude = {u["path"] for u in used}
+        normal_shots = data.images[data.labels == 0]
+        record({"method": "aprilgan", "shots": shots, "mode": "untrained (zero-shot)",
+                **both(create_method("aprilgan", backbone, **presets["aprilgan"][0].options), exclude)})
+        record({"method": "aprilgan", "shots": shots, "mode": "few-shot memory",
+                **both(create_method("aprilgan", backbone, **presets["aprilgan"][0].options), exclude, normal_shots)})
+        record({"method": "core-clip", "shots": shots, "mode": "untrained",
+                **both(create_method("core-clip", backbone, **presets["core-clip"][0].options), exclude)})
+        trained_runs = [("aprilgan", "aprilgan", {})] + [(label, "core-clip", VARIANTS[label]) for label in args.variants]
+        for label, name, extra in trained_runs:
+            preset, preset_file = presets[name]
+            config = train_config(preset, seed=args.seed, epochs=args.epochs, views=args.views)
+            views = augment(data, config.views, torch.Generator().manual_seed(args.seed))
+            train_features = extract_features(backbone, views.images)
+            options = {**preset.options, **extra}
+            method = create_method(name, backbone, **options)
+            t0 = time.monotonic()
+            bar = tqdm(total=config.total_epochs(method.stages), desc=f"{label} k={shots}", unit="epoch")
+            history = fit(method, views, config, features=train_features,
+                          progress=lambda stage, epoch, step, steps, losses: bar.update(step == steps - 1))
+            bar.close()
+            path = out / f"{label.replace(' ', '-')}-k{shots}.safetensors"
+            save_checkpoint(path, method, options, preset=header_entry(preset, preset_file),
+                            training={"shots": shots, "data": args.data, "test_images_used": used, **asdict(config)})
+            method = load_checkpoint(path, backbone)
+            record({"method": label, "shots": shots, "mode": "trained", "train_s": round(time.monotonic() - t0, 1),
+                    "final_loss": {k: round(v, 4) for k, v in history[-1].items() if k not in ("stage", "epoch", "lr")},
+                    **both(method, exclude)})
+        if not args.skip_winclip:
+            sub_images, sub_masks, sub_labels = images[subset], masks[subset], labels[subset]
+            for mode, references in (("zero-shot", None), ("few-shot (WinCLIP+)", normal_shots)):
+                t0 = time.monotonic()
+                row = evaluate_images(create_method("winclip", backbone), sub_images, sub_masks, sub_labels,
+                                      category.name, references)
+                record({"method": "winclip", "shots": shots, "mode": mode, "score_s": round(time.monotonic() - t0, 1),
+                        "subset": row})
+
+    def fmt(r):
+        return f"{100 * r['image_auroc']:5.1f} / {100 * r['pixel_auroc']:5.1f} / {100 * r['aupro']:5.1f}"
+    print(f"\npreset {args.preset}; I-AUROC / P-AUROC / AUPRO, %, on the rest of {args.data} and on the subset")
+    for r in rows:
+        rest = fmt(r["rest"]) if "rest" in r else "-"
+        print(f"{r['method']:<28}{r['shots']:>3}  {r['mode']:<22}{rest:>24}   {fmt(r['subset']):>24}")
+    print(f"total {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
