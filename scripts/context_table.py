@@ -14,8 +14,8 @@ The frozen backbone runs once per test image for the whole table (features share
 row, as ``fewshot_table.py``); training goes through the same preset, sampling, fit and
 checkpoint as ``linewatch train``. Checkpoints land in OUT.
 
-    OMP_NUM_THREADS=1 python scripts/context_table.py --data runs/context --shots 8 \
-        --views 1 --out runs/context-table --features-cache runs/features --subset 24
+    OMP_NUM_THREADS=1 python scripts/context_table.py --data runs/ctxset --shots 8 \
+        --out runs/context-table --features-cache runs/features --subset 24
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from linewatch.scoring.training import augment, extract_features, fit
 
 VARIANTS = {"core-clip": {}, "core-clip global only": {"branches": ["global"]},
             "core-clip plain averaging": {"fusion": "mean"}}
+RUNS = ["aprilgan", *VARIANTS, "winclip"]
 
 
 def subset_of(keys, labels, exclude: set[str], size: int, seed: int) -> list[int]:
@@ -75,8 +76,8 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=None, help="default: the preset's")
     parser.add_argument("--epochs", type=int, default=None, help="every stage's epochs (default: the preset's)")
     parser.add_argument("--subset", type=int, default=24, help="test images WinCLIP is scored on (and every row again)")
-    parser.add_argument("--skip-winclip", action="store_true")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS,
+                        help="which rows (default all; a table can be made in parts, each with its own OUT)")
     parser.add_argument("--out", default="runs/context-table")
     parser.add_argument("--features-cache", default=None)
     args = parser.parse_args()
@@ -120,14 +121,16 @@ def main() -> None:
         data, used = training_set(categories, shots, args.seed, size)
         exclude = {u["path"] for u in used}
         normal_shots = data.images[data.labels == 0]
-        record({"method": "aprilgan", "shots": shots, "mode": "untrained (zero-shot)",
-                **both(create_method("aprilgan", backbone, **presets["aprilgan"][0].options), exclude)})
-        record({"method": "aprilgan", "shots": shots, "mode": "few-shot memory",
-                **both(create_method("aprilgan", backbone, **presets["aprilgan"][0].options), exclude, normal_shots)})
-        record({"method": "core-clip", "shots": shots, "mode": "untrained",
-                **both(create_method("core-clip", backbone, **presets["core-clip"][0].options), exclude)})
-        trained_runs = [("aprilgan", "aprilgan", {})] + [(label, "core-clip", VARIANTS[label]) for label in args.variants]
-        for label, name, extra in trained_runs:
+        if "aprilgan" in args.runs:
+            record({"method": "aprilgan", "shots": shots, "mode": "untrained (zero-shot)",
+                    **both(create_method("aprilgan", backbone, **presets["aprilgan"][0].options), exclude)})
+            record({"method": "aprilgan", "shots": shots, "mode": "few-shot memory",
+                    **both(create_method("aprilgan", backbone, **presets["aprilgan"][0].options), exclude, normal_shots)})
+        if "core-clip" in args.runs:
+            record({"method": "core-clip", "shots": shots, "mode": "untrained",
+                    **both(create_method("core-clip", backbone, **presets["core-clip"][0].options), exclude)})
+        trained_runs = [(label, "core-clip", extra) for label, extra in VARIANTS.items() if label in args.runs]
+        for label, name, extra in [("aprilgan", "aprilgan", {})] * ("aprilgan" in args.runs) + trained_runs:
             preset, preset_file = presets[name]
             config = train_config(preset, seed=args.seed, epochs=args.epochs, views=args.views)
             views = augment(data, config.views, torch.Generator().manual_seed(args.seed))
@@ -146,7 +149,7 @@ def main() -> None:
             record({"method": label, "shots": shots, "mode": "trained", "train_s": round(time.monotonic() - t0, 1),
                     "final_loss": {k: round(v, 4) for k, v in history[-1].items() if k not in ("stage", "epoch", "lr")},
                     **both(method, exclude)})
-        if not args.skip_winclip:
+        if "winclip" in args.runs:
             sub_images, sub_masks, sub_labels = images[subset], masks[subset], labels[subset]
             for mode, references in (("zero-shot", None), ("few-shot (WinCLIP+)", normal_shots)):
                 t0 = time.monotonic()
