@@ -59,11 +59,12 @@ def stop(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
 
 @contextmanager
 def local_tansu(log_dir: Path, timeout_s: float = 15.0, storage: str = "memory://tansu/", env: dict | None = None,
-                port: int | None = None, advertised: str | None = None):
+                port: int | None = None, advertised: str | None = None, started: list | None = None):
     """Yields ``127.0.0.1:PORT`` while a Tansu broker runs; stops it afterwards. ``storage``:
     ``memory://tansu/`` (lost on exit) or e.g. ``s3://bucket/`` with ``env`` naming the S3
     endpoint and keys; ``port`` pins the port (a restart on the same address); ``advertised``
-    (``host:port``) is the address clients are told to use, e.g. a TLS proxy in front of it."""
+    (``host:port``) is the address clients are told to use, e.g. a TLS proxy in front of it;
+    ``started`` receives the broker's process (to kill it in a fault test)."""
     binary = tansu_binary()
     for attempt in range(1 if port else ATTEMPTS):
         chosen = port or free_port()
@@ -74,6 +75,8 @@ def local_tansu(log_dir: Path, timeout_s: float = 15.0, storage: str = "memory:/
                                         "--storage-engine", storage], stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             if wait_listening(process, chosen, "tansu", timeout_s):
+                if started is not None:
+                    started.append(process)
                 break
         except BaseException:
             stop(process)

@@ -24,6 +24,14 @@ class BusError(RuntimeError):
     """The bus cannot do what was asked (broker unreachable, send not acknowledged, ...)."""
 
 
+class RecordTooLarge(BusError):
+    """One record is larger than the bus takes (``Bus.max_message_bytes``): the caller shrinks
+    or dead-letters it; the bus and the other records are fine."""
+
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a 4K JPEG at high quality stays far below this
+
+
 @dataclass(frozen=True)
 class Record:
     topic: str
@@ -71,15 +79,18 @@ class Producer(ABC):
     def send(self, topic: str, value: bytes | None, key: bytes | None = None,
              headers: tuple[tuple[str, bytes], ...] = (), timestamp_ms: int | None = None,
              partition: int | None = None) -> None:
-        """Queue a record; may block while the bus applies backpressure. ``partition``
-        overrides the key's partition; ``value=None`` is a tombstone (compacted topics)."""
+        """Queue a record; may block while the bus applies backpressure (or its broker is
+        down). ``partition`` overrides the key's partition; ``value=None`` is a tombstone
+        (compacted topics). RecordTooLarge for a record above ``max_message_bytes``."""
 
     @abstractmethod
     def flush(self) -> None:
         """Wait until every queued record is acknowledged; BusError if any was not."""
 
-    def close(self) -> None:
+    def close(self) -> int:
+        """Flush and close; how many records were dropped unacknowledged (a stop during an outage)."""
         self.flush()
+        return 0
 
 
 class Consumer(ABC):
@@ -119,14 +130,20 @@ class Consumer(ABC):
     def seek(self, topic: str, partition: int, offset: int) -> None:
         ...
 
+    def end_offsets(self, topic: str) -> dict[int, int] | None:
+        """{partition: offset after its last record} of ``topic``, as far as the broker knows
+        (None: not known). A reader starting near the end (the console) seeks from it."""
+        return None
+
     def close(self) -> None:
         pass
 
 
 class Bus(ABC):
-    def __init__(self, topics: Topics, partitions: int):
+    def __init__(self, topics: Topics, partitions: int, max_message_bytes: int = MAX_MESSAGE_BYTES):
         self.topics = topics
         self.partitions = partitions
+        self.max_message_bytes = max_message_bytes  # the largest record (value, key and headers) it takes
 
     @abstractmethod
     def ensure_topics(self, names: list[str], partitions: int | None = None, compact: bool = False) -> None:
@@ -143,8 +160,24 @@ class Bus(ABC):
         """A consumer in ``group`` (committed offsets, partitions shared among members), reading
         from the earliest uncommitted record; ``group=None`` for a group-less reader (replay)."""
 
+    def topic_names(self) -> list[str]:
+        """The topics on the bus (the console offers results topics to compare)."""
+        return self.topics.all()
+
     def close(self) -> None:
         pass
+
+
+def record_size(value: bytes | None, key: bytes | None = None, headers: tuple[tuple[str, bytes], ...] = ()) -> int:
+    """A record's bytes as a broker counts them against its size limit (give or take its framing)."""
+    return len(value or b"") + len(key or b"") + sum(len(name) + len(data) for name, data in headers) + 64
+
+
+def check_size(limit: int, topic: str, value: bytes | None, key: bytes | None, headers) -> None:
+    """RecordTooLarge for a record above ``limit`` bytes, before any broker sees it."""
+    size = record_size(value, key, headers)
+    if size > limit:
+        raise RecordTooLarge(f"a {size}-byte record for {topic} exceeds the {limit}-byte limit (max_message_bytes)")
 
 
 def next_offsets(records: list[Record]) -> dict[tuple[str, int], int]:

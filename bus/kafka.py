@@ -7,6 +7,13 @@ Security (``KafkaSecurity``): TLS and SASL settings reach every client, admin, p
 consumer, through one function, ``KafkaSecurity.client_options``. Topics linewatch creates get
 the configured replication factor (default -1: the broker's ``default.replication.factor``)
 and, when set, ``min.insync.replicas``.
+Outages (the broker down, restarting, unreachable) are ridden out here, for every part
+alike: a send waits while the broker takes nothing, a flush waits for the acknowledgements
+(records never expire in the producer), a commit is retried, a poll that fails returns
+nothing; each outage is reported to ``health.OUTAGES`` (one warning when it begins, one line
+when it ends) under the bus's ``part`` name. ``stop`` (the process's SIGTERM event) ends any
+such wait within about a second with ``StopRequested``: what was not acknowledged is not
+committed. Only the first connection fails at once (a wrong address is a user's mistake).
 """
 
 from __future__ import annotations
@@ -14,18 +21,42 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+import threading
+import time
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAlreadyExistsError,
+)
 from kafka.structs import OffsetAndMetadata
 
-from . import Bus, BusError, Consumer, Producer, Record, Topics, next_offsets
+from . import (
+    MAX_MESSAGE_BYTES,
+    Bus,
+    BusError,
+    Consumer,
+    Producer,
+    Record,
+    RecordTooLarge,
+    Topics,
+    check_size,
+    next_offsets,
+)
+from .outages import OUTAGES, SERVICE_BACKOFF, StopRequested, describe
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a 4K JPEG at high quality stays far below this
 CONNECT_TIMEOUT_MS = 10_000
+WAIT_STEP_S = 1.0  # how long one blocking call may take before a stop is looked at again
+PATIENCE_S = 5.0  # unacknowledged for this long, or no group coordinator: the broker is down
+NEVER_MS = 2 ** 31 - 1  # records wait in the producer through any outage (the caller decides when to give up)
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 # kafka-python's fetch wait (500 ms) is kept on purpose. Apache Kafka answers a held fetch as
 # soon as data arrives; Tansu holds it the whole wait, so there a frame reaching an idle worker
 # waited up to 156 ms in 8 tries (16 ms with a 100 ms wait). But the idle consumers' empty
@@ -89,10 +120,14 @@ def _unreachable(servers: str, err: Exception) -> BusError:
 
 
 class KafkaBus(Bus):
+    """``part`` names the process part in outage reports; ``stop`` (default: never) ends any
+    wait for the broker with StopRequested."""
+
     def __init__(self, servers: str, topics: Topics = Topics(), partitions: int = 4,
-                 session_timeout_ms: int = 10_000, security: KafkaSecurity = KafkaSecurity(),
-                 replication_factor: int = -1, min_insync_replicas: int | None = None):
-        super().__init__(topics, partitions)
+                 session_timeout_ms: int = 10_000, *, security: KafkaSecurity = KafkaSecurity(),
+                 replication_factor: int = -1, min_insync_replicas: int | None = None, part: str = "linewatch",
+                 stop: threading.Event | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES):
+        super().__init__(topics, partitions, max_message_bytes)
         self.servers = servers.split(",")
         self.session_timeout_ms = session_timeout_ms
         self.options = {"bootstrap_servers": self.servers, "bootstrap_timeout_ms": CONNECT_TIMEOUT_MS,
@@ -100,6 +135,9 @@ class KafkaBus(Bus):
         if replication_factor == 0 or replication_factor < -1:
             raise ValueError(f"kafka replication_factor {replication_factor}: use -1 (the broker's default) or >= 1")
         self.replication_factor, self.min_insync_replicas = replication_factor, min_insync_replicas
+        self.part, self.stop = part, stop or threading.Event()
+        self.dependency = f"Kafka at {servers}"
+        OUTAGES.register(part)
         self.ensure_topics(topics.all())
 
     def ensure_topics(self, names: list[str], partitions: int | None = None, compact: bool = False) -> None:
@@ -110,7 +148,8 @@ class KafkaBus(Bus):
         try:
             existing = set(admin.list_topics())
             # frames and anomalous scores can exceed a broker's default 1 MB message size
-            configs = {"max.message.bytes": str(MAX_MESSAGE_BYTES), **({"cleanup.policy": "compact"} if compact else {})}
+            configs = {"max.message.bytes": str(self.max_message_bytes),
+                       **({"cleanup.policy": "compact"} if compact else {})}
             if self.min_insync_replicas is not None:  # acks=all needs this many replicas in sync
                 configs["min.insync.replicas"] = str(self.min_insync_replicas)
             missing = [NewTopic(n, partitions or self.partitions, self.replication_factor, topic_configs=configs)
@@ -129,76 +168,211 @@ class KafkaBus(Bus):
     def consumer(self, topics: list[str], group: str | None) -> Consumer:
         return KafkaBusConsumer(self, topics, group)
 
+    def topic_names(self) -> list[str]:
+        try:
+            admin = KafkaAdminClient(client_id="linewatch-admin", **self.options)
+        except (KafkaError, OSError) as err:
+            raise _unreachable(",".join(self.servers), err) from None
+        try:
+            return sorted(admin.list_topics())
+        finally:
+            admin.close()
+
 
 class KafkaBusProducer(Producer):
     def __init__(self, bus: KafkaBus):
-        self.servers = ",".join(bus.servers)
+        self.bus, self.servers = bus, ",".join(bus.servers)
         try:
-            self.producer = KafkaProducer(acks="all", enable_idempotence=True, linger_ms=5,
-                                          max_request_size=MAX_MESSAGE_BYTES, **bus.options)
+            self.producer = KafkaProducer(
+                acks="all", enable_idempotence=True, linger_ms=5, max_request_size=bus.max_message_bytes,
+                max_block_ms=int(WAIT_STEP_S * 1000), delivery_timeout_ms=NEVER_MS, **bus.options)
         except (KafkaError, OSError) as err:
             raise _unreachable(self.servers, err) from None
         self.pending = []
+        # acknowledgements, watched from the producer's thread: records waiting PATIENCE_S with
+        # none acknowledged is an outage (said at the next send or flush), the next one its end
+        self.lock = threading.Lock()
+        self.in_flight, self.progress_at = 0, time.monotonic()
+        self.dropped = 0  # records dropped unacknowledged at a stop
+
+    def _acknowledged(self, _metadata) -> None:
+        with self.lock:
+            self.in_flight -= 1
+            self.progress_at = time.monotonic()
+        OUTAGES.up(self.bus.part, self.bus.dependency, "produce")
+
+    def _failed(self, _error) -> None:  # settled by flush (or dropped at a stop)
+        with self.lock:
+            self.in_flight -= 1
+
+    def _stalled(self) -> bool:
+        return self._idle_for(PATIENCE_S)
+
+    def _idle_for(self, seconds: float) -> bool:
+        """Records wait and none was acknowledged for ``seconds``."""
+        with self.lock:
+            return self.in_flight > 0 and time.monotonic() - self.progress_at >= seconds
 
     def send(self, topic, value, key=None, headers=(), timestamp_ms=None, partition=None) -> None:
+        check_size(self.bus.max_message_bytes, topic, value, key, headers)
         if len(self.pending) >= 1024:  # a long-lived producer (live ingest) must not hoard futures
             self._settle([f for f in self.pending if f.is_done])
             self.pending = [f for f in self.pending if not f.is_done]
-        try:
-            self.pending.append(self.producer.send(topic, value=value, key=key, headers=list(headers),
-                                                   timestamp_ms=timestamp_ms, partition=partition))
-        except KafkaError as err:
-            raise BusError(f"cannot send to {topic}: {err}") from None
+        if self._stalled():
+            OUTAGES.down(self.bus.part, self.bus.dependency, f"nothing acknowledged for {PATIENCE_S:.0f} s", "produce")
+        attempt = 0
+        while True:
+            try:
+                future = self.producer.send(topic, value=value, key=key, headers=list(headers),
+                                            timestamp_ms=timestamp_ms, partition=partition)
+                with self.lock:
+                    if self.in_flight == 0:
+                        self.progress_at = time.monotonic()
+                    self.in_flight += 1
+                future.add_callback(self._acknowledged)
+                future.add_errback(self._failed)
+                self.pending.append(future)
+                return
+            except KafkaTimeoutError as err:  # no metadata, or the buffer is full: the broker takes nothing
+                self._waiting(err, attempt)
+                attempt += 1
+            except TOO_LARGE as err:
+                raise RecordTooLarge(f"record for {topic} too large: {err}") from None
+            except KafkaError as err:
+                raise BusError(f"cannot send to {topic}: {describe(err)}") from None
 
     def flush(self) -> None:
+        while True:
+            try:
+                self.producer.flush(timeout=WAIT_STEP_S)
+                break
+            except KafkaTimeoutError as err:
+                if self._stalled():
+                    OUTAGES.down(self.bus.part, self.bus.dependency, f"records not acknowledged ({describe(err)})",
+                                "produce")
+                if self.bus.stop.is_set() and self._idle_for(2 * WAIT_STEP_S):  # flushes what it can
+                    self._stopping("stopped with records not yet acknowledged")
+            except KafkaError as err:
+                raise BusError(f"Kafka at {self.servers} did not acknowledge a record: {describe(err)}") from None
         pending, self.pending = self.pending, []
-        try:
-            self.producer.flush()
-        except KafkaError as err:
-            raise BusError(f"Kafka at {self.servers} did not acknowledge a record: {err}") from None
         self._settle(pending)
+
+    def _waiting(self, err: Exception, attempt: int) -> None:
+        OUTAGES.down(self.bus.part, self.bus.dependency, f"records not taken ({describe(err)})", "produce")
+        if self.bus.stop.is_set() or self.bus.stop.wait(SERVICE_BACKOFF.delay(attempt)):
+            self._stopping("stopped while Kafka was unavailable")
+
+    def _stopping(self, why: str) -> None:
+        """StopRequested, the unacknowledged records dropped first (kafka-python would otherwise
+        print tracebacks at exit trying to flush them)."""
+        dropped = self._drop()
+        log.warning("%s: %s; %d record(s) not acknowledged by Kafka are dropped", self.bus.part, why, dropped)
+        self.dropped += dropped
+        raise StopRequested(why)
 
     def _settle(self, futures) -> None:
         for future in futures:
             if future.failed():
-                raise BusError(f"Kafka at {self.servers} did not acknowledge a record: {future.exception}")
+                if isinstance(future.exception, TOO_LARGE):
+                    raise RecordTooLarge(f"Kafka at {self.servers} refused a record as too large: {future.exception}")
+                raise BusError(f"Kafka at {self.servers} did not acknowledge a record: {describe(future.exception)}")
 
-    def close(self) -> None:
+    def close(self) -> int:
+        """Flush, then close; when that cannot finish (a stop during an outage), drop what is
+        unacknowledged quietly (no kafka-python traceback at exit) and say how many."""
         try:
             self.flush()
-        finally:
-            self.producer.close()
+        except StopRequested:
+            pass
+        except BusError as err:
+            dropped = self._drop()
+            log.warning("%s: closing with %d record(s) not acknowledged by Kafka (%s)", self.bus.part, dropped, err)
+            self.dropped += dropped
+        try:
+            self.producer.close(timeout=0)
+        except KafkaError as err:
+            log.debug("producer close: %s", err)
+        return self.dropped
+
+    def _drop(self) -> int:
+        dropped = sum(not future.is_done for future in self.pending)
+        try:
+            self.producer._sender.force_close()
+            self.producer._accumulator.abort_incomplete_batches()
+        except AttributeError:  # another kafka-python: its close may then wait out its own timeout
+            pass
+        self.pending = []
+        return dropped
 
 
 class KafkaBusConsumer(Consumer):
     def __init__(self, bus: KafkaBus, topics: list[str], group: str | None):
-        self.servers = ",".join(bus.servers)
-        self.group = group
+        self.bus, self.servers, self.group = bus, ",".join(bus.servers), group
         self.rebalance = _Assignment()
         try:
             self.consumer = KafkaConsumer(
                 group_id=group, enable_auto_commit=False, auto_offset_reset="earliest",
                 session_timeout_ms=bus.session_timeout_ms, heartbeat_interval_ms=1000,
-                max_partition_fetch_bytes=MAX_MESSAGE_BYTES, fetch_max_bytes=4 * MAX_MESSAGE_BYTES, **bus.options)
+                max_partition_fetch_bytes=bus.max_message_bytes, fetch_max_bytes=4 * bus.max_message_bytes,
+                **bus.options)
             if group is not None:
                 self.consumer.subscribe(topics, listener=self.rebalance)
         except (KafkaError, OSError) as err:
             raise _unreachable(self.servers, err) from None
+        self.coordinator_lost: float | None = None  # monotonic time the group coordinator went missing
+        self.polled_at = time.monotonic()
 
     def poll(self, timeout_s: float, max_records: int = 64) -> list[Record]:
-        batches = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        try:
+            batches = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except KafkaError as err:  # a connection error surfacing here: nothing read, try again later
+            OUTAGES.down(self.bus.part, self.bus.dependency, describe(err), "consume")
+            self.bus.stop.wait(min(timeout_s, WAIT_STEP_S))
+            return []
+        self._watch_coordinator()
         return [Record(r.topic, r.value, r.key, tuple(r.headers or ()), r.partition, r.offset, r.timestamp)
                 for tp in sorted(batches) for r in batches[tp]]
 
+    def _watch_coordinator(self) -> None:
+        """A group member without a coordinator for PATIENCE_S of polls cannot commit: the broker
+        is down. (Polls far apart prove nothing: the coordinator is found again by polling.)"""
+        now, last, self.polled_at = time.monotonic(), self.polled_at, time.monotonic()
+        if self.group is None:
+            return
+        try:
+            lost = self.consumer._coordinator.coordinator_unknown()
+        except AttributeError:  # another kafka-python: outages show through poll and commit only
+            return
+        if not lost:
+            self.coordinator_lost = None
+            OUTAGES.up(self.bus.part, self.bus.dependency, "consume")
+        elif self.coordinator_lost is None or now - last > 2 * WAIT_STEP_S:
+            self.coordinator_lost = now
+        elif time.monotonic() - self.coordinator_lost >= PATIENCE_S:
+            OUTAGES.down(self.bus.part, self.bus.dependency, "no group coordinator (broker down?)", "consume")
+
     def commit(self, records: list[Record]) -> None:
         offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in next_offsets(records).items()}
-        if offsets:
-            # CommitFailedError after a rebalance: the new owner re-reads these frames
-            # (at-least-once); sinks de-duplicate by (stream, seq).
+        attempt = 0
+        while offsets:
             try:
-                self.consumer.commit(offsets)
+                self.consumer.commit(offsets, timeout_ms=int(WAIT_STEP_S * 1000))
+                OUTAGES.up(self.bus.part, self.bus.dependency, "consume")
+                return
+            except CommitFailedError as err:
+                # after a rebalance: the new owner re-reads these records (at-least-once); sinks
+                # de-duplicate by (stream, seq)
+                log.warning("commit failed (%s); the records will be delivered again", describe(err))
+                return
             except KafkaError as err:
-                log.warning("commit failed (%s); the records will be delivered again", err)
+                retriable = isinstance(err, KafkaTimeoutError) or getattr(err, "retriable", False)
+                if not retriable:
+                    log.warning("commit failed (%s); the records will be delivered again", describe(err))
+                    return
+                OUTAGES.down(self.bus.part, self.bus.dependency, f"cannot commit ({describe(err)})", "consume")
+                if self.bus.stop.is_set() or self.bus.stop.wait(SERVICE_BACKOFF.delay(attempt)):
+                    raise StopRequested("stopped before the commit went through") from None
+                attempt += 1
 
     def partitions(self, topic: str) -> list[int]:
         found = self.consumer.partitions_for_topic(topic)
@@ -231,13 +405,23 @@ class KafkaBusConsumer(Consumer):
     def seek(self, topic: str, partition: int, offset: int) -> None:
         self.consumer.seek(TopicPartition(topic, partition), offset)
 
+    def end_offsets(self, topic: str) -> dict[int, int] | None:
+        try:  # Tansu's are off by up to a batch: good enough for where a reader starts
+            ends = self.consumer.end_offsets([TopicPartition(topic, p) for p in self.partitions(topic)])
+        except KafkaError:
+            return None
+        return {tp.partition: offset for tp, offset in ends.items()}
+
     def close(self) -> None:
-        self.consumer.close(autocommit=False)
+        try:  # leaving the group waits for a broker that may be gone: briefly
+            self.consumer.close(autocommit=False, timeout_ms=int(WAIT_STEP_S * 1000))
+        except KafkaError as err:
+            log.debug("consumer close: %s", err)
 
 
 class _Assignment(ConsumerRebalanceListener):
     """Whether the group has given this member its partitions since it joined or last
-    rebalanced (called from inside ``poll``, on the polling thread)."""
+    rebalanced (called from inside ``poll``, on the polling thread; it only sets a flag)."""
 
     def __init__(self):
         self.received = False

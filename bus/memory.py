@@ -21,12 +21,14 @@ import threading
 import time
 
 from . import (
+    MAX_MESSAGE_BYTES,
     Bus,
     BusError,
     Consumer,
     Producer,
     Record,
     Topics,
+    check_size,
     next_offsets,
     partition_for,
 )
@@ -62,8 +64,9 @@ class _Log:
 
 
 class MemoryBus(Bus):
-    def __init__(self, topics: Topics = Topics(), partitions: int = 1, capacity: int = 256):
-        super().__init__(topics, partitions)
+    def __init__(self, topics: Topics = Topics(), partitions: int = 1, capacity: int = 256,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+        super().__init__(topics, partitions, max_message_bytes)
         self.capacity = capacity
         self.cond = threading.Condition()
         self.logs: dict[str, list[_Log]] = {}
@@ -87,6 +90,10 @@ class MemoryBus(Bus):
 
     def consumer(self, topics: list[str], group: str | None) -> Consumer:
         return MemoryConsumer(self, topics, group)
+
+    def topic_names(self) -> list[str]:
+        with self.cond:
+            return sorted(self.logs)
 
     def close(self) -> None:
         with self.cond:
@@ -127,6 +134,7 @@ class MemoryProducer(Producer):
 
     def send(self, topic, value, key=None, headers=(), timestamp_ms=None, partition=None) -> None:
         bus = self.bus
+        check_size(bus.max_message_bytes, topic, value, key, headers)
         with bus.cond:
             if topic not in bus.logs:
                 raise BusError(f"unknown topic {topic!r}")
@@ -242,6 +250,10 @@ class MemoryConsumer(Consumer):
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
         self.position[(topic, partition)] = offset
+
+    def end_offsets(self, topic: str) -> dict[int, int]:
+        with self.bus.cond:
+            return {p: log.end for p, log in enumerate(self.bus.logs[topic])}
 
     def close(self) -> None:
         bus = self.bus

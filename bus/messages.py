@@ -7,6 +7,11 @@ Wire format, the same on the in-process bus and on Kafka (never pickle):
   scores of every frame that came before it on its partition;
 - score, alert, dead letter: key = stream id, value = the message as JSON (bytes fields base64).
 Every message carries ``v`` (schema version); a reader refuses versions it does not know.
+
+A reader acts on nothing it has not validated: ``decode`` refuses (MessageError, never
+RecursionError or a crash further on) values above ``MAX_VALUE_BYTES``, ``lw`` headers above
+``MAX_HEADER_BYTES``, JSON nested deeper than ``MAX_DEPTH``, integers outside 0..2^63-1 (what
+SQLite and Kafka hold), sizes outside 1..65535 px (JPEG's limit) and non-finite floats.
 """
 
 from __future__ import annotations
@@ -15,13 +20,21 @@ import json
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .redact import redact
 
 SCHEMA_VERSION = 1
 META_HEADER = "lw"
 DEAD_PAYLOAD_LIMIT = 512 * 1024  # base64 in JSON stays under a Kafka broker's default 1 MB message
+MAX_HEADER_BYTES = 64 * 1024  # a frame's ``lw`` header: its metadata is a few hundred bytes
+MAX_VALUE_BYTES = 64 * 1024 * 1024  # any JSON message value (a score with its frame is a few MB)
+MAX_DEPTH = 32  # JSON nesting; the schema needs 4
+MAX_REASON_CHARS = 4096
 
 StreamId = Annotated[str, Field(min_length=1, max_length=128)]
+Count = Annotated[int, Field(ge=0, le=2 ** 63 - 1)]  # seq numbers, offsets: a signed 64-bit integer (SQLite, Kafka)
+Side = Annotated[int, Field(gt=0, le=65535)]  # a frame's width or height in px: JPEG's limit
 
 
 class MessageError(ValueError):
@@ -29,15 +42,16 @@ class MessageError(ValueError):
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64",
+                              allow_inf_nan=False)
     v: Literal[1] = SCHEMA_VERSION
 
 
 class Telemetry(BaseModel):
     """Drone position for a frame, from a DJI-style SRT sidecar (fields the sidecar lacks stay None)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    time: str | None = None  # the sidecar's own clock, as written
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    time: str | None = Field(default=None, max_length=64)  # the sidecar's own clock, as written
     latitude: float | None = None
     longitude: float | None = None
     altitude: float | None = None  # absolute, metres
@@ -47,15 +61,15 @@ class Telemetry(BaseModel):
 class FrameMeta(_Message):
     kind: Literal["frame"] = "frame"
     stream: StreamId
-    seq: int = Field(ge=0)  # per stream and session, from 0, in capture order
+    seq: Count  # per stream and session, from 0, in capture order
     # One ingest run of the stream: seq restarts at 0 with every run, so (stream, session,
     # seq) names a frame; a replay of the same frames keeps their session.
     session: str = Field(default="", max_length=64)
     ts: float  # capture time, UNIX seconds (file sources: start of ingest + media time)
     pts: float = 0.0  # media time in seconds from the start of the source
-    source: str
-    width: int = Field(gt=0)
-    height: int = Field(gt=0)
+    source: str = Field(max_length=4096)
+    width: Side
+    height: Side
     encoding: Literal["jpeg"] = "jpeg"
     telemetry: Telemetry | None = None
     sent_at: float = Field(default_factory=time.time)  # wall time when published, for latency
@@ -69,7 +83,7 @@ class SessionEnd(_Message):
     kind: Literal["end"] = "end"
     stream: StreamId
     session: str = Field(default="", max_length=64)
-    frames: int = Field(ge=0)  # frames published in the session: seq 0 .. frames - 1
+    frames: Count  # frames published in the session: seq 0 .. frames - 1
     ts: float = Field(allow_inf_nan=False)  # capture time of the session's last frame
     reason: Literal["end", "stopped", "failed", "replay"] = "end"  # source ended, ingest stopped or failed, replay range
     sent_at: float = Field(default_factory=time.time)
@@ -79,26 +93,27 @@ class FrameRef(BaseModel):
     """Where a frame sits on the bus, so a score or alert can point back at it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    topic: str
-    partition: int
-    offset: int
+    topic: str = Field(max_length=255)
+    partition: Count
+    offset: Count
 
 
 class EncodedMap(BaseModel):
     """An anomaly map as an 8-bit PNG at reduced resolution; value = lo + png / 255 * (hi - lo)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64",
+                              allow_inf_nan=False)
     png: bytes
     lo: float
     hi: float
 
 
 class Latency(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     queue_ms: float  # published -> picked up by the worker
     decode_ms: float  # JPEG decode + resize, per frame share of the batch
     model_ms: float  # the method's forward pass, per frame share of the batch
-    batch_size: int
+    batch_size: Count
 
 
 class ScoreMsg(_Message):
@@ -117,6 +132,9 @@ class ScoreMsg(_Message):
     latency: Latency
     scored_at: float = Field(default_factory=time.time)
     frame_jpeg: bytes | None = None  # only on anomalous frames, so the archive can draw overlays
+    # "reduced": frame_jpeg is the frame re-encoded smaller (the original did not fit a message);
+    # "dropped": an anomalous frame sent without its image (it could not be made to fit)
+    frame_jpeg_note: Literal["reduced", "dropped"] | None = None
 
 
 class AlertMsg(_Message):
@@ -127,14 +145,14 @@ class AlertMsg(_Message):
     event_id: str  # "<stream>@<session>:<first seq>", stable across replays of the same frames
     status: Literal["open", "closed"]
     stream: StreamId
-    start_seq: int
-    end_seq: int  # last anomalous frame seen so far
+    start_seq: Count
+    end_seq: Count  # last anomalous frame seen so far
     start_ts: float
     end_ts: float
     peak_score: float
-    peak_seq: int
+    peak_seq: Count
     threshold: float
-    frames: list[int]  # the anomalous frames' sequence numbers
+    frames: list[Count]  # the anomalous frames' sequence numbers
     method: str
     class_name: str
     telemetry: Telemetry | None = None  # at the peak frame
@@ -147,10 +165,25 @@ class DeadLetter(_Message):
     stage: str  # ingest | worker | sink-alerts | sink-archive | ...
     origin: FrameRef | None = None
     stream: str | None = None
-    seq: int | None = None
+    seq: Count | None = None
     payload: bytes = b""  # the original value (truncated above 512 KiB to fit a default Kafka message)
     headers: dict[str, str] = {}
     at: float = Field(default_factory=time.time)
+
+    @field_validator("reason", mode="before")
+    @classmethod
+    def _redacted(cls, reason: object) -> str:
+        """Secrets never reach the dead-letter topic; nor does an unbounded exception text."""
+        text = redact(reason)
+        return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + "…"
+
+    def encoded(self, limit: int) -> bytes:
+        """Its bytes; without the original payload and headers if with them it would exceed
+        ``limit`` (a bus's max_message_bytes set below DEAD_PAYLOAD_LIMIT)."""
+        data = encode(self)
+        if len(data) + 1024 <= limit:
+            return data
+        return encode(self.model_copy(update={"payload": b"", "headers": {}}))
 
     @classmethod
     def from_record(cls, record, reason: str, stage: str, *, stream: str | None = None,
@@ -158,7 +191,7 @@ class DeadLetter(_Message):
         """The dead letter for a bus record that could not be handled: its bytes (truncated to
         DEAD_PAYLOAD_LIMIT), headers and position. ``stream`` defaults to the record's key."""
         if stream is None and record.key is not None:
-            stream = record.key.decode("utf-8", "replace")
+            stream = record.key[:1024].decode("utf-8", "replace")
         return cls(reason=reason, stage=stage, stream=stream or None, seq=seq,
                    origin=FrameRef(topic=record.topic, partition=record.partition, offset=record.offset),
                    payload=record.value[:DEAD_PAYLOAD_LIMIT],
@@ -173,13 +206,21 @@ def encode(message: _Message) -> bytes:
     return message.model_dump_json(exclude_none=True).encode()
 
 
-def decode(data: bytes, expect: type[_Message], *more: type[_Message]) -> _Message:
+def decode(data: bytes, expect: type[_Message], *more: type[_Message], max_bytes: int = MAX_VALUE_BYTES) -> _Message:
     """Parse JSON bytes into ``expect`` (or one of ``more``, by its ``kind``); any mismatch
     becomes one MessageError line."""
+    if not isinstance(data, (bytes, bytearray)):  # a tombstone (None) or anything not a record value
+        raise MessageError(f"expected bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise MessageError(f"{len(data)} bytes: larger than the {max_bytes} a message may have")
     try:
         raw = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
         raise MessageError(f"not JSON: {err}") from None
+    except RecursionError:
+        raise MessageError(f"JSON nested deeper than {MAX_DEPTH} levels") from None
+    if _deeper_than(raw, MAX_DEPTH):
+        raise MessageError(f"JSON nested deeper than {MAX_DEPTH} levels")
     if not isinstance(raw, dict):
         raise MessageError(f"expected a JSON object, got {type(raw).__name__}")
     kind, version = raw.get("kind"), raw.get("v")
@@ -215,5 +256,20 @@ def frame_header(headers) -> FrameMeta | SessionEnd:
     the end of a session."""
     for name, value in headers or ():
         if name == META_HEADER:
-            return decode(value, FrameMeta, SessionEnd)
+            return decode(value, FrameMeta, SessionEnd, max_bytes=MAX_HEADER_BYTES)
     raise MessageError(f"frame record has no {META_HEADER!r} header")
+
+
+def _deeper_than(value, limit: int) -> bool:
+    """Whether parsed JSON nests lists and objects more than ``limit`` deep (iteratively: a
+    hostile depth must not exhaust the stack here either)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False

@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 
+from ..bus.redact import redact
 from . import args as a
 
 S = argparse.SUPPRESS
@@ -20,7 +21,13 @@ S = argparse.SUPPRESS
 
 def add_common(parser: argparse.ArgumentParser, services: bool = True) -> None:
     parser.add_argument("--config", default=None, help="YAML settings file (see deploy/linewatch.example.yaml)")
+    parser.add_argument("--max-pixels", dest="max_pixels", type=a.positive, default=S,
+                        help="largest frame (width x height) decoded: ingest scales larger ones down, the worker "
+                             "and the archive dead-letter them (default 40000000)")
     if services:
+        parser.add_argument("--max-message-bytes", dest="max_message_bytes", type=a.positive, default=S,
+                            help="largest record sent to Kafka; set it to the broker's limit if that is lower "
+                                 "(default 16 MiB)")
         parser.add_argument("--bootstrap-servers", dest="bootstrap_servers", default=S,
                             help="Kafka brokers host:port[,host:port] (env LINEWATCH_BOOTSTRAP_SERVERS)")
         parser.add_argument("--topic-prefix", dest="topic_prefix", default=S, help="topic name prefix (default linewatch)")
@@ -104,6 +111,13 @@ def add_alerts(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--alert-threshold", dest="alerts.policy.threshold", type=float, default=S,
                        help="override the workers' thresholds for alerting")
     group.add_argument("--webhook", dest="alerts.webhook", default=S, help="POST each alert as JSON to this URL")
+    group.add_argument("--mqtt", dest="alerts.mqtt.url", default=S, metavar="URL",
+                       help="publish alerts to this MQTT broker, mqtt://host[:1883] or mqtts://host[:8883] "
+                            "(README, Alert channels; user and password in the config or environment)")
+    group.add_argument("--mqtt-topic-prefix", dest="alerts.mqtt.topic_prefix", default=S, metavar="PREFIX",
+                       help="MQTT topics are PREFIX/<stream>/open|closed|state (default linewatch)")
+    group.add_argument("--mqtt-discovery", dest="alerts.mqtt.discovery", action="store_const", const=True, default=S,
+                       help="also publish Home Assistant MQTT discovery (one problem sensor per stream)")
 
 
 def add_parsers(commands) -> None:
@@ -112,6 +126,17 @@ def add_parsers(commands) -> None:
                                           "Alerts go to OUT/alerts.jsonl, anomaly masks and overlays to OUT/archive.")
     add_ingest(run)
     run.add_argument("--out", default="linewatch-out", help="output folder (default linewatch-out)")
+    run.add_argument("--scores", default=None, metavar="FILE",
+                     help="also write every frame's score to this JSONL file (stream, seq, time, score, threshold, "
+                          "anomalous; `linewatch report OUT` draws timelines from OUT/scores.jsonl)")
+    view = run.add_argument_group("console (README, The console)")
+    view.add_argument("--console", action="store_true",
+                      help="open the operator's console on this run (http://127.0.0.1:8400/); it stays open "
+                           "after the run until Ctrl-C")
+    view.add_argument("--console-port", dest="console.port", type=a.port, default=S,
+                      help="the console's port (default 8400; 0: any free port, logged)")
+    view.add_argument("--console-host", dest="console.host", default=S,
+                      help="the console's address (default 127.0.0.1; any other needs LINEWATCH_CONSOLE__TOKEN)")
     add_common(run, services=False)
     add_model(run, redis=False)
     add_alerts(run)
@@ -175,13 +200,15 @@ def _settings(args: argparse.Namespace):
     from ..pipeline.settings import load_settings, nest
 
     flat = {k: v for k, v in vars(args).items() if "." in k or k in ("bootstrap_servers", "redis_url", "topic_prefix",
-                                                                      "partitions", "archive")}
+                                                                      "partitions", "archive", "max_pixels",
+                                                                      "max_message_bytes")}
     if "profile.options" in flat:
         flat["profile.options"] = dict(flat["profile.options"])
     return load_settings(args.config, nest(flat))
 
 
-def _bus(settings):
+def _bus(settings, part: str, stop: threading.Event):
+    """The Kafka bus of this process's ``part``; ``stop`` (its signals) ends any wait for the broker."""
     from ..bus import BusError
     from ..ops.health import HEALTH
     from ..pipeline.wiring import connect, kafka_options
@@ -189,8 +216,8 @@ def _bus(settings):
     if not settings.bootstrap_servers:
         raise BusError("no Kafka given: pass --bootstrap-servers or set LINEWATCH_BOOTSTRAP_SERVERS "
                        "(or use `linewatch run` for the in-process pipeline)")
-    bus = connect(f"kafka://{settings.bootstrap_servers}", settings.topic_prefix, settings.partitions,
-                  **kafka_options(settings))
+    bus = connect(f"kafka://{settings.bootstrap_servers}", settings.topic_prefix, settings.partitions, part=part,
+                  stop=stop, max_message_bytes=settings.max_message_bytes, **kafka_options(settings))
     HEALTH.set("bus", True, f"Kafka at {settings.bootstrap_servers}")
     return bus
 
@@ -207,39 +234,72 @@ def _operations(settings, *conditions: str):
     """For the command's lifetime: logs as configured, and the /metrics /healthz /readyz endpoint
     (unless ``ops.port`` is off), not ready until every one of ``conditions`` is reported."""
     from .. import __version__
+    from ..bus.outages import OUTAGES
     from ..ops import metrics
     from ..ops.health import HEALTH
     from ..ops.logs import setup_logging
     from ..ops.server import OpsServer
 
     ops = settings.ops
-    setup_logging(ops.log_format, ops.log_level)
+    setup_logging(ops.log_format, ops.log_level, redact=redact)
     HEALTH.reset()
+    OUTAGES.reset()
     HEALTH.bound_s = ops.heartbeat_s
     HEALTH.expect(*conditions)
+    # the outages the parts ride out (Kafka, S3, the disk; Redis only degrades): not ready meanwhile
+    HEALTH.watch("outages", lambda: (OUTAGES.ready(), OUTAGES.snapshot()["parts"]))
     metrics.BUILD.info({"version": __version__})
-    if ops.port is None:
-        yield None
-        return
-    with OpsServer(ops.host, ops.port) as server:
-        yield server
+    try:
+        if ops.port is None:
+            yield None
+            return
+        with OpsServer(ops.host, ops.port) as server:
+            yield server
+    finally:
+        OUTAGES.settle()  # an outage that ended as the command finished still gets its "is back" line
 
 
 def _logging(settings) -> None:
     from ..ops.logs import setup_logging
 
-    setup_logging(settings.ops.log_format, settings.ops.log_level)
+    setup_logging(settings.ops.log_format, settings.ops.log_level, redact=redact)
 
 
 def run_run(args) -> None:
-    from ..pipeline.embedded import run_embedded
+    from ..pipeline.embedded import check_inputs, run_embedded
 
     settings = _settings(args)
+    check_inputs(args.sources, settings, args.stream_ids)  # a mistake is one line, before the endpoint's
+    opened = []
+
+    def open_console(bus, run_settings) -> None:
+        from ..console.service import serve
+        from ..pipeline.wiring import policy_table
+
+        opened.append(serve(run_settings, bus, policy_table(run_settings)))
+
+    if args.console:
+        from ..console.service import console_token
+
+        console_token(settings)  # a console beyond loopback without a token fails before the model is built
     with _operations(settings, "model"):
-        summary = run_embedded(args.sources, settings, args.out, stream_ids=args.stream_ids)
-    print(f"{summary.frames} frames scored in {summary.seconds:.1f} s ({summary.fps:.2f} frames/s, "
-          f"{summary.model_s / max(summary.seconds, 1e-9):.0%} of it in the model); {summary.dead} dead letters")
-    print(f"alerts: {summary.alerts_jsonl}\narchive: {summary.archive}")
+        try:
+            summary = run_embedded(args.sources, settings, args.out, stream_ids=args.stream_ids, scores=args.scores,
+                                   attach=open_console if args.console else None)
+            print(f"{summary.frames} frames scored in {summary.seconds:.1f} s ({summary.fps:.2f} frames/s, "
+                  f"{summary.model_s / max(summary.seconds, 1e-9):.0%} of it in the model); {summary.dead} dead letters")
+            print(f"alerts: {summary.alerts_jsonl}\narchive: {summary.archive}"
+                  + (f"\nscores: {args.scores}" if args.scores else ""), flush=True)
+            if opened:
+                logging.getLogger("linewatch").info("the run is done; the console stays open at %s until Ctrl-C "
+                                                    "(later: linewatch console --archive %s)", opened[0].url,
+                                                    summary.archive)
+                stop = _stop_on_signals()
+                while not stop.wait(0.5):
+                    pass
+        finally:
+            for server in opened:
+                server.stop()
 
 
 def run_ingest_command(args) -> None:
@@ -247,9 +307,10 @@ def run_ingest_command(args) -> None:
 
     settings = _settings(args)
     with _operations(settings, "bus", "sources"):
-        bus, i = _bus(settings), settings.ingest
+        stop = _stop_on_signals()
+        bus, i = _bus(settings, "ingest", stop), settings.ingest
         stats = run_ingest(bus, args.sources, stream_ids=args.stream_ids, fps=i.fps, max_size=i.max_size,
-                           jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=_stop_on_signals())
+                           jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=stop, max_pixels=settings.max_pixels)
     for s in stats:
         print(s.summary())
 
@@ -260,12 +321,13 @@ def run_worker(args) -> None:
 
     settings = _settings(args)
     with _operations(settings, "bus", "model", "assignment"):
-        bus = _bus(settings)
+        stop = _stop_on_signals()
+        bus = _bus(settings, "worker", stop)
         worker = build_worker(bus, settings)
         HEALTH.set("model", True, f"{worker.backbone.identity}, {len(worker.prepared)} profile(s) prepared")
         logging.getLogger("linewatch").info("worker %s ready (%s, %s, batches of up to %d)", worker.worker_id,
                                             worker.backbone.identity, worker.precision, worker.max_batch)
-        stats = worker.run(_stop_on_signals())
+        stats = worker.run(stop)
     print(f"worker {worker.worker_id}: {stats.frames} frames in {stats.batches} batches, {stats.dead} dead letters; "
           f"model {stats.model_s:.1f} s of {stats.busy_s:.1f} s busy ({stats.model_s / max(stats.busy_s, 1e-9):.0%})")
 
@@ -282,12 +344,16 @@ def run_sink(args) -> None:
     if args.kind == "alerts":
         policy_for = policy_table(settings)
     with _operations(settings, "bus", "assignment"):
-        bus = _bus(settings)
         stop = _stop_on_signals()
+        bus = _bus(settings, f"sink-{args.kind}", stop)
+        # a sink on another scores topic (a replay's) is a group of its own, not a member of the live sinks'
+        group = f"linewatch-{args.kind}" + (f"@{args.scores_topic}" if args.scores_topic else "")
         if args.kind == "alerts":
-            stats = run_alert_sink(bus, policy_for, alert_outputs(bus, settings), stop=stop, topic=args.scores_topic)
+            stats = run_alert_sink(bus, policy_for, alert_outputs(bus, settings), stop=stop, topic=args.scores_topic,
+                                   group=group)
         else:
-            stats = run_archive_sink(bus, Archive(settings.archive), stop=stop, topic=args.scores_topic)
+            stats = run_archive_sink(bus, Archive(settings.archive, max_pixels=settings.max_pixels), stop=stop,
+                                     topic=args.scores_topic, group=group)
     print(f"sink {args.kind}: {stats}")
 
 
@@ -298,7 +364,7 @@ def run_replay(args) -> None:
     settings = _settings(args)
     _logging(settings)
     span = ReplayRange(args.from_offset, args.to_offset, args.since, args.until, args.stream)
-    bus = _bus(settings)
+    bus = _bus(settings, "replay", _stop_on_signals())
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     results = args.results_topic or f"{bus.topics.prefix}.replay.{settings.profile.method}-{stamp}"
     bus.ensure_topics([results])

@@ -5,6 +5,10 @@ them to their consumers. Live sources cannot wait, so a grabber thread keeps rea
 a small buffer and, when publishing falls behind, the oldest frames are dropped and counted.
 However a session ends (the source ended, ingest was stopped, the source failed), its last
 record is a ``SessionEnd``: the alert sink closes the session's events on it.
+A broker outage is waited out inside the bus (a file is paced by it like by a slow
+consumer); a stop meanwhile ends the run at once, counting the frames not acknowledged.
+A frame is scaled down to the pixel budget before publishing, and further if its JPEG
+would not fit a message.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 
-from ..bus import Bus
+from ..bus import Bus, record_size
+from ..bus.jpeg import DEFAULT_MAX_PIXELS
 from ..bus.messages import META_HEADER, FrameMeta, SessionEnd, encode
+from ..bus.outages import OUTAGES, StopRequested
 from ..ops import metrics
 from ..ops.health import HEALTH
 from .sources import Backoff, IngestError, Source, VideoFile, open_source, webcam_index
@@ -34,6 +40,7 @@ from .srt import TelemetryTrack, find_sidecar, load_track
 log = logging.getLogger(__name__)
 
 STREAM_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+PART = "ingest"
 
 
 @dataclass
@@ -46,6 +53,7 @@ class IngestStats:
     dropped: int = 0  # live only: oldest buffered frames dropped because publishing lagged
     skipped: int = 0  # undecodable inputs (corrupt images)
     reconnects: int = 0
+    unacknowledged: int = 0  # published but not acknowledged by the broker when a stop cut an outage short
     seconds: float = 0.0
     error: str | None = None  # why a live source ended early (gave up reconnecting)
 
@@ -53,6 +61,8 @@ class IngestStats:
         text = (f"{self.stream}: published {self.published} of {self.read} read, dropped {self.dropped}, "
                 f"thinned {self.thinned}, skipped {self.skipped}, reconnects {self.reconnects}, "
                 f"{self.seconds:.1f} s")
+        if self.unacknowledged:
+            text += f", {self.unacknowledged} not acknowledged (stopped during a broker outage)"
         return text + (f" — ended early: {self.error}" if self.error else "")
 
 
@@ -114,19 +124,25 @@ class Ingestor:
         self.producer = bus.producer()
         self.loop = f"ingest:{self.stream}"  # its heartbeat (/healthz)
         self._reconnects = 0  # source reconnections already counted in the metric
+        self.shrunk = False  # said once that frames are scaled down to fit a message
 
     def run(self, on_frame: Callable[[IngestStats], None] | None = None) -> IngestStats:
         """Publish until the source ends or ``stop`` is set; ``on_frame`` sees the stats after
         each published frame (progress display)."""
         started, on_frame = time.monotonic(), on_frame or (lambda stats: None)
+        OUTAGES.register(PART)
         ending = "failed"
         try:
             (self._run_live if self.source.live else self._run_recorded)(on_frame)
             ending = "failed" if self.stats.error else "stopped" if self.stop.is_set() else "end"
+        except StopRequested as err:  # stopped while the broker was down
+            log.warning("ingest %s: %s", self.stream, err)
+            ending = "stopped"
         finally:
             HEALTH.stop_beating(self.loop)
             self._end_session(ending)
-            self.producer.close()  # flushes: every frame is acknowledged before the run returns
+            # flushes: every frame is acknowledged before the run returns, unless a stop cut an outage short
+            self.stats.unacknowledged = self.producer.close() or 0
             self._update_counts(started)
             log.info("ingest %s", self.stats.summary())
         on_frame(self.stats)  # the final counts (frames thinned after the last publish)
@@ -214,14 +230,12 @@ class Ingestor:
                         "when the stream's capture time moves on", self.stream, err)
 
     def _publish(self, image: np.ndarray, pts: float, ts: float) -> None:
-        ok, jpeg = cv2.imencode(".jpg", image, self.jpeg_params)
-        if not ok:
-            raise IngestError(f"{self.stream}: JPEG encoding failed for a {image.shape} frame")
+        image, jpeg = self._encode(image)
         height, width = image.shape[:2]
         meta = FrameMeta(stream=self.stream, session=self.session, seq=self.stats.published, ts=ts, pts=pts, source=self.source.uri,
                          width=width, height=height,
                          telemetry=self.telemetry.at(pts) if self.telemetry else None)
-        self.producer.send(self.bus.topics.frames, jpeg.tobytes(), key=self.stream.encode(),
+        self.producer.send(self.bus.topics.frames, jpeg, key=self.stream.encode(),
                            headers=((META_HEADER, encode(meta)),))  # record time: when published
         self.stats.published += 1
         self.last_ts = ts
@@ -231,11 +245,27 @@ class Ingestor:
             metrics.INGEST_RECONNECTS.labels(self.stream).inc(self.source.counts.reconnects - self._reconnects)
             self._reconnects = self.source.counts.reconnects
 
+    def _encode(self, image: np.ndarray) -> tuple[np.ndarray, bytes]:
+        """The frame as JPEG, scaled down until it fits a message with room for its metadata."""
+        room = self.bus.max_message_bytes - record_size(b"", self.stream.encode(), ((META_HEADER, bytes(8192)),))
+        while True:
+            ok, jpeg = cv2.imencode(".jpg", image, self.jpeg_params)
+            if not ok:
+                raise IngestError(f"{self.stream}: JPEG encoding failed for a {image.shape} frame")
+            if len(jpeg) <= room or min(image.shape[:2]) < 16:
+                return image, jpeg.tobytes()
+            if not self.shrunk:
+                log.warning("ingest %s: a %dx%d frame's JPEG (%d bytes) exceeds the %d-byte message limit; "
+                            "scaling such frames down", self.stream, image.shape[1], image.shape[0], len(jpeg),
+                            self.bus.max_message_bytes)
+                self.shrunk = True
+            image = cv2.resize(image, None, fx=0.7, fy=0.7, interpolation=cv2.INTER_AREA)
+
 
 def run_ingest(bus: Bus, specs: list[str], *, stream_ids: list[str] | None = None, fps: float | None = None,
                max_size: int | None = None, jpeg_quality: int = 90, realtime: bool = False,
                stop: threading.Event | None = None, progress: bool = True, image_fps: float = 1.0,
-               backoff: Backoff = Backoff()) -> list[IngestStats]:
+               backoff: Backoff = Backoff(), max_pixels: int = DEFAULT_MAX_PIXELS) -> list[IngestStats]:
     """Ingest several sources at once, a thread each, with one progress bar per source.
 
     Every source is opened before the first frame is published, so a bad spec fails the
@@ -251,7 +281,7 @@ def run_ingest(bus: Bus, specs: list[str], *, stream_ids: list[str] | None = Non
     try:
         for spec in specs:
             sources.append(open_source(spec, fps=fps, max_size=max_size, image_fps=image_fps, backoff=backoff,
-                                       stop=stop))
+                                       stop=stop, max_pixels=max_pixels))
         ingestors = [Ingestor(source, bus, stream=stream, jpeg_quality=jpeg_quality, realtime=realtime, stop=stop)
                      for source, stream in zip(sources, stream_ids)]
     except BaseException:

@@ -3,13 +3,17 @@
 Iterating a source yields ``(image_bgr, pts_seconds)`` after two optional reductions:
 a target frame rate chosen by timestamp, and a cap on the long side of the image.
 ``open_source(spec)`` picks the adapter from the spec and fails early with one
-``IngestError`` line when the source cannot be read.
+``IngestError`` line when the source cannot be read: a file must be a video container or an
+image by its first bytes (or a video by its extension), so a text file is never handed to
+FFmpeg, which would render it as a video. FFmpeg's own log lines are silenced
+(``OPENCV_FFMPEG_LOGLEVEL``, unless set): linewatch says what failed.
 """
 
 from __future__ import annotations
 
 import logging
-import random
+import math
+import os
 import re
 import threading
 import time
@@ -17,14 +21,29 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET; read at FFmpeg's first use
 
 import cv2
 import numpy as np
 
+from ..bus.jpeg import DEFAULT_MAX_PIXELS, jpeg_size
+from ..bus.outages import Backoff  # re-exported: sources' reconnect delays
+from ..bus.redact import redact
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".m2ts", ".mts", ".mpg", ".mpeg", ".flv",
+                    ".wmv", ".asf", ".ogv", ".3gp", ".mxf", ".dav", ".h264", ".264", ".h265", ".265", ".hevc",
+                    ".mjpeg", ".mjpg", ".y4m", ".gif"}
+# first bytes of the video containers and images FFmpeg and OpenCV read: (offset, bytes)
+_MAGIC = [(4, b"ftyp"), (4, b"moov"), (4, b"mdat"), (4, b"wide"), (4, b"free"), (4, b"skip"),  # MP4, MOV, 3GP
+          (0, b"\x1a\x45\xdf\xa3"), (0, b"FLV"), (0, b"\x30\x26\xb2\x75\x8e\x66\xcf\x11"), (0, b"OggS"),
+          (0, b"\x00\x00\x01\xba"), (0, b"\x00\x00\x01\xb3"), (0, b"\x00\x00\x00\x01"), (0, b"\x00\x00\x01"),
+          (0, b"YUV4MPEG2"), (0, b"\x06\x0e\x2b\x34"), (0, b"DHAV"), (0, b"GIF8"),
+          (0, b"\xff\xd8\xff"), (0, b"\x89PNG\r\n\x1a\n"), (0, b"BM"), (0, b"II*\x00"), (0, b"MM\x00*")]
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
 WEBCAM_DEVICE = re.compile(r"^/dev/video(\d+)$")
 NETWORK_TIMEOUT_MS = 10_000  # so a silent camera raises a read failure instead of hanging forever
@@ -69,13 +88,16 @@ class FrameRateSelector:
         return True
 
 
-def limit_size(image: np.ndarray, max_size: int | None) -> np.ndarray:
-    """Downscale so the long side is at most ``max_size`` (area filter); never upscale."""
+def limit_size(image: np.ndarray, max_size: int | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Downscale so the long side is at most ``max_size`` and the frame holds at most
+    ``max_pixels`` (area filter); never upscale."""
     height, width = image.shape[:2]
-    if max_size is None or max(height, width) <= max_size:
+    scale = _scale(width, height, max_size, max_pixels)
+    if scale >= 1.0:
         return image
-    scale = max_size / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if size[0] * size[1] > max_pixels:  # rounded up past the budget
+        size = (max(1, int(width * scale)), max(1, int(height * scale)))
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
@@ -84,10 +106,11 @@ class Source(ABC):
 
     live = False
 
-    def __init__(self, uri: str, name: str, *, fps: float | None = None, max_size: int | None = None):
+    def __init__(self, uri: str, name: str, *, fps: float | None = None, max_size: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         if max_size is not None and max_size < 1:
             raise ValueError(f"max_size must be >= 1, got {max_size}")
-        self.uri, self.name, self.max_size = uri, name, max_size
+        self.uri, self.name, self.max_size, self.max_pixels = uri, name, max_size, max_pixels
         self.counts = SourceCounts()
         self.selector = FrameRateSelector(fps)
 
@@ -106,7 +129,7 @@ class Source(ABC):
                 if not self.selector.keep(pts):
                     self.counts.thinned += 1
                     continue
-                yield limit_size(image, self.max_size), pts
+                yield limit_size(image, self.max_size, self.max_pixels), pts
         finally:
             self.close()
 
@@ -144,8 +167,8 @@ class VideoFile(Source):
         image = self.first
         while image is not None:
             pts = self.capture.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
-            # A clock stuck at 0 or going backwards is not trusted again for this file.
-            by_index = by_index or (index > 0 and pts <= last)
+            # A clock stuck at 0, going backwards or not a number is not trusted again for this file.
+            by_index = by_index or not math.isfinite(pts) or (index > 0 and pts <= last)
             pts = index / self.fps if by_index else pts
             self.counts.read += 1
             yield image, pts
@@ -181,7 +204,7 @@ class ImageFolder(Source):
 
     def _frames(self):
         for index, path in enumerate(self.files):
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            image = self._read(path)
             if image is None:
                 self.counts.skipped += 1
                 log.warning("skipping %s: not an image OpenCV can decode", path)
@@ -189,27 +212,39 @@ class ImageFolder(Source):
             self.counts.read += 1
             yield image, index / self.image_fps  # pts by file position, so a skip leaves a gap
 
+    def _read(self, path: Path) -> np.ndarray | None:
+        """The image, a large JPEG decoded at 1/2, 1/4 or 1/8 scale by libjpeg where that still
+        leaves at least what ``max_size`` and ``max_pixels`` keep (a 20000 px photo never
+        exists whole in memory)."""
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        size = jpeg_size(data)
+        flag = _reduction(*size, self.max_size, self.max_pixels) if size else cv2.IMREAD_COLOR
+        return cv2.imdecode(np.frombuffer(data, np.uint8), flag)
 
-@dataclass(frozen=True)
-class Backoff:
-    """Reconnect delays: ``initial`` doubling up to ``cap`` seconds, each jittered by +-20 %
-    so many cameras dropped together do not reconnect in lockstep; ``max_retries=None``
-    retries forever."""
 
-    initial: float = 0.5
-    cap: float = 30.0
-    max_retries: int | None = None
+def _scale(width: int, height: int, max_size: int | None, max_pixels: int) -> float:
+    """How much ``limit_size`` shrinks a width x height frame (1.0: not at all)."""
+    return min(1.0, max_size / max(width, height) if max_size is not None else 1.0,
+               math.sqrt(max_pixels / (width * height)))
 
-    def delay(self, attempt: int) -> float:
-        return min(self.cap, self.initial * 2 ** attempt) * random.uniform(0.8, 1.2)
+
+def _reduction(width: int, height: int, max_size: int | None, max_pixels: int) -> int:
+    """The imread flag decoding a width x height JPEG at the smallest scale (1/8, 1/4, 1/2)
+    that still holds every pixel ``limit_size`` keeps."""
+    scale = _scale(width, height, max_size, max_pixels)
+    for factor, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                         (2, cv2.IMREAD_REDUCED_COLOR_2)):
+        if factor * scale <= 1.0:
+            return flag
+    return cv2.IMREAD_COLOR
 
 
 def mask_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.netloc.rsplit('@', 1)[1]}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    """A stream URL safe to log and publish (its credentials and tokens masked)."""
+    return redact(url)
 
 
 class LiveCapture(Source):
@@ -291,12 +326,13 @@ def is_live(spec: str) -> bool:
 
 
 def open_source(spec: str, *, fps: float | None = None, max_size: int | None = None, image_fps: float = 1.0,
-                backoff: Backoff = Backoff(), stop: threading.Event | None = None) -> Source:
+                backoff: Backoff = Backoff(), stop: threading.Event | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
     """The source a spec names: a video file, an image folder, an RTSP/HTTP(S) URL, or a
     webcam (``0``, ``/dev/video0``). ``fps=None`` keeps every frame; ``max_size`` caps the
-    long side; ``image_fps`` spaces folder images in pts; ``backoff`` and ``stop`` govern
-    live reconnection."""
-    options = dict(fps=fps, max_size=max_size)
+    long side and ``max_pixels`` the frame's area; ``image_fps`` spaces folder images in pts;
+    ``backoff`` and ``stop`` govern live reconnection."""
+    options = dict(fps=fps, max_size=max_size, max_pixels=max_pixels)
     spec = spec.strip()
     if is_live(spec):
         if spec.lower().startswith(STREAM_SCHEMES):
@@ -313,5 +349,23 @@ def open_source(spec: str, *, fps: float | None = None, max_size: int | None = N
     if is_dir:
         return ImageFolder(path, image_fps=image_fps, **options)
     if is_file:
+        if not _is_media(path):
+            raise IngestError(f"{spec} is not a video or an image (give a video file such as MP4, MKV, AVI, MOV or "
+                              "MPEG-TS, an image, a folder of images, an rtsp:// or http(s):// URL, or a camera index)")
         return VideoFile(path, **options)
     raise IngestError(f"no such file or folder: {spec}")
+
+
+def _is_media(path: Path) -> bool:
+    """A video container or an image by its first bytes, or a video by its extension."""
+    if path.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS:
+        return True
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(200)
+    except OSError as err:
+        raise IngestError(f"cannot read {path}: {err.strerror}") from None
+    if len(head) >= 189 and head[0] == 0x47 and head[188] == 0x47:  # MPEG transport stream
+        return True
+    return any(head[at:at + len(magic)] == magic for at, magic in _MAGIC) or \
+        (head[:4] == b"RIFF" and head[8:12] in (b"AVI ", b"WEBP"))

@@ -21,7 +21,10 @@ from pythonjsonlogger.json import JsonFormatter
 
 FORMATS = ("text", "json")
 LEVELS = ("debug", "info", "warning", "error")
-QUIET = ("kafka",)  # third-party loggers kept at CRITICAL (see the module docstring)
+# third-party loggers kept at CRITICAL (see the module docstring): their lines would only repeat,
+# at length, what linewatch's own line says (kafka-python's reconnects, huggingface_hub's
+# download retries, botocore's and urllib3's retries)
+QUIET = ("kafka", "huggingface_hub", "urllib3", "botocore", "boto3", "s3transfer", "filelock")
 
 
 def _utc(record: logging.LogRecord) -> str:

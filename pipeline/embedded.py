@@ -2,8 +2,10 @@
 
 It is the same pipeline as the distributed one — ingest, a scoring worker and both sinks
 talking through the bus in the same records — only the bus is in process and the anchor
-cache is local. The worker scores on the main thread, ingest and the sinks run in threads;
-the run ends when every frame has been scored, every score has reached both sinks (each file
+cache is local. ``OUT/alerts.jsonl`` holds this run's alerts only (replaced at each run,
+unless ``alerts.jsonl`` is configured elsewhere); the archive keeps every run's frames, by
+session. The worker scores on the main thread, ingest and the sinks run in threads; the run
+ends when every frame has been scored, every score has reached both sinks (each file
 session's end marker among them, which closes its events) and every alert has been delivered.
 """
 
@@ -13,6 +15,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from ..scoring.backbone import Backbone
 from ..sinks.alert_sink import AlertSink
 from ..sinks.archive import Archive
 from ..sinks.runner import run_archive_sink
+from ..sinks.scores import run_scores_file
 from ..workers.worker import ScoringWorker, WorkerStats
 from .settings import Settings
 from .wiring import alert_outputs, build_worker, check_settings, policy_table
@@ -47,21 +51,33 @@ class RunSummary:
         return self.frames / self.seconds if self.seconds else 0.0
 
 
-def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_ids: list[str] | None = None,
-                 progress: bool = True, backbone: Backbone | None = None) -> RunSummary:
-    out = Path(out_dir)
-    settings = settings.model_copy(update={
-        "alerts": settings.alerts.model_copy(update={"jsonl": settings.alerts.jsonl or str(out / "alerts.jsonl")}),
-        "archive": settings.archive or str(out / "archive")})
+def check_inputs(sources: list[str], settings: Settings, stream_ids: list[str] | None = None) -> None:
+    """What a user can get wrong about a run that needs no model: fails before anything starts."""
     check_settings(settings)
     for spec in sources:  # a bad path fails here, before the model is built; live sources connect later
         if not is_live(spec):
-            open_source(spec).close()
+            open_source(spec, max_pixels=settings.max_pixels).close()
     for stream in stream_ids or ():
         check_stream_id(stream)
-    out.mkdir(parents=True, exist_ok=True)
 
-    bus = MemoryBus(Topics(settings.topic_prefix), partitions=1)
+
+def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_ids: list[str] | None = None,
+                 progress: bool = True, backbone: Backbone | None = None, scores: str | None = None,
+                 attach: Callable[[MemoryBus, Settings], None] | None = None) -> RunSummary:
+    """``scores``: also write every frame's score to this JSONL file (``sinks.scores``).
+    ``attach(bus, settings)`` is called once the model is ready, before the first frame is
+    read, with the run's bus and settings (``linewatch run --console`` starts the console there)."""
+    out = Path(out_dir)
+    fresh_alerts = None if settings.alerts.jsonl else out / "alerts.jsonl"  # this run's own, not appended to the last's
+    settings = settings.model_copy(update={
+        "alerts": settings.alerts.model_copy(update={"jsonl": settings.alerts.jsonl or str(out / "alerts.jsonl")}),
+        "archive": settings.archive or str(out / "archive")})
+    check_inputs(sources, settings, stream_ids)
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh_alerts is not None:
+        fresh_alerts.unlink(missing_ok=True)
+
+    bus = MemoryBus(Topics(settings.topic_prefix), partitions=1, max_message_bytes=settings.max_message_bytes)
     worker = build_worker(bus, settings, backbone)
     HEALTH.set("model", True, f"{worker.backbone.identity}, {len(worker.prepared)} profile(s) prepared")
     stop_sinks, stop_worker, stop_ingest = threading.Event(), threading.Event(), threading.Event()
@@ -83,7 +99,8 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     def ingest() -> None:
         i = settings.ingest
         stats = run_ingest(bus, sources, stream_ids=stream_ids, fps=i.fps, max_size=i.max_size,
-                           jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=stop_ingest, progress=progress)
+                           jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=stop_ingest, progress=progress,
+                           max_pixels=settings.max_pixels)
         published.append(sum(s.published for s in stats))
 
     # consumers join their groups before the first frame is published
@@ -91,13 +108,17 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     alert_sink = AlertSink(bus, policy_table(settings), alert_outputs(bus, settings))
     sinks = [
         guarded(alert_sink.run, stop_sinks),
-        guarded(run_archive_sink, bus, Archive(settings.archive), stop=stop_sinks),
+        guarded(run_archive_sink, bus, Archive(settings.archive, max_pixels=settings.max_pixels), stop=stop_sinks),
     ]
+    if scores is not None:
+        sinks.append(guarded(run_scores_file, bus, scores, stop=stop_sinks))
     for thread in sinks:
         thread.start()
     with bus.cond:  # the sinks join their groups before the first score exists
-        while len(bus.members) < 3 and not errors:
+        while len(bus.members) < 1 + len(sinks) and not errors:
             bus.cond.wait(0.1)
+    if attach is not None:
+        attach(bus, settings)
     # The worker scores on this (the main) thread and ingest reads on another: the model's
     # OpenMP threads run measurably slower when a Python thread other than the main one drives them.
     reader = guarded(ingest)

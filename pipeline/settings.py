@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
+from ..bus import MAX_MESSAGE_BYTES
+from ..bus.jpeg import DEFAULT_MAX_PIXELS
 from ..sinks.alerts import AlertPolicy
 from ..workers.profiles import StreamProfile
 
@@ -53,6 +55,9 @@ class WorkerSettings(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the image tower's blocks (the first batch waits for it)
     prompts: str | None = None  # prompt pack YAML; default: the bundled pack
+    # how often a worker looks for changed reference and calibration folders (the console's
+    # review adds frames there) and re-prepares the profile; 0: before every batch
+    reload_s: float = Field(default=5.0, ge=0)
 
 
 class OpsSettings(_Section):
@@ -93,12 +98,50 @@ class RedisSettings(_Section):
     ssl_keyfile: str | None = None
 
 
+class MqttSettings(_Section):
+    """The MQTT alert output (README, Alert channels); off unless ``url`` is set."""
+    url: str | None = None  # mqtt://host[:1883] or mqtts://host[:8883] (TLS)
+    username: str | None = None
+    password: SecretStr | None = None  # or LINEWATCH_ALERTS__MQTT__PASSWORD, or password_file
+    password_file: str | None = None
+    ca_file: str | None = None  # CA bundle for mqtts:// (default: the system's)
+    topic_prefix: str = Field(default="linewatch", pattern=r"^[^#+\x00]+$")
+    client_id: str | None = None  # default: linewatch-<host>-<pid>
+    discovery: bool = False  # publish Home Assistant MQTT discovery (a binary_sensor per stream)
+    discovery_prefix: str = "homeassistant"
+
+
 class AlertSettings(_Section):
     policy: AlertPolicy = AlertPolicy()
     streams: dict[str, dict[str, Any]] = {}
     jsonl: str | None = None
     webhook: str | None = None
+    webhook_headers: dict[str, SecretStr] = {}  # sent with every POST (e.g. Authorization); never logged
+    # HMAC-SHA256 key: each POST carries X-Linewatch-Signature: t=<unix time>,v1=<hex of HMAC(key, "t.body")>
+    webhook_secret: SecretStr | None = None
+    webhook_secret_file: str | None = None
     publish: bool = True  # also publish alerts to the alerts topic
+    mqtt: MqttSettings = MqttSettings()
+    # Apprise URLs (mailto://, slack://, msteams://, ...: one output each), or a file of them
+    # (an Apprise config file, e.g. a mounted Secret): they hold tokens, so never a flag
+    apprise: list[SecretStr] = []
+    apprise_config: str | None = None
+
+
+class ConsoleSettings(_Section):
+    """``linewatch console`` and ``linewatch run --console`` (README, The console)."""
+    host: str = "127.0.0.1"  # anything but loopback requires the token
+    port: int = Field(default=8400, ge=0, le=65535)  # 0: any free port (logged)
+    token: SecretStr | None = None  # LINEWATCH_CONSOLE__TOKEN, or token_file; never a flag
+    token_file: str | None = None
+    # map tiles ({z}/{x}/{y}); "" or none: a plain background (also when tiles do not load)
+    tile_url: str | None = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
+    tile_attribution: str = "&copy; OpenStreetMap contributors"
+    history_s: float = Field(default=600.0, gt=0)  # the live timelines' span (capture time)
+    # SQLite of events, reviews and flight tracks. Default: the archive's index.sqlite for a
+    # folder archive; ~/.cache/linewatch/console.sqlite for S3 (reviews are also kept in the bucket)
+    index: str | None = None
+    feedback_frames: int = Field(default=16, ge=1)  # most frames one action adds to a profile's folder
 
 
 class Settings(BaseSettings):
@@ -119,12 +162,19 @@ class Settings(BaseSettings):
     streams: dict[str, dict[str, Any]] = {}
     alerts: AlertSettings = AlertSettings()
     archive: str | None = None  # folder or s3://bucket/prefix
+    # the largest frame (width x height) a part decodes: ingest scales larger ones down, the
+    # worker and the archive dead-letter them (read from the JPEG header, before decoding)
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0)
+    # the largest record sent (the topics linewatch creates allow it); a score whose frame
+    # does not fit carries it re-encoded smaller. Set it to your broker's limit if lower.
+    max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=64 * 1024)
+    console: ConsoleSettings = ConsoleSettings()
 
 
 def load_settings(config: str | None = None, overrides: dict | None = None) -> Settings:
     """Settings from ``overrides`` (flags), then LINEWATCH_* variables, then the YAML file."""
-    if config is not None and not Path(config).is_file():
-        raise ValueError(f"config file not found: {config}")
+    if config is not None:
+        _check_config_file(config)
 
     class _Settings(Settings):
         @classmethod
@@ -154,6 +204,23 @@ def secret(value: SecretStr | None, file: str | None, what: str) -> str | None:
         return Path(file).read_text().rstrip("\r\n")
     except OSError as err:
         raise ValueError(f"{what}: cannot read {file}: {err.strerror}") from None
+def _check_config_file(config: str) -> None:
+    """A config file is UTF-8 YAML whose top level is a mapping (or empty): anything else gets
+    an error naming the file, before pydantic-settings reads it."""
+    path = Path(config)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {config}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {config} is not text (expected YAML settings, UTF-8)") from None
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {config} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if content is not None and not isinstance(content, dict):
+        raise ValueError(f"config file {config} holds a YAML {type(content).__name__}, expected a mapping of "
+                         "settings (see deploy/linewatch.example.yaml)")
 
 
 def nest(flat: dict[str, Any]) -> dict:

@@ -3,9 +3,10 @@ the alert policies and outputs). Every check a user can fail that needs no model
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
-from ..bus import Bus, BusError, Topics
+from ..bus import MAX_MESSAGE_BYTES, Bus, BusError, Topics
 from ..bus.streams import StreamTable
 from ..scoring.backbone import Backbone, BackboneConfig
 from ..scoring.prompts import PromptPack
@@ -16,18 +17,21 @@ from ..workers.worker import ScoringWorker
 from .settings import Settings, secret
 
 
-def connect(url: str, prefix: str = "linewatch", partitions: int = 4, **kafka) -> Bus:
-    """``memory://`` or ``kafka://host:port,...`` (``host:port`` alone means Kafka); ``kafka``:
-    KafkaBus's security and topic options (``kafka_options``)."""
+def connect(url: str, prefix: str = "linewatch", partitions: int = 4, *, part: str = "linewatch",
+            stop: threading.Event | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES, **kafka) -> Bus:
+    """``memory://`` or ``kafka://host:port,...`` (``host:port`` alone means Kafka). ``part``
+    names this process's part in outage reports; ``stop`` ends any wait for the broker;
+    ``kafka``: KafkaBus's security and topic options (``kafka_options``)."""
     topics = Topics(prefix)
     if url.startswith("memory://"):
         from ..bus.memory import MemoryBus
-        return MemoryBus(topics, partitions)
+        return MemoryBus(topics, partitions, max_message_bytes=max_message_bytes)
     servers = url.removeprefix("kafka://")
     if not servers or "://" in servers:
         raise BusError(f"bus URL {url!r}: use memory:// or kafka://host:port[,host:port]")
     from ..bus.kafka import KafkaBus
-    return KafkaBus(servers, topics, partitions, **kafka)
+    return KafkaBus(servers, topics, partitions, part=part, stop=stop, max_message_bytes=max_message_bytes,
+                    **kafka)
 
 
 def kafka_options(settings: Settings) -> dict:
@@ -109,7 +113,7 @@ def build_worker(bus: Bus, settings: Settings, backbone: Backbone | None = None,
     w = settings.worker
     worker = ScoringWorker(bus, backbone, profiles, anchors, prompts=prompts, max_batch=w.max_batch,
                            max_wait_ms=w.max_wait_ms, precision=w.precision, summary_s=settings.ops.summary_s,
-                           **kwargs)
+                           max_pixels=settings.max_pixels, reload_s=w.reload_s, **kwargs)
     worker.prepare_all()
     return worker
 
@@ -122,13 +126,37 @@ def policy_table(settings: Settings) -> StreamTable[AlertPolicy]:
 
 
 def alert_outputs(bus: Bus, settings: Settings) -> list:
-    from ..sinks.outputs import BusOutput, JsonlOutput, WebhookOutput
+    from ..sinks.outputs import BusOutput, JsonlOutput
 
     outputs = []
     if settings.alerts.jsonl:
         outputs.append(JsonlOutput(settings.alerts.jsonl))
     if settings.alerts.publish:
         outputs.append(BusOutput(bus.producer(), bus.topics.alerts))
-    if settings.alerts.webhook:
-        outputs.append(WebhookOutput(settings.alerts.webhook))
+    return outputs + channel_outputs(settings)
+
+
+def channel_outputs(settings: Settings) -> list:
+    """The webhook, MQTT and Apprise outputs the settings ask for (README, Alert channels)."""
+    from ..sinks.outputs import WebhookOutput
+
+    a, outputs = settings.alerts, []
+    if a.webhook:
+        outputs.append(WebhookOutput(a.webhook, headers={k: v.get_secret_value() for k, v in a.webhook_headers.items()},
+                                     secret=secret(a.webhook_secret, a.webhook_secret_file, "alerts.webhook_secret_file")))
+    if a.mqtt.url:
+        from ..sinks.channels import MqttOutput
+
+        m = a.mqtt
+        if m.ca_file is not None and not Path(m.ca_file).is_file():
+            raise ValueError(f"alerts.mqtt.ca_file: file not found: {m.ca_file}")
+        outputs.append(MqttOutput(m.url, username=m.username, ca_file=m.ca_file, topic_prefix=m.topic_prefix,
+                                  password=secret(m.password, m.password_file, "alerts.mqtt.password_file"),
+                                  client_id=m.client_id, discovery=m.discovery, discovery_prefix=m.discovery_prefix))
+    if a.apprise or a.apprise_config:
+        from ..sinks.channels import AppriseOutput
+
+        outputs += [AppriseOutput(url.get_secret_value()) for url in a.apprise]
+        if a.apprise_config:
+            outputs.append(AppriseOutput(config_file=a.apprise_config))
     return outputs

@@ -141,11 +141,24 @@ def create_clip(arch: str, weights: str, seed: int) -> nn.Module:
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if weights not in tags:
         raise BackboneError(f"{arch} has no pretrained tag {weights!r}; known tags: {', '.join(tags) or 'none'}")
+    root, hub = logging.getLogger(), logging.getLogger("huggingface_hub")
+    root.addFilter(_quiet_download_failure)  # the error below says it once, not each retry
+    hub_level = hub.level
+    hub.setLevel(logging.ERROR)  # here, after its import (which sets its own level)
     try:
         return open_clip.create_model(arch, pretrained=weights)
     except Exception as err:  # offline, hub errors, disk full: say which weights could not be had
-        raise BackboneError(f"could not fetch pretrained weights {arch}/{weights}: {err}; "
-                            "pass --weights FILE to use a local copy") from err
+        reason = " ".join(str(err).split())
+        reason = reason if len(reason) <= 200 else reason[:200] + "…"
+        raise BackboneError(f"could not fetch pretrained weights {arch}/{weights} ({reason}); "
+                            "pass --weights FILE to use a local copy") from None
+    finally:
+        root.removeFilter(_quiet_download_failure)
+        hub.setLevel(hub_level)
+
+
+def _quiet_download_failure(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to download")
 
 
 class Backbone(nn.Module):

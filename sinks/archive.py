@@ -18,6 +18,11 @@ same frame always gets the same names, files are replaced whole, rows are upsert
 
 The stream directory is the stream id made into one safe path component (``safe_component``),
 so no stream id can reach outside the root.
+
+A frame above the pixel budget (``max_pixels``, read from its JPEG header) is refused with an
+ArchiveError before it is decoded, and the heat mask is scaled up as 8 bits, not as floats:
+a frame costs about 5 bytes per pixel at the peak. Storage failures (S3 or the disk down,
+SQLite locked) raise ``StoreUnavailable``: the sink waits them out, the record is not at fault.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..bus.jpeg import DEFAULT_MAX_PIXELS, FrameTooLarge, check_pixels
 from ..bus.maps import MapError, decode_map
 from ..bus.messages import ScoreMsg
 
@@ -43,6 +49,10 @@ OVERLAY_ALPHA = 0.45  # share of the heat colouring in the overlay
 
 class ArchiveError(ValueError):
     """A score that cannot be archived (its frame JPEG or map does not decode)."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The store (S3, the disk, the SQLite index) failed: an outage, not the score's fault."""
 
 
 def safe_component(stream: str) -> str:
@@ -57,20 +67,27 @@ def safe_component(stream: str) -> str:
 
 
 class _LocalStore:
+    name = "the archive folder"
+
     def __init__(self, root: Path):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         target = self.root / key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        except OSError as err:  # disk full, read-only, gone
+            raise StoreUnavailable(f"cannot write {target}: {err}") from None
         try:  # whole file or nothing: a reader never sees half an image
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as err:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(err, OSError):
+                raise StoreUnavailable(f"cannot write {target}: {err}") from None
             raise
 
     def url(self, key: str) -> str:
@@ -81,20 +98,30 @@ class _S3Store:
     def __init__(self, url: str, endpoint_url: str | None, access_key_id: str | None,
                  secret_access_key: str | None, region: str | None):
         import boto3
+        from botocore.config import Config
 
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if not bucket:
             raise ValueError(f"archive URL {url!r}: expected s3://bucket[/prefix]")
         self.bucket, self.prefix = bucket, prefix.strip("/")
-        # unset options fall back to the standard AWS chain (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)
+        self.name = f"S3 bucket {bucket}"
+        # unset options fall back to the standard AWS chain (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...).
+        # One short attempt per call: the sink retries an outage itself, and answers a stop meanwhile.
         self.client = boto3.client("s3", endpoint_url=endpoint_url, aws_access_key_id=access_key_id,
-                                   aws_secret_access_key=secret_access_key, region_name=region)
+                                   aws_secret_access_key=secret_access_key, region_name=region,
+                                   config=Config(connect_timeout=2, read_timeout=5,
+                                                 retries={"total_max_attempts": 1}))
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+        except (BotoCoreError, ClientError) as err:  # down, refusing, or misconfigured: wait and say so
+            raise StoreUnavailable(f"{type(err).__name__}: {err}") from None
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
@@ -121,9 +148,12 @@ class _Index:
 
     def upsert(self, row: dict) -> None:
         values = [json.dumps(row[c]) if c == "telemetry" and row[c] is not None else row[c] for c in _COLUMNS]
-        with self.lock, self.db:
-            self.db.execute(f"INSERT OR REPLACE INTO frames ({', '.join(_COLUMNS)}) "
-                            f"VALUES ({', '.join('?' * len(_COLUMNS))})", values)
+        try:
+            with self.lock, self.db:
+                self.db.execute(f"INSERT OR REPLACE INTO frames ({', '.join(_COLUMNS)}) "
+                                f"VALUES ({', '.join('?' * len(_COLUMNS))})", values)
+        except sqlite3.OperationalError as err:  # locked, disk full, I/O error
+            raise StoreUnavailable(f"SQLite index: {err}") from None
 
     def get(self, stream: str, seq: int, session: str = "") -> dict | None:
         with self.lock:
@@ -147,10 +177,10 @@ class Archive:
     def __init__(self, root: str | Path, *, binarize: bool = False, jpeg_quality: int = 90,
                  index_path: str | Path | None = None, endpoint_url: str | None = None,
                  access_key_id: str | None = None, secret_access_key: str | None = None,
-                 region: str | None = None):
+                 region: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
         if not 1 <= jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be 1..100, got {jpeg_quality}")
-        self.binarize, self.jpeg_quality = binarize, jpeg_quality
+        self.binarize, self.jpeg_quality, self.max_pixels = binarize, jpeg_quality, max_pixels
         if str(root).startswith("s3://"):
             self.store = _S3Store(str(root), endpoint_url, access_key_id, secret_access_key, region)
             self.index = _Index(Path(index_path)) if index_path is not None else None
@@ -163,21 +193,35 @@ class Archive:
         score without ``frame_jpeg``. ArchiveError when the frame or its map does not decode."""
         if score.frame_jpeg is None:
             return None
-        frame = cv2.imdecode(np.frombuffer(score.frame_jpeg, np.uint8), cv2.IMREAD_COLOR)
-        if frame is None:
-            raise ArchiveError(f"frame JPEG does not decode ({len(score.frame_jpeg)} bytes)")
+        try:
+            check_pixels(score.frame_jpeg, self.max_pixels)  # from the header: nothing decoded yet
+        except FrameTooLarge as err:
+            raise ArchiveError(f"frame JPEG: {err}") from None
+        except ValueError:
+            raise ArchiveError(f"frame JPEG does not decode ({len(score.frame_jpeg)} bytes)") from None
         try:
             small = decode_map(score.map)
         except MapError as err:
             raise ArchiveError(str(err)) from None
+        frame = cv2.imdecode(np.frombuffer(score.frame_jpeg, np.uint8), cv2.IMREAD_COLOR)
+        if frame is None:
+            raise ArchiveError(f"frame JPEG does not decode ({len(score.frame_jpeg)} bytes)")
         height, width = frame.shape[:2]
-        full = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
         lo, hi = score.map.lo, score.map.hi
-        heat = np.zeros((height, width), np.uint8) if hi <= lo else \
-            np.clip(np.rint((full - lo) / (hi - lo) * 255), 0, 255).astype(np.uint8)
-        mask = np.where(full >= score.threshold, 255, 0).astype(np.uint8) if self.binarize else heat
-        overlay = cv2.addWeighted(frame, 1 - OVERLAY_ALPHA, cv2.applyColorMap(heat, cv2.COLORMAP_JET),
-                                  OVERLAY_ALPHA, 0)
+        # the heat is quantised at the map's size and scaled up as 8 bits (a float map at the
+        # frame's size would cost 4 bytes per pixel)
+        heat_small = np.zeros(small.shape, np.uint8) if hi <= lo else \
+            np.clip(np.rint((small - lo) / (hi - lo) * 255), 0, 255).astype(np.uint8)
+        heat = cv2.resize(heat_small, (width, height), interpolation=cv2.INTER_LINEAR)
+        if self.binarize:
+            full = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+            mask = np.where(full >= score.threshold, 255, 0).astype(np.uint8)
+            del full
+        else:
+            mask = heat
+        overlay = cv2.applyColorMap(heat, cv2.COLORMAP_JET)
+        cv2.addWeighted(frame, 1 - OVERLAY_ALPHA, overlay, OVERLAY_ALPHA, 0, dst=overlay)
+        del frame
 
         meta = score.frame
         session = f"{safe_component(meta.session)}/" if meta.session else ""
@@ -206,6 +250,11 @@ class Archive:
     def url(self, key: str) -> str:
         """Where a stored path (``frame_path``, ...) lives: a local path or an s3:// URL."""
         return self.store.url(key)
+
+    @property
+    def store_name(self) -> str:
+        """The store, as outage reports name it."""
+        return self.store.name
 
     def close(self) -> None:
         if self.index is not None:

@@ -22,13 +22,15 @@ from ..bus.messages import (
     ScoreMsg,
     SessionEnd,
     decode,
-    encode,
 )
+from ..bus.outages import OUTAGES, StopRequested, describe, retrying
 from ..ops import metrics
 from ..ops.health import HEALTH
-from .archive import Archive, ArchiveError
+from .archive import Archive, StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+ARCHIVE_PART = "sink-archive"
 
 
 @dataclass
@@ -43,33 +45,55 @@ class SinkStats:
 
 def run_archive_sink(bus: Bus, archive: Archive, *, group: str = "linewatch-archive", stop: threading.Event,
                      poll_s: float = 0.5, max_records: int = 64, topic: str | None = None) -> SinkStats:
-    """Scores -> Archive (anomalous frames only), until ``stop`` is set."""
+    """Scores -> Archive (anomalous frames only), until ``stop`` is set. Any failure of one
+    record dead-letters it; a store outage (S3, the disk) is waited out, the records behind it
+    kept; a stop meanwhile commits only the records before it."""
     stats = SinkStats()
+    OUTAGES.register(ARCHIVE_PART)
     consumer, producer = bus.consumer([topic or bus.topics.scores], group), bus.producer()
     try:
         while not stop.is_set():
             records = consumer.poll(poll_s, max_records)
-            _turn("sink-archive", consumer)
-            for record in records:
-                score = _decode_score(record, producer, bus, stats, "sink-archive")
-                if score is None or isinstance(score, SessionEnd):  # nothing to archive at a session's end
-                    continue
-                try:
-                    if archive.add(score) is not None:
-                        stats.archived += 1
-                        metrics.ARCHIVE_WRITES.inc()
-                except ArchiveError as err:
-                    metrics.DEAD_LETTERS.labels("sink-archive", "archive_error").inc()
-                    _dead_letter(producer, bus, stats, str(err), "sink-archive", record=record,
-                                 stream=score.frame.stream, seq=score.frame.seq)
-            if records:
-                producer.flush()
-                consumer.commit(records)
+            _turn(ARCHIVE_PART, consumer)
+            done: list[Record] = []
+            try:
+                for record in records:
+                    _archive_one(record, archive, producer, bus, stats, stop)
+                    done.append(record)
+            finally:  # a stop during an outage still commits what was archived before it
+                if done:
+                    producer.flush()
+                    consumer.commit(done)
+    except StopRequested as err:
+        log.warning("%s; the records not archived are read again at the next start", err)
     finally:
-        HEALTH.stop_beating("sink-archive")
+        HEALTH.stop_beating(ARCHIVE_PART)
         archive.close()
         consumer.close()
+        producer.close()
     return stats
+
+
+def _archive_one(record: Record, archive: Archive, producer: Producer, bus: Bus, stats: SinkStats,
+                 stop: threading.Event) -> None:
+    score = None
+    try:
+        score = _decode_score(record, producer, bus, stats, ARCHIVE_PART)
+        if score is None or isinstance(score, SessionEnd):  # nothing to archive at a session's end
+            return
+        row = retrying(lambda: archive.add(score), part=ARCHIVE_PART, dependency=archive.store_name,
+                       transient=(StoreUnavailable,), stop=stop)
+    except StopRequested:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever this record causes, the next one goes on
+        reason = str(err) if isinstance(err, ValueError) else f"cannot archive: {describe(err)}"
+        metrics.DEAD_LETTERS.labels(ARCHIVE_PART, "archive_error").inc()
+        _dead_letter(producer, bus, stats, reason, ARCHIVE_PART, record=record,
+                     stream=score.frame.stream if score else None, seq=score.frame.seq if score else None)
+        return
+    if row is not None:
+        stats.archived += 1
+        metrics.ARCHIVE_WRITES.inc()
 
 
 def _decode_score(record: Record, producer: Producer, bus: Bus, stats: SinkStats,
@@ -103,5 +127,6 @@ def _dead_letter(producer: Producer, bus: Bus, stats: SinkStats, reason: str, st
     else:
         letter = DeadLetter(reason=reason, stage=stage, stream=stream, seq=seq,
                             payload=(payload or b"")[:DEAD_PAYLOAD_LIMIT])
-    producer.send(bus.topics.dead, encode(letter), key=letter.stream.encode() if letter.stream is not None else None)
+    producer.send(bus.topics.dead, letter.encoded(bus.max_message_bytes),
+                  key=letter.stream.encode()[:1024] if letter.stream is not None else None)
     stats.dead += 1

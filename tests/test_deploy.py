@@ -125,3 +125,5 @@ def test_compose_recipe_starts_from_the_readme_steps(tmp_path, monkeypatch):
             check_settings(settings)  # what the worker checks before building its model
         elif args.command == "sink":
             policy_table(settings)
+        elif args.command == "console":  # reads the archive the archive sink writes, beyond loopback
+            assert settings.console.host == "0.0.0.0" and settings.archive == "/out/archive"

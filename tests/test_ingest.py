@@ -89,6 +89,44 @@ def test_max_size_downscales_the_long_side_and_never_upscales(clip30):
     assert limit_size(np.zeros((300, 100, 3), np.uint8), 150).shape[:2] == (150, 50)
 
 
+def test_frames_are_scaled_down_to_the_pixel_budget_before_publishing(tmp_path, monkeypatch):
+    """A frame above ``max_pixels`` is scaled down (never refused) at ingest, and a large JPEG
+    in a folder is decoded at a reduced scale by libjpeg, never whole."""
+    assert limit_size(np.zeros((300, 400, 3), np.uint8), None, max_pixels=30_000).shape[:2] == (150, 200)
+    for shape in [(301, 401), (1000, 7), (777, 555)]:
+        height, width = limit_size(np.zeros((*shape, 3), np.uint8), None, max_pixels=10_007).shape[:2]
+        assert height * width <= 10_007
+    gradient = np.tile(np.arange(2000, dtype=np.uint16)[None, :, None] % 256, (1600, 1, 3)).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "big.jpg"), gradient)
+    decoded = []
+    real_imdecode = cv2.imdecode
+
+    def watched(data, flags):
+        decoded.append(flags)
+        return real_imdecode(data, flags)
+
+    monkeypatch.setattr(cv2, "imdecode", watched)
+    (image, _), = list(open_source(str(tmp_path), max_size=None, max_pixels=200_000))
+    assert image.shape[:2] == (400, 500)
+    assert decoded == [cv2.IMREAD_REDUCED_COLOR_4]  # the 500x400 kept, decoded at 1/4: never 2000x1600 whole
+
+
+def test_a_frame_too_large_for_a_message_is_scaled_down(clip30):
+    noisy = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+
+    class Noise(Source):
+        def _frames(self):
+            self.counts.read += 1
+            yield noisy, 0.0
+
+    bus = MemoryBus(max_message_bytes=100_000)
+    stats = Ingestor(Noise("noise", "noise"), bus, stream="n", jpeg_quality=100).run()
+    (record,) = drain(bus)
+    meta = frame_meta(record.headers)
+    assert stats.published == 1 and len(record.value) < 100_000 and meta.width < 640
+    assert cv2.imdecode(np.frombuffer(record.value, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (meta.height, meta.width)
+
+
 def test_image_folder_in_natural_order_skips_a_corrupt_image(tmp_path, caplog):
     for name, level in [("img_10.png", 100), ("img_2.png", 20), ("img_1.jpg", 10)]:
         cv2.imwrite(str(tmp_path / name), np.full((20, 30, 3), level, np.uint8))

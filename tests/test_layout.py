@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Higher imports lower, never the reverse; folders of one rank do not import each other.
-RANKS = {"cli": 5, "bench": 4, "pipeline": 3, "offline": 3, "ingest": 2, "workers": 2, "sinks": 2, "bus": 1,
+RANKS = {"cli": 5, "bench": 4, "console": 4, "pipeline": 3, "offline": 3, "ingest": 2, "workers": 2, "sinks": 2, "bus": 1,
          "ops": 1, "scoring": 1}
 
 
@@ -134,7 +134,7 @@ def test_help_does_not_import_torch():
             "from linewatch.cli import build_parser\n"
             "parser = build_parser()\n"
             "for argv in [['--help'], *[[name, '--help'] for name in "
-            "['eval', 'train', 'methods', 'run', 'ingest', 'worker', 'sink', 'replay', 'demo', 'bench']]]:\n"
+            "['eval', 'train', 'methods', 'run', 'ingest', 'worker', 'sink', 'replay', 'demo', 'bench', 'console', 'report']]]:\n"
             "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
             "        parser.parse_args(argv)\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip', 'cv2', 'kafka', 'numpy'))\n"

@@ -330,3 +330,24 @@ def test_ingest_counts_published_frames_and_reconnects_per_stream(health):
         "linewatch_ingest_frames_published_total"] == 5
     assert value("linewatch_ingest_reconnects_total", stream="ops-cam") - before["linewatch_ingest_reconnects_total"] == 1
     assert "ingest:ops-cam" not in health.liveness()[1]["loops"]  # it ended: its silence is not a hang
+
+
+def test_readyz_reports_the_outages_the_parts_ride_out(health):
+    """The outage registry of issue 13 (Kafka, S3, the disk) joins /readyz: not ready while a
+    part waits for one, ready again once it is back; Redis down only degrades."""
+    from linewatch.bus.outages import OUTAGES
+    from linewatch.cli.pipeline import _operations
+    from linewatch.pipeline.settings import load_settings
+
+    settings = load_settings(None, {"ops": {"port": 0}})
+    with _operations(settings) as server:
+        assert http_get(f"{server.url}/readyz")[0] == 200
+        OUTAGES.down("worker", "Kafka at kafka:9092", "connection refused", "produce")
+        status, body = http_get(f"{server.url}/readyz")
+        down = json.loads(body)["conditions"]["outages"]
+        assert status == 503 and not down["ok"]
+        assert down["detail"]["worker"]["down"]["Kafka at kafka:9092"]["reason"] == "connection refused"
+        OUTAGES.down("worker", "Redis at redis:6379", "timeout", "anchors", critical=False)
+        OUTAGES.up("worker", "Kafka at kafka:9092", "produce")
+        assert http_get(f"{server.url}/readyz")[0] == 200  # Redis down degrades, it does not unready
+        OUTAGES.up("worker", "Redis at redis:6379", "anchors")

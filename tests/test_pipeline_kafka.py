@@ -32,7 +32,7 @@ from linewatch.bus.messages import (
 from linewatch.ingest.demo import write_demo_clip
 from linewatch.pipeline.wiring import connect
 
-from helpers import Processes, wait_for
+from helpers import WORKER_READY, Processes, wait_for
 
 PARTITIONS = 4
 PREFIX = "itest"
@@ -68,7 +68,7 @@ def test_distributed_pipeline_survives_a_killed_worker(kafka_servers, redis_url,
     processes.start("archive", "sink", "archive", *common, "--archive", str(archive))
     workers = {name: processes.start(name, "worker", *scoring) for name in ("worker-1", "worker-2")}
     for name in workers:
-        processes.wait_for_line(name, "ready", timeout=600)
+        processes.wait_for_line(name, WORKER_READY, timeout=600)
 
     bus = connect(f"kafka://{kafka_servers}", PREFIX, PARTITIONS)
     # a corrupt frame and a wrong-schema frame on the topic: dead letters, not crashes

@@ -117,13 +117,17 @@ def test_ctrl_c_scores_what_was_read_and_stops(tmp_path, capsys, monkeypatch):
 
 
 def test_runs_are_sessions_kept_apart(clip, tmp_path, capsys):
-    """Ingesting the same file twice is two sessions (seq restarts at 0): two events, two
-    archive folders, nothing of the first run overwritten or taken for a duplicate."""
+    """Ingesting the same file twice is two sessions (seq restarts at 0): two archive folders,
+    nothing of the first run overwritten or taken for a duplicate; each run's alerts file holds
+    that run's event only (re-running the demo printed the previous runs' alerts too)."""
     args = ["run", str(clip.video), "--stream-id", "d", "--out", str(tmp_path), "--threshold", "0", *TINY]
-    assert main(args) == 0 and main(args) == 0
-    alerts = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
-    assert [a["status"] for a in alerts] == ["open", "closed", "open", "closed"]
-    assert len({a["event_id"] for a in alerts}) == 2
+    event_ids = []
+    for _ in range(2):
+        assert main(args) == 0
+        alerts = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+        assert [a["status"] for a in alerts] == ["open", "closed"]
+        event_ids.append(alerts[0]["event_id"])
+    assert event_ids[0] != event_ids[1]
     with sqlite3.connect(tmp_path / "archive" / "index.sqlite") as db:
         sessions = db.execute("SELECT session, COUNT(*) FROM frames GROUP BY session").fetchall()
     assert len(sessions) == 2 and all(count == clip.frame_count for _, count in sessions)
@@ -137,6 +141,9 @@ def test_runs_are_sessions_kept_apart(clip, tmp_path, capsys):
     (["run", "{video}", "--k", "5", "--n", "3"], "k=5 must not exceed n=3"),
     (["run", "{video}", "--config", "/no/such.yaml"], "config file not found"),
     (["run", "{video}", "--config", "{bad_yaml}"], "not valid YAML"),
+    (["run", "{video}", "--config", "{list_yaml}"], "list_yaml.yaml holds a YAML list"),
+    (["run", "{video}", "--config", "{binary_yaml}"], "binary.yaml is not text"),
+    (["run", "{notes}"], "notes.txt is not a video or an image"),
     (["run", "{video}", "--out", "{text}"], "notes.mp4"),
     (["run", "{video}", "--stream-id", "a/b"], "stream id"),
     (["worker"], "no Kafka given"),
@@ -149,7 +156,12 @@ def test_user_mistakes_get_one_line(args, message, clip, tmp_path, capsys):
     text.write_text("not a video")
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("worker: {max_batch: [\n")
-    args = [a.format(text=text, video=clip.video, bad_yaml=bad_yaml) for a in args]
+    (tmp_path / "list_yaml.yaml").write_text("- worker\n- max_batch\n")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)))
+    notes = tmp_path / "notes.txt"  # FFmpeg renders a text file as a video: it must not get there
+    notes.write_text("Inspection notes\n" * 500)
+    args = [a.format(text=text, video=clip.video, bad_yaml=bad_yaml, list_yaml=tmp_path / "list_yaml.yaml",
+                     binary_yaml=tmp_path / "binary.yaml", notes=notes) for a in args]
     assert main([*args, *TINY] if args[0] == "run" else args) == 2
     assert message in error_line(capsys)
 
@@ -201,3 +213,83 @@ def test_run_with_a_trained_checkpoint_takes_its_backbone(clip, tmp_path, capsys
     assert main(["run", str(clip.video), "--out", str(tmp_path / "o2"), "--checkpoint", str(checkpoint),
                  "--image-size", "96"]) == 2
     assert "trained differently: --image-size 96 (checkpoint: 64)" in error_line(capsys)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run"], "the following arguments are required: SOURCE (see `linewatch run --help`)"),
+    (["run", "x.mp4", "--k", "abc"], "argument --k: invalid int value: 'abc' (see `linewatch run --help`)"),
+    (["nope"], "invalid choice: 'nope'"),
+])
+def test_argument_mistakes_are_one_line_pointing_to_help(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in error_line_of(err), err  # no usage block before it
+
+
+def error_line_of(err: str) -> str:
+    (line,) = err.splitlines()
+    assert line.startswith("linewatch: error: ")
+    return line
+
+
+def test_a_broken_video_gets_linewatch_s_line_alone(tmp_path):
+    """FFmpeg's own log lines ('moov atom not found') no longer precede the error line."""
+    import subprocess
+    import sys
+
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(2000))
+    result = subprocess.run([sys.executable, "-m", "linewatch", "run", str(broken), *TINY], capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    expected = f"linewatch: error: cannot read video {broken}: not a video OpenCV can decode"
+    assert result.stderr.splitlines() == [expected], result.stderr
+
+
+def test_an_unreachable_pretrained_tag_is_one_line(capsys, monkeypatch):
+    """open_clip's download retries (about 45 lines of huggingface_hub and root warnings) are
+    not shown; the error line says what failed."""
+    import logging
+
+    import open_clip
+
+    def offline(arch, pretrained=None, **kwargs):
+        for attempt in range(5):
+            logging.getLogger("huggingface_hub.utils._http").warning(
+                "'[Errno -2] Name or service not known' thrown while requesting HEAD https://huggingface.co/x")
+            logging.getLogger("huggingface_hub.utils._http").warning("Retrying in %ds [Retry %d/5].", 2 ** attempt,
+                                                                     attempt + 1)
+        logging.getLogger().error("Failed to download weights for tag 'openai': no connection")
+        raise RuntimeError("Failed to download weights for tag 'openai': An error happened while trying to "
+                           "locate the file on the Hub " + "and more detail " * 30)
+
+    from linewatch.cli import setup_logging
+    from linewatch.scoring.backbone import BackboneError, create_clip
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    setup_logging()  # the command's logging; then huggingface_hub, imported later, sets its own level:
+    hub = logging.getLogger("huggingface_hub")
+    previous = hub.level
+    hub.setLevel(logging.WARNING)
+    try:
+        with pytest.raises(BackboneError) as caught:
+            create_clip("ViT-B-16", "openai", 0)
+    finally:
+        hub.setLevel(previous)
+    err = capsys.readouterr().err
+    assert err == "", err  # nothing but the error, which the command prints as its one line
+    assert "could not fetch pretrained weights ViT-B-16/openai" in str(caught.value) and len(str(caught.value)) < 400
+
+
+def test_a_command_gives_the_process_its_signal_handlers_back(capsys):
+    """`ingest` turns SIGINT/SIGTERM into its stop event; once it returns (here on a user
+    mistake, after the handlers were set) Ctrl-C is a KeyboardInterrupt again. A stale handler
+    once made a later in-process run ignore its Ctrl-C."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert main(["ingest", "nothing.mp4", "--bootstrap-servers", ""]) == 2
+    assert "no Kafka given" in error_line(capsys)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -227,6 +227,34 @@ def test_calibration_images_set_the_threshold_above_their_scores(tiny, make_imag
     assert prepared.method.score(references).image_score.max().item() < 1e-3  # memory holds the references only
 
 
+def test_saturated_calibration_scores_are_refused(tiny, make_images, monkeypatch):
+    """Every calibration score 1.0 put the threshold at 1.01, which no frame reaches: silently
+    never alerting. Now refused with the reason."""
+    from linewatch.scoring.calibrate import CalibrationError, calibration_threshold
+
+    method = create_method("aprilgan", tiny)
+    method.prepare("insulator")
+    images = make_images(4, seed=5)
+    assert calibration_threshold(method, images) > method.score(images).image_score.max().item()
+    monkeypatch.setattr(method, "score", lambda batch: type("R", (), {"image_score": torch.ones(len(batch))})())
+    with pytest.raises(CalibrationError, match="the 4 scores of the calibration images are all 1"):
+        calibration_threshold(method, images)
+
+
+def test_random_weights_zero_shot_warns_once(tiny, caplog, monkeypatch):
+    """`run` zero-shot on random weights flags nearly every frame: say so, once per process,
+    and not when references give the method a real signal."""
+    from linewatch.workers import prepared as prepared_module
+
+    monkeypatch.setattr(prepared_module, "_warned_random_zero_shot", False)
+    with caplog.at_level(logging.WARNING, logger="linewatch.workers.prepared"):
+        for class_name in ("insulator", "damper"):
+            PreparedProfile(StreamProfile(class_name=class_name, threshold=0.5), tiny, PromptPack.load(),
+                            AnchorCache())
+    warnings = [r.getMessage() for r in caplog.records if "RANDOM weights" in r.getMessage()]
+    assert len(warnings) == 1 and "--references" in warnings[0]
+
+
 def test_anchor_folder_keeps_anchors_across_runs(tiny, tmp_path):
     method = create_method("aprilgan", tiny)
     key = method.anchor_key("insulator")
@@ -361,8 +389,8 @@ def test_a_batch_in_flight_at_stop_is_published_and_committed(tiny):
 
 
 def test_a_failure_with_a_batch_in_flight_loses_nothing(tiny):
-    """The model fails on batch 2 while batch 1 is in flight: neither is committed, so the
-    group's next member scores both (at-least-once)."""
+    """The model fails from batch 2 on (a lost device: a blank frame fails too) while batch 1
+    is in flight: neither is committed, so the group's next member scores both (at-least-once)."""
     bus = MemoryBus(Topics("w"))
     first = make_worker(bus, tiny, max_batch=2, max_wait_ms=0)
     first.overlap = True
@@ -371,7 +399,7 @@ def test_a_failure_with_a_batch_in_flight_loses_nothing(tiny):
 
     def fail_the_second(images):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) >= 2:
             raise RuntimeError("device lost")
         return score_batch(images)
 

@@ -5,7 +5,10 @@ worker encodes a class once and shares it through Redis; every other worker, and
 restart, fetches the bytes instead. The key hashes the backbone identity and every prompt
 sentence (``AnomalyMethod.anchor_key``), so a stale entry can never be served for another
 model or prompt set. Redis is an optimisation, not a dependency: when it is down the worker
-computes locally and says so once. The folder (the embedded run's default,
+computes locally and says so once (``bus.outages``: one line when the outage begins, one when it
+ends). While a worker runs it looks every ``UPKEEP_S`` whether Redis still holds the anchors it
+knows, and writes back the ones it lacks: after an outage, or a Redis restarted empty, the
+next worker to start fetches them instead of encoding them again. The folder (the embedded run's default,
 ``~/.cache/linewatch/anchors``) keeps them across runs on one machine: a second
 ``linewatch run`` starts in seconds instead of re-encoding the pack.
 """
@@ -13,30 +16,34 @@ computes locally and says so once. The folder (the embedded run's default,
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urlsplit
 
+from ..bus.outages import OUTAGES, describe
+from ..bus.redact import redact
 from ..ops import metrics
 from ..scoring.prompts import TextAnchors
 
 log = logging.getLogger(__name__)
 
 TTL_S = 30 * 24 * 3600  # anchors are immutable per key; the TTL only clears keys nobody uses
+UPKEEP_S = 10.0  # how often a running worker checks that Redis still holds its anchors
 
 
 class AnchorCache:
     def __init__(self, redis_url: str | None = None, capacity: int = 32, folder: str | Path | None = None,
-                 redis_options: dict | None = None):
+                 redis_options: dict | None = None, part: str = "worker"):
         self.capacity = capacity
         self.folder = Path(folder).expanduser() if folder else None
         self.local: OrderedDict[str, TextAnchors] = OrderedDict()
+        self.lock = threading.Lock()  # ``local`` is read by the upkeep thread too
         self.redis = None
         self.redis_url = redis_url
-        self.redis_where = _where(redis_url)  # host:port for log lines: the URL may hold a password
-        self.redis_down = False  # logged once per outage
-        self.stats = {"local_hits": 0, "redis_hits": 0, "file_hits": 0, "computed": 0, "redis_errors": 0}
+        self.part, self.dependency = part, f"Redis at {redact(redis_url)}"
+        self.stats = {"local_hits": 0, "redis_hits": 0, "file_hits": 0, "computed": 0, "redis_errors": 0,
+                      "republished": 0}
         if redis_url:
             import redis
 
@@ -44,14 +51,15 @@ class AnchorCache:
                 self.redis = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2,
                                                   **(redis_options or {}))
             except ValueError as err:
-                raise ValueError(f"--redis-url {self.redis_where}: {err}") from None
+                raise ValueError(f"--redis-url {redact(redis_url)!r}: {redact(err)}") from None
 
     def get(self, key: str, build: Callable[[], TextAnchors]) -> TextAnchors:
-        if key in self.local:
-            self.local.move_to_end(key)
-            self.stats["local_hits"] += 1
-            metrics.ANCHOR_LOOKUPS.labels("local").inc()
-            return self.local[key]
+        with self.lock:
+            if key in self.local:
+                self.local.move_to_end(key)
+                self.stats["local_hits"] += 1
+                metrics.ANCHOR_LOOKUPS.labels("local").inc()
+                return self.local[key]
         anchors = self._fetch(key)
         if anchors is not None:
             self.stats["redis_hits"] += 1
@@ -67,10 +75,43 @@ class AnchorCache:
                 self.stats["file_hits"] += 1
                 metrics.ANCHOR_LOOKUPS.labels("file").inc()
             self._store(key, anchors)
-        self.local[key] = anchors
-        if len(self.local) > self.capacity:
-            self.local.popitem(last=False)
+        with self.lock:
+            self.local[key] = anchors
+            if len(self.local) > self.capacity:
+                self.local.popitem(last=False)
         return anchors
+
+    def keep_in_redis(self, stop: threading.Event) -> threading.Event:
+        """Until ``stop`` or the returned event is set, every UPKEEP_S, write back to Redis the
+        anchors it lacks (a thread; nothing to do without Redis)."""
+        done = threading.Event()
+        if self.redis is not None:
+            def upkeep() -> None:
+                while not done.wait(UPKEEP_S) and not stop.is_set():
+                    self.republish()
+            threading.Thread(target=upkeep, name="anchor-upkeep", daemon=True).start()
+        return done
+
+    def republish(self) -> int:
+        """Write the anchors this process knows and Redis lacks back to Redis; how many."""
+        with self.lock:
+            known = list(self.local.items())
+        if not known:
+            return 0
+
+        def missing(r):
+            pipe = r.pipeline(transaction=False)
+            for key, _ in known:
+                pipe.exists(key)
+            return [(key, anchors) for (key, anchors), found in zip(known, pipe.execute()) if not found]
+
+        lacking = self._redis_call(missing) or []
+        written = sum(self._redis_call(lambda r, k=key, a=anchors: r.set(k, a.to_bytes(), ex=TTL_S)) is not None
+                      for key, anchors in lacking)
+        if written:
+            self.stats["republished"] += written
+            log.info("wrote %d anchor set(s) back to %s, which had lost them", written, self.dependency)
+        return written
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{key.replace(':', '-')}.safetensors"  # keys are "anchors:v1:<hex>"
@@ -120,24 +161,9 @@ class AnchorCache:
         except redis.RedisError as err:
             self.stats["redis_errors"] += 1
             metrics.REDIS_ERRORS.inc()
-            if not self.redis_down:
-                log.warning("Redis at %s unavailable (%s); computing text anchors locally until it is back",
-                            self.redis_where, err)
-                self.redis_down = True
+            OUTAGES.down(self.part, self.dependency, f"{describe(err)}; text anchors computed locally", "anchors",
+                         critical=False)
             return None
-        if self.redis_down:
-            log.warning("Redis at %s is back", self.redis_where)
-            self.redis_down = False
+        OUTAGES.up(self.part, self.dependency, "anchors")
         return result
 
-
-def _where(url: str | None) -> str | None:
-    """``scheme://host:port/db`` of a Redis URL, without its credentials."""
-    if url is None:
-        return None
-    parts = urlsplit(url)
-    try:
-        host = f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
-    except ValueError:  # a malformed port: redis-py says what is wrong
-        host = "?"
-    return f"{parts.scheme}://{host}{parts.path}"

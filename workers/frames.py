@@ -17,6 +17,10 @@ on the main stream, while the worker keeps a batch in flight, it could be handed
 the queued model work of the previous batch still reads or writes (seen on an H200:
 scores turned into NaN and garbage). The side stream has its own memory pool; the main
 stream waits for it, and the finished batch is marked as used there.
+
+Before any of that, each frame's size is read from its JPEG header: a frame above the pixel
+budget (``max_pixels``) or without a readable header is refused with the reason, so one
+huge frame never costs the worker gigabytes.
 """
 
 from __future__ import annotations
@@ -28,14 +32,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..bus.jpeg import DEFAULT_MAX_PIXELS, check_pixels
 from ..scoring.pixels import square_rgb
 
 log = logging.getLogger(__name__)
 
 
 class FrameDecoder:
-    def __init__(self, size: int, device: str | torch.device = "cpu", gpu_decode: bool | None = None):
-        self.size = size
+    def __init__(self, size: int, device: str | torch.device = "cpu", gpu_decode: bool | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.size, self.max_pixels = size, max_pixels
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
         self.gpu_decode = self.on_gpu if gpu_decode is None else gpu_decode and self.on_gpu
@@ -53,6 +59,16 @@ class FrameDecoder:
 
     def decode(self, blobs: list[bytes]) -> tuple[torch.Tensor, list[int], dict[int, str]]:
         """(batch of the frames that decoded, their indices in ``blobs``, {index: reason} for the rest)."""
+        refused: dict[int, str] = {}
+        for index, blob in enumerate(blobs):
+            try:
+                check_pixels(blob, self.max_pixels)
+            except ValueError as err:
+                refused[index] = str(err)
+        if refused:
+            accepted = [i for i in range(len(blobs)) if i not in refused]
+            batch, kept, failed = self.decode([blobs[i] for i in accepted])
+            return batch, [accepted[i] for i in kept], {**refused, **{accepted[i]: r for i, r in failed.items()}}
         if self.gpu_decode and blobs:
             try:
                 return self._decode_gpu(blobs), list(range(len(blobs))), {}
@@ -70,7 +86,11 @@ class FrameDecoder:
             if image is None:
                 failed[index] = f"undecodable jpeg image ({len(blob)} bytes)"
                 continue
-            arrays.append(square_rgb(image, self.size))
+            try:
+                arrays.append(square_rgb(image, self.size))
+            except (cv2.error, ValueError) as err:  # one frame's oddity is its own dead letter
+                failed[index] = f"cannot resize the frame: {' '.join(str(err).split())[:200]}"
+                continue
             kept.append(index)
         if not arrays:
             return torch.empty(0, 3, self.size, self.size, device=self.device), kept, failed
@@ -110,3 +130,4 @@ class FrameDecoder:
                 resized = F.interpolate(group, size=(self.size, self.size), mode="bicubic", align_corners=False)
             out[members] = resized.clamp_(0.0, 255.0).div_(255.0)
         return out
+

@@ -80,11 +80,12 @@ def reference_paths(folder: str, shots: int | None) -> list[Path]:
 class ProfileTable(StreamTable[StreamProfile]):
     """The default profile and the streams' glob overrides (each inherits the default's fields)."""
 
-    def __init__(self, default: StreamProfile, streams: dict[str, dict] | None = None):
+    def __init__(self, default: StreamProfile, streams: dict[str, dict] | None = None, check: bool = True):
+        """``check=False``: only the table (the console reads the folders it names, without a model)."""
         super().__init__(default, {pattern: StreamProfile.model_validate({**_inherited(default, overrides),
                                                                           **dict(overrides)})
                                    for pattern, overrides in (streams or {}).items()})
-        for profile in self.values():
+        for profile in self.values() if check else ():
             profile.check()
 
     def profiles(self) -> list[StreamProfile]:

@@ -9,6 +9,15 @@ and the group's next owner scores them again; sinks de-duplicate by stream and s
 A frame that cannot be read goes to the dead-letter topic with the reason. The end of an
 ingest session (``SessionEnd``) is forwarded to the scores topic after the batch's scores,
 so it follows the scores of every frame before it on its partition.
+
+No record stops the loop: whatever fails while one frame is read, decoded, scored or published
+sends that frame to the dead-letter topic with the stage and reason, and the loop goes on.
+When the model fails on a batch, each frame is scored alone; a frame it still fails on is
+dead-lettered only if the model scores a blank frame fine: otherwise the fault is the
+worker's (a lost device), the error stops it and nothing is committed. A score too large for the bus carries its frame
+re-encoded smaller (``frame_jpeg_note="reduced"``), or none (``"dropped"``). An outage of
+the broker is waited out by the bus (``bus.kafka``); a stop meanwhile leaves the batch
+uncommitted for the group.
 """
 
 from __future__ import annotations
@@ -27,7 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..bus import Bus, BusError, Record
+from ..bus import Bus, BusError, Record, RecordTooLarge, record_size
+from ..bus.jpeg import DEFAULT_MAX_PIXELS, shrink_jpeg
 from ..bus.maps import MAP_MAX_SIDE, encode_map
 from ..bus.messages import (
     DeadLetter,
@@ -40,13 +50,14 @@ from ..bus.messages import (
     encode,
     frame_header,
 )
+from ..bus.outages import OUTAGES, StopRequested, describe
 from ..ops import metrics
 from ..scoring.backbone import Backbone
 from ..scoring.precision import autocast_dtype, resolve_precision
 from ..scoring.prompts import PromptPack
 from .anchors import AnchorCache
 from .frames import FrameDecoder
-from .prepared import PreparedProfile
+from .prepared import PreparedProfile, folder_signature
 from .profiles import ProfileTable
 from .telemetry import WorkerTelemetry
 
@@ -54,6 +65,7 @@ log = logging.getLogger(__name__)
 
 GROUP = "linewatch-workers"
 LATENCY_SAMPLES = 100_000  # per-frame latencies kept for percentiles (the most recent ones)
+PART = "worker"
 
 
 @dataclass
@@ -83,24 +95,27 @@ class ScoringWorker:
     def __init__(self, bus: Bus, backbone: Backbone, profiles: ProfileTable, anchors: AnchorCache, *,
                  prompts: PromptPack | None = None, max_batch: int = 8, max_wait_ms: float = 20.0,
                  precision: str = "auto", group: str = GROUP, source_topic: str | None = None,
-                 results_topic: str | None = None, worker_id: str | None = None, summary_s: float = 0.0):
+                 results_topic: str | None = None, worker_id: str | None = None, summary_s: float = 0.0,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, reload_s: float = 5.0):
         self.bus, self.backbone, self.profiles, self.anchors = bus, backbone, profiles, anchors
         self.prompts = prompts or PromptPack.load()
         self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1000.0
         self.precision = resolve_precision(precision, backbone.device)
         self.compute_dtype = autocast_dtype(self.precision)
-        self.decoder = FrameDecoder(backbone.image_size, backbone.device)
+        self.decoder = FrameDecoder(backbone.image_size, backbone.device, max_pixels=max_pixels)
         self.group = group
         self.source_topic = source_topic or bus.topics.frames
         self.results_topic = results_topic or bus.topics.scores
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.prepared: dict[str, PreparedProfile] = {}
+        self.reload_s, self._reload_at = reload_s, {}  # see _prepared: changed reference folders
         self.stats = WorkerStats()
         # one batch in flight while the previous one is published (see ``run``): pays where the
         # model runs asynchronously on a GPU; on a CPU it would only delay each batch's scores
         self.overlap = backbone.device.type == "cuda"
         self._busy_until = 0.0  # end of the last published batch (monotonic), so busy time is counted once
         self.telemetry = WorkerTelemetry(self, summary_s=summary_s)  # heartbeat, readiness, lag, summary line
+        OUTAGES.register(PART)
 
     def prepare_all(self) -> None:
         """Prepare every configured profile up front, so the first frames don't wait for it."""
@@ -109,11 +124,30 @@ class ScoringWorker:
 
     def _prepared(self, profile) -> PreparedProfile:
         key = profile.key()
-        if key not in self.prepared:
-            # references and calibration go through the tower in the precision frames will
-            with self.backbone.computing_in(self.compute_dtype):
-                self.prepared[key] = PreparedProfile(profile, self.backbone, self.prompts, self.anchors)
+        current = self.prepared.get(key)
+        if current is None or (self._reload_due(key) and current.stale()):
+            try:  # references and calibration go through the tower in the precision frames will
+                with self.backbone.computing_in(self.compute_dtype):
+                    self.prepared[key] = PreparedProfile(profile, self.backbone, self.prompts, self.anchors)
+            except (ValueError, OSError) as err:  # a folder changed under us: keep scoring with what was there
+                if current is None:
+                    raise
+                current.signature = folder_signature(profile)  # tried again at the next change
+                log.warning("profile %s/%s: its folders changed but cannot be read (%s); keeping the previous "
+                            "references and threshold", profile.method, profile.class_name, err)
+            else:
+                if current is not None:
+                    log.info("profile %s/%s re-prepared: its reference or calibration folder changed",
+                             profile.method, profile.class_name)
         return self.prepared[key]
+
+    def _reload_due(self, key: str) -> bool:
+        """At most every ``reload_s`` per profile (0: every time) the folders are looked at."""
+        now = time.monotonic()
+        if now - self._reload_at.get(key, 0.0) < self.reload_s:
+            return False
+        self._reload_at[key] = now
+        return True
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self, stop: threading.Event, consumer=None, until_idle_s: float | None = None,
@@ -134,6 +168,7 @@ class ScoringWorker:
         producer = self.bus.producer()
         pending: _Batch | None = None
         idle_since = time.monotonic()
+        upkeep = self.anchors.keep_in_redis(stop)  # Redis back after an outage, or restarted empty: write them again
         try:
             while not stop.is_set() and not (until is not None and until()):
                 waited = pending is None  # a busy poll takes what is there and does not wait
@@ -155,8 +190,11 @@ class ScoringWorker:
                     break
             if pending is not None:  # stopped with a batch in flight: its scores are computed, send them
                 self._finish_at_stop(pending, producer, consumer)
+        except StopRequested as err:  # stopped while the broker was down: the batch stays for the group
+            log.warning("%s; the frames not committed are scored again by the group", err)
         finally:
             self.telemetry.stopped()
+            upkeep.set()
             consumer.close()
             producer.close()
         return self.stats
@@ -167,7 +205,7 @@ class ScoringWorker:
         try:
             self.finish(batch, producer)
             consumer.commit(batch.records)
-        except BusError as err:
+        except (BusError, StopRequested) as err:
             log.warning("the batch in flight at the stop was not published (%s); the group scores it again", err)
 
     def _gather(self, consumer, busy: bool = False) -> list[Record]:
@@ -224,8 +262,34 @@ class ScoringWorker:
             by_profile.setdefault(self.profiles.for_stream(frame.meta.stream).key(), []).append(frame)
         for members in by_profile.values():
             group = images if len(members) == len(frames) else images[[f.index for f in members]]
-            batch.groups.append(self._launch_group(members, group))
+            self._launch_isolating(batch, members, group)
         return batch
+
+    def _launch_isolating(self, batch: _Batch, frames: list[_Frame], images: torch.Tensor) -> None:
+        """Queue the model on ``frames``; when it fails, on each frame alone, and dead-letter a
+        frame it still fails on, unless it fails on a blank frame too (then it is broken: raise)."""
+        try:
+            batch.groups.append(self._launch_group(frames, images))
+        except Exception as err:
+            if len(frames) > 1:
+                for row, frame in enumerate(frames):
+                    self._launch_isolating(batch, [frame], images[row:row + 1])
+                return
+            if not self._model_works(frames[0], images):
+                raise
+            batch.dead.append((frames[0].record, f"scoring failed: {describe(err)}", frames[0].meta))
+
+    def _model_works(self, frame: _Frame, images: torch.Tensor) -> bool:
+        """Whether the frame's model scores a blank frame (the probe telling a poison frame
+        from a broken model)."""
+        prepared = self._prepared(self.profiles.for_stream(frame.meta.stream))
+        try:
+            with self.backbone.computing_in(self.compute_dtype):
+                prepared.method.score(torch.zeros_like(images))
+            return True
+        except Exception as err:  # noqa: BLE001 - the answer is "no"
+            log.error("the model fails on a blank frame too (%s): the fault is the worker's", describe(err))
+            return False
 
     def _launch_group(self, frames: list[_Frame], images: torch.Tensor) -> "_Group":
         prepared = self._prepared(self.profiles.for_stream(frames[0].meta.stream))
@@ -244,25 +308,41 @@ class ScoringWorker:
         for record, reason, meta in batch.dead:
             self._dead_letter(record, reason, producer, meta)
         scored = sum(len(group.frames) for group in batch.groups)
+        sent: list[tuple[_Frame, bytes]] = []
         for group in batch.groups:
-            self._publish(group, producer, batch.decode_s / max(scored, 1), batch.started_at)
+            sent += self._publish(group, producer, batch.decode_s / max(scored, 1), batch.started_at)
         for end in batch.ends:  # after the scores: a session's scores all precede its end
             producer.send(self.results_topic, encode(end), key=end.stream.encode())
-        producer.flush()  # raises BusError if the broker did not acknowledge: nothing is committed
+        try:
+            producer.flush()  # raises BusError if the broker did not acknowledge: nothing is committed
+        except RecordTooLarge:  # the broker's limit is below ours: find the scores it refused, one by one
+            self._resend_each(sent, producer)
         self.stats.batches += 1
         self.stats.decode_s += batch.decode_s
         now = time.monotonic()
         self.stats.busy_s += now - max(batch.started, self._busy_until)
         self._busy_until = now
 
+    def _resend_each(self, sent: list[tuple[_Frame, bytes]], producer) -> None:
+        for frame, data in sent:
+            try:
+                producer.send(self.results_topic, data, key=frame.meta.stream.encode())
+                producer.flush()
+            except RecordTooLarge as err:
+                self._dead_letter(frame.record, f"score message refused by the broker: {err}", producer, frame.meta)
+                producer.flush()
+
     def _dead_letter(self, record: Record, reason: str, producer, meta: FrameMeta | None = None) -> None:
         self.stats.dead += 1
         log.warning("frame %s:%s@%s -> dead letter: %s", record.topic, record.partition, record.offset, reason)
         letter = DeadLetter.from_record(record, reason, "worker", stream=meta.stream if meta else None,
                                         seq=meta.seq if meta else None)
-        producer.send(self.bus.topics.dead, encode(letter), key=record.key)
+        producer.send(self.bus.topics.dead, letter.encoded(self.bus.max_message_bytes),
+                      key=record.key[:1024] if record.key else None)
 
-    def _publish(self, group: "_Group", producer, decode_share_s: float, started_at: float) -> None:
+    def _publish(self, group: "_Group", producer, decode_share_s: float,
+                 started_at: float) -> list[tuple[_Frame, bytes]]:
+        """Send the group's scores; returns (frame, message bytes) of each score sent."""
         if group.ready is not None:
             group.ready.synchronize()
         model_s = group.clock.seconds()
@@ -274,6 +354,7 @@ class ScoringWorker:
         for rows, reduced in group.maps:
             for row, anomaly_map in zip(rows, reduced.numpy()):
                 maps[row] = anomaly_map
+        sent = []
         for frame, value, anomaly_map in zip(frames, scores, maps):
             meta = frame.meta
             if not math.isfinite(value):  # no sink could read it; say so instead
@@ -281,24 +362,55 @@ class ScoringWorker:
                 self._dead_letter(frame.record, f"the model gave a non-finite score ({value})", producer, meta)
                 continue
             anomalous = value >= prepared.threshold
-            message = ScoreMsg(
-                frame=meta, frame_ref=FrameRef(topic=frame.record.topic, partition=frame.record.partition,
-                                               offset=frame.record.offset),
-                image_score=value, threshold=prepared.threshold, anomalous=anomalous,
-                map=encode_map(anomaly_map), method=prepared.profile.method,
-                class_name=prepared.profile.class_name, anchor_key=prepared.anchor_key,
-                model=prepared.model, worker=self.worker_id,
-                latency=Latency(queue_ms=max(0.0, (group.picked - meta.sent_at) * 1000), decode_ms=decode_share_s * 1000,
-                                model_ms=model_s * 1000 / len(frames), batch_size=len(frames)),
-                frame_jpeg=frame.record.value if anomalous else None)
-            producer.send(self.results_topic, encode(message), key=meta.stream.encode())
+            try:
+                message = ScoreMsg(
+                    frame=meta, frame_ref=FrameRef(topic=frame.record.topic, partition=frame.record.partition,
+                                                   offset=frame.record.offset),
+                    image_score=value, threshold=prepared.threshold, anomalous=anomalous,
+                    map=encode_map(anomaly_map), method=prepared.profile.method,
+                    class_name=prepared.profile.class_name, anchor_key=prepared.anchor_key,
+                    model=prepared.model, worker=self.worker_id,
+                    latency=Latency(queue_ms=max(0.0, (group.picked - meta.sent_at) * 1000),
+                                    decode_ms=decode_share_s * 1000, model_ms=model_s * 1000 / len(frames),
+                                    batch_size=len(frames)),
+                    frame_jpeg=frame.record.value if anomalous else None)
+                data = self._fit(message)
+                producer.send(self.results_topic, data, key=meta.stream.encode())
+            except (BusError, StopRequested) as err:
+                if not isinstance(err, RecordTooLarge):
+                    raise  # the bus itself failed: nothing of the batch is committed
+                self._dead_letter(frame.record, f"score message too large: {err}", producer, meta)
+                continue
+            except Exception as err:  # noqa: BLE001 - one frame must not stop the worker
+                self._dead_letter(frame.record, f"cannot publish its score: {describe(err)}", producer, meta)
+                continue
+            sent.append((frame, data))
             self.stats.frames += 1
-            sent = self.stats.last_score_at = time.time()
-            self.stats.service_s.append(sent - started_at)
-            self.stats.end_to_end_s.append(sent - meta.sent_at)
+            now = self.stats.last_score_at = time.time()
+            self.stats.service_s.append(now - started_at)
+            self.stats.end_to_end_s.append(now - meta.sent_at)
             metrics.FRAMES_SCORED.inc()
             metrics.QUEUE_SECONDS.observe(max(0.0, group.picked - meta.sent_at))
-            metrics.END_TO_END_SECONDS.observe(max(0.0, sent - meta.ts))
+            metrics.END_TO_END_SECONDS.observe(max(0.0, now - meta.ts))
+        return sent
+
+    def _fit(self, message: ScoreMsg) -> bytes:
+        """The score's bytes, within the bus's message size: an anomalous frame too large to
+        travel whole is re-encoded smaller (``frame_jpeg_note="reduced"``) or left out
+        (``"dropped"``); RecordTooLarge if even that does not fit."""
+        data, key = encode(message), message.frame.stream.encode()
+        limit = self.bus.max_message_bytes
+        if record_size(data, key) <= limit or message.frame_jpeg is None:
+            return data
+        bare = encode(message.model_copy(update={"frame_jpeg": None, "frame_jpeg_note": "dropped"}))
+        room = (limit - record_size(bare, key) - 64) * 3 // 4  # base64 inflates the JPEG by 4/3
+        smaller = shrink_jpeg(message.frame_jpeg, room) if room > 0 else None
+        log.warning("frame %s seq %d: its score with the %d-byte frame exceeds the %d-byte message limit; "
+                    "sending it %s", message.frame.stream, message.frame.seq, len(message.frame_jpeg), limit,
+                    "with the frame re-encoded smaller" if smaller else "without the frame")
+        if smaller is None:
+            return bare
+        return encode(message.model_copy(update={"frame_jpeg": smaller, "frame_jpeg_note": "reduced"}))
 
 
 @dataclass
