@@ -121,6 +121,7 @@ def main() -> None:
         data, used = training_set(categories, shots, args.seed, size)
         exclude = {u["path"] for u in used}
         normal_shots = data.images[data.labels == 0]
+        train_cache = {}
         if "aprilgan" in args.runs:
             record({"method": "aprilgan", "shots": shots, "mode": "untrained (zero-shot)",
                     **both(create_method("aprilgan", backbone, **presets["aprilgan"][0].options), exclude)})
@@ -133,8 +134,10 @@ def main() -> None:
         for label, name, extra in [("aprilgan", "aprilgan", {})] * ("aprilgan" in args.runs) + trained_runs:
             preset, preset_file = presets[name]
             config = train_config(preset, seed=args.seed, epochs=args.epochs, views=args.views)
-            views = augment(data, config.views, torch.Generator().manual_seed(args.seed))
-            train_features = extract_features(backbone, views.images)
+            if config.views not in train_cache:  # every row with this many views trains on the same ones
+                views = augment(data, config.views, torch.Generator().manual_seed(args.seed))
+                train_cache[config.views] = views, extract_features(backbone, views.images)
+            views, train_features = train_cache[config.views]
             options = {**preset.options, **extra}
             method = create_method(name, backbone, **options)
             t0 = time.monotonic()
