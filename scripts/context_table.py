@@ -54,9 +54,9 @@ def subset_of(keys, labels, exclude: set[str], size: int, seed: int) -> list[int
     return sorted(rng.sample(normal, size // 2) + rng.sample(anomalous, size - size // 2))
 
 
-def evaluate_images(method, images, masks, labels, class_name, references=None, batch=4) -> dict:
+def evaluate_images(method, images, masks, labels, class_name, references=None, batch=4, anchors=None) -> dict:
     """Metrics of a method scored on raw images (WinCLIP's windows need the ViT per window)."""
-    method.prepare(class_name, references)
+    method.prepare(class_name, references, anchors=anchors)
     scores, maps = [], []
     for chunk in tqdm(images.split(batch), desc=f"{method.name} images", leave=False):
         result = method.score(chunk)
@@ -107,8 +107,10 @@ def main() -> None:
           f"subset {len(subset)}; features after {time.monotonic() - started:.0f} s")
 
     def both(method, exclude, references=None):
-        return {"rest": evaluate(method, features, keys, classes, masks, labels, exclude, size, references),
-                "subset": evaluate(method, features, keys, classes, masks, labels, not_subset, size, references)}
+        rest = evaluate(method, features, keys, classes, masks, labels, exclude, size, references)
+        anchors = {category.name: method.anchors}  # built once per row
+        return {"rest": rest,
+                "subset": evaluate(method, features, keys, classes, masks, labels, not_subset, size, references, anchors)}
 
     rows = []
 
@@ -154,10 +156,12 @@ def main() -> None:
                     **both(method, exclude)})
         if "winclip" in args.runs:
             sub_images, sub_masks, sub_labels = images[subset], masks[subset], labels[subset]
+            anchors = None
             for mode, references in (("zero-shot", None), ("few-shot (WinCLIP+)", normal_shots)):
                 t0 = time.monotonic()
-                row = evaluate_images(create_method("winclip", backbone), sub_images, sub_masks, sub_labels,
-                                      category.name, references)
+                winclip = create_method("winclip", backbone)
+                row = evaluate_images(winclip, sub_images, sub_masks, sub_labels, category.name, references, anchors=anchors)
+                anchors = winclip.anchors
                 record({"method": "winclip", "shots": shots, "mode": mode, "score_s": round(time.monotonic() - t0, 1),
                         "subset": row})
 
