@@ -5,8 +5,11 @@ Per shot count k (k normal + k anomalous training images, sampled as ``linewatch
 scored on the rest of the test split:
   aprilgan        untrained (zero-shot), few-shot memory (the k normal shots as references),
                   trained (the cpu preset)
-  core-clip       untrained, trained (the cpu preset); ablations trained the same way:
-                  global branch only (branches=[global]) and plain averaging (fusion=mean)
+  core-clip       untrained (row "core-clip untrained"), trained (the cpu preset); ablations
+                  trained the same way: global branch only (branches=[global]) and plain
+                  averaging (fusion=mean). The text stage does not see the branches or the
+                  fusion, so it is trained once and every variant trains its image stage on
+                  it (the same t0, t1 in every row; the image stage's batch order starts afresh)
   winclip         zero-shot and few-shot (WinCLIP+, the k normal shots) on a small subset of
                   the test split only: its window passes cost seconds per image on a CPU.
                   Every other row is reported on that subset too.
@@ -39,11 +42,12 @@ from linewatch.scoring.checkpoint import load_checkpoint, save_checkpoint
 from linewatch.scoring.methods import create_method
 from linewatch.scoring.metrics import image_metrics, pixel_metrics
 from linewatch.scoring.preset import backbone_config, header_entry, load_preset, train_config
+from linewatch.scoring import training
 from linewatch.scoring.training import augment, extract_features, fit
 
 VARIANTS = {"core-clip": {}, "core-clip global only": {"branches": ["global"]},
             "core-clip plain averaging": {"fusion": "mean"}}
-RUNS = ["aprilgan", *VARIANTS, "winclip"]
+RUNS = ["aprilgan", "core-clip untrained", *VARIANTS, "winclip"]
 
 
 def subset_of(keys, labels, exclude: set[str], size: int, seed: int) -> list[int]:
@@ -67,6 +71,34 @@ def evaluate_images(method, images, masks, labels, class_name, references=None, 
     return {k: row[k] for k in ("images", "image_auroc", "pixel_auroc", "aupro")}
 
 
+def train_text_stage(method, views, config, features, desc):
+    """CoRe-CLIP's text stage alone: (text adapter state, t0/t1 per class, history, seconds). It
+    does not depend on the image branches or the fusion, so every variant shares it."""
+    t0 = time.monotonic()
+    method.stages = ("text",)
+    bar = tqdm(total=config.total_epochs(method.stages), desc=desc, unit="epoch")
+    history = fit(method, views, config, features=features,
+                  progress=lambda stage, epoch, step, steps, losses: bar.update(step == steps - 1))
+    bar.close()
+    with torch.no_grad():
+        anchors = {c: method.class_anchors(c) for c in sorted(set(views.class_names))}
+    return ({k: v.clone() for k, v in method.text.state_dict().items()}, anchors, history,
+            time.monotonic() - t0)
+
+
+def memoised_view_features():
+    """``training.view_features`` computed once per training set and view: fit asks for them
+    on every run, and the core-clip rows train on the same images."""
+    original, cache = training.view_features, {}
+
+    def view_features(backbone, data, features, views):
+        missing = [v for v in views if (id(data), v) not in cache]
+        if missing:
+            cache.update({(id(data), v): f for v, f in original(backbone, data, features, tuple(missing)).items()})
+        return {v: cache[(id(data), v)] for v in views}
+    return view_features
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="the generated set (linewatch demo OUT --context-set)")
@@ -81,6 +113,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/context-table")
     parser.add_argument("--features-cache", default=None)
     args = parser.parse_args()
+    training.view_features = memoised_view_features()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -106,11 +139,18 @@ def main() -> None:
     print(f"backbone {backbone.identity} at {size} px, layers {backbone.layers}; {len(keys)} test images, "
           f"subset {len(subset)}; features after {time.monotonic() - started:.0f} s")
 
+    # Text anchors by key (backbone, sentences, trained text parts): hundreds of sentences through
+    # the text tower cost more than anything else here, and rows with the same text share them
+    # (aprilgan's three rows; the core-clip variants, which share one trained text stage).
+    anchor_cache = {}
+
     def both(method, exclude, references=None):
-        rest = evaluate(method, features, keys, classes, masks, labels, exclude, size, references)
-        anchors = {category.name: method.anchors}  # built once per row
-        return {"rest": rest,
-                "subset": evaluate(method, features, keys, classes, masks, labels, not_subset, size, references, anchors)}
+        key = method.anchor_key(category.name)
+        anchors = {category.name: anchor_cache[key]} if key in anchor_cache else None
+        rest = evaluate(method, features, keys, classes, masks, labels, exclude, size, references, anchors)
+        anchor_cache[key] = method.anchors
+        return {"rest": rest, "subset": evaluate(method, features, keys, classes, masks, labels, not_subset, size,
+                                                 references, {category.name: method.anchors})}
 
     rows = []
 
@@ -129,10 +169,11 @@ def main() -> None:
                     **both(create_method("aprilgan", backbone, **presets["aprilgan"][0].options), exclude)})
             record({"method": "aprilgan", "shots": shots, "mode": "few-shot memory",
                     **both(create_method("aprilgan", backbone, **presets["aprilgan"][0].options), exclude, normal_shots)})
-        if "core-clip" in args.runs:
+        if "core-clip untrained" in args.runs:
             record({"method": "core-clip", "shots": shots, "mode": "untrained",
                     **both(create_method("core-clip", backbone, **presets["core-clip"][0].options), exclude)})
         trained_runs = [(label, "core-clip", extra) for label, extra in VARIANTS.items() if label in args.runs]
+        shared_text = None  # the core-clip rows' text stage: trained once, loaded into each variant
         for label, name, extra in [("aprilgan", "aprilgan", {})] * ("aprilgan" in args.runs) + trained_runs:
             preset, preset_file = presets[name]
             config = train_config(preset, seed=args.seed, epochs=args.epochs, views=args.views)
@@ -143,15 +184,29 @@ def main() -> None:
             options = {**preset.options, **extra}
             method = create_method(name, backbone, **options)
             t0 = time.monotonic()
+            text_history = []
+            if name == "core-clip":
+                if shared_text is None:
+                    shared_text = train_text_stage(create_method(name, backbone, **preset.options), views, config,
+                                                   train_features, f"text stage k={shots}")
+                state, stage_anchors, text_history, text_s = shared_text
+                method.text.load_state_dict(state)
+                method.stages = ("image",)
+                # the image stage's frozen t0, t1 are the shared text stage's: computed once
+                method.class_anchors = lambda c, sample=None, m=method: (stage_anchors[c] if sample is None
+                                                                           else type(m).class_anchors(m, c, sample))
             bar = tqdm(total=config.total_epochs(method.stages), desc=f"{label} k={shots}", unit="epoch")
-            history = fit(method, views, config, features=train_features,
-                          progress=lambda stage, epoch, step, steps, losses: bar.update(step == steps - 1))
+            history = text_history + fit(method, views, config, features=train_features,
+                                         progress=lambda stage, epoch, step, steps, losses: bar.update(step == steps - 1))
             bar.close()
+            if name == "core-clip":
+                del method.class_anchors, method.stages  # back to the class's own
             path = out / f"{label.replace(' ', '-')}-k{shots}.safetensors"
             save_checkpoint(path, method, options, preset=header_entry(preset, preset_file),
                             training={"shots": shots, "data": args.data, "test_images_used": used, **asdict(config)})
             method = load_checkpoint(path, backbone)
-            record({"method": label, "shots": shots, "mode": "trained", "train_s": round(time.monotonic() - t0, 1),
+            record({"method": label, "shots": shots, "mode": "trained",
+                    "train_s": round(time.monotonic() - t0 + (text_s if name == "core-clip" else 0), 1),
                     "final_loss": {k: round(v, 4) for k, v in history[-1].items() if k not in ("stage", "epoch", "lr")},
                     **both(method, exclude)})
         if "winclip" in args.runs:
