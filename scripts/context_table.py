@@ -27,7 +27,7 @@ import argparse
 import json
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--views", type=int, default=None, help="default: the preset's")
     parser.add_argument("--epochs", type=int, default=None, help="every stage's epochs (default: the preset's)")
+    parser.add_argument("--stage-epochs", nargs="+", default=[], metavar="STAGE=N",
+                        help="one stage's epochs, e.g. image=15 (core-clip's image stage; other methods' stages keep theirs)")
     parser.add_argument("--subset", type=int, default=24, help="test images WinCLIP is scored on (and every row again)")
     parser.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS,
                         help="which rows (default all; a table can be made in parts, each with its own OUT)")
@@ -114,6 +116,12 @@ def main() -> None:
     parser.add_argument("--features-cache", default=None)
     args = parser.parse_args()
     training.view_features = memoised_view_features()
+    stage_epochs = {}
+    for item in args.stage_epochs:
+        stage, _, n = item.partition("=")
+        if not n.isdigit() or int(n) < 1:
+            parser.error(f"--stage-epochs takes STAGE=N with N >= 1, got {item!r}")
+        stage_epochs[stage] = int(n)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -177,6 +185,8 @@ def main() -> None:
         for label, name, extra in [("aprilgan", "aprilgan", {})] * ("aprilgan" in args.runs) + trained_runs:
             preset, preset_file = presets[name]
             config = train_config(preset, seed=args.seed, epochs=args.epochs, views=args.views)
+            config = replace(config, stages={stage: replace(s, epochs=stage_epochs.get(stage, s.epochs))
+                                             for stage, s in config.stages.items()})
             if config.views not in train_cache:  # every row with this many views trains on the same ones
                 views = augment(data, config.views, torch.Generator().manual_seed(args.seed))
                 train_cache[config.views] = views, extract_features(backbone, views.images)
