@@ -30,19 +30,18 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from fewshot_table import cached_features, evaluate, test_set
 from tqdm import tqdm
 
 from linewatch.offline.datasets import find_categories
 from linewatch.offline.fewshot import sample_category, training_set
+from linewatch.scoring import training
 from linewatch.scoring.backbone import Backbone
 from linewatch.scoring.checkpoint import load_checkpoint, save_checkpoint
 from linewatch.scoring.methods import create_method
 from linewatch.scoring.metrics import image_metrics, pixel_metrics
 from linewatch.scoring.preset import backbone_config, header_entry, load_preset, train_config
-from linewatch.scoring import training
 from linewatch.scoring.training import augment, extract_features, fit
 
 VARIANTS = {"core-clip": {}, "core-clip global only": {"branches": ["global"]},
@@ -203,11 +202,11 @@ def main() -> None:
                 method.text.load_state_dict(state)
                 method.stages = ("image",)
                 # the image stage's frozen t0, t1 are the shared text stage's: computed once
-                method.class_anchors = lambda c, sample=None, m=method: (stage_anchors[c] if sample is None
-                                                                           else type(m).class_anchors(m, c, sample))
+                method.class_anchors = lambda c, sample=None, m=method, t=stage_anchors: (
+                    t[c] if sample is None else type(m).class_anchors(m, c, sample))
             bar = tqdm(total=config.total_epochs(method.stages), desc=f"{label} k={shots}", unit="epoch")
             history = text_history + fit(method, views, config, features=train_features,
-                                         progress=lambda stage, epoch, step, steps, losses: bar.update(step == steps - 1))
+                                         progress=lambda stage, epoch, step, steps, losses, bar=bar: bar.update(step == steps - 1))
             bar.close()
             if name == "core-clip":
                 del method.class_anchors, method.stages  # back to the class's own
