@@ -67,15 +67,17 @@ def add_parser(commands) -> None:
 def config_from_args(args: argparse.Namespace):
     from ..bench.run import BenchConfig
     from ..scoring.backbone import BackboneConfig
-    from ..scoring.methods import check_options
+    from ..scoring.methods import METHODS, check_options
     from ..scoring.precision import resolve_device, resolve_precision
 
     given = a.given_backbone(args)
     device = resolve_device(given.pop("device", None))
     if not args.methods:
         raise ValueError("--methods: name at least one method")
+    backbone = BackboneConfig(**given)
     for name in args.methods:
         check_options(name, {})
+        METHODS[name].check_backbone(backbone)
     for precision in args.precisions or []:
         if precision == "auto":
             raise ValueError("--precisions: name them (fp32, bf16, fp16); the sweep is what picks one")
@@ -86,7 +88,7 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError("--bootstrap-servers and --no-kafka contradict each other")
     a.check_output_path(args.json_out)
     kafka = None if args.no_kafka or args.no_pipelines else (args.bootstrap_servers or "auto")
-    return BenchConfig(backbone=BackboneConfig(**given), device=device, methods=args.methods,
+    return BenchConfig(backbone=backbone, device=device, methods=args.methods,
                        class_name=args.class_name, prompts=args.prompts, frames=args.frames,
                        naive_frames=args.naive_frames, sweep_frames=args.sweep_frames,
                        sweep_seconds=args.sweep_seconds, repeats=args.repeats,

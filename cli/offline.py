@@ -31,7 +31,7 @@ def add_parsers(commands) -> None:
                                          "preset's weights, image size and layers for that architecture's defaults "
                                          "(see `linewatch methods --presets`).")
     tr.add_argument("--method", default=None,
-                    help="aprilgan, aa-clip, madclip or core-clip (may be left out when --preset is a file naming it)")
+                    help="a trainable method: aprilgan, aa-clip, madclip, kanoclip or core-clip (may be left out when --preset is a file naming it)")
     tr.add_argument("--preset", default=None, metavar="paper|cpu|FILE",
                     help="settings: 'cpu' (default: ViT-B-16 at 224 px, a schedule that trains in minutes on a CPU), "
                          "'paper' (the paper's backbone, image size, layers, schedule and choices; needs its "

@@ -142,11 +142,17 @@ def format_table(report: dict) -> str:
     lines += ["-" * len(header), line("mean", "", report["mean"])]
     weights = report["backbone"]["identity"]
     note = "  (random weights: only few-shot memory figures mean anything)" if "random-seed" in weights else ""
-    options = "".join(f", {k}={v}" for k, v in report["options"].items())
+    options = "".join(f", {k}={_shown(v)}" for k, v in report["options"].items())
     if report.get("checkpoint"):
         options += f", checkpoint {report['checkpoint']['identity']} (trained on {report['checkpoint']['trained_on']})"
     return "\n".join([f"method {report['method']}{options}, {report['shots']}-shot, {weights}, "
                       f"{report['backbone']['image_size']} px{note}", *lines])
+
+
+def _shown(value) -> str:
+    """An option as the table's header line shows it: content carried whole (KAnoCLIP's
+    knowledge pack in a checkpoint) by its digest."""
+    return f"digest:{value['digest']}" if isinstance(value, dict) and "digest" in value else str(value)
 
 
 def _json_safe(value):

@@ -42,6 +42,7 @@ def save_checkpoint(path: str | Path, method: AnomalyMethod, options: dict, trai
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in method.trained_state().items()}
+    options = method.checkpoint_options(options)
     header = {"format": FORMAT, "method": method.name, "method_version": method.version, "options": options,
               "backbone": backbone_header(method.backbone), "prompts": method.prompt_pack.model_dump(),
               "preset": preset, "training": training, "identity": state_digest(state)}

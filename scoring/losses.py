@@ -1,5 +1,5 @@
 """The training losses the seed papers share: focal and dice on anomaly maps, MadCLIP's
-per-patch SigLIP on image-text scores. Maps are probabilities in [0, 1]; masks are {0, 1} floats, same shape."""
+per-patch SigLIP on image-text scores, KAnoCLIP's knowledge loss on text embeddings. Maps are probabilities in [0, 1]; masks are {0, 1} floats, same shape."""
 
 from __future__ import annotations
 
@@ -35,3 +35,11 @@ def siglip_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     y = 2 * labels.to(scores.dtype) - 1
     sign = torch.stack([-y, y], dim=-1)[:, None, :]  # [B, 1, 2]
     return -F.logsigmoid(sign * scores).mean(1).sum(-1).mean()
+
+
+def knowledge_loss(knowledge: torch.Tensor, normal: torch.Tensor, abnormal: torch.Tensor) -> torch.Tensor:
+    """KAnoCLIP's L_KD (eq. 2): ``max(0, d(k, a) - d(k, n))`` with d the Euclidean distance
+    between L2-normalised embeddings [..., D]: the knowledge k must lie nearer the learned
+    abnormal prompt a than the learned normal one n. Zero once it does; averaged over rows."""
+    k, n, a = (F.normalize(x.float(), dim=-1) for x in (knowledge, normal, abnormal))
+    return F.relu((k - a).norm(dim=-1) - (k - n).norm(dim=-1)).mean()

@@ -58,6 +58,7 @@ class TrainBatch:
     labels: torch.Tensor  # [B] long
     class_names: list[str]
     size: tuple[int, int]
+    index: torch.Tensor | None = None  # the batch's rows of the training set (what begin_training saw)
     # features of the masked views a method trains on (``training_views``), by view name; an
     # image without a subject mask has its own features there
     views: dict[str, VisualFeatures] = field(default_factory=dict)
@@ -229,6 +230,7 @@ def fit(method, data: TrainingSet, config: TrainConfig = TrainConfig(), features
     masks, labels = data.masks.to(device, torch.float32), data.labels.to(device).long()
     size = tuple(data.images.shape[-2:])
     history = []
+    method.begin_training(data)
     for stage in method.stages:
         method.begin_stage(stage, sorted(set(data.class_names)))
         parameters = method.stage_parameters(stage)
@@ -243,7 +245,7 @@ def fit(method, data: TrainingSet, config: TrainConfig = TrainConfig(), features
             for step, index in enumerate(order.split(schedule.batch_size)):
                 index = index.to(device)
                 batch = TrainBatch(features.select(index), masks[index], labels[index],
-                                   [data.class_names[i] for i in index.tolist()], size,
+                                   [data.class_names[i] for i in index.tolist()], size, index,
                                    {view: f.select(index) for view, f in views.items()})
                 losses = method.stage_loss(stage, batch)
                 optimizer.zero_grad(set_to_none=True)

@@ -1,5 +1,5 @@
 """The few-shot table: each trainable method, untrained vs trained on k shots, on the rest
-of the dataset, plus the cross-dataset figures (trained on DATA, tested on CROSS).
+of the dataset, plus the cross-dataset figures (trained on DATA, tested on each CROSS).
 
 The same code paths as `linewatch train --preset P` / `linewatch eval --checkpoint` (preset,
 sampling, augmentation, training, checkpoints, scoring, metrics), but the frozen backbone runs
@@ -9,6 +9,9 @@ in OUT.
 
     python scripts/fewshot_table.py --data ../shared/datasets/mpdd_metal_plate \
         --methods aa-clip madclip --shots 4 8 --preset cpu --out runs/fewshot
+
+``--option KEY=VALUE`` (repeatable) sets a method option on top of the preset's, e.g. an
+ablation switch (``--option bicmci=false``); the row records the options used.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from linewatch.cli.args import option
 from linewatch.offline.datasets import find_categories, load_mask
 from linewatch.offline.fewshot import training_set
 from linewatch.scoring.backbone import Backbone
@@ -99,7 +103,9 @@ def evaluate(method, features, keys, classes, masks, labels, exclude: set[str], 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--cross", default=None)
+    parser.add_argument("--cross", nargs="+", default=[], help="datasets to test the checkpoints on as they are")
+    parser.add_argument("--cross-only", action="store_true",
+                        help="test on --cross only, not on the rest of --data (skips its test-set backbone pass)")
     parser.add_argument("--methods", nargs="+", default=["aprilgan", "aa-clip", "madclip"])
     parser.add_argument("--shots", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--preset", default="cpu", help="each method's preset (a bundled name), as linewatch train")
@@ -109,6 +115,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="every stage's epochs (default: the preset's)")
     parser.add_argument("--lr", type=float, default=None, help="every stage's rate (default: the preset's)")
     parser.add_argument("--views", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--option", dest="options", type=option, action="append", default=[], metavar="KEY=VALUE",
+                        help="method option on top of the preset's, repeatable")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,55 +133,64 @@ def main() -> None:
         if backbone_spec not in backbones:
             backbone = Backbone.build(backbone_spec)
             size = backbone.image_size
-            test = test_set(args.data, size)
-            test_features = cached_features(backbone, test[2], args.data, cache, "test features")
-            cross = cross_features = None
-            if args.cross:
-                cross = test_set(args.cross, size)
-                cross_features = cached_features(backbone, cross[2], args.cross, cache, "cross features")
-            backbones[backbone_spec] = backbone, test, test_features, cross, cross_features
+            test = test_features = None
+            if not args.cross_only:
+                test = test_set(args.data, size)
+                test_features = cached_features(backbone, test[2], args.data, cache, "test features")
+            crosses = {}
+            for root in args.cross:
+                cross = test_set(root, size)
+                crosses[Path(root).name] = cross, cached_features(backbone, cross[2], root, cache, "cross features")
+            backbones[backbone_spec] = backbone, test, test_features, crosses
             print(f"backbone {backbone.identity} at {size} px, layers {backbone.layers}, "
                   f"V-V {backbone_spec.vv_attention}; "
                   f"features after {time.monotonic() - started:.0f} s")
-        backbone, test, test_features, cross, cross_features = backbones[backbone_spec]
+        backbone, test, test_features, crosses = backbones[backbone_spec]
         size = backbone.image_size
-        print(f"{name}: preset {preset.name} ({preset.digest}); train {config}")
+        options = {**preset.options, **dict(args.options)}
+        print(f"{name}: preset {preset.name} ({preset.digest}), options {options}; train {config}")
         for shots in args.shots:
             data, used = training_set(categories, shots, args.seed, size)
             views = augment(data, config.views, torch.Generator().manual_seed(args.seed))
             train_features = extract_features(backbone, views.images)
-            method = create_method(name, backbone, **preset.options)
-            untrained = evaluate(method, test_features, *test[:2], *test[3:], {u['path'] for u in used}, size)
+            method = create_method(name, backbone, **options)
+            exclude = {u['path'] for u in used}
+            untrained = evaluate(method, test_features, *test[:2], *test[3:], exclude, size) if test else None
             t0 = time.monotonic()
             bar = tqdm(total=config.total_epochs(method.stages), desc=f"{name} k={shots}", unit="epoch")
-            fit(method, views, config, features=train_features,
-                progress=lambda stage, epoch, step, steps, losses: bar.update(step == steps - 1))
+            history = fit(method, views, config, features=train_features,
+                          progress=lambda stage, epoch, step, steps, losses: bar.update(step == steps - 1))
             bar.close()
             path = out / f"{name}-k{shots}.safetensors"
-            save_checkpoint(path, method, dict(preset.options), preset=header_entry(preset, preset_file),
+            save_checkpoint(path, method, options, preset=header_entry(preset, preset_file),
                             training={"shots": shots, "data": args.data, "test_images_used": used, **asdict(config)})
             method = load_checkpoint(path, backbone)  # score what was saved, as eval --checkpoint does
-            trained = evaluate(method, test_features, *test[:2], *test[3:], {u['path'] for u in used}, size)
-            row = {"method": name, "shots": shots, "preset": preset.name, "backbone": backbone.identity,
-                   "vv_attention": backbone_spec.vv_attention, "train_s": round(time.monotonic() - t0, 1),
-                   "untrained": untrained, "trained": trained}
-            if cross:
-                row["cross_untrained"] = evaluate(create_method(name, backbone, **preset.options), cross_features,
-                                                  *cross[:2], *cross[3:], set(), size)
-                row["cross_trained"] = evaluate(method, cross_features, *cross[:2], *cross[3:], set(), size)
+            trained = evaluate(method, test_features, *test[:2], *test[3:], exclude, size) if test else None
+            row = {"method": name, "shots": shots, "preset": preset.name, "options": dict(args.options),
+                   "backbone": backbone.identity, "vv_attention": backbone_spec.vv_attention,
+                   "train_s": round(time.monotonic() - t0, 1), "final_loss": history[-1],
+                   "max_loss": {k: max(h[k] for h in history) for k in history[-1] if k not in ("stage", "epoch", "lr")},
+                   "untrained": untrained, "trained": trained, "cross": {}}
+            for cross_name, (cross, cross_features) in crosses.items():
+                row["cross"][cross_name] = {
+                    "untrained": evaluate(create_method(name, backbone, **options), cross_features, *cross[:2],
+                                          *cross[3:], set(), size),
+                    "trained": evaluate(method, cross_features, *cross[:2], *cross[3:], set(), size)}
             rows.append(row)
             print(json.dumps(row))
             (out / "table.json").write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2))
 
     def fmt(r):
+        if r is None:
+            return f"{'-':>20}"
         return f"{100 * r['image_auroc']:6.1f} {100 * r['pixel_auroc']:6.1f} {100 * r['aupro']:6.1f}"
     print(f"\npreset {args.preset}; I-AUROC P-AUROC AUPRO on the rest of {args.data}")
-    print(f"{'method':<10}{'k':>3}  {'untrained':>20}  {'trained':>20}" + ("  {:>20}  {:>20}".format("cross untrained", "cross trained") if cross else ""))
+    names = [Path(root).name for root in args.cross]
+    print(f"{'method':<10}{'k':>3}  {'untrained':>20}  {'trained':>20}"
+          + "".join(f"  {name + ' untrained':>20}  {name + ' trained':>20}" for name in names))
     for r in rows:
-        line = f"{r['method']:<10}{r['shots']:>3}  {fmt(r['untrained'])}  {fmt(r['trained'])}"
-        if cross:
-            line += f"  {fmt(r['cross_untrained'])}  {fmt(r['cross_trained'])}"
-        print(line)
+        print(f"{r['method']:<10}{r['shots']:>3}  {fmt(r['untrained'])}  {fmt(r['trained'])}"
+              + "".join(f"  {fmt(r['cross'][n]['untrained'])}  {fmt(r['cross'][n]['trained'])}" for n in names))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 # failing part never costs the others. Weights: random (speed is real, scores mean nothing)
 # unless LINEWATCH_WEIGHTS names a weights file. Needs linewatch importable (pip install -e .).
 #
-#   bash scripts/gpu_bench.sh OUT_DIR [PART ...]     PART: env aprilgan winclip compiled (default: all)
+#   bash scripts/gpu_bench.sh OUT_DIR [PART ...]     PART: env aprilgan winclip compiled kanoclip
+#                                                    (default: env aprilgan winclip compiled)
 #
 # OUT_DIR gets env.txt (GPU, driver, library versions), weights.txt (any CLIP weights found in
 # the usual caches) and per run NAME.json (the report), NAME.txt (the table) and NAME.err (log).
@@ -66,6 +67,9 @@ bench aprilgan 240 --methods aprilgan --frames 512 --naive-frames 8 --sweep-fram
 # 2. WinCLIP: ~14x APRIL-GAN's tokens per frame (its window passes), so fewer frames.
 bench winclip 150 --methods winclip --frames 64 --naive-frames 4 --sweep-frames 32 --sweep-seconds 2 \
     --batch-sizes 8,16 --precisions bf16,fp32 --repeats 2 --no-kafka
+# 4. (asked by name) KAnoCLIP beside APRIL-GAN in one run, both on the V-V backbone KAnoCLIP needs.
+bench kanoclip 300 --methods kanoclip,aprilgan --vv-attention --frames 512 --naive-frames 8 --sweep-frames 128 \
+    --sweep-seconds 2 --batch-sizes 8,16,32,64 --precisions bf16,fp32 --repeats 3
 # 3. torch.compile'd blocks against eager at one batch size (compiling takes a while: last).
 bench compiled 180 --methods aprilgan --frames 256 --naive-frames 2 --sweep-frames 128 --sweep-seconds 2 \
     --batch-sizes 64 --precisions bf16 --compile --no-pipelines --repeats 1

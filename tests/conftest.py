@@ -70,6 +70,17 @@ def tiny_seed1() -> Backbone:
 
 
 @pytest.fixture(scope="session")
+def tiny_vv() -> Backbone:
+    """The tiny backbone (seed 0) with the V-V attention path (CLIP-VV), as KAnoCLIP requires."""
+    return Backbone.build(BackboneConfig(arch=TINY_ARCH, vv_attention=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_vv_seed1() -> Backbone:
+    return Backbone.build(BackboneConfig(arch=TINY_ARCH, vv_attention=True, seed=1))
+
+
+@pytest.fixture(scope="session")
 def make_images():
     """Deterministic uniform images in [0, 1]: make_images(n, height=64, width=None, seed=0)."""
 

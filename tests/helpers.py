@@ -229,3 +229,21 @@ def make_category(root: Path, name: str, seed: int, masks: bool = True) -> Path:
         if masks:
             cv2.imwrite(str(cat / "ground_truth/scratch" / f"{i:03d}_mask.png"), mask)
     return cat
+
+
+def defect_training_set(class_name: str):
+    """A ``TrainingSet`` of 4 normal and 4 defective 64 px images of ``class_name``: flat grey
+    texture; defect = a bright noisy 16 px square (seeded: the same in every test)."""
+    import torch
+
+    from linewatch.scoring.training import TrainingSet
+
+    rng = np.random.default_rng(7)
+    images = (0.45 + 0.03 * rng.standard_normal((8, 3, 64, 64))).astype(np.float32)
+    masks = np.zeros((8, 64, 64), bool)
+    for i in range(4, 8):
+        top, left = rng.integers(4, 44, 2)
+        images[i, :, top:top + 16, left:left + 16] = rng.uniform(0.8, 1.0, (3, 16, 16))
+        masks[i, top:top + 16, left:left + 16] = True
+    return TrainingSet(torch.from_numpy(images.clip(0, 1)), torch.from_numpy(masks),
+                       torch.tensor([0] * 4 + [1] * 4), [class_name] * 8)

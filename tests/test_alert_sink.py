@@ -221,7 +221,7 @@ def test_a_webhook_that_never_answers_holds_up_no_other_output_and_no_stream(tmp
     running = Running(bus, [*outputs(bus, path), slow])
     expected = [(f"{s}:{start}", status) for s in stream_scores for start in (2, 11) for status in ("open", "closed")]
     wait_for(lambda: committed(bus) == sent and sorted(jsonl(path)) == sorted(expected)
-             and sorted(on_topic(bus)) == sorted(expected))
+             and sorted(on_topic(bus)) == sorted(expected) and hook.bodies)  # the webhook's first request arrived
     first = decode(hook.bodies[0], AlertMsg)
     assert {(decode(body, AlertMsg).event_id, decode(body, AlertMsg).status) for body in hook.bodies} == {
         (first.event_id, "open")}  # still retrying (here: waiting on) its first alert

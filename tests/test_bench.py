@@ -217,6 +217,7 @@ def test_precision_setting_reaches_the_worker(tiny, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["bench", "--methods", "nope"], "unknown method 'nope'"),
+    (["bench", "--methods", "kanoclip", "--no-kafka"], "kanoclip needs the backbone's V-V attention path"),
     (["bench", "--frames", "4", "--naive-frames", "8"], "--naive-frames 8 exceeds --frames 4"),
     (["bench", "--precisions", "fp16"], "fp16 needs a CUDA device"),
     (["bench", "--precisions", "auto"], "the sweep is what picks one"),

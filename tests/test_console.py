@@ -61,6 +61,8 @@ def event_stream(bus, bits: str, stream: str = "drone-1", session: str = "s1", a
             producer.send(bus.topics.alerts, encode(alert), key=stream.encode())
     for alert in tracker.end(SessionEnd(stream=stream, session=session, frames=len(bits), ts=5000.0)):
         producer.send(bus.topics.alerts, encode(alert), key=stream.encode())
+    producer.flush()  # on Kafka: every record acknowledged before the caller looks for it
+    producer.close()
 
 
 @pytest.fixture
@@ -267,12 +269,10 @@ def test_the_console_reads_kafka_outside_any_group(kafka_servers, tmp_path):
     bus = connect(f"kafka://{kafka_servers}", prefix, 2)
     bus.ensure_topics([f"{prefix}.replay.winclip-1"])
     event_stream(bus, "00111000")
-    bus.producer().flush()
     settings = load_settings(None, {"archive": str(tmp_path), "console": {"port": 0}, "topic_prefix": prefix})
     server = serve(settings, bus, lambda stream: AlertPolicy(k=2, n=3))
     try:
         event_stream(bus, "0000", stream="drone-2")
-        bus.producer().flush()
         wait_for(lambda: [e["status"] for e in server.console.store.events()] == ["closed"], 60, "the alert")
         wait_for(lambda: {s["name"]: len(s["points"]) for s in server.console.live.update(0)["streams"]}
                  == {"drone-1": 8, "drone-2": 4}, 60, "both streams' scores")

@@ -160,7 +160,7 @@ def test_training_sees_the_views_and_scoring_needs_no_masks(tiny, subject_set):
     batch = TrainBatch(features, subject_set.masks.float(), subject_set.labels, subject_set.class_names, (64, 64))
     without = method.stage_loss("image", batch)
     with_views = method.stage_loss("image", TrainBatch(features, batch.masks, batch.labels, batch.class_names,
-                                                       batch.size, views))
+                                                       batch.size, views=views))
     assert abs(float(without["view"])) < 1e-6 and float(with_views["view"]) > 0.01
     assert not torch.isclose(without["loss"], with_views["loss"])
     method.end_training()

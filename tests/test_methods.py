@@ -24,6 +24,39 @@ def name(request):
     return request.param
 
 
+def _needs_vv(request) -> bool:
+    name = getattr(getattr(request.node, "callspec", None), "params", {}).get("name")
+    return name is not None and METHODS[name].needs_vv_attention
+
+
+# Each parametrised method runs on the tiny backbone it accepts: the same random weights, with
+# the V-V path for a method whose form includes it (KAnoCLIP's CLIP-VV refuses a backbone without).
+@pytest.fixture
+def tiny(request, tiny, tiny_vv):
+    return tiny_vv if _needs_vv(request) else tiny
+
+
+@pytest.fixture
+def tiny_seed1(request, tiny_seed1, tiny_vv_seed1):
+    return tiny_vv_seed1 if _needs_vv(request) else tiny_seed1
+
+
+_ANCHORS: dict = {}
+
+
+@pytest.fixture
+def anchor_cache(tiny):
+    """anchor_cache(method_name, class_name): anchors built once per backbone (default pack)."""
+
+    def get(method: str, class_name: str):
+        key = (method, class_name, tiny.config)
+        if key not in _ANCHORS:
+            _ANCHORS[key] = create_method(method, tiny).build_anchors(class_name)
+        return _ANCHORS[key]
+
+    return get
+
+
 def _prepared(name, tiny, anchor_cache, references=None):
     return create_method(name, tiny).prepare(CLASS, references, anchors=anchor_cache(name, CLASS))
 
@@ -36,7 +69,7 @@ def _assert_same(a: AnomalyScores, b: AnomalyScores, atol: float = 0.0):
 # ---- registry and life cycle -------------------------------------------------------------
 
 def test_registry_names_every_method_by_its_own_name():
-    assert {"winclip", "aprilgan", "aa-clip", "madclip"} <= set(METHODS)
+    assert {"winclip", "aprilgan", "aa-clip", "madclip", "kanoclip"} <= set(METHODS)
     assert all(cls.name == key for key, cls in METHODS.items())
 
 
@@ -59,7 +92,7 @@ def test_shapes_and_finite(name, tiny, anchor_cache, make_images, few_shot):
 
 
 def test_other_image_size(name, make_images):
-    backbone = Backbone.build(BackboneConfig(arch=TINY_ARCH, image_size=96))
+    backbone = Backbone.build(BackboneConfig(arch=TINY_ARCH, image_size=96, vv_attention=METHODS[name].needs_vv_attention))
     method = create_method(name, backbone).prepare("screw", make_images(1, 96, seed=22))
     scores = method.score(make_images(2, 96, seed=23))
     assert scores.image_score.shape == (2,)

@@ -39,7 +39,7 @@ from linewatch.scoring.training import (
     fit,
 )
 
-from helpers import make_category
+from helpers import defect_training_set, make_category
 
 TRAINABLE = ["aprilgan", "aa-clip", "madclip", "core-clip"]
 CLASS = "widget"
@@ -57,16 +57,8 @@ def name(request):
 
 @pytest.fixture(scope="module")
 def defect_set() -> TrainingSet:
-    """4 normal and 4 defective 64 px images: flat grey texture; defect = a bright noisy 16 px square."""
-    rng = np.random.default_rng(7)
-    images = (0.45 + 0.03 * rng.standard_normal((8, 3, 64, 64))).astype(np.float32)
-    masks = np.zeros((8, 64, 64), bool)
-    for i in range(4, 8):
-        top, left = rng.integers(4, 44, 2)
-        images[i, :, top:top + 16, left:left + 16] = rng.uniform(0.8, 1.0, (3, 16, 16))
-        masks[i, top:top + 16, left:left + 16] = True
-    return TrainingSet(torch.from_numpy(images.clip(0, 1)), torch.from_numpy(masks),
-                       torch.tensor([0] * 4 + [1] * 4), [CLASS] * 8)
+    """4 normal and 4 defective 64 px images (``helpers.defect_training_set``)."""
+    return defect_training_set(CLASS)
 
 
 @pytest.fixture(scope="module")
@@ -396,6 +388,7 @@ def test_train_with_the_paper_preset_records_it(tmp_path, capsys):
 @pytest.mark.parametrize("name, expected", [
     ("madclip", {"views": 11, "betas": [0.5, 0.999], "adapters": {"epochs": 2, "batch_size": 16, "lr": 1e-3}}),
     ("aprilgan", {"views": 1, "betas": [0.5, 0.999], "projections": {"epochs": 2, "batch_size": 64, "lr": 1e-3}}),
+    ("kanoclip", {"views": 1, "betas": [0.5, 0.999], "joint": {"epochs": 2, "batch_size": 8, "lr": 1e-3}}),
 ])
 def test_the_other_paper_presets_run_here(name, expected, tmp_path):
     data = make_category(tmp_path, "widget", seed=15)
@@ -428,7 +421,7 @@ def test_train_with_a_preset_file_that_names_its_method(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "winclip"], "winclip has nothing to train; trainable methods: aa-clip, aprilgan, core-clip, madclip"),
+    (["--method", "winclip"], "winclip has nothing to train; trainable methods: aa-clip, aprilgan, core-clip, kanoclip, madclip"),
     (["--shots", "5"], "widget: 5 normal shots asked but train/good has 4 images"),
     (["--out", "{tmp}/x.pt"], "checkpoints are safetensors files"),
     (["--method", "nope"], "unknown method 'nope'"),

@@ -43,6 +43,9 @@ class AnomalyMethod(nn.Module):
     version: ClassVar[int] = 1
     version_note: ClassVar[str] = ""
     checkpoint: dict | None = None  # the header of the checkpoint this method was loaded from
+    # The backbone's V-V attention path (CLIP-VV) is part of the method's form (KAnoCLIP):
+    # a backbone without it is refused at construction, with the flag that adds it.
+    needs_vv_attention: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, prompts: PromptPack | None = None, text_weight: float = 0.5,
                  memory_bank: bool = True):
@@ -51,6 +54,7 @@ class AnomalyMethod(nn.Module):
             raise ValueError(f"text_weight must be within [0, 1], got {text_weight!r}")
         if not isinstance(memory_bank, bool):
             raise ValueError(f"memory_bank must be true or false, got {memory_bank!r}")
+        self.check_backbone(backbone.config)
         self.text_weight = text_weight
         self.memory_bank = memory_bank  # False: references are refused (MadCLIP and AA-CLIP use no memory bank)
         self.backbone = backbone
@@ -58,6 +62,14 @@ class AnomalyMethod(nn.Module):
         self.class_name: str | None = None
         self.anchors: TextAnchors | None = None
         self.memory: list[torch.Tensor] | None = None
+
+    @classmethod
+    def check_backbone(cls, config) -> None:
+        """Refuse a backbone configuration (``BackboneConfig``) this method's form cannot run on,
+        before anything is built."""
+        if cls.needs_vv_attention and not config.vv_attention:
+            raise ValueError(f"{cls.name} needs the backbone's V-V attention path (CLIP-VV): build it with "
+                             "--vv-attention (vv_attention: true; both of its presets have it)")
 
     # ---- text side ------------------------------------------------------------------
     def text_identity(self) -> str:
@@ -134,6 +146,11 @@ class AnomalyMethod(nn.Module):
     training_views: tuple[str, ...] = ()
     stage_lr: ClassVar[dict[str, float]] = {}  # the papers' learning rates per stage (default 1e-3)
 
+    def begin_training(self, data) -> None:
+        """Before the first stage, with the whole (augmented) ``scoring.training.TrainingSet``:
+        per-image data a method derives from pixels and masks (KAnoCLIP describes each anomaly),
+        read per batch through ``TrainBatch.index``."""
+
     def begin_stage(self, stage: str, class_names: list[str]) -> None:
         """Set up before a stage's first step (e.g. freeze the previous stage's anchors)."""
 
@@ -147,6 +164,11 @@ class AnomalyMethod(nn.Module):
     def end_training(self) -> None:
         """Drop whatever training cached (anchors prepared before training are stale now)."""
         self.anchors, self.class_name = None, None
+
+    def checkpoint_options(self, options: dict) -> dict:
+        """The options a checkpoint records to rebuild this method on any machine (a method
+        replaces an option naming a local file by that file's content)."""
+        return options
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """Every tensor outside the frozen backbone: what a checkpoint stores."""
