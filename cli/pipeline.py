@@ -177,11 +177,19 @@ def add_parsers(commands) -> None:
                         help="where the scores go (default <prefix>.replay.<method>-<UTC time>)")
     add_ops(replay, endpoint=False)
 
-    demo = commands.add_parser("demo", help="write a synthetic drone inspection clip with a defect, and references")
+    demo = commands.add_parser("demo", help="write a synthetic drone inspection clip with a defect, and references "
+                                             "(or, with --context-set, a context-anomaly dataset)")
     demo.add_argument("out", help="output folder")
-    demo.add_argument("--seconds", type=float, default=12.0)
-    demo.add_argument("--fps", type=float, default=10.0)
+    demo.add_argument("--seconds", type=float, default=None, help="clip length (default 12)")
+    demo.add_argument("--fps", type=float, default=None, help="clip frame rate (default 10)")
     demo.add_argument("--seed", type=int, default=0)
+    context = demo.add_argument_group("context-anomaly dataset")
+    context.add_argument("--context-set", action="store_true",
+                         help="write OUT/powerline_context in MVTec layout with subject masks instead of a clip: "
+                              "dampers, insulator strings and nests in normal and in wrong places")
+    context.add_argument("--train", type=int, default=None, metavar="N", help="normal training images (default 32)")
+    context.add_argument("--per-type", type=int, default=None, metavar="N",
+                         help="test images per anomaly type; test/good gets three times as many (default 16)")
 
     for parser in (run, ingest, worker, sink, replay):
         a.metavars(parser)
@@ -370,10 +378,34 @@ def run_replay(args) -> None:
 def run_demo(args) -> None:
     from ..ingest.demo import find_backgrounds, write_demo_clip
 
-    clip = write_demo_clip(args.out, seconds=args.seconds, fps=args.fps, seed=args.seed, backgrounds=find_backgrounds())
+    if args.context_set:
+        run_context_set(args)
+        return
+    given = [flag for flag, value in (("--train", args.train), ("--per-type", args.per_type)) if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --context-set")
+    clip = write_demo_clip(args.out, seconds=12.0 if args.seconds is None else args.seconds,
+                           fps=10.0 if args.fps is None else args.fps, seed=args.seed, backgrounds=find_backgrounds())
     print(f"clip: {clip.video}\nreferences: {clip.references[0].parent} ({len(clip.references)} normal views)\n"
           f"calibration: {clip.calibration[0].parent} ({len(clip.calibration)} more normal views)\n"
           f"defect frames: {clip.defect_frames[0]}..{clip.defect_frames[1]} of {clip.frame_count}")
+
+
+def run_context_set(args) -> None:
+    from ..ingest.context_set import ANOMALIES, write_context_set
+    from ..ingest.demo import find_backgrounds
+
+    given = [flag for flag, value in (("--seconds", args.seconds), ("--fps", args.fps)) if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: not with --context-set (it writes images, not a clip)")
+    for flag, value in (("--train", args.train), ("--per-type", args.per_type)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    written = write_context_set(args.out, seed=args.seed, train=32 if args.train is None else args.train,
+                                per_type=16 if args.per_type is None else args.per_type, backgrounds=find_backgrounds())
+    counts = ", ".join(f"{key} {n}" for key, n in written.counts.items())
+    print(f"context set: {written.root} ({counts})\nanomalies: {', '.join(ANOMALIES)}; subject masks in "
+          f"{written.root / 'subject_masks'}\nbackgrounds: {written.backgrounds or 'procedural (no pld_uav_frames found)'}")
 
 
 HANDLERS = {"run": run_run, "ingest": run_ingest_command, "worker": run_worker, "sink": run_sink,

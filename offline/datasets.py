@@ -1,6 +1,10 @@
 """MVTec-AD layout reader: ``<cat>/train/good``, ``<cat>/test/<defect>``,
 ``<cat>/ground_truth/<defect>/<stem>_mask.png``. Images load through ``scoring.pixels``
-(float RGB tensors in [0, 1]); masks as bool tensors at the same size."""
+(float RGB tensors in [0, 1]); masks as bool tensors at the same size.
+
+Optional subject masks (where the object whose placement is judged is, for methods that learn
+context anomalies, CoRe-CLIP): ``<cat>/subject_masks/<split>/<defect>/<stem>_mask.png`` beside
+any image, e.g. ``subject_masks/train/good/000_mask.png``. Images without one train without."""
 
 from __future__ import annotations
 
@@ -12,6 +16,9 @@ import cv2
 import torch
 
 from ..scoring.pixels import IMAGE_SUFFIXES
+
+
+SUBJECT_MASKS = "subject_masks"
 
 
 class DatasetError(ValueError):
@@ -39,6 +46,12 @@ class Category:
     @property
     def has_masks(self) -> bool:
         return all(s.mask_path is not None for s in self.test if s.label)
+
+    def subject_mask(self, image: Path) -> Path | None:
+        """The image's subject mask under ``subject_masks/``, if there is one."""
+        relative = image.relative_to(self.root)
+        path = self.root / SUBJECT_MASKS / relative.parent / f"{image.stem}_mask.png"
+        return path if path.is_file() else None
 
     def references(self, shots: int, seed: int) -> list[Path]:
         if shots > len(self.train_good):

@@ -71,22 +71,24 @@ def file_digest(path) -> str:
 
 def training_set(categories: list[Category], shots: int, seed: int, size: int) -> tuple[TrainingSet, list[dict]]:
     """The sampled images, and the test images used ({path, sha256}: eval leaves them out by content)."""
-    images, masks, labels, names, used = [], [], [], [], []
+    images, masks, labels, names, used, subjects, known = [], [], [], [], [], [], []
     for category in categories:
         normal, anomalous = sample_category(category, shots, seed)
-        for path in normal:
+        for path, mask_path, label in [*((p, None, 0) for p in normal), *((s.path, s.mask_path, 1) for s in anomalous)]:
             images.append(load_image(path, size))
-            masks.append(torch.zeros(size, size, dtype=torch.bool))
-            labels.append(0)
+            masks.append(load_mask(mask_path, size))
+            labels.append(label)
             names.append(category.name)
-        for sample in anomalous:
-            images.append(load_image(sample.path, size))
-            masks.append(load_mask(sample.mask_path, size))
-            labels.append(1)
-            names.append(category.name)
-            used.append({"path": f"{category.name}/{sample.path.relative_to(category.root).as_posix()}",
-                         "sha256": file_digest(sample.path)})
-    return TrainingSet(torch.stack(images), torch.stack(masks), torch.tensor(labels), names), used
+            subject = category.subject_mask(path)
+            subjects.append(load_mask(subject, size))
+            known.append(subject is not None)
+            if label:
+                used.append({"path": f"{category.name}/{path.relative_to(category.root).as_posix()}",
+                             "sha256": file_digest(path)})
+    with_subjects = any(known)
+    return TrainingSet(torch.stack(images), torch.stack(masks), torch.tensor(labels), names,
+                       torch.stack(subjects) if with_subjects else None,
+                       torch.tensor(known) if with_subjects else None), used
 
 
 def check_trainable(method: str) -> None:
@@ -110,8 +112,10 @@ def run_training(job: TrainJob) -> tuple[object, dict]:
     backbone = Backbone.build(job.backbone, job.device)
     method = create_method(job.method, backbone, prompts, **job.options)
     data, used = training_set(categories, job.shots, job.train.seed, backbone.image_size)
+    subjects = 0 if data.subject_known is None else int(data.subject_known.sum())
     print(f"training {job.method} on {len(data.labels)} images ({job.shots} normal + {job.shots} anomalous per category, "
           f"{len(categories)} categor{'y' if len(categories) == 1 else 'ies'}), {job.train.views} views each, "
+          f"{subjects} with a subject mask{' (used: ' + ', '.join(method.training_views) + ' views)' if subjects and method.training_views else ''}, "
           f"{backbone.identity} at {backbone.image_size} px"
           + (f", preset {job.preset['name']} ({job.preset['file']})" if job.preset else ""))
     started = time.monotonic()

@@ -6,6 +6,10 @@ frozen ViT under ``no_grad`` and the epochs then run over those cached features.
 makes a 60-epoch run cost one backbone pass per view instead of one per step, which is
 what lets ViT-B-16 train on a 2-core CPU in minutes.
 
+Methods that learn from where the subject is (CoRe-CLIP) name ``training_views``: the
+subject alone and the scene without it, made from each image's optional subject mask
+(``masked_view``) and cached the same way; at test time no mask is needed.
+
 Methods train in stages (AA-CLIP has two); each stage names its parameters and its loss,
 and may have its own epochs, batch size, rate and step schedule (``StageSchedule``, which the
 presets in ``scoring/presets/`` fill in). The optimiser is Adam (or AdamW) with the
@@ -29,6 +33,9 @@ class TrainingSet:
     masks: torch.Tensor  # [N, S, S] bool; all False for normal images
     labels: torch.Tensor  # [N] 0 normal, 1 anomalous
     class_names: list[str]
+    # Optional: where the subject is ([N, S, S] bool) and which images have such a mask ([N] bool)
+    subject_masks: torch.Tensor | None = None
+    subject_known: torch.Tensor | None = None
 
     def __post_init__(self):
         n = self.images.shape[0]
@@ -36,6 +43,12 @@ class TrainingSet:
             raise ValueError("images, masks, labels and class_names must have one entry per image")
         if self.masks.shape[-2:] != self.images.shape[-2:]:
             raise ValueError(f"masks {tuple(self.masks.shape[-2:])} and images {tuple(self.images.shape[-2:])} differ in size")
+        if (self.subject_masks is None) != (self.subject_known is None):
+            raise ValueError("subject_masks and subject_known come together")
+        if self.subject_masks is not None and (self.subject_masks.shape != self.masks.shape
+                                               or self.subject_known.shape != (n,)):
+            raise ValueError(f"subject masks {tuple(self.subject_masks.shape)} must match masks {tuple(self.masks.shape)}, "
+                             f"with one known flag per image")
 
 
 @dataclass
@@ -46,6 +59,21 @@ class TrainBatch:
     class_names: list[str]
     size: tuple[int, int]
     index: torch.Tensor | None = None  # the batch's rows of the training set (what begin_training saw)
+    # features of the masked views a method trains on (``training_views``), by view name; an
+    # image without a subject mask has its own features there
+    views: dict[str, VisualFeatures] = field(default_factory=dict)
+
+
+VIEWS = ("subject", "context")
+
+
+def masked_view(images: torch.Tensor, subject_masks: torch.Tensor, view: str) -> torch.Tensor:
+    """The subject alone (zero elsewhere) or the scene without it (zero on the subject);
+    images [N, 3, S, S], subject masks [N, S, S] bool. Zero is black, CoRe-CLIP's pixel-wise masking."""
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; views: {', '.join(VIEWS)}")
+    keep = subject_masks if view == "subject" else ~subject_masks
+    return images * keep[:, None].to(images.dtype)
 
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -122,22 +150,26 @@ def augment(data: TrainingSet, views: int, generator: torch.Generator) -> Traini
     """``views`` copies of every image: the original, then random flips, quarter turns and a
     mild brightness/contrast change; masks follow the geometry. Square images only (the
     loaders squash every image to a square), so a quarter turn keeps the shape."""
-    images, masks = [data.images], [data.masks]
+    subjects = data.subject_masks if data.subject_masks is not None else torch.zeros_like(data.masks)
+    images, masks, subject_masks = [data.images], [data.masks], [subjects]
     for _ in range(views - 1):
-        x, m = data.images.clone(), data.masks.clone()
+        x, m, s = data.images.clone(), data.masks.clone(), subjects.clone()
         for i in range(x.shape[0]):
             turns = int(torch.randint(4, (1,), generator=generator))
             flip = bool(torch.randint(2, (1,), generator=generator))
-            xi, mi = torch.rot90(x[i], turns, (1, 2)), torch.rot90(m[i], turns, (0, 1))
+            xi, mi, si = torch.rot90(x[i], turns, (1, 2)), torch.rot90(m[i], turns, (0, 1)), torch.rot90(s[i], turns, (0, 1))
             if flip:
-                xi, mi = xi.flip(-1), mi.flip(-1)
+                xi, mi, si = xi.flip(-1), mi.flip(-1), si.flip(-1)
             gain, shift = 1 + 0.2 * (torch.rand(2, generator=generator) - 0.5)
             mean = xi.mean()
             x[i] = ((xi - mean) * gain + mean + (shift - 1)).clamp(0, 1)
-            m[i] = mi
+            m[i], s[i] = mi, si
         images.append(x)
         masks.append(m)
-    return TrainingSet(torch.cat(images), torch.cat(masks), data.labels.repeat(views), data.class_names * views)
+        subject_masks.append(s)
+    known = None if data.subject_known is None else data.subject_known.repeat(views)
+    return TrainingSet(torch.cat(images), torch.cat(masks), data.labels.repeat(views), data.class_names * views,
+                       None if known is None else torch.cat(subject_masks), known)
 
 
 @torch.no_grad()
@@ -156,6 +188,33 @@ def extract_features(backbone: Backbone, images: torch.Tensor, chunk: int = 8,
                           parts[0].grid, patch_tokens if shared else cat([p.local_tokens for p in parts]))
 
 
+def view_features(backbone: Backbone, data: TrainingSet, features: VisualFeatures,
+                  views: tuple[str, ...]) -> dict[str, VisualFeatures]:
+    """Features of each masked view of ``data``; images without a subject mask keep their
+    own features (the backbone runs only on the images that have one)."""
+    out = {}
+    known = (torch.zeros(len(data.labels), dtype=torch.bool) if data.subject_known is None
+             else data.subject_known.cpu()).nonzero()[:, 0]
+    for view in views:
+        if not len(known):
+            out[view] = features
+            continue
+        part = extract_features(backbone, masked_view(data.images[known], data.subject_masks[known], view))
+        rows = known.to(features.image_embed.device)
+
+        def put(whole: torch.Tensor, rows_: torch.Tensor) -> torch.Tensor:
+            whole = whole.clone()
+            whole[rows] = rows_
+            return whole
+
+        shared = features.local_tokens is None or features.local_tokens[0] is features.patch_tokens[0]
+        tokens = [put(t, p) for t, p in zip(features.patch_tokens, part.patch_tokens)]
+        out[view] = VisualFeatures(put(features.image_embed, part.image_embed), tokens,
+                                   [put(t, p) for t, p in zip(features.patch_embeds, part.patch_embeds)], features.grid,
+                                   tokens if shared else [put(t, p) for t, p in zip(features.local_tokens, part.local_tokens)])
+    return out
+
+
 def fit(method, data: TrainingSet, config: TrainConfig = TrainConfig(), features: VisualFeatures | None = None,
         progress: ProgressCallback | None = None) -> list[dict]:
     """Train ``method``'s stages on ``data`` (augmented here unless ``features`` are given for
@@ -165,6 +224,7 @@ def fit(method, data: TrainingSet, config: TrainConfig = TrainConfig(), features
     if features is None:  # augmentation and batch order draw from their own seeded streams
         data = augment(data, config.views, torch.Generator().manual_seed(config.seed))
         features = extract_features(method.backbone, data.images)
+    views = view_features(method.backbone, data, features, method.training_views)
     generator = torch.Generator().manual_seed(config.seed)
     device = method.backbone.device
     masks, labels = data.masks.to(device, torch.float32), data.labels.to(device).long()
@@ -185,7 +245,8 @@ def fit(method, data: TrainingSet, config: TrainConfig = TrainConfig(), features
             for step, index in enumerate(order.split(schedule.batch_size)):
                 index = index.to(device)
                 batch = TrainBatch(features.select(index), masks[index], labels[index],
-                                   [data.class_names[i] for i in index.tolist()], size, index)
+                                   [data.class_names[i] for i in index.tolist()], size, index,
+                                   {view: f.select(index) for view, f in views.items()})
                 losses = method.stage_loss(stage, batch)
                 optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()

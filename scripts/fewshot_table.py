@@ -79,13 +79,17 @@ def cached_features(backbone, images, root: str, cache: Path | None, desc: str):
     return features
 
 
-def evaluate(method, features, keys, classes, masks, labels, exclude: set[str], size: int) -> dict:
+def evaluate(method, features, keys, classes, masks, labels, exclude: set[str], size: int, references=None,
+             anchors: dict | None = None) -> dict:
+    """Metrics on the test images not in ``exclude``, scored from their cached features;
+    ``references`` (normal images) fill the method's few-shot memory; ``anchors`` (by class),
+    when given, spare building them again (hundreds of sentences through the text tower)."""
     keep = [i for i, key in enumerate(keys) if key not in exclude]
     scores, maps, order = [], [], []
     for class_name in sorted(set(classes[i] for i in keep)):
         index = [i for i in keep if classes[i] == class_name]
         order += index
-        method.prepare(class_name)
+        method.prepare(class_name, references, anchors=(anchors or {}).get(class_name))
         with torch.inference_mode():
             for chunk in torch.tensor(index).split(32):
                 result = method.score_features(features.select(chunk), (size, size))

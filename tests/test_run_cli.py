@@ -197,13 +197,14 @@ def test_ctrl_c_ends_a_run_with_its_frames_scored_and_events_closed(tmp_path):
     assert alerts[1]["frames"] == list(range(len(alerts[1]["frames"])))
 
 
-def test_run_with_a_trained_checkpoint_takes_its_backbone(clip, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["aa-clip", "core-clip"])
+def test_run_with_a_trained_checkpoint_takes_its_backbone(method, clip, tmp_path, capsys):
     """`linewatch train` then `linewatch run --checkpoint`: no backbone flags needed; the
     scores name the checkpoint; a clashing backbone flag is one clear error line."""
     
     data = make_category(tmp_path / "data", "widget", seed=1)
     checkpoint = tmp_path / "widget.safetensors"
-    assert main(["train", "--method", "aa-clip", "--data", str(data), "--arch", "linewatch-tiny", "--epochs", "1",
+    assert main(["train", "--method", method, "--data", str(data), "--arch", "linewatch-tiny", "--epochs", "1",
                  "--shots", "2", "--views", "1", "--out", str(checkpoint)]) == 0
     out = tmp_path / "out"
     assert main(["run", str(clip.video), "--stream-id", "d", "--out", str(out), "--threshold", "0",

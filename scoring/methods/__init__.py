@@ -1,6 +1,6 @@
 """Anomaly-scoring methods, registered by name: ``create_method("winclip", backbone)``."""
 
-from . import aaclip, aprilgan, bagclip, kanoclip, madclip, winclip  # noqa: F401  (importing registers them)
+from . import aaclip, aprilgan, bagclip, coreclip, kanoclip, madclip, winclip  # noqa: F401  (importing registers them)
 from .base import (
     METHODS,
     AnomalyMethod,

@@ -99,6 +99,24 @@ def xavier_linear(fan_in: int, fan_out: int, leaky_relu: bool = False) -> nn.Mod
     return nn.Sequential(linear, nn.LeakyReLU()) if leaky_relu else linear
 
 
+def ensemble_anchors(encode, states: tuple[list[str], list[str]], sample: random.Random | None,
+                     limit: int | None) -> torch.Tensor:
+    """[2, D]: per state the normalised mean of ``encode(sentences)``. With ``sample`` (training)
+    up to ``limit`` sentences per state are drawn and the graph is kept; without, every
+    sentence is encoded in chunks, without a graph."""
+    anchors = []
+    for sentences in states:
+        if sample is not None and limit and len(sentences) > limit:
+            sentences = sample.sample(sentences, limit)
+        if sample is None:
+            with torch.no_grad():
+                embeds = torch.cat([encode(sentences[i:i + 256]) for i in range(0, len(sentences), 256)])
+        else:
+            embeds = encode(sentences)
+        anchors.append(F.normalize(embeds.mean(0), dim=-1))
+    return torch.stack(anchors)
+
+
 def abnormal_cosine_score(det: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """AA-CLIP's detection score ``(cos(det, T_A) + 1) / 2`` in [0, 1]; det [B, D], anchors [2, D]."""
     return (F.normalize(det, dim=-1) @ anchors[1] + 1) / 2
@@ -157,17 +175,7 @@ class AACLIP(AnomalyMethod):
 
     def class_anchors(self, class_name: str, sample: random.Random | None = None) -> torch.Tensor:
         """[2, D] (normal, abnormal), each the normalised mean of its sentences' embeddings."""
-        anchors = []
-        for sentences in self.prompt_pack.prompts(class_name):
-            if sample is not None and self.prompt_sample and len(sentences) > self.prompt_sample:
-                sentences = sample.sample(sentences, self.prompt_sample)
-            if sample is None:  # all sentences, in chunks, without a graph
-                with torch.no_grad():
-                    embeds = torch.cat([self.encode_sentences(sentences[i:i + 256]) for i in range(0, len(sentences), 256)])
-            else:
-                embeds = self.encode_sentences(sentences)
-            anchors.append(F.normalize(embeds.mean(0), dim=-1))
-        return torch.stack(anchors)
+        return ensemble_anchors(self.encode_sentences, self.prompt_pack.prompts(class_name), sample, self.prompt_sample)
 
     def build_anchors(self, class_name: str) -> TextAnchors:
         normal, abnormal = self.class_anchors(class_name)

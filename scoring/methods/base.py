@@ -142,6 +142,8 @@ class AnomalyMethod(nn.Module):
 
     # ---- training (methods with something to train) ------------------------------------
     stages: ClassVar[tuple[str, ...]] = ()
+    # masked views of the training images the stages see (``scoring.training.VIEWS``); () for none
+    training_views: tuple[str, ...] = ()
     stage_lr: ClassVar[dict[str, float]] = {}  # the papers' learning rates per stage (default 1e-3)
 
     def begin_training(self, data) -> None:

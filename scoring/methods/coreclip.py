@@ -1,0 +1,240 @@
+"""CoRe-CLIP (Mishra, Stricker, Rambach, "When Anomalies Depend on Context: Learning
+Conditional Compatibility for Anomaly Detection", arXiv 2601.22868).
+
+Context anomalies: a subject that is normal in itself, in a place where it does not belong (a
+damper slipped onto the insulator string, a string lying on the ground). The paper text we
+have (../shared/papers/core-clip.md) is a summary and the authors' code is not released ("will
+be publicly released"; nothing found by ``search`` under the paper's or the method's names), so
+where the summary gives no formula or number this follows AA-CLIP, the nearest seed method
+(adapter form, projections, rates, text-stage schedule); every such choice is listed below.
+
+The model (layers and losses in ``coreclip_model.py``):
+- CSR: three context-selective residual branches, subject, context and global, each a set of
+  residual adapters (AA-CLIP's form ``0.9 x + 0.1 A(x)``) on every tapped level, then projections
+  into the joint space; a branch's embedding ``z_b`` pools its last level's patch embeddings
+  with a learned query (zero at first: AA-CLIP's mean pooling).
+- Text refinement: gated residual adapters ``x + tanh(g) A(x)`` after the first ``text_layers``
+  (L = 3, paper) text blocks give per class ``t0`` (normal) and ``t1`` (anomalous), the
+  normalised means of the prompt pack's sentences. Trained with orthogonality
+  ``(t0 . t1)^2``, consistency ``1 - cos(t0 + t1, e)`` (e: the frozen encoder's prototype of the
+  class) and grounding ``1 - cos(t0 + t1, v)`` (v: the frozen image embedding of each image).
+- CRM: ``alpha = softmax_b(q . k_b / sqrt(d))``, ``q = W_q t1``, ``k_b = W_k z_b``; fused
+  ``z = sum_b alpha_b z_b`` and, with the same alpha, fused patch embeddings per level.
+  Regularisers: the entropy of alpha (minimised: keeps it from going uniform) and the
+  consistency of alpha between the training views and the whole frame.
+- Scores: image ``s = sigmoid(cos(z, t1) - cos(z, t0))``; map: per level and patch
+  ``softmax(100 [cos(p, t0), cos(p, t1)])[1]`` of the fused patch embeddings, averaged over
+  levels, upsampled and smoothed (``sigma``).
+- Two stages: ``text`` (the refinement losses), then ``image`` (CSR and CRM) against the frozen
+  t0, t1: BCE of ``s``, AA-CLIP's focal + dice on the map, the alpha regularisers. In training the subject
+  branch sees the subject alone and the context branch the scene without it (``training_views``,
+  made from subject masks, ``scoring.training.masked_view``); the global branch sees the frame.
+  At test time every branch sees the whole frame and no mask is needed.
+
+Choices the summary leaves open (ours, or AA-CLIP's where it has one):
+- adapter form, xavier bias-free projections, per-level maps at temperature 100, stage rates
+  (1e-5 text, 5e-4 image), the paper preset's schedule: AA-CLIP's (authors' code);
+- gate initialisation tanh(g) = 0.1 (AA-CLIP's adapter weight); text projection: CLIP's own;
+- loss weights (``loss_weights``): orthogonality 0.1 (AA-CLIP's disentangle weight),
+  consistency 1, grounding 0.1, alpha entropy 0.1, alpha consistency 1, view 1 (ours);
+- the branch embedding's learned pooling query and the ``view`` loss (next list);
+- a training image without a subject mask gives every branch the whole frame.
+
+Deviations (each with its reason):
+- The paper's CSR adapters sit in the first six ViT blocks, so the class token of each
+  branch's pass is its embedding. Here the adapters act on the tapped levels after the frozen
+  ViT (as the other linewatch methods do), so the ViT runs once per image and its features are
+  cached: what makes training on a CPU practical and keeps live scoring at one ViT pass. The
+  class token cannot see those adapters, hence the pooled patch embedding per branch.
+- Because a branch after the ViT cannot learn to look away from the rest of the frame inside
+  the ViT, two terms tie the whole-frame pass (the test condition) to the views: the
+  compatibility BCE is applied to both, and the ``view`` loss pulls each of the subject and
+  context branches' whole-frame embeddings to its (detached) view embedding.
+- ``memory_bank`` (default true, false in both presets) adds APRIL-GAN's reference memory when
+  references are given; the paper uses none, and an appearance memory is blind to context.
+- ``branches`` and ``fusion`` ("crm" or "mean": plain averaging) exist for the paper's
+  ablations (three branches against global only, CRM against averaging).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import segmentation_loss
+from ..prompts import TextAnchors, mean_anchor
+from ..training import VIEWS, state_digest
+from .aaclip import ensemble_anchors
+from .base import AnomalyMethod, AnomalyScores, gaussian_blur, register_method, seeded_init, upsample
+from .coreclip_model import (
+    BRANCHES,
+    ContextBranches,
+    GatedResidualAdapter,
+    TextConditionedFusion,
+    alpha_consistency,
+    alpha_entropy,
+    compatibility,
+    compatibility_loss,
+    consistency_loss,
+    fuse,
+    grounding_loss,
+    orthogonality_loss,
+    patch_probability,
+)
+
+FUSIONS = ("crm", "mean")
+LOSS_WEIGHTS = {"orthogonal": 0.1, "consistency": 1.0, "grounding": 0.1, "entropy": 0.1, "alpha_consistency": 1.0,
+                "view": 1.0}
+
+
+@register_method
+class CoReCLIP(AnomalyMethod):
+    """Subject / context / global residual branches fused by text-conditioned attention."""
+
+    name = "core-clip"
+    stages = ("text", "image")
+    stage_lr = {"text": 1e-5, "image": 5e-4}  # AA-CLIP's (the summary gives none)
+
+    def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0, text_layers: int = 3,
+                 adapt_weight: float = 0.1, branches: list[str] | tuple[str, ...] = BRANCHES, fusion: str = "crm",
+                 loss_weights: dict | None = None, prompt_sample: int | None = 16, memory_bank: bool = True):
+        super().__init__(backbone, prompts, text_weight, memory_bank)
+        if not isinstance(text_layers, int) or text_layers < 1:
+            raise ValueError(f"text_layers must be a whole number >= 1, got {text_layers!r}")
+        if not isinstance(sigma, (int, float)) or sigma < 0:
+            raise ValueError(f"sigma must be a number >= 0, got {sigma!r}")
+        if not isinstance(adapt_weight, (int, float)) or not 0 < adapt_weight < 1:
+            raise ValueError(f"adapt_weight must be within (0, 1), got {adapt_weight!r}")
+        if (isinstance(branches, str) or not branches or len(set(branches)) != len(branches)
+                or not set(branches) <= set(BRANCHES)):
+            raise ValueError(f"branches must be a list of distinct names from {', '.join(BRANCHES)}, got {branches!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+        weights = dict(loss_weights or {})
+        if set(weights) - set(LOSS_WEIGHTS) or not all(isinstance(v, (int, float)) and v >= 0 for v in weights.values()):
+            raise ValueError(f"loss_weights takes numbers >= 0 for {', '.join(LOSS_WEIGHTS)}, got {loss_weights!r}")
+        if prompt_sample is not None and (not isinstance(prompt_sample, int) or prompt_sample < 1):
+            raise ValueError(f"prompt_sample must be a whole number >= 1 or null (every sentence), got {prompt_sample!r}")
+        self.sigma, self.prompt_sample, self.fusion = sigma, prompt_sample, fusion
+        self.branches = tuple(b for b in BRANCHES if b in branches)  # one order whatever the option's
+        self.weights = {**LOSS_WEIGHTS, **weights}
+        text_layers = min(text_layers, len(backbone.clip.transformer.resblocks))  # shallow test towers
+        with seeded_init():
+            self.text = nn.ModuleList(GatedResidualAdapter(backbone.clip.transformer.width, adapt_weight)
+                                      for _ in range(text_layers))
+            self.csr = ContextBranches(self.branches, len(backbone.layers), backbone.width, backbone.embed_dim,
+                                       adapt_weight)
+            self.crm = TextConditionedFusion(backbone.embed_dim) if fusion == "crm" else None
+        self.to(backbone.device).requires_grad_(False)
+        self._stage_anchors: dict[str, torch.Tensor] = {}
+        self._frozen: dict[str, torch.Tensor] = {}
+
+    @property
+    def training_views(self) -> tuple[str, ...]:
+        return tuple(view for view in VIEWS if view in self.branches)
+
+    # ---- text side --------------------------------------------------------------------
+    def text_identity(self) -> str:
+        return "core-clip-text:" + state_digest(dict(self.text.state_dict()))
+
+    def encode_sentences(self, sentences: list[str]) -> torch.Tensor:
+        """Refined text embeddings [N, D], L2-normalised (differentiable in the adapters)."""
+        def after_block(index, x):
+            return self.text[index](x) if index < len(self.text) else x
+
+        return F.normalize(self.backbone.encode_tokens(self.backbone.tokenize(sentences), after_block=after_block), dim=-1)
+
+    def class_anchors(self, class_name: str, sample: random.Random | None = None) -> torch.Tensor:
+        """[2, D]: t0, t1 of the class."""
+        return ensemble_anchors(self.encode_sentences, self.prompt_pack.prompts(class_name), sample, self.prompt_sample)
+
+    def build_anchors(self, class_name: str) -> TextAnchors:
+        normal, abnormal = self.class_anchors(class_name)
+        return TextAnchors(normal, abnormal, self.anchor_key(class_name))
+
+    # ---- image side -------------------------------------------------------------------
+    def branch_outputs(self, per_branch: dict, patches: bool = True):
+        """Every branch on its features: z [B, branches, D] and per level [B, branches, N, D] (or None)."""
+        ln_post = self.backbone.clip.visual.ln_post
+        outputs = [self.csr(b, per_branch[b].patch_tokens, ln_post, patches) for b in self.branches]
+        z = torch.stack([o[0] for o in outputs], dim=1)
+        if not patches:
+            return z, None
+        return z, [torch.stack(level, dim=1) for level in zip(*(o[1] for o in outputs))]
+
+    def fusion_weights(self, t1: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """alpha [B, branches]: CRM's attention, or plain averaging."""
+        if self.crm is None:
+            return torch.full(z.shape[:2], 1.0 / z.shape[1], device=z.device, dtype=z.dtype)
+        return self.crm(t1, z)
+
+    def outputs(self, per_branch: dict, anchors: torch.Tensor, patches: bool = True):
+        """(alpha, score s [B], per-level fused patch probabilities [B, N] or None); anchors [B, 2, D]."""
+        z, levels = self.branch_outputs(per_branch, patches)
+        alpha = self.fusion_weights(anchors[:, 1], z)
+        score = compatibility(fuse(alpha, z), anchors)
+        maps = None if levels is None else [patch_probability(fuse(alpha, level), anchors) for level in levels]
+        return alpha, score, maps, z
+
+    def score_features(self, features, size) -> AnomalyScores:
+        anchors = self.anchors.stacked().expand(features.image_embed.shape[0], -1, -1)
+        _, image_score, maps, _ = self.outputs({b: features for b in self.branches}, anchors)
+        anomaly_map = upsample(torch.stack(maps).mean(0).view(-1, *features.grid), size)
+        if self.memory is not None:
+            anomaly_map, image_score = self.blend(anomaly_map, image_score, self.memory_map(features, size))
+        return AnomalyScores(image_score, gaussian_blur(anomaly_map, self.sigma))
+
+    # ---- training ---------------------------------------------------------------------
+    def begin_stage(self, stage, class_names):
+        self._sample = random.Random(0)
+        with torch.no_grad():
+            if stage == "text":  # the frozen encoder's prototype of each class (consistency)
+                self._frozen = {c: F.normalize(sum(mean_anchor(self.backbone.encode_text(s))
+                                                   for s in self.prompt_pack.prompts(c)), dim=-1) for c in class_names}
+            else:  # t0, t1 are frozen from here on
+                self._stage_anchors = {c: self.class_anchors(c) for c in class_names}
+
+    def stage_parameters(self, stage):
+        if stage == "text":
+            return list(self.text.parameters())
+        return [*self.csr.parameters(), *(self.crm.parameters() if self.crm is not None else ())]
+
+    def stage_loss(self, stage, batch):
+        return self._text_loss(batch) if stage == "text" else self._image_loss(batch)
+
+    def _text_loss(self, batch):
+        classes = sorted(set(batch.class_names))
+        anchors = torch.stack([self.class_anchors(c, self._sample) for c in classes])  # [C, 2, D]
+        t0, t1 = anchors[:, 0], anchors[:, 1]
+        orthogonal = orthogonality_loss(t0, t1)
+        consistency = consistency_loss(t0, t1, torch.stack([self._frozen[c] for c in classes]))
+        prototypes = (t0 + t1)[[classes.index(c) for c in batch.class_names]]
+        grounding = grounding_loss(prototypes, batch.features.image_embed)
+        w = self.weights
+        loss = w["orthogonal"] * orthogonal + w["consistency"] * consistency + w["grounding"] * grounding
+        return {"loss": loss, "orthogonal": orthogonal, "consistency": consistency, "grounding": grounding}
+
+    def _image_loss(self, batch):
+        anchors = torch.stack([self._stage_anchors[c] for c in batch.class_names])  # [B, 2, D]
+        whole = {b: batch.features for b in self.branches}
+        viewed = {b: batch.views.get(b, batch.features) for b in self.branches}
+        alpha, score, maps, z = self.outputs(whole, anchors)
+        alpha_v, score_v, _, z_v = self.outputs(viewed, anchors, patches=False)
+        probability = upsample(torch.stack(maps).mean(0).view(-1, *batch.features.grid), batch.size)
+        compat = compatibility_loss(score, batch.labels) + compatibility_loss(score_v, batch.labels)
+        seg = segmentation_loss(probability, batch.masks)
+        viewed_branches = [i for i, b in enumerate(self.branches) if b in VIEWS]
+        view = sum((1 - (z[:, i] * z_v[:, i].detach()).sum(-1)).mean() for i in viewed_branches) if viewed_branches \
+            else z.new_zeros(())
+        entropy, agreement = alpha_entropy(alpha_v), alpha_consistency(alpha, alpha_v)
+        w = self.weights
+        loss = compat + seg + w["view"] * view + w["entropy"] * entropy + w["alpha_consistency"] * agreement
+        return {"loss": loss, "compatibility": compat, "seg": seg, "view": view, "entropy": entropy,
+                "alpha_consistency": agreement}
+
+    def end_training(self):
+        super().end_training()
+        self._stage_anchors, self._frozen = {}, {}
