@@ -30,7 +30,7 @@ import numpy as np
 
 from ..bus.jpeg import DEFAULT_MAX_PIXELS, jpeg_size
 from ..bus.outages import Backoff  # re-exported: sources' reconnect delays
-from ..bus.redact import redact
+from ..bus.redact import redact, register_url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +338,7 @@ def open_source(spec: str, *, fps: float | None = None, max_size: int | None = N
         if spec.lower().startswith(STREAM_SCHEMES):
             parts = urlsplit(spec)
             name = f"{parts.hostname or 'stream'}{parts.path}"
+            register_url_secrets(spec)  # its credentials and tokens, in any spelling a library logs
             return LiveCapture(spec, mask_password(spec), name, backoff=backoff, stop=stop, **options)
         index = webcam_index(spec)
         return LiveCapture(index, spec, f"webcam{index}", backoff=backoff, stop=stop, **options)

@@ -6,10 +6,15 @@ Environment variables are ``LINEWATCH_<FIELD>``, nested with ``__``, e.g.
 ``LINEWATCH_PROFILE__METHOD=winclip``. The YAML file has the same shape as the fields below;
 ``streams`` maps stream-id globs to per-stream overrides of ``profile`` (scoring) and
 ``alerts.streams`` to overrides of ``alerts.policy``. See deploy/linewatch.example.yaml.
+A ``LINEWATCH_*`` variable that names no setting is refused like an unknown YAML key, except
+the few linewatch reads elsewhere (``NOT_SETTINGS``). Every secret the settings hold is
+registered with the redactor once they load (``register_secrets``).
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettin
 
 from ..bus import MAX_MESSAGE_BYTES
 from ..bus.jpeg import DEFAULT_MAX_PIXELS
+from ..bus.redact import register_secret, register_url_secrets
 from ..sinks.alerts import AlertPolicy
 from ..workers.profiles import StreamProfile
 
@@ -171,8 +177,25 @@ class Settings(BaseSettings):
     console: ConsoleSettings = ConsoleSettings()
 
 
+ENV_PREFIX = "LINEWATCH_"
+# LINEWATCH_* variables that are not settings, read by linewatch elsewhere: never refused
+NOT_SETTINGS = {
+    "LINEWATCH_SHARED": "the shared datasets folder (tests, demo --context-set)",
+    "LINEWATCH_WEIGHTS": "scripts/gpu_bench.sh's weights file",
+    "LINEWATCH_IMAGE": "deploy/compose.yaml: the image",
+    "LINEWATCH_CONFIG": "deploy/compose.yaml: the settings file mounted",
+    "LINEWATCH_DATA": "deploy/compose.yaml: the data folder mounted",
+    "LINEWATCH_CONSOLE_TOKEN": "deploy/compose.yaml: becomes LINEWATCH_CONSOLE__TOKEN",
+    "LINEWATCH_CONSOLE_PORT": "deploy/compose.yaml: the console's published port",
+    "LINEWATCH_LOG_FORMAT": "deploy/compose.yaml: becomes LINEWATCH_OPS__LOG_FORMAT",
+}
+NOT_SETTINGS_PREFIXES = ("LINEWATCH_SOURCE_",)  # the Helm chart's ingest sources from a Secret
+
+
 def load_settings(config: str | None = None, overrides: dict | None = None) -> Settings:
-    """Settings from ``overrides`` (flags), then LINEWATCH_* variables, then the YAML file."""
+    """Settings from ``overrides`` (flags), then LINEWATCH_* variables, then the YAML file;
+    their secrets registered with the redactor."""
+    check_environment(os.environ)
     if config is not None:
         _check_config_file(config)
 
@@ -184,7 +207,7 @@ def load_settings(config: str | None = None, overrides: dict | None = None) -> S
             return (init_settings, env_settings, *yaml)
 
     try:
-        return _Settings(**(overrides or {}))
+        settings = _Settings(**(overrides or {}))
     except yaml.YAMLError as err:
         raise ValueError(f"config file {config} is not valid YAML: {str(err).splitlines()[0]}") from None
     except ValidationError as err:
@@ -192,18 +215,92 @@ def load_settings(config: str | None = None, overrides: dict | None = None) -> S
         where = ".".join(str(p) for p in first["loc"])
         raise ValueError(f"configuration: {where}: {first['msg']}"
                          + (f" (in {config} or LINEWATCH_* variables)" if config else "")) from None
+    register_secrets(settings)
+    return settings
+
+
+def check_environment(environ) -> None:
+    """Refuse a LINEWATCH_* variable that names no setting (pydantic-settings ignores them:
+    ``LINEWATCH_SECURITY_PROTOCOL=SASL_SSL`` would silently leave Kafka in plain text)."""
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in NOT_SETTINGS or upper.startswith(NOT_SETTINGS_PREFIXES):
+            continue
+        if not _names_a_setting(Settings, upper[len(ENV_PREFIX):].lower().split("__")):
+            known = [ENV_PREFIX + "__".join(path).upper() for path in _setting_paths(Settings)]
+            close = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
+            raise ValueError(f"environment variable {name} is not a setting"
+                             + (f" (did you mean {close[0]}?)" if close else "")
+                             + "; settings are LINEWATCH_<FIELD>, nested with __, e.g. LINEWATCH_WORKER__MAX_BATCH")
+
+
+def _names_a_setting(model: type[BaseModel], path: list[str]) -> bool:
+    field = model.model_fields.get(path[0])
+    if field is None:
+        return False
+    if len(path) == 1:
+        return True
+    section = field.annotation
+    if isinstance(section, type) and issubclass(section, BaseModel):
+        return _names_a_setting(section, path[1:])
+    return getattr(section, "__origin__", None) is dict  # a mapping (streams, headers): any key
+
+
+def _setting_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()):
+    for name, field in model.model_fields.items():
+        yield (*prefix, name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _setting_paths(field.annotation, (*prefix, name))
+
+
+def register_secrets(settings: BaseModel) -> None:
+    """Register with the redactor (``bus.redact``) every secret the settings hold, so it is
+    masked in any spelling in logs, dead letters and error lines: each SecretStr (a header
+    value, an Apprise URL's tokens, a password, the console token), the secret parts of every
+    URL setting (a webhook's path token, ``redis://:password@``), and the AWS secrets S3
+    clients take from the environment. Files of secrets register in ``secret`` when read."""
+    for value in _leaves(settings):
+        if isinstance(value, SecretStr):
+            text = value.get_secret_value()
+            register_secret(text)
+            register_secret(text.split()[-1] if len(text.split()) == 2 else None)  # "Bearer <token>"
+            if "://" in text:
+                register_url_secrets(text)
+        elif isinstance(value, str) and "://" in value:
+            register_url_secrets(value)
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        register_secret(os.environ.get(name))
+
+
+def _leaves(value):
+    if isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from _leaves(getattr(value, name))
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _leaves(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _leaves(item)
+    else:
+        yield value
 
 
 def secret(value: SecretStr | None, file: str | None, what: str) -> str | None:
     """A secret from its setting, else from ``file`` (trailing newline dropped); never echoed."""
     if value is not None:
+        register_secret(value)
         return value.get_secret_value()
     if file is None:
         return None
     try:
-        return Path(file).read_text().rstrip("\r\n")
+        text = Path(file).read_text().rstrip("\r\n")
+        register_secret(text)
+        return text
     except OSError as err:
         raise ValueError(f"{what}: cannot read {file}: {err.strerror}") from None
+
+
 def _check_config_file(config: str) -> None:
     """A config file is UTF-8 YAML whose top level is a mapping (or empty): anything else gets
     an error naming the file, before pydantic-settings reads it."""

@@ -43,6 +43,7 @@ import numpy as np
 from ..bus.jpeg import DEFAULT_MAX_PIXELS, FrameTooLarge, check_pixels
 from ..bus.maps import MapError, decode_map
 from ..bus.messages import ScoreMsg
+from ..bus.redact import register_secret
 
 OVERLAY_ALPHA = 0.45  # share of the heat colouring in the overlay
 
@@ -105,6 +106,8 @@ class _S3Store:
             raise ValueError(f"archive URL {url!r}: expected s3://bucket[/prefix]")
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.name = f"S3 bucket {bucket}"
+        for secret in (secret_access_key, os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN")):
+            register_secret(secret)  # masked in any error botocore gives
         # unset options fall back to the standard AWS chain (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...).
         # One short attempt per call: the sink retries an outage itself, and answers a stop meanwhile.
         self.client = boto3.client("s3", endpoint_url=endpoint_url, aws_access_key_id=access_key_id,

@@ -36,6 +36,7 @@ import threading
 import urllib.parse
 
 from ..bus.messages import AlertMsg, encode
+from ..bus.redact import register_url_secrets
 from .outputs import AlertOutput, OutputError
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,8 @@ class AppriseOutput(AlertOutput):
             if not config.add(config_file) or not self.apprise.add(config) or not len(self.apprise):
                 raise ValueError(f"alerts.apprise_config {config_file}: not an Apprise config file with URLs")
             self.what = f"Apprise config {config_file}"
+        for service in self.apprise:  # each service's tokens, as Apprise itself spells the URL
+            register_url_secrets(service.url(privacy=False))
         self.name = "apprise-" + hashlib.sha256((url or f"config:{config_file}").encode()).hexdigest()[:10]
 
     def send(self, alert: AlertMsg) -> None:
