@@ -17,10 +17,11 @@ SQLite and Kafka hold), sizes outside 1..65535 px (JPEG's limit) and non-finite 
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .redact import redact
 
@@ -32,7 +33,20 @@ MAX_VALUE_BYTES = 64 * 1024 * 1024  # any JSON message value (a score with its f
 MAX_DEPTH = 32  # JSON nesting; the schema needs 4
 MAX_REASON_CHARS = 4096
 
-StreamId = Annotated[str, Field(min_length=1, max_length=128)]
+# A stream id names files and folders (the archive), MQTT topic levels and URL paths: one rule,
+# here, for every reader of a record and for ingest's --stream-id.
+_STREAM_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+STREAM_ID_RULE = "use 1 to 128 characters from A-Z a-z 0-9 . _ - (not . or ..)"
+
+
+def check_stream_id(stream: str) -> str:
+    """``stream`` if it is a valid stream id, else ValueError naming it and the rule."""
+    if not isinstance(stream, str) or not _STREAM_ID.fullmatch(stream) or stream in (".", ".."):
+        raise ValueError(f"stream id {stream!r}: {STREAM_ID_RULE}")
+    return stream
+
+
+StreamId = Annotated[str, AfterValidator(check_stream_id)]
 Count = Annotated[int, Field(ge=0, le=2 ** 63 - 1)]  # seq numbers, offsets: a signed 64-bit integer (SQLite, Kafka)
 Side = Annotated[int, Field(gt=0, le=65535)]  # a frame's width or height in px: JPEG's limit
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..bus import Bus, record_size
 from ..bus.jpeg import DEFAULT_MAX_PIXELS
+from ..bus import messages
 from ..bus.messages import META_HEADER, FrameMeta, SessionEnd, encode
 from ..bus.outages import OUTAGES, StopRequested
 from ..ops import metrics
@@ -39,7 +40,6 @@ from .srt import TelemetryTrack, find_sidecar, load_track
 
 log = logging.getLogger(__name__)
 
-STREAM_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 PART = "ingest"
 
 
@@ -90,9 +90,11 @@ def _is_dir(path: Path) -> bool:
 
 
 def check_stream_id(stream: str) -> str:
-    if not STREAM_ID.match(stream):
-        raise IngestError(f"stream id {stream!r}: use 1 to 128 characters from A-Z a-z 0-9 . _ -")
-    return stream
+    """The message schema's rule (``bus.messages.check_stream_id``), as an IngestError."""
+    try:
+        return messages.check_stream_id(stream)
+    except ValueError as err:
+        raise IngestError(str(err)) from None
 
 
 class Ingestor:

@@ -22,7 +22,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BUILD = Info("linewatch_build", "linewatch version")
 
 # ---- worker --------------------------------------------------------------------------------
-FRAMES_RECEIVED = Counter("linewatch_frames_received_total", "Frame records a worker took from the bus")
+FRAMES_RECEIVED = Counter("linewatch_frames_received_total",
+                          "Frame records a worker took from the bus (not the ends of sessions)")
 FRAMES_SCORED = Counter("linewatch_frames_scored_total", "Frames scored and published to the scores topic")
 DEAD_LETTERS = Counter("linewatch_dead_letters_total", "Records sent to the dead-letter topic",
                        ["stage", "reason"])

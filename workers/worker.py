@@ -234,7 +234,6 @@ class ScoringWorker:
         dead-lettered later, by ``finish``, with the batch's scores."""
         started, started_at = time.monotonic(), time.time()
         batch = _Batch(records, started, started_at)
-        metrics.FRAMES_RECEIVED.inc(len(records))
         metrics.BATCH_SIZE.observe(len(records))
         readable: list[tuple[Record, FrameMeta]] = []
         for record in records:
@@ -248,6 +247,7 @@ class ScoringWorker:
                 batch.ends.append(header)
             else:
                 readable.append((record, header))
+        metrics.FRAMES_RECEIVED.inc(len(records) - len(batch.ends))  # frames only, not the ends of sessions
         if not readable:
             return batch
         images, kept, failed = self.decoder.decode([record.value for record, _ in readable])
