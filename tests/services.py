@@ -234,9 +234,10 @@ def _s3_ready(server) -> bool:
 
 
 @contextmanager
-def mosquitto_broker(folder: Path, port: int | None = None):
+def mosquitto_broker(folder: Path, port: int | None = None, anonymous: bool = True):
     """Yields ``mqtt://127.0.0.1:PORT`` while Debian's mosquitto listens there (anonymous, no
-    persistence); ``port`` pins the port (a broker started again where one was down)."""
+    persistence); ``port`` pins the port (a broker started again where one was down); without
+    ``anonymous`` it refuses every client (no user is known: any password is wrong)."""
     binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").is_file() else None)
     if binary is None:
         pytest.skip("mosquitto not installed (apt-get install -y mosquitto; scripts/test.sh does it)")
@@ -244,7 +245,8 @@ def mosquitto_broker(folder: Path, port: int | None = None):
     for _ in range(1 if port else ATTEMPTS):
         chosen = port or free_port()
         config = folder / f"mosquitto-{chosen}.conf"
-        config.write_text(f"listener {chosen} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        config.write_text(f"listener {chosen} 127.0.0.1\nallow_anonymous {str(anonymous).lower()}\n"
+                          "persistence false\n"
                           f"log_dest file {folder / 'mosquitto.log'}\n")
         process = subprocess.Popen([binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if wait_listening(process, chosen, "mosquitto", 15):

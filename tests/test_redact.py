@@ -30,6 +30,13 @@ SECRETS = ["hunter2", "s3cr3t-pw", "T0AB12CD3xyzB0XY45Z67abcdefGHIJKL", "tok_9f8
     ('{"password": "hunter2"}', '{"password": "***"}'),
     ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.x", "Authorization: Bearer ***"),
     ("redis-server --requirepass hunter2 --port 1", "redis-server --requirepass *** --port 1"),
+    # issue 22: the URL pattern took the colon after the URL into the last segment, which then
+    # was no token: path tokens are found up to any URL delimiter
+    ("alerts output webhook is failing (webhook http://127.0.0.1:59671/hooks/x8Kq2Lm9Pz4Wn7Rt1Vb: [Errno 111] "
+     "Connection refused)",
+     "alerts output webhook is failing (webhook http://127.0.0.1:59671/hooks/***: [Errno 111] Connection refused)"),
+    ("POST (https://h.example/a/x8Kq2Lm9Pz4Wn7Rt1Vb), then", "POST (https://h.example/a/***), then"),
+    ("password: hunter2", "password: ***"), ("token:abc", "token:***"), ('"token": "abc"', '"token": "***"'),
 ])
 def test_redact_masks_each_kind_of_secret(text, expected):
     assert redact(text) == expected
@@ -41,6 +48,9 @@ def test_redact_masks_each_kind_of_secret(text, expected):
     "http://127.0.0.1:8333/bucket/cam/20261201T164824Z-a70cb7/0000000009.frame.jpg",
     "anchor key anchors:v1:0123abcd, a basic configuration", "frame 12 of drone-7 scored 0.93",
     "https://example.com/docs/page?lang=en",
+    # issue 22: a lowercase word after "token: " is prose ("at" was masked)
+    "console token: at least 16 characters of letters, digits and ._~+/=-", "token bucket at rate 5/s",
+    "password: at least 8 characters",
 ])
 def test_redact_leaves_plain_text_alone(text):
     assert redact(text) == text
