@@ -26,7 +26,7 @@ from helpers import score_msg, wait_for
 
 # one event: opens on frames 2-3 (k=2 of n=3), closes once three normal frames follow
 BITS = "0011000000"
-STREAM = "drone/7"  # a '/' must not split the topic level
+STREAM = "drone.7"  # stream ids hold no '/' (the schema refuses them); '.' must not reach a discovery id
 
 
 def send_scores(bus, stream: str = STREAM) -> None:
@@ -88,7 +88,7 @@ def test_mqtt_events_state_and_discovery_arrive_on_the_documented_topics(tmp_pat
         try:
             send_scores(bus)
             level = topic_level(STREAM)
-            assert level == "drone_7"
+            assert level == "drone.7" and topic_level("drone/7+#") == "drone_7__"  # '/' can no longer arrive
             wait_for(lambda: len(watcher.on(f"lw/{level}/closed")) == 1, 30, "the closed alert over MQTT")
             opened = [json.loads(p) for p in watcher.on(f"lw/{level}/open")]
             closed = [json.loads(p) for p in watcher.on(f"lw/{level}/closed")]
