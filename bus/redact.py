@@ -131,8 +131,8 @@ def register_url_secrets(url: object) -> None:
 
 def url_secrets(url: object) -> list[str]:
     """The secret parts of a URL: the password of ``user:password@``, the values of secret-named
-    query parameters (``?token=``), and each path segment or query value (and, for schemes
-    other than http(s) and linewatch's own services, each part of the host: Apprise's
+    query parameters (``?token=``), and each other query value, path segment (web and Apprise
+    URLs, not linewatch's own services') and part of the host (Apprise's
     ``slack://TokenA/TokenB/TokenC`` carries its tokens there) that looks like a token: 8 or
     more characters mixing letters and digits, or 20 or more. Plain words (``services``) stay."""
     if hasattr(url, "get_secret_value"):
@@ -144,16 +144,19 @@ def url_secrets(url: object) -> list[str]:
     except ValueError:  # not a URL we can split: the whole value is the secret
         return [text]
     found = [password] if password else []
-    candidates = [urllib.parse.unquote(p) for p in re.split(r"[/@:;,]", parts.path)]
+    candidates = []
     for name, value in urllib.parse.parse_qsl(parts.query):
         (found if re.fullmatch(_QUERY_NAMES, name, re.IGNORECASE) else candidates).append(value)
-    if parts.scheme.lower() not in _SERVICE_SCHEMES:
-        candidates += [urllib.parse.unquote(p) for p in re.split(r"[@:]", parts.netloc)]
+    scheme = parts.scheme.lower()
+    if scheme not in _SERVICE_SCHEMES:  # a web hook's path; an Apprise URL's path and host
+        candidates += [urllib.parse.unquote(p) for p in re.split(r"[/@:;,]", parts.path)]
+        if scheme not in ("http", "https"):
+            candidates += [urllib.parse.unquote(p) for p in re.split(r"[@:]", parts.netloc)]
     return found + [part for part in candidates if _looks_like_token(part)]
 
 
-_SERVICE_SCHEMES = ("http", "https", "kafka", "redis", "rediss", "s3", "mqtt", "mqtts", "rtsp", "rtsps", "rtmp",
-                    "srt", "udp", "tcp")
+# linewatch's own services: their paths and hosts are names (a bucket, a camera's stream), not secrets
+_SERVICE_SCHEMES = ("kafka", "redis", "rediss", "s3", "mqtt", "mqtts", "rtsp", "rtsps", "rtmp", "srt", "udp", "tcp")
 
 
 def _looks_like_token(part: str) -> bool:

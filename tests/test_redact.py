@@ -113,3 +113,17 @@ def test_stream_urls_are_redacted_where_they_are_published():
 
     for secret in SECRETS[:2]:
         assert secret not in mask_password(f"rtsp://admin:{secret}@cam/stream?token={secret}")
+
+
+@pytest.mark.parametrize("url, secrets", [
+    ("https://hooks.slack.com/services/T0AB12CD3/B0XY45Z67/abcdefGHIJKL1234mnop",
+     ["T0AB12CD3", "B0XY45Z67", "abcdefGHIJKL1234mnop"]),  # "services" is a word, not a token
+    ("slack://T1JJ3T3L2/A1BRTD4JD/TIiajkdnlazkcOXrIdevi7FQ/", ["A1BRTD4JD", "TIiajkdnlazkcOXrIdevi7FQ", "T1JJ3T3L2"]),
+    ("rtsp://admin:pw12@cam:554/live2stream?token=abcd", ["pw12", "abcd"]),  # a camera's path is a name
+    ("s3://inspections2026/runs2", []), ("redis://:pw5678@h:6379/0", ["pw5678"]),
+    ("https://ops.example/hook?stream=cam-front&lang=en", []),
+])
+def test_the_secret_parts_of_a_url(url, secrets):
+    from linewatch.bus.redact import url_secrets
+
+    assert url_secrets(url) == secrets
