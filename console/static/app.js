@@ -70,7 +70,7 @@ function showNumbers(view, stream) {
   for (const name of ["fps", "lag", "latency"]) $(`.${name}`, view.element).hidden = Boolean(ended);
   const reason = ended && ended.reason !== "end" ? ` (${ended.reason})` : "";
   $(".ended", view.element).textContent = ended ? `ended ${clock(ended.at)}${reason}` : "";
-  $(".fps", view.element).textContent = `${stream.fps.toFixed(1)} frames/s`;
+  $(".fps", view.element).textContent = latest ? `${stream.fps.toFixed(1)} frames/s` : "";
   $(".lag", view.element).textContent = stream.lag == null ? "" : `lag ${stream.lag} frames`;
   $(".latency", view.element).textContent = latest ? `${latest.latency_s.toFixed(2)} s` : "";
 }
@@ -149,6 +149,7 @@ function drawTimeline(canvas, points) {
 
 function connectLive() {
   if (!state.config.live) {
+    $("#status").textContent = "archive";
     $("#live-empty").textContent = "No live bus: this console shows the archive (start it with --bootstrap-servers for live streams).";
     return;
   }
