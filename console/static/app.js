@@ -72,7 +72,7 @@ function showNumbers(view, stream) {
   $(".ended", view.element).textContent = ended ? `ended ${clock(ended.at)}${reason}` : "";
   $(".fps", view.element).textContent = latest ? `${stream.fps.toFixed(1)} frames/s` : "";
   $(".lag", view.element).textContent = stream.lag == null ? "" : `lag ${stream.lag} frames`;
-  $(".latency", view.element).textContent = latest ? `${latest.latency_s.toFixed(2)} s` : "";
+  $(".latency", view.element).textContent = latest ? `latency ${latest.latency_s.toFixed(2)} s` : "";
 }
 
 function onLive(update) {
