@@ -263,15 +263,24 @@ def test_compare_on_an_embedded_run_explains_how_to_get_two_result_sets(browser)
 
 
 def test_a_live_tile_waits_for_its_first_frame_without_a_broken_image_and_says_when_it_ended(browser):
+    """The page from the start of a run: start-up's stage, a tile whose frame is published but not
+    yet scored (a placeholder, never a broken image), its first overlay, its end."""
     from linewatch.console.service import serve
 
     bus = MemoryBus()
     server = serve(load_settings(None, {"console": {"port": 0, "tile_url": UNREACHABLE_TILES}}), bus)
     tile = ".tile[data-stream='drone-1']"
     try:
+        # a process still starting (start-up's stages) says so, as `run --console` does before the model is ready
+        stage = {"stage": "calibrating", "step": 3, "steps": 4, "text": "starting: calibrating (3/4)"}
+        server.console.live.stage = lambda: stage
         browser.get(server.url)
+        wait_for(lambda: browser.find_element("id", "starting").text == stage["text"], 30, "the start-up stage",
+                 lambda: seen(browser))
+        assert browser.find_element("id", "status").text == "starting" and broken_images(browser) == []
+        server.console.live.stage = lambda: None
         wait_for(lambda: browser.find_element("id", "status").text == "live", 30, "the live stream", lambda: seen(browser))
-        assert broken_images(browser) == []
+        assert not browser.find_element("id", "starting").is_displayed() and broken_images(browser) == []
         publish(bus, "drone-1", 0)  # ingest published the first frame; the worker has not scored it yet
         wait_for(lambda: js(browser, f"return Boolean(document.querySelector(\"{tile}\"))"), 30, "the stream's tile")
         assert broken_images(browser) == []
