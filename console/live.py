@@ -43,7 +43,7 @@ class StreamView:
     arrivals: deque = field(default_factory=lambda: deque(maxlen=512))  # wall times of scores
     frames: OrderedDict = field(default_factory=OrderedDict)  # (session, seq) -> JPEG
     maps: OrderedDict = field(default_factory=OrderedDict)  # (session, seq) -> EncodedMap
-    position: tuple | None = None  # (frames partition, offset after the newest scored frame)
+    position: tuple | None = None  # (frames topic, partition, offset after the newest scored frame)
     ended: dict | None = None  # {"at": wall time, "reason"} once the latest session has ended
     track_ts: dict = field(default_factory=dict)  # session -> capture time of its last track point
     overlay: tuple | None = None  # ((session, seq), JPEG) of the last tile drawn
@@ -65,7 +65,7 @@ class LiveState:
         self.by_index: list[StreamView] = []
         self.n = 0  # last point number given
         self.alerts_version = 0  # bumped when an alert arrives: browsers reload the list
-        self.frames_end: dict[int, int] = {}  # frames topic: partition -> offset after its last record
+        self.frames_end: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset after its last record
         # What the process is doing before it scores (None: nothing to say), e.g. start-up's
         # {"stage": "calibrating", "step": 3, "steps": 4, "text": "starting: calibrating (3/4)"};
         # set by whoever opens the console before the pipeline is ready.
@@ -97,7 +97,8 @@ class LiveState:
                            "threshold": score.threshold, "anomalous": score.anomalous, "method": score.method,
                            "class_name": score.class_name, "latency_s": max(0.0, score.scored_at - meta.sent_at)}
             if score.frame_ref is not None:
-                view.position = (score.frame_ref.partition, score.frame_ref.offset + 1)
+                ref = score.frame_ref
+                view.position = ((ref.topic, ref.partition), ref.offset + 1)
             _remember(view.maps, (meta.session, meta.seq), score.map)
             if score.frame_jpeg is not None:
                 _remember(view.frames, (meta.session, meta.seq), score.frame_jpeg)
@@ -121,10 +122,10 @@ class LiveState:
             if view is not None and view.latest is not None and view.latest["session"] == end.session:
                 view.ended = {"at": at if at else self.clock(), "reason": end.reason}
 
-    def frames_at(self, partition: int, end: int) -> None:
-        """The frames topic's ``partition`` reaches ``end`` (the offset after its last record)."""
+    def frames_at(self, topic: str, partition: int, end: int) -> None:
+        """The frames ``topic``'s ``partition`` reaches ``end`` (the offset after its last record)."""
         with self.lock:
-            self.frames_end[partition] = max(end, self.frames_end.get(partition, 0))
+            self.frames_end[(topic, partition)] = max(end, self.frames_end.get((topic, partition), 0))
 
     def add_frame(self, meta: FrameMeta, jpeg: bytes) -> None:
         with self.lock:

@@ -66,7 +66,7 @@ class Readers:
             for p in partitions:
                 consumer.seek(topic, p, 0 if back is None else max(0, ends.get(p, 0) - back))
                 if topic == self.bus.topics.frames:
-                    self.live.frames_at(p, ends.get(p, 0))
+                    self.live.frames_at(topic, p, ends.get(p, 0))
         finally:
             try:
                 self.ready.wait(60)
@@ -104,7 +104,7 @@ class Readers:
 
     def _frames(self, records: list[Record]) -> None:
         for record in records:
-            self.live.frames_at(record.partition, record.offset + 1)
+            self.live.frames_at(record.topic, record.partition, record.offset + 1)
             try:
                 meta = frame_header(record.headers)
             except MessageError:
