@@ -294,6 +294,7 @@ def test_a_live_tile_waits_for_its_first_frame_without_a_broken_image_and_says_w
                                      "return Boolean(i && i.naturalWidth > 0)"), 30, "the first overlay")
         assert broken_images(browser) == [] and not js(browser, f"return document.querySelector(\"{tile} .placeholder\")")
         assert browser.find_element("css selector", f"{tile} .lag").text == "lag 0 frames"
+        shot(browser, "10-live-first-overlay")
 
         bus.producer().send(bus.topics.scores, encode(SessionEnd(stream="drone-1", frames=1, ts=1000.0)),
                             key=b"drone-1", timestamp_ms=1_800_000_000_000)  # 2027-01-15T08:00:00Z
@@ -301,6 +302,6 @@ def test_a_live_tile_waits_for_its_first_frame_without_a_broken_image_and_says_w
                  "the stream's end")
         numbers = browser.find_element("css selector", f"{tile} .numbers").text
         assert "ended 08:00:00 UTC" in numbers and "frames/s" not in numbers and "lag" not in numbers
-        shot(browser, "10-live-ended")
+        shot(browser, "11-live-ended")
     finally:
         server.stop()
