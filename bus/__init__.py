@@ -74,6 +74,14 @@ def partition_for(key: bytes | None, partitions: int, counter: int = 0) -> int:
     return (zlib.crc32(key) if key is not None else counter) % partitions
 
 
+def records_behind(end: int, position: int) -> int:
+    """Lag, the one definition linewatch uses (the consumer-lag metric, the worker's summary
+    line, the console's tiles): the records of a partition between a reader's position (the
+    offset of the next record it will take) and the partition's end (the log-end offset,
+    Kafka's high-water mark)."""
+    return max(0, end - position)
+
+
 class Producer(ABC):
     @abstractmethod
     def send(self, topic: str, value: bytes | None, key: bytes | None = None,
@@ -112,8 +120,8 @@ class Consumer(ABC):
         return True
 
     def lag(self) -> dict[tuple[str, int], int] | None:
-        """Records behind the end of each partition this consumer reads, as far as the broker
-        has told (None: nothing known yet). Only as good as the broker's end offsets."""
+        """``records_behind`` for each partition this consumer reads, as far as the broker has
+        told (None: nothing known yet). Only as good as the broker's end offsets."""
         return None
 
     @abstractmethod

@@ -47,6 +47,7 @@ from . import (
     Topics,
     check_size,
     next_offsets,
+    records_behind,
 )
 from .outages import OUTAGES, SERVICE_BACKOFF, StopRequested, describe
 
@@ -393,7 +394,7 @@ class KafkaBusConsumer(Consumer):
             except KafkaError:
                 continue
             if end is not None and position is not None:
-                out[(tp.topic, tp.partition)] = max(0, end - position)
+                out[(tp.topic, tp.partition)] = records_behind(end, position)
         return out or None
 
     def assignment(self) -> set[tuple[str, int]]:

@@ -31,6 +31,7 @@ from . import (
     check_size,
     next_offsets,
     partition_for,
+    records_behind,
 )
 
 
@@ -240,7 +241,8 @@ class MemoryConsumer(Consumer):
         with self.bus.cond:  # exact: the logs are here
             self._take_assignment()
             logs = self.bus.logs
-            return {slot: logs[slot[0]][slot[1]].end - max(self.position.get(slot, 0), logs[slot[0]][slot[1]].start)
+            return {slot: records_behind(logs[slot[0]][slot[1]].end,
+                                         max(self.position.get(slot, 0), logs[slot[0]][slot[1]].start))
                     for slot in sorted(self.owned)}
 
     def assign(self, topic: str, partitions: list[int]) -> None:

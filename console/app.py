@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from ..bus import BusError
-from .compare import compare, results_topics
+from .compare import compare, compare_offer
 from .feedback import FeedbackError, add_frames
 from .files import KINDS
 from .geo import flight_geojson, flight_kml
@@ -53,6 +53,11 @@ def build_app(console) -> FastAPI:
     @app.get("/", include_in_schema=False)
     def index():
         return FileResponse(str(static / "index.html"), headers={"Cache-Control": "no-store"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():  # browsers ask for it whatever the page links
+        return FileResponse(str(static / "favicon.ico"), media_type="image/x-icon",
+                            headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/api/config")
     def config():
@@ -171,10 +176,8 @@ def build_app(console) -> FastAPI:
 
     @app.get("/api/topics")
     def topics():
-        if console.bus is None:
-            return []
         try:
-            return results_topics(console.bus)
+            return compare_offer(console.bus, console.settings.bootstrap_servers)
         except BusError as err:
             raise HTTPException(503, str(err)) from None
 

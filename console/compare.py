@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from ..bus import Bus, BusError
+from ..bus import Bus, BusError, Topics
+from ..bus.memory import MemoryBus
 from ..bus.messages import MessageError, ScoreMsg, SessionEnd, decode
 from ..sinks.alerts import AlertPolicy, AlertTracker
 from .store import session_of
@@ -24,6 +25,22 @@ def results_topics(bus: Bus) -> list[str]:
     prefix = bus.topics.prefix
     return [name for name in bus.topic_names()
             if name == bus.topics.scores or name.startswith(f"{prefix}.replay.")]
+
+
+def compare_offer(bus: Bus | None, servers: str | None) -> dict:
+    """What Compare can read: ``topics`` (results topics on this console's bus; none without
+    one), ``bus`` ("kafka", "embedded": a ``linewatch run``'s in-process bus, or None), and
+    ``replay``: the command that puts a second result set on another topic."""
+    if bus is None:
+        return {"topics": [], "bus": None, "scores": None, "replay": None}
+    prefix = bus.topics.prefix
+    # an embedded run's frames are gone with it: the replay is of a run on Kafka (compose's broker
+    # is localhost:9094 from the host)
+    prefix_flag = "" if prefix == Topics().prefix else f" --topic-prefix {prefix}"
+    replay = (f"linewatch replay --bootstrap-servers {servers or 'localhost:9094'}{prefix_flag} "
+              f"--method winclip --results-topic {prefix}.replay.winclip")
+    return {"topics": results_topics(bus), "bus": "embedded" if isinstance(bus, MemoryBus) else "kafka",
+            "scores": bus.topics.scores, "replay": replay}
 
 
 def topic_events(bus: Bus, topic: str, policy_for: Callable[[str], AlertPolicy], limit: int = 2_000_000) -> list[dict]:

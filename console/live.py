@@ -1,5 +1,11 @@
 """The live view: per stream, its recent scores (the timeline), the latest scored frame and
-map (its overlay), frames/s and lag; fed by the bus readers, read by the web app.
+map (its overlay), frames/s and lag, or when its session ended; fed by the bus readers, read
+by the web app.
+
+Lag is ``bus.records_behind``, as the worker's metric and summary line count it: the frames
+topic's end (per partition, as the frames reader last saw it) minus the offset after the
+newest scored frame of the stream (the scores carry their frame's offset). It counts from
+what is scored, so a batch in flight counts here and not in the worker's metric.
 
 Each timeline point gets a number from one counter (``n``), so a browser asks for "what came
 after n" and gets only that. Frames come from the frames topic and maps from the scores topic;
@@ -12,13 +18,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
+from ..bus import records_behind
 from ..bus.maps import MapError, decode_map
-from ..bus.messages import EncodedMap, FrameMeta, ScoreMsg
+from ..bus.messages import EncodedMap, FrameMeta, ScoreMsg, SessionEnd
 
 KEPT = 32  # frames and maps kept per stream, to pair a frame with its score
 FPS_WINDOW_S = 5.0
@@ -35,7 +43,8 @@ class StreamView:
     arrivals: deque = field(default_factory=lambda: deque(maxlen=512))  # wall times of scores
     frames: OrderedDict = field(default_factory=OrderedDict)  # (session, seq) -> JPEG
     maps: OrderedDict = field(default_factory=OrderedDict)  # (session, seq) -> EncodedMap
-    published: dict = field(default_factory=dict)  # session -> highest seq seen on the frames topic
+    position: tuple | None = None  # (frames topic, partition, offset after the newest scored frame)
+    ended: dict | None = None  # {"at": wall time, "reason"} once the latest session has ended
     track_ts: dict = field(default_factory=dict)  # session -> capture time of its last track point
     overlay: tuple | None = None  # ((session, seq), JPEG) of the last tile drawn
     newest_ts: float = float("-inf")
@@ -56,6 +65,11 @@ class LiveState:
         self.by_index: list[StreamView] = []
         self.n = 0  # last point number given
         self.alerts_version = 0  # bumped when an alert arrives: browsers reload the list
+        self.frames_end: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset after its last record
+        # What the process is doing before it scores (None: nothing to say), e.g. start-up's
+        # {"stage": "calibrating", "step": 3, "steps": 4, "text": "starting: calibrating (3/4)"};
+        # set by whoever opens the console before the pipeline is ready.
+        self.stage: Callable[[], dict | None] = lambda: None
 
     def _stream(self, name: str) -> StreamView:
         view = self.streams.get(name)
@@ -77,11 +91,14 @@ class LiveState:
                 view.points.popleft()
             now = self.clock()
             view.arrivals.append(now)
-            published = view.published.get(meta.session, meta.seq)
+            if view.latest is None or view.latest["session"] != meta.session:
+                view.ended = None  # a new session of the stream
             view.latest = {"seq": meta.seq, "session": meta.session, "ts": meta.ts, "score": score.image_score,
                            "threshold": score.threshold, "anomalous": score.anomalous, "method": score.method,
-                           "class_name": score.class_name, "lag_frames": max(0, published - meta.seq),
-                           "latency_s": max(0.0, score.scored_at - meta.sent_at)}
+                           "class_name": score.class_name, "latency_s": max(0.0, score.scored_at - meta.sent_at)}
+            if score.frame_ref is not None:
+                ref = score.frame_ref
+                view.position = ((ref.topic, ref.partition), ref.offset + 1)
             _remember(view.maps, (meta.session, meta.seq), score.map)
             if score.frame_jpeg is not None:
                 _remember(view.frames, (meta.session, meta.seq), score.frame_jpeg)
@@ -97,11 +114,22 @@ class LiveState:
         view.track_ts[meta.session] = meta.ts
         return (meta.stream, meta.session, meta.seq, meta.ts, t.latitude, t.longitude, t.altitude)
 
+    def end_session(self, end: SessionEnd, at: float | None = None) -> None:
+        """The stream's session ended (the worker forwards ingest's end after the session's last
+        score); ``at``: when (the record's time), else now."""
+        with self.lock:
+            view = self.streams.get(end.stream)
+            if view is not None and view.latest is not None and view.latest["session"] == end.session:
+                view.ended = {"at": at if at else self.clock(), "reason": end.reason}
+
+    def frames_at(self, topic: str, partition: int, end: int) -> None:
+        """The frames ``topic``'s ``partition`` reaches ``end`` (the offset after its last record)."""
+        with self.lock:
+            self.frames_end[(topic, partition)] = max(end, self.frames_end.get((topic, partition), 0))
+
     def add_frame(self, meta: FrameMeta, jpeg: bytes) -> None:
         with self.lock:
-            view = self._stream(meta.stream)
-            view.published[meta.session] = max(meta.seq, view.published.get(meta.session, -1))
-            _remember(view.frames, (meta.session, meta.seq), jpeg)
+            _remember(self._stream(meta.stream).frames, (meta.session, meta.seq), jpeg)
 
     def alert_arrived(self) -> None:
         with self.lock:
@@ -110,7 +138,7 @@ class LiveState:
     # ---- read by the app ----------------------------------------------------------------
     def update(self, after: int) -> dict:
         """Every stream's tile, with the timeline points numbered above ``after``."""
-        now = self.clock()
+        now, stage = self.clock(), self.stage()
         with self.lock:
             streams = []
             for view in self.by_index:
@@ -121,11 +149,13 @@ class LiveState:
                         break
                     points.append(point)
                 tile = self._tile_key(view)
+                end = self.frames_end.get(view.position[0]) if view.position else None
                 streams.append({"id": view.index, "name": view.name, "latest": view.latest,
                                 "fps": recent / FPS_WINDOW_S, "points": points[::-1],
-                                "tile": f"{tile[0]}:{tile[1]}" if tile else None})
+                                "lag": None if end is None else records_behind(end, view.position[1]),
+                                "ended": view.ended, "tile": f"{tile[0]}:{tile[1]}" if tile else None})
             return {"n": self.n, "alerts_version": self.alerts_version, "history_s": self.history_s,
-                    "streams": streams}
+                    "streams": streams, "stage": stage}
 
     def curve(self, stream: str, session: str, first: int, last: int) -> list:
         """[seq, ts, score, threshold, anomalous] of the stream's timeline within seq first..last."""

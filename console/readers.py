@@ -3,8 +3,9 @@ outside any consumer group, so the console never holds the pipeline back (on the
 bus a group would keep records until it committed them) and never takes partitions from a sink.
 
 - scores: from ``SCORES_BACK`` records before the end of each partition on (the recent
-  timeline), into the live view; flight-track points into the store;
-- frames: from just before the end (only the newest frames make tiles);
+  timeline), into the live view, with the ends of sessions; flight-track points into the store;
+- frames: from just before the end (only the newest frames make tiles; the offsets tell the
+  live view where the topic ends, for the lag);
 - alerts: from the start of what the topic keeps, each into the store (an upsert, so a restart
   reading them again changes nothing), with the score curve the live view holds around it.
 
@@ -64,6 +65,8 @@ class Readers:
             ends = consumer.end_offsets(topic) or {}
             for p in partitions:
                 consumer.seek(topic, p, 0 if back is None else max(0, ends.get(p, 0) - back))
+                if topic == self.bus.topics.frames:
+                    self.live.frames_at(topic, p, ends.get(p, 0))
         finally:
             try:
                 self.ready.wait(60)
@@ -95,10 +98,13 @@ class Readers:
                 point = self.live.add_score(score)
                 if point is not None:
                     track.append(point)
+            else:
+                self.live.end_session(score, record.timestamp_ms / 1000)
         self.store.add_track(track)
 
     def _frames(self, records: list[Record]) -> None:
         for record in records:
+            self.live.frames_at(record.topic, record.partition, record.offset + 1)
             try:
                 meta = frame_header(record.headers)
             except MessageError:

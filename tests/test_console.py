@@ -1,6 +1,7 @@
 """The console's server and parts without a browser: who may talk to it (token beyond loopback,
 loopback names, JSON-only changes from its own origin), archive files only by id, the store
-across restarts, replay compare, the flight exports, and the one-action feedback."""
+across restarts, replay compare, the flight exports, the one-action feedback, a stream's lag
+and end on the live view, and the favicon."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from linewatch.bus.memory import MemoryBus
-from linewatch.bus.messages import AlertMsg, SessionEnd, Telemetry, encode
+from linewatch.bus.messages import AlertMsg, FrameRef, SessionEnd, Telemetry, encode
 from linewatch.cli import main
 from linewatch.console.compare import compare
 from linewatch.console.service import serve
@@ -24,7 +25,7 @@ from linewatch.pipeline.settings import load_settings
 from linewatch.sinks.alerts import AlertPolicy, AlertTracker
 from linewatch.sinks.archive import Archive
 
-from helpers import error_line, score_msg, wait_for
+from helpers import error_line, publish, score_msg, wait_for
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 
@@ -269,15 +270,17 @@ def test_the_console_reads_kafka_outside_any_group(kafka_servers, tmp_path):
     bus = connect(f"kafka://{kafka_servers}", prefix, 2)
     bus.ensure_topics([f"{prefix}.replay.winclip-1"])
     event_stream(bus, "00111000")
-    settings = load_settings(None, {"archive": str(tmp_path), "console": {"port": 0}, "topic_prefix": prefix})
+    settings = load_settings(None, {"archive": str(tmp_path), "console": {"port": 0}, "topic_prefix": prefix,
+                                    "bootstrap_servers": kafka_servers})
     server = serve(settings, bus, lambda stream: AlertPolicy(k=2, n=3))
     try:
         event_stream(bus, "0000", stream="drone-2")
         wait_for(lambda: [e["status"] for e in server.console.store.events()] == ["closed"], 60, "the alert")
         wait_for(lambda: {s["name"]: len(s["points"]) for s in server.console.live.update(0)["streams"]}
                  == {"drone-1": 8, "drone-2": 4}, 60, "both streams' scores")
-        body = raw(server.port, "/api/topics")[1]
-        assert json.loads(body) == sorted([f"{prefix}.replay.winclip-1", f"{prefix}.scores"])
+        offer = json.loads(raw(server.port, "/api/topics")[1])
+        assert offer["topics"] == sorted([f"{prefix}.replay.winclip-1", f"{prefix}.scores"]) and offer["bus"] == "kafka"
+        assert offer["replay"].startswith(f"linewatch replay --bootstrap-servers {kafka_servers} --topic-prefix {prefix} ")
     finally:
         server.stop()
         bus.close()
@@ -310,3 +313,66 @@ def test_an_s3_archive_serves_the_events_frames_and_keeps_the_reviews_in_the_buc
             [(event["event_id"], "confirmed", "cracked")]
     finally:
         fresh.stop()
+
+
+def live_stream(server, name: str) -> dict:
+    return next((s for s in server.console.live.update(0)["streams"] if s["name"] == name), {})
+
+
+def test_a_streams_lag_counts_as_the_workers_and_its_end_replaces_rate_and_lag(tmp_path):
+    """Lag is one count (``bus.records_behind``): the console's, from the newest score's frame
+    offset, equals the worker group's, from its consumer's position, over the same frames."""
+    bus = MemoryBus(partitions=1)
+    worker = bus.consumer([bus.topics.frames], "linewatch-workers")
+    server = serve(load_settings(None, {"console": {"port": 0}}), bus)
+    try:
+        for seq in range(7):
+            publish(bus, "drone-1", seq)
+        taken = worker.poll(1.0, 3)  # the worker has taken frames 0..2 of 7
+        producer = bus.producer()
+        for record in taken:
+            score = score_msg(record.offset, stream="drone-1").model_copy(
+                update={"frame_ref": FrameRef(topic=record.topic, partition=record.partition, offset=record.offset)})
+            producer.send(bus.topics.scores, encode(score), key=b"drone-1")
+        wait_for(lambda: live_stream(server, "drone-1").get("lag") == 4, 15, "the lag of 4 frames",
+                 lambda: live_stream(server, "drone-1"))
+        assert worker.lag() == {(bus.topics.frames, 0): 4}  # what the metric and the summary line report
+        assert live_stream(server, "drone-1")["ended"] is None
+
+        at_ms = 1_800_000_000_000
+        producer.send(bus.topics.scores, encode(SessionEnd(stream="drone-1", frames=3, ts=1003.0, reason="stopped")),
+                      key=b"drone-1", timestamp_ms=at_ms)
+        wait_for(lambda: live_stream(server, "drone-1").get("ended"), 15, "the stream's end")
+        assert live_stream(server, "drone-1")["ended"] == {"at": at_ms / 1000, "reason": "stopped"}
+        # a new session of the stream is live again
+        again = score_msg(0, stream="drone-1")
+        again = again.model_copy(update={"frame": again.frame.model_copy(update={"session": "s2"})})
+        producer.send(bus.topics.scores, encode(again), key=b"drone-1")
+        wait_for(lambda: live_stream(server, "drone-1").get("latest", {}).get("session") == "s2", 15, "session s2")
+        assert live_stream(server, "drone-1")["ended"] is None
+    finally:
+        server.stop()
+        worker.close()
+
+
+def test_the_favicon_is_served_and_compare_says_what_it_can_read(tmp_path):
+    (tmp_path / "archive").mkdir()
+    archive_only = serve(load_settings(None, {"archive": str(tmp_path / "archive"), "console": {"port": 0}}))
+    try:
+        status, body, headers = raw(archive_only.port, "/favicon.ico")
+        assert status == 200 and headers["content-type"] == "image/x-icon" and body[:4] == b"\x00\x00\x01\x00"
+        status, body, headers = raw(archive_only.port, "/static/favicon.svg")
+        assert status == 200 and headers["content-type"].startswith("image/svg+xml") and b"<svg" in body
+        assert b'href="/static/favicon.svg"' in raw(archive_only.port, "/")[1]
+        assert json.loads(raw(archive_only.port, "/api/topics")[1]) == \
+            {"topics": [], "bus": None, "scores": None, "replay": None}
+    finally:
+        archive_only.stop()
+    embedded = serve(load_settings(None, {"console": {"port": 0}}), MemoryBus())
+    try:
+        offer = json.loads(raw(embedded.port, "/api/topics")[1])
+        assert offer["topics"] == ["linewatch.scores"] and offer["bus"] == "embedded"
+        assert offer["replay"] == ("linewatch replay --bootstrap-servers localhost:9094 --method winclip "
+                                   "--results-topic linewatch.replay.winclip")
+    finally:
+        embedded.stop()

@@ -1,7 +1,9 @@
 """The console in a real browser: Debian's headless Chromium driven by Selenium through
 chromium-driver, against a run of the demo clip on the embedded bus (the tiny model; threshold
 0 so the random-weight model raises the clip's event for sure), then against `linewatch console`
-restarted on the run's archive. Screenshots go to runs/test-artifacts/console/ (gitignored)."""
+restarted on the run's archive; and the first things a new user sees: a Live tile before its
+first frame and after its stream ended, an archive-only console (it opens on Alerts), Compare
+on an embedded run. Screenshots go to runs/test-artifacts/console/ (gitignored)."""
 
 from __future__ import annotations
 
@@ -12,10 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from linewatch.bus.memory import MemoryBus
+from linewatch.bus.messages import FrameRef, SessionEnd, encode
+from linewatch.console.store import ConsoleStore
 from linewatch.ingest.demo import write_demo_clip
 from linewatch.pipeline.settings import load_settings
+from linewatch.sinks.alerts import AlertPolicy, AlertTracker
+from linewatch.sinks.archive import Archive
 
-from helpers import Processes, wait_for
+from helpers import Processes, publish, score_msg, wait_for
 
 pytestmark = pytest.mark.services
 
@@ -174,3 +181,127 @@ def test_console_shows_a_demo_run_and_keeps_its_review(browser, tmp_path, monkey
         shot(browser, "6-map")
     finally:
         processes.stop_all()
+
+
+def console_url(processes: Processes, *args: str) -> str:
+    """`linewatch console ARGS` started as a process; its URL."""
+    processes.start("console", "console", *args, "--port", "0", "--tile-url", UNREACHABLE_TILES, "--metrics-port", "off")
+    processes.wait_for_line("console", "console at http://", 120)
+    return re.search(r"console at (http://\S+/)", processes.log("console")).group(1)
+
+
+def broken_images(driver) -> list[str]:
+    """The <img> elements the page shows (displayed) that have no picture: a broken-image icon."""
+    return js(driver, "return [...document.images].filter(i => i.getClientRects().length"
+                      " && !(i.complete && i.naturalWidth > 0)).map(i => i.outerHTML)")
+
+
+def write_archive_with_one_event(folder: Path) -> str:
+    """An archive as a run leaves it: the frames as the archive sink writes them, and the event in
+    the archive's index (``index.sqlite``) as a run that records its events does. Its event id."""
+    archive, store = Archive(folder), ConsoleStore(folder / "index.sqlite")
+    tracker, event_ids = AlertTracker(lambda stream: AlertPolicy(k=2, n=3)), set()
+    try:
+        for seq, bit in enumerate("0011110000"):
+            score = score_msg(seq, 0.9 if bit == "1" else 0.1, stream="drone-1")
+            score = score.model_copy(update={"frame": score.frame.model_copy(update={"session": "s1"})})
+            archive.add(score)
+            for alert in tracker.push(score):
+                store.upsert_event(alert)
+                event_ids.add(alert.event_id)
+        for alert in tracker.end(SessionEnd(stream="drone-1", session="s1", frames=10, ts=5000.0)):
+            store.upsert_event(alert)
+    finally:
+        archive.close()
+        store.close()
+    [event_id] = event_ids
+    return event_id
+
+
+def test_an_archive_only_console_opens_on_alerts_with_the_archived_event(browser, tmp_path):
+    event_id = write_archive_with_one_event(tmp_path / "archive")
+    processes = Processes(tmp_path)
+    try:
+        url = console_url(processes, "--archive", str(tmp_path / "archive"))
+        browser.get(url)  # no #tab in the address: the console picks
+        row = f"#alerts tbody tr[data-event-id='{event_id}']"
+        wait_for(lambda: js(browser, f"return Boolean(document.querySelector(\"{row}\"))"), 30,
+                 "the archived event in the alert list", lambda: seen(browser))
+        assert js(browser, "return document.getElementById('tab-live').hidden "
+                           "&& !document.getElementById('tab-alerts').hidden")
+        assert browser.find_element("css selector", "nav a.active").text == "Alerts"
+        assert "closed" in browser.find_element("css selector", row).text
+        shot(browser, "7-archive-opens-on-alerts")
+        browser.find_element("css selector", row).click()
+        wait_for(lambda: js(browser, "const i = document.getElementById('event-overlay');"
+                                     "return i.complete && i.naturalWidth > 0"), 30, "the event's overlay from the archive")
+    finally:
+        processes.stop_all()
+
+
+def test_compare_on_an_embedded_run_explains_how_to_get_two_result_sets(browser):
+    from linewatch.console.service import serve
+
+    # what `linewatch run --console` opens: the console on the run's in-process bus
+    server = serve(load_settings(None, {"console": {"port": 0, "tile_url": UNREACHABLE_TILES}}), MemoryBus(),
+                   lambda stream: AlertPolicy(k=2, n=3))
+    try:
+        browser.get(server.url + "#compare")
+        how = "return document.getElementById('compare-how').hidden ? '' : document.getElementById('compare-how').innerText"
+        wait_for(lambda: js(browser, how), 30, "Compare's explanation", lambda: seen(browser))
+        text = js(browser, how)
+        assert "embedded run" in text and "one result set (linewatch.scores)" in text and "replay" in text
+        assert "linewatch replay --bootstrap-servers" in text and "--results-topic linewatch.replay." in text
+        assert "linewatch.scores" in browser.find_element("id", "compare-topics").text
+        assert "two results topics" in browser.find_element("css selector", "#tab-compare .about").text
+        # nothing to pick, no empty result boxes
+        assert not browser.find_element("id", "compare-form").is_displayed()
+        assert not browser.find_element("id", "compare-result").is_displayed()
+        shot(browser, "8-compare-embedded")
+    finally:
+        server.stop()
+
+
+def test_a_live_tile_waits_for_its_first_frame_without_a_broken_image_and_says_when_it_ended(browser):
+    """The page from the start of a run: start-up's stage, a tile whose frame is published but not
+    yet scored (a placeholder, never a broken image), its first overlay, its end."""
+    from linewatch.console.service import serve
+
+    bus = MemoryBus()
+    server = serve(load_settings(None, {"console": {"port": 0, "tile_url": UNREACHABLE_TILES}}), bus)
+    tile = ".tile[data-stream='drone-1']"
+    try:
+        # a process still starting (start-up's stages) says so, as `run --console` does before the model is ready
+        stage = {"stage": "calibrating", "step": 3, "steps": 4, "text": "starting: calibrating (3/4)"}
+        server.console.live.stage = lambda: stage
+        browser.get(server.url)
+        wait_for(lambda: browser.find_element("id", "starting").text == stage["text"], 30, "the start-up stage",
+                 lambda: seen(browser))
+        assert browser.find_element("id", "status").text == "starting" and broken_images(browser) == []
+        server.console.live.stage = lambda: None
+        wait_for(lambda: browser.find_element("id", "status").text == "live", 30, "the live stream", lambda: seen(browser))
+        assert not browser.find_element("id", "starting").is_displayed() and broken_images(browser) == []
+        publish(bus, "drone-1", 0)  # ingest published the first frame; the worker has not scored it yet
+        wait_for(lambda: js(browser, f"return Boolean(document.querySelector(\"{tile}\"))"), 30, "the stream's tile")
+        assert broken_images(browser) == []
+        assert browser.find_element("css selector", f"{tile} .placeholder").text == "waiting for the first frame…"
+        shot(browser, "9-live-waiting-for-the-first-frame")
+
+        score = score_msg(0, 0.9, stream="drone-1", ts=1000.0)  # its frame JPEG goes with it (anomalous)
+        score = score.model_copy(update={"frame_ref": FrameRef(topic=bus.topics.frames, partition=0, offset=0)})
+        bus.producer().send(bus.topics.scores, encode(score), key=b"drone-1")
+        wait_for(lambda: js(browser, f"const i = document.querySelector(\"{tile} img\");"
+                                     "return Boolean(i && i.naturalWidth > 0)"), 30, "the first overlay")
+        assert broken_images(browser) == [] and not js(browser, f"return document.querySelector(\"{tile} .placeholder\")")
+        assert browser.find_element("css selector", f"{tile} .lag").text == "lag 0 frames"
+        shot(browser, "10-live-first-overlay")
+
+        bus.producer().send(bus.topics.scores, encode(SessionEnd(stream="drone-1", frames=1, ts=1000.0)),
+                            key=b"drone-1", timestamp_ms=1_800_000_000_000)  # 2027-01-15T08:00:00Z
+        wait_for(lambda: js(browser, f"return document.querySelector(\"{tile}\").dataset.state") == "ended", 30,
+                 "the stream's end")
+        numbers = browser.find_element("css selector", f"{tile} .numbers").text
+        assert "ended 08:00:00 UTC" in numbers and "frames/s" not in numbers and "lag" not in numbers
+        shot(browser, "11-live-ended")
+    finally:
+        server.stop()

@@ -16,7 +16,10 @@ from ..ops.health import HEALTH, Health
 
 log = logging.getLogger("linewatch.workers.worker")
 
-LAG_EVERY_S = 5.0  # the lag gauge is refreshed this often (kafka-python reads it from fetch responses)
+# The lag gauge (``bus.records_behind`` per partition, as the summary line and the console count
+# it) is refreshed this often, after a poll; cheap (kafka-python reads it from fetch responses).
+# At 5 s it read 0 for seconds while ingest had published a whole clip ahead of the first batch.
+LAG_EVERY_S = 1.0
 # Until its first batch is done a worker may wait minutes inside it (torch.compile, cuDNN
 # autotuning, lazy CUDA init): liveness allows this much then, so a slow start never crash-loops.
 FIRST_BATCH_GRACE_S = 900.0

@@ -18,12 +18,13 @@ async function api(path, options = {}) {
 const post = (path, body) => api(path, { method: "POST", headers: { "Content-Type": "application/json" },
                                          body: JSON.stringify(body) });
 const when = (ts) => new Date(ts * 1000).toISOString().replace("T", " ").replace(/\.\d+Z$/, "Z");
+const clock = (ts) => `${new Date(ts * 1000).toISOString().slice(11, 19)} UTC`;
 const escapeHtml = (text) => String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;",
   '"': "&quot;", "'": "&#39;" })[c]);
 
 // ---- tabs ---------------------------------------------------------------------------------
 function route() {
-  const hash = location.hash.slice(1) || "live";
+  const hash = location.hash.slice(1) || (state.config.live ? "live" : "alerts");  // an archive has no live view
   const [tab, id] = hash.split("/");
   const shown = tab === "event" ? "event" : tab;
   document.querySelectorAll(".tab").forEach((section) => { section.hidden = section.id !== `tab-${shown}`; });
@@ -41,9 +42,13 @@ function tileOf(stream) {
   const element = document.createElement("div");
   element.className = "tile";
   element.dataset.stream = stream.name;
+  element.dataset.state = "waiting";
+  // no <img> until the first overlay has loaded: an image without one shows as broken
   element.innerHTML = `<h3><span class="name"></span><span class="score"></span></h3>
-    <img alt="latest frame with its anomaly map">
-    <div class="numbers"><span class="threshold"></span><span class="fps"></span><span class="lag"></span></div>
+    <div class="frame"><p class="placeholder">waiting for the first frame…</p></div>
+    <div class="numbers"><span class="threshold"></span><span class="fps"></span>
+      <span class="lag" title="frames on the frames topic after the newest scored one (topic end minus position)"></span>
+      <span class="latency" title="published by ingest → scored"></span><span class="ended"></span></div>
     <canvas width="760" height="180" data-points="0"></canvas>`;
   $(".name", element).textContent = stream.name;
   $("#tiles").appendChild(element);
@@ -52,7 +57,29 @@ function tileOf(stream) {
   return view;
 }
 
+function showTile(view, stream) {
+  const key = stream.tile, img = new Image();
+  img.alt = "latest frame with its anomaly map";
+  img.onload = () => { if (view.tile === key) $(".frame", view.element).replaceChildren(img); };
+  img.src = `/api/streams/${stream.id}/tile.jpg?v=${encodeURIComponent(key)}`;
+}
+
+function showNumbers(view, stream) {
+  const latest = stream.latest, ended = stream.ended;
+  view.element.dataset.state = ended ? "ended" : latest ? "live" : "waiting";
+  for (const name of ["fps", "lag", "latency"]) $(`.${name}`, view.element).hidden = Boolean(ended);
+  const reason = ended && ended.reason !== "end" ? ` (${ended.reason})` : "";
+  $(".ended", view.element).textContent = ended ? `ended ${clock(ended.at)}${reason}` : "";
+  $(".fps", view.element).textContent = latest ? `${stream.fps.toFixed(1)} frames/s` : "";
+  $(".lag", view.element).textContent = stream.lag == null ? "" : `lag ${stream.lag} frames`;
+  $(".latency", view.element).textContent = latest ? `latency ${latest.latency_s.toFixed(2)} s` : "";
+}
+
 function onLive(update) {
+  const stage = update.stage ? (typeof update.stage === "string" ? update.stage : update.stage.text) : "";
+  $("#starting").textContent = stage;
+  $("#starting").hidden = !stage;
+  $("#status").textContent = stage ? "starting" : "live";
   $("#live-empty").hidden = update.streams.length > 0;
   for (const stream of update.streams) {
     const view = tileOf(stream);
@@ -67,12 +94,11 @@ function onLive(update) {
       score.textContent = latest.score.toFixed(3);
       score.classList.toggle("bad", latest.anomalous);
       $(".threshold", view.element).textContent = `threshold ${latest.threshold.toFixed(3)}`;
-      $(".lag", view.element).textContent = `lag ${latest.lag_frames} frames, ${latest.latency_s.toFixed(2)} s`;
     }
-    $(".fps", view.element).textContent = `${stream.fps.toFixed(1)} frames/s`;
+    showNumbers(view, stream);
     if (stream.tile && stream.tile !== view.tile) {
       view.tile = stream.tile;
-      $("img", view.element).src = `/api/streams/${stream.id}/tile.jpg?v=${encodeURIComponent(stream.tile)}`;
+      showTile(view, stream);
     }
     drawTimeline($("canvas", view.element), view.points.map((p) => [p[2], p[3], p[4], p[5]]));
   }
@@ -123,11 +149,12 @@ function drawTimeline(canvas, points) {
 
 function connectLive() {
   if (!state.config.live) {
+    $("#status").textContent = "archive";
     $("#live-empty").textContent = "No live bus: this console shows the archive (start it with --bootstrap-servers for live streams).";
     return;
   }
   const source = new EventSource("/api/live");
-  source.onmessage = (message) => { $("#status").textContent = "live"; onLive(JSON.parse(message.data)); };
+  source.onmessage = (message) => onLive(JSON.parse(message.data));
   source.onerror = () => { $("#status").textContent = "reconnecting…"; };
 }
 
@@ -259,10 +286,36 @@ async function drawFlight(id) {
 }
 
 // ---- compare ------------------------------------------------------------------------------
+// Why Compare has nothing to compare, and how to get a second result set.
+function compareHow(offer) {
+  if (!offer.bus) {
+    return "This console reads no bus (only an archive): start it with --bootstrap-servers to compare the results "
+      + "topics of a pipeline on Kafka.";
+  }
+  if (offer.topics.length > 1) return "";
+  if (offer.bus === "embedded") {
+    return `This is an embedded run (linewatch run): its scores are on an in-process bus that ends with the run, so `
+      + `there is one result set (${offer.scores}) and nothing to compare it with. To get two, run the pipeline on `
+      + "Kafka (deploy/compose.yaml, or linewatch ingest and linewatch worker with --bootstrap-servers), replay its "
+      + "frames onto another topic with another method, threshold or references, and open Compare on a console of "
+      + "that bus (linewatch console --bootstrap-servers …):";
+  }
+  return `One result set so far (${offer.scores}). Replay frames onto another topic with another method, threshold `
+    + "or references, then open this tab again:";
+}
+
 async function loadTopics() {
   const form = $("#compare-form");
-  if (!state.config.live) { $("#compare-note").textContent = "Compare reads results topics: start the console with --bootstrap-servers."; return; }
-  const topics = await api("/api/topics");
+  const offer = await api("/api/topics");
+  const topics = offer.topics;
+  $("#compare-topics").textContent = topics.length ? `Results topics this console can read: ${topics.join(", ")}.` : "";
+  const how = compareHow(offer);
+  $("#compare-how").hidden = !how;
+  $("#compare-how-text").textContent = how;
+  $("#compare-command").textContent = offer.bus ? offer.replay : "";
+  $("#compare-command").hidden = !offer.bus;
+  form.hidden = topics.length < 2;
+  if (form.hidden) { $("#compare-result").hidden = true; return; }
   for (const select of [form.a, form.b]) {
     const chosen = select.value;
     select.innerHTML = "";
@@ -282,7 +335,9 @@ async function runCompare(event) {
     $("#compare-both").innerHTML = result.both.map((pair) => item(pair.a)).join("");
     $("#compare-a").innerHTML = result.only_a.map(item).join("");
     $("#compare-b").innerHTML = result.only_b.map(item).join("");
-    $("#compare-note").textContent = `A raised ${result.counts.a} event(s), B ${result.counts.b}`;
+    $("#compare-note").textContent = `A (${result.a}) raised ${result.counts.a} event(s), B (${result.b}) `
+      + `${result.counts.b}: ${result.both.length} of A's also in B`;
+    $("#compare-result").hidden = false;
   } catch (err) { $("#compare-note").textContent = `cannot compare: ${err.message}`; }
 }
 
