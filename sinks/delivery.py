@@ -1,0 +1,180 @@
+"""Alert channels as independent consumers of the alerts topic.
+
+The alert sink decides alerts and writes them to the alerts topic (``alert_sink``); that topic
+is the channels' source of truth. Each channel (JSONL, webhook, MQTT, Apprise) reads it in a
+consumer group of its own (``<alerts topic>.<channel name>``) on a thread of its own and
+commits an alert's offset only once the channel took it or it was finally dead-lettered. So
+a channel that is down grows its own backlog (durable, on the broker: a restarted sink goes
+on where the channel stopped) and holds back neither the sink nor another channel; its lag
+is ``linewatch_channel_lag_records{channel}``. Within a channel, alerts are delivered in the
+order of their partition (each stream's in order).
+
+Each alert: an ``OutputError`` is retried after a backoff (``DeliveryPolicy``: doubling up
+to ``max_backoff_s``) up to ``attempts``; an ``OutputUnknown`` (a timeout after sending) is
+retried the same way with the same alert (the same idempotency key), and counts as "may have
+been delivered"; ``OutputRefused`` is dead-lettered at once; an alert decided more than
+``max_age_s`` ago is dead-lettered instead of sent. A dead letter says how many attempts were
+made and whether any may have reached the receiver. A stop in the middle of the retries
+leaves the alert uncommitted: the next run tries it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from ..bus import Bus, Record
+from ..bus.messages import AlertMsg, MessageError, decode
+from ..ops import metrics
+from .outputs import AlertOutput, OutputError, OutputRefused, OutputUnknown
+
+log = logging.getLogger(__name__)
+
+REMEMBERED = 10_000  # alerts delivered lately, by (event_id, status): a duplicate on the topic is skipped
+
+
+def channel_group(alerts_topic: str, channel: str) -> str:
+    return f"{alerts_topic}.{channel}"
+
+
+class Channel:
+    """One channel's consumer of ``topic`` (see the module docstring). ``dead(reason, alert,
+    record)`` publishes a dead letter and returns once it is acknowledged."""
+
+    def __init__(self, bus: Bus, output: AlertOutput, topic: str, dead: Callable[[str, AlertMsg | None, Record], None],
+                 *, poll_s: float = 0.5, batch: int = 16):
+        self.bus, self.output, self.topic, self.dead = bus, output, topic, dead
+        self.policy = output.delivery
+        self.group = channel_group(topic, output.name)
+        self.poll_s, self.batch = poll_s, batch
+        self.delivered = self.failed = 0
+        self.recent: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.committed: dict[int, int] = {}  # partition -> offset after the last alert done with
+        self.failing = False  # an outage is on: said once when it begins and once when it ends
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        return self.output.name
+
+    def start(self, stop: threading.Event) -> None:
+        """Join the group now (so no alert written after this is missed), deliver on a thread."""
+        self.stop = stop
+        self.consumer = self.bus.consumer([self.topic], self.group)
+        self.bus.unpaced(self.group)
+        self.probe = self.bus.consumer([], None)  # end offsets, for ``caught_up`` (any thread)
+        self.thread = threading.Thread(target=self._run, name=f"channel-{self.name}", daemon=True)
+        self.thread.start()
+
+    def caught_up(self) -> bool:
+        """Every alert on the topic so far delivered or dead-lettered (exact on the in-process bus)."""
+        with self.lock:
+            ends = self.probe.end_offsets(self.topic) or {}
+            return all(self.committed.get(p, 0) >= end for p, end in ends.items() if end > 0)
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+        self.output.close()
+
+    # ---- the channel's thread -------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                records = self.consumer.poll(self.poll_s, self.batch)
+                self._measure(len(records))
+                done: list[Record] = []
+                for record in records:
+                    if not self._deliver(record, done):
+                        break  # a stop mid-retries: this one and the rest stay uncommitted
+                    done.append(record)
+                self._commit(done)
+        except Exception:  # noqa: BLE001 - a bug here must not pass silently nor take the sink down
+            log.exception("alert channel %s stopped", self.name)
+        finally:
+            self.consumer.close()
+            with self.lock:
+                self.probe.close()
+
+    def _commit(self, done: list[Record]) -> None:
+        if not done:
+            return
+        self.consumer.commit(done)
+        with self.lock:
+            for record in done:
+                self.committed[record.partition] = max(self.committed.get(record.partition, 0), record.offset + 1)
+        done.clear()
+
+    def _measure(self, holding: int) -> None:
+        lag = self.consumer.lag()
+        metrics.CHANNEL_LAG.labels(self.name).set(sum((lag or {}).values()) + holding)
+
+    def _deliver(self, record: Record, done: list[Record]) -> bool:
+        """True once ``record`` is done with (delivered, skipped or dead-lettered); False on a stop."""
+        try:
+            alert = decode(record.value, AlertMsg)
+        except MessageError as err:
+            self._dead(f"alert channel {self.name}: not an alert ({err})", None, record)
+            return True
+        key = (alert.event_id, alert.status)
+        if key in self.recent:
+            return True
+        attempts, maybe, error = 0, False, ""
+        while True:
+            age = time.time() - record.timestamp_ms / 1000
+            metrics.CHANNEL_OLDEST_AGE.labels(self.name).set(max(age, 0.0))
+            if self.policy.max_age_s and age > self.policy.max_age_s:
+                self._dead(self._gave_up(alert, attempts, maybe, error,
+                                         f"older than max_age_s ({age:.0f} s > {self.policy.max_age_s:g} s)"), alert, record)
+                return True
+            attempts += 1
+            try:
+                self.output.send(alert)
+                break
+            except OutputRefused as err:
+                self._dead(self._gave_up(alert, attempts, maybe, str(err), "refused"), alert, record)
+                return True
+            except Exception as err:  # noqa: BLE001 - OutputError, or a bug in the output: both retried
+                maybe = maybe or isinstance(err, OutputUnknown)
+                error = str(err) if isinstance(err, OutputError) else f"{type(err).__name__}: {err}"
+            if not self.failing:
+                self.failing = True
+                log.warning("alert channel %s is failing (%s); retrying with backoff, the other channels go on",
+                            self.name, error)
+            if self.policy.attempts and attempts >= self.policy.attempts:
+                self._dead(self._gave_up(alert, attempts, maybe, error, "gave up"), alert, record)
+                return True
+            self._commit(done)  # what is done stays done while this one waits
+            if self.stop.wait(self.policy.backoff(attempts)):
+                return False
+        if self.failing:
+            self.failing = False
+            log.info("alert channel %s works again", self.name)
+        self.delivered += 1
+        self._remember(key)
+        metrics.CHANNEL_OLDEST_AGE.labels(self.name).set(0.0)
+        return True
+
+    def _gave_up(self, alert: AlertMsg, attempts: int, maybe: bool, error: str, why: str) -> str:
+        received = ("may have been delivered (an attempt got no answer after sending)" if maybe
+                    else "not delivered")
+        return (f"alert channel {self.name}: alert {alert.event_id} ({alert.status}) {received}; {why} after "
+                f"{attempts} attempt(s)" + (f"; last error: {error}" if error else ""))
+
+    def _dead(self, reason: str, alert: AlertMsg | None, record: Record) -> None:
+        log.warning("%s -> dead letter", reason)
+        metrics.DEAD_LETTERS.labels("sink-alerts", "alert_channel").inc()
+        self.failed += 1
+        self.dead(reason, alert, record)  # acknowledged before the offset is committed
+        if alert is not None:
+            self._remember((alert.event_id, alert.status))
+        metrics.CHANNEL_OLDEST_AGE.labels(self.name).set(0.0)
+
+    def _remember(self, key: tuple[str, str]) -> None:
+        self.recent[key] = None
+        if len(self.recent) > REMEMBERED:
+            self.recent.popitem(last=False)
