@@ -52,7 +52,8 @@ class Channel:
         self.poll_s, self.batch = poll_s, batch
         self.delivered = self.failed = 0
         self.recent: OrderedDict[tuple[str, str], None] = OrderedDict()
-        self.committed: dict[int, int] = {}  # partition -> offset after the last alert done with
+        self.owned: set[int] = set()  # the partitions of the topic the group gives this channel now
+        self.idle_at: dict[int, int] | None = None  # partition -> end offset before the last empty poll
         self.failing = False  # an outage is on: said once when it begins and once when it ends
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
@@ -71,10 +72,13 @@ class Channel:
         self.thread.start()
 
     def caught_up(self) -> bool:
-        """Every alert on the topic so far delivered or dead-lettered (exact on the in-process bus)."""
+        """Every alert on this channel's partitions of the topic delivered or dead-lettered, as of
+        the channel's last empty poll (exact on the in-process bus; the embedded run waits on it)."""
         with self.lock:
+            if self.idle_at is None:
+                return False
             ends = self.probe.end_offsets(self.topic) or {}
-            return all(self.committed.get(p, 0) >= end for p, end in ends.items() if end > 0)
+            return all(self.idle_at.get(p, 0) >= ends.get(p, 0) for p in self.owned)
 
     def join(self) -> None:
         if self.thread is not None:
@@ -85,8 +89,13 @@ class Channel:
     def _run(self) -> None:
         try:
             while not self.stop.is_set():
+                ends = self.consumer.end_offsets(self.topic) or {}
                 records = self.consumer.poll(self.poll_s, self.batch)
                 self._measure(len(records))
+                with self.lock:
+                    self.owned = {p for topic, p in self.consumer.assignment() if topic == self.topic}
+                    if not records:  # nothing beyond: every alert up to ``ends`` is done with
+                        self.idle_at = ends
                 done: list[Record] = []
                 for record in records:
                     if not self._deliver(record, done):
@@ -104,9 +113,6 @@ class Channel:
         if not done:
             return
         self.consumer.commit(done)
-        with self.lock:
-            for record in done:
-                self.committed[record.partition] = max(self.committed.get(record.partition, 0), record.offset + 1)
         done.clear()
 
     def _measure(self, holding: int) -> None:
