@@ -12,6 +12,7 @@ import pytest
 
 from linewatch.bus.memory import MemoryBus
 from linewatch.bus.messages import AlertMsg, decode, encode
+from linewatch.ops import metrics
 from linewatch.sinks.alerts import AlertPolicy, AlertTracker
 from linewatch.sinks.delivery import Channel
 from linewatch.sinks.outputs import (
@@ -233,5 +234,7 @@ def test_a_channel_that_is_down_holds_no_producer_of_the_in_process_bus_back():
     publish(bus, many)  # returns: nothing waits for the channel
     with bus.cond:
         assert bus.logs[bus.topics.alerts][0].end == 20
+    lag = metrics.CHANNEL_LAG.labels(running.name)
+    wait_for(lambda: lag._value.get() == 20, what="the channel's lag metric to count its backlog")
     stop.set()
     running.join()
