@@ -75,9 +75,11 @@ def by_stream(rows: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
 
 
 def jsonl_rows(path: Path) -> list[tuple[str, str]]:
+    """The file's complete lines (the channel may be writing the next one)."""
     if not path.exists():
         return []
-    return [(r["event_id"], r["status"]) for r in map(json.loads, path.read_text().splitlines())]
+    lines = path.read_bytes().split(b"\n")[:-1]
+    return [(r["event_id"], r["status"]) for r in map(json.loads, lines)]
 
 
 def committed(servers: str, group: str, topic: str) -> int:
