@@ -88,14 +88,16 @@ class Channel:
     # ---- the channel's thread -------------------------------------------------------------
     def _run(self) -> None:
         try:
+            ends = None
             while not self.stop.is_set():
-                ends = self.consumer.end_offsets(self.topic) or {}
                 records = self.consumer.poll(self.poll_s, self.batch)
                 self._measure(len(records))
                 with self.lock:
                     self.owned = {p for topic, p in self.consumer.assignment() if topic == self.topic}
-                    if not records:  # nothing beyond: every alert up to ``ends`` is done with
+                    if not records and ends is not None:  # nothing beyond: every alert up to ``ends`` is done
                         self.idle_at = ends
+                # asked only while idle (a request to the broker), before the poll it stands for
+                ends = None if records else (self.consumer.end_offsets(self.topic) or {})
                 done: list[Record] = []
                 for record in records:
                     if not self._deliver(record, done):
