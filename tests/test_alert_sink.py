@@ -327,3 +327,15 @@ def test_a_zombies_late_writes_are_fenced_off_also_after_compaction():
                   StreamState(stream="y", partition=0)], [])
     states = {s.stream: s for s in AlertStore(bus, topic, 1).restore({0}).states}
     assert list(states) == ["x"] and list(states["x"].sessions) == ["new"]
+
+
+def test_a_sink_that_does_not_publish_feeds_its_channels_from_a_topic_of_its_own(tmp_path):
+    """``alerts.publish`` off (a replay's sink): nothing on the shared alerts topic, the JSONL
+    channel still gets every alert, through the sink's own alerts topic."""
+    bus, path = new_bus(), tmp_path / "alerts.jsonl"
+    sent = send(bus, pattern("0110000") + [end("cam", 7)])
+    running = Running(bus, outputs(bus, path), publish=False)
+    wait_for(lambda: committed(bus) == sent and running.sink.delivered())
+    running.close()
+    assert exactly_once(jsonl(path)) == {"cam:1"} and on_topic(bus) == []
+    assert running.sink.alerts_topic == f"{bus.topics.scores}.{GROUP}.alerts"
