@@ -7,7 +7,8 @@ commits an alert's offset only once the channel took it or it was finally dead-l
 a channel that is down grows its own backlog (durable, on the broker: a restarted sink goes
 on where the channel stopped) and holds back neither the sink nor another channel; its lag
 is ``linewatch_channel_lag_records{channel}``. Within a channel, alerts are delivered in the
-order of their partition (each stream's in order).
+order of their partition (each stream's in order). A channel added to a running deployment
+begins at the topic's end (``Channel._began``), not at its history.
 
 Each alert: an ``OutputError`` is retried after a backoff (``DeliveryPolicy``: doubling up
 to ``max_backoff_s``) up to ``attempts``; an ``OutputUnknown`` (a timeout after sending) is
@@ -20,6 +21,7 @@ leaves the alert uncommitted: the next run tries it again.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -65,6 +67,7 @@ class Channel:
     def start(self, stop: threading.Event) -> None:
         """Join the group now (so no alert written after this is missed), deliver on a thread."""
         self.stop = stop
+        self.began = self._began()
         self.consumer = self.bus.consumer([self.topic], self.group)
         self.bus.unpaced(self.group)
         self.probe = self.bus.consumer([], None)  # end offsets, for ``caught_up`` (any thread)
@@ -79,6 +82,34 @@ class Channel:
                 return False
             ends = self.probe.end_offsets(self.topic) or {}
             return all(self.idle_at.get(p, 0) >= ends.get(p, 0) for p in self.owned)
+
+    def _began(self) -> dict[int, int]:
+        """Where on the alerts topic this channel began, per partition: a channel added to a
+        running deployment takes the alerts decided from then on, not the topic's history. The
+        first run of a channel writes its start to ``<alerts topic>.channels`` (compacted, keyed
+        by channel); later runs read it back, so a backlog it never delivered stays its own."""
+        registry = f"{self.topic}.channels"
+        self.bus.ensure_topics([registry], partitions=1, compact=True)
+        reader = self.bus.consumer([], None)
+        try:
+            reader.assign(registry, [0])
+            reader.seek(registry, 0, 0)
+            began: dict[int, int] | None = None
+            while (reader.end_offsets(registry) or {0: 1}).get(0) and (batch := reader.poll(0.5, 1000)):
+                for record in batch:
+                    if record.key == self.name.encode() and record.value:
+                        offsets = {int(p): int(o) for p, o in json.loads(record.value).items()}
+                        began = offsets if began is None else {p: min(o, began.get(p, o)) for p, o in offsets.items()}
+            if began is None:  # new: from the topic's end now, before the sink publishes anything
+                began = reader.end_offsets(self.topic) or {}
+                producer = self.bus.producer()
+                producer.send(registry, json.dumps(began).encode(), key=self.name.encode(), partition=0)
+                producer.close()
+                if any(began.values()):
+                    log.info("alert channel %s is new: it takes the alerts decided from now on", self.name)
+            return began
+        finally:
+            reader.close()
 
     def join(self) -> None:
         if self.thread is not None:
@@ -123,6 +154,8 @@ class Channel:
 
     def _deliver(self, record: Record, done: list[Record]) -> bool:
         """True once ``record`` is done with (delivered, skipped or dead-lettered); False on a stop."""
+        if record.offset < self.began.get(record.partition, 0):
+            return True  # decided before this channel was configured
         try:
             alert = decode(record.value, AlertMsg)
         except MessageError as err:

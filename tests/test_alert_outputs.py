@@ -238,3 +238,22 @@ def test_a_channel_that_is_down_holds_no_producer_of_the_in_process_bus_back():
     wait_for(lambda: lag._value.get() == 20, what="the channel's lag metric to count its backlog")
     stop.set()
     running.join()
+
+
+def test_a_channel_added_later_takes_the_alerts_from_then_on_and_keeps_its_backlog_across_runs():
+    bus = MemoryBus()
+    bus.consumer([bus.topics.alerts], "witness")  # keeps the history on the in-process bus
+    publish(bus, alerts(stream="history"))  # decided before the channel existed
+    first = Scripted([OutputError] * 1000)
+    running, _, _, stop = channel(first, bus, attempts=0)
+    publish(bus, alerts(stream="new"))
+    wait_for(lambda: first.attempts)
+    stop.set()
+    running.join()
+    assert set(first.attempts) == {"new:1/open"}  # never the history
+    again = Scripted()
+    rerun, dead, _, stop = channel(again, bus)  # the next run: its backlog, still not the history
+    wait_for(rerun.caught_up)
+    stop.set()
+    rerun.join()
+    assert again.attempts == ["new:1/open", "new:1/closed"] and not dead.letters
