@@ -21,7 +21,7 @@ from ..bus import BusError, Topics
 from ..bus.messages import META_HEADER, FrameMeta, encode
 from ..pipeline.embedded import run_embedded
 from ..pipeline.settings import Settings
-from ..pipeline.wiring import alert_outputs, build_worker, policy_table
+from ..pipeline.wiring import alert_channels, build_worker, policy_table
 from ..scoring.backbone import Backbone
 from ..sinks.alert_state import state_topic
 from .measure import MemoryWatch, PartResult, percentiles
@@ -107,7 +107,7 @@ def kafka_pipeline(workload: Workload, settings: Settings, backbone: Backbone, s
                 bus, [str(workload.video)], stream_ids=[STREAM], progress=False))
 
         threads = [guarded(drive),
-                   guarded(run_alert_sink, bus, policy_table(settings), alert_outputs(bus, settings),
+                   guarded(run_alert_sink, bus, policy_table(settings), alert_channels(settings),
                            stop=stop_sinks, group=f"{prefix}-alerts"),
                    guarded(run_archive_sink, bus, Archive(str(out_dir / "archive")), stop=stop_sinks,
                            group=f"{prefix}-archive")]

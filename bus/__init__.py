@@ -168,6 +168,10 @@ class Bus(ABC):
         """A consumer in ``group`` (committed offsets, partitions shared among members), reading
         from the earliest uncommitted record; ``group=None`` for a group-less reader (replay)."""
 
+    def unpaced(self, group: str) -> None:
+        """Records ``group`` has not committed yet hold no producer back (an alert channel that is
+        down must not stop the alert sink). Kafka paces no producer by its consumers: nothing to do."""
+
     def topic_names(self) -> list[str]:
         """The topics on the bus (the console offers results topics to compare)."""
         return self.topics.all()

@@ -7,6 +7,8 @@ reads its topic has committed past it, and a producer waits while a partition ho
 source is paced by its consumers rather than dropped. A topic no group reads keeps only its
 latest ``capacity`` records; a compacted one (a changelog) keeps the latest record of each
 key instead, dropping tombstones, as Kafka's log compaction would (offsets keep their gaps).
+An ``unpaced`` group (an alert channel) keeps the records it has not committed but holds no
+producer back: a channel that is down grows its backlog instead of stopping the alert sink.
 
 Group rebalances behave like Kafka's eager protocol: a member learns of its new assignment
 in ``poll``, and a partition moves to its new owner only once the old one has let go of it
@@ -76,6 +78,7 @@ class MemoryBus(Bus):
         self.group_topics: dict[str, set[str]] = {}
         self.members: dict[str, list["MemoryConsumer"]] = {}
         self.holders: dict[str, dict[tuple[str, int], "MemoryConsumer"]] = {}  # group -> slot -> reader
+        self.unpaced_groups: set[str] = set()
         self.closed = False
         self.ensure_topics(topics.all())
 
@@ -92,6 +95,11 @@ class MemoryBus(Bus):
     def consumer(self, topics: list[str], group: str | None) -> Consumer:
         return MemoryConsumer(self, topics, group)
 
+    def unpaced(self, group: str) -> None:
+        with self.cond:
+            self.unpaced_groups.add(group)
+            self.cond.notify_all()
+
     def topic_names(self) -> list[str]:
         with self.cond:
             return sorted(self.logs)
@@ -106,10 +114,11 @@ class MemoryBus(Bus):
         return all(self._floor(topic, p) in (None, log.end) for p, log in enumerate(self.logs[topic]))
 
     # ---- internals (call with self.cond held) -----------------------------------------
-    def _floor(self, topic: str, partition: int) -> int | None:
-        """Lowest committed offset among groups reading ``topic``; None if nobody reads it."""
-        floors = [self.committed[g].get((topic, partition), 0)
-                  for g, names in self.group_topics.items() if topic in names]
+    def _floor(self, topic: str, partition: int, pacing: bool = False) -> int | None:
+        """Lowest committed offset among groups reading ``topic`` (``pacing``: among those that
+        pace its producers); None if nobody reads it."""
+        floors = [self.committed[g].get((topic, partition), 0) for g, names in self.group_topics.items()
+                  if topic in names and not (pacing and g in self.unpaced_groups)]
         return min(floors) if floors else None
 
     def _trim(self, topic: str, partition: int) -> None:
@@ -146,7 +155,7 @@ class MemoryProducer(Producer):
                 raise BusError(f"{topic} has no partition {partition}")
             log = logs[partition]
             while not bus.closed:
-                floor = bus._floor(topic, partition)
+                floor = bus._floor(topic, partition, pacing=True)
                 if floor is None or log.end - floor < bus.capacity:
                     break
                 bus.cond.wait(0.5)

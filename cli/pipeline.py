@@ -116,6 +116,15 @@ def add_alerts(parser: argparse.ArgumentParser) -> None:
                             "(README, Alert channels; user and password in the config or environment)")
     group.add_argument("--mqtt-topic-prefix", dest="alerts.mqtt.topic_prefix", default=S, metavar="PREFIX",
                        help="MQTT topics are PREFIX/<stream>/open|closed|state (default linewatch)")
+    group.add_argument("--channel-timeout", dest="alerts.delivery.timeout_s", type=float, default=S, metavar="S",
+                       help="alert channels: seconds one delivery attempt may take (default 10)")
+    group.add_argument("--channel-attempts", dest="alerts.delivery.attempts", type=int, default=S, metavar="N",
+                       help="alert channels: attempts per alert before its dead letter, 0: no limit (default 10)")
+    group.add_argument("--channel-max-age", dest="alerts.delivery.max_age_s", type=float, default=S, metavar="S",
+                       help="alert channels: an alert decided longer ago is dead-lettered, not sent; 0: no limit "
+                            "(default 86400)")
+    group.add_argument("--channel-max-backoff", dest="alerts.delivery.max_backoff_s", type=float, default=S,
+                       metavar="S", help="alert channels: longest wait between two attempts (default 60)")
     group.add_argument("--mqtt-discovery", dest="alerts.mqtt.discovery", action="store_const", const=True, default=S,
                        help="also publish Home Assistant MQTT discovery (one problem sensor per stream)")
 
@@ -333,7 +342,7 @@ def run_worker(args) -> None:
 
 
 def run_sink(args) -> None:
-    from ..pipeline.wiring import alert_outputs, policy_table
+    from ..pipeline.wiring import alert_channels, policy_table
     from ..sinks.archive import Archive
     from ..sinks.alert_sink import run_alert_sink
     from ..sinks.runner import run_archive_sink
@@ -349,7 +358,8 @@ def run_sink(args) -> None:
         # a sink on another scores topic (a replay's) is a group of its own, not a member of the live sinks'
         group = f"linewatch-{args.kind}" + (f"@{args.scores_topic}" if args.scores_topic else "")
         if args.kind == "alerts":
-            stats = run_alert_sink(bus, policy_for, alert_outputs(bus, settings), stop=stop, topic=args.scores_topic,
+            stats = run_alert_sink(bus, policy_for, alert_channels(settings), stop=stop, topic=args.scores_topic,
+                                   publish=settings.alerts.publish,
                                    group=group)
         else:
             stats = run_archive_sink(bus, Archive(settings.archive, max_pixels=settings.max_pixels), stop=stop,

@@ -51,6 +51,10 @@ INGEST_RECONNECTS = Counter("linewatch_ingest_reconnects_total", "Live sources r
 # ---- sinks ---------------------------------------------------------------------------------
 SCORES_RECEIVED = Counter("linewatch_sink_scores_received_total", "Score records a sink decoded", ["sink"])
 ALERTS = Counter("linewatch_alerts_total", "Alerts raised (status open or closed)", ["stream", "status"])
+CHANNEL_LAG = Gauge("linewatch_channel_lag_records",
+                    "Alerts on the alerts topic an alert channel has not delivered or dead-lettered yet", ["channel"])
+CHANNEL_OLDEST_AGE = Gauge("linewatch_channel_oldest_age_seconds",
+                           "Age of the alert an alert channel is trying to deliver (0: none waiting)", ["channel"])
 WEBHOOK_FAILURES = Counter("linewatch_webhook_failures_total", "Webhook POST attempts that failed")
 ARCHIVE_WRITES = Counter("linewatch_archive_writes_total", "Anomalous frames archived (mask, overlay, frame, row)")
 

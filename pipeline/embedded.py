@@ -31,7 +31,7 @@ from ..sinks.runner import run_archive_sink
 from ..sinks.scores import run_scores_file
 from ..workers.worker import ScoringWorker, WorkerStats
 from .settings import Settings
-from .wiring import alert_outputs, build_worker, check_settings, policy_table
+from .wiring import alert_channels, build_worker, check_settings, policy_table
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
 
     # consumers join their groups before the first frame is published
     worker_consumer = bus.consumer([bus.topics.frames], worker.group)
-    alert_sink = AlertSink(bus, policy_table(settings), alert_outputs(bus, settings))
+    alert_sink = AlertSink(bus, policy_table(settings), alert_channels(settings), publish=settings.alerts.publish)
     sinks = [
         guarded(alert_sink.run, stop_sinks),
         guarded(run_archive_sink, bus, Archive(settings.archive, max_pixels=settings.max_pixels), stop=stop_sinks),

@@ -26,6 +26,7 @@ from ..bus import MAX_MESSAGE_BYTES
 from ..bus.jpeg import DEFAULT_MAX_PIXELS
 from ..bus.redact import register_secret, register_url_secrets
 from ..sinks.alerts import AlertPolicy
+from ..sinks.outputs import DeliveryPolicy
 from ..workers.profiles import StreamProfile
 
 
@@ -117,6 +118,15 @@ class MqttSettings(_Section):
     discovery_prefix: str = "homeassistant"
 
 
+class DeliveryOverrides(_Section):
+    """One kind of channel's overrides of ``alerts.delivery`` (``DeliveryPolicy``'s fields)."""
+    timeout_s: float | None = Field(None, gt=0)
+    attempts: int | None = Field(None, ge=0)
+    max_age_s: float | None = Field(None, ge=0)
+    backoff_s: float | None = Field(None, ge=0)
+    max_backoff_s: float | None = Field(None, ge=0)
+
+
 class AlertSettings(_Section):
     policy: AlertPolicy = AlertPolicy()
     streams: dict[str, dict[str, Any]] = {}
@@ -126,7 +136,11 @@ class AlertSettings(_Section):
     # HMAC-SHA256 key: each POST carries X-Linewatch-Signature: t=<unix time>,v1=<hex of HMAC(key, "t.body")>
     webhook_secret: SecretStr | None = None
     webhook_secret_file: str | None = None
-    publish: bool = True  # also publish alerts to the alerts topic
+    publish: bool = True  # alerts go to the shared alerts topic (else to the sink's own, for its channels only)
+    # every channel's attempts, timeout, backoff and maximum age, and per kind of channel
+    # (jsonl, webhook, mqtt, apprise) overrides of them, e.g. {webhook: {attempts: 20}}
+    delivery: DeliveryPolicy = DeliveryPolicy()
+    channels: dict[Literal["jsonl", "webhook", "mqtt", "apprise"], DeliveryOverrides] = {}
     mqtt: MqttSettings = MqttSettings()
     # Apprise URLs (mailto://, slack://, msteams://, ...: one output each), or a file of them
     # (an Apprise config file, e.g. a mounted Secret): they hold tokens, so never a flag

@@ -125,15 +125,22 @@ def policy_table(settings: Settings) -> StreamTable[AlertPolicy]:
                               for pattern, values in settings.alerts.streams.items()})
 
 
-def alert_outputs(bus: Bus, settings: Settings) -> list:
-    from ..sinks.outputs import BusOutput, JsonlOutput
+def alert_channels(settings: Settings) -> list:
+    """The alert channels the settings ask for, each with its delivery policy (README, Alert channels)."""
+    from ..sinks.outputs import JsonlOutput
 
-    outputs = []
-    if settings.alerts.jsonl:
-        outputs.append(JsonlOutput(settings.alerts.jsonl))
-    if settings.alerts.publish:
-        outputs.append(BusOutput(bus.producer(), bus.topics.alerts))
-    return outputs + channel_outputs(settings)
+    channels = [JsonlOutput(settings.alerts.jsonl)] if settings.alerts.jsonl else []
+    channels += channel_outputs(settings)
+    for channel in channels:
+        channel.delivery = delivery_policy(settings, channel.name.split("-")[0])
+    return channels
+
+
+def delivery_policy(settings: Settings, kind: str):
+    """``alerts.delivery`` with ``alerts.channels.<kind>``'s overrides."""
+    a = settings.alerts
+    overrides = a.channels[kind].model_dump(exclude_none=True) if kind in a.channels else {}
+    return a.delivery.model_copy(update=overrides)
 
 
 def channel_outputs(settings: Settings) -> list:
@@ -142,7 +149,7 @@ def channel_outputs(settings: Settings) -> list:
 
     a, outputs = settings.alerts, []
     if a.webhook:
-        outputs.append(WebhookOutput(a.webhook, headers={k: v.get_secret_value() for k, v in a.webhook_headers.items()},
+        outputs.append(WebhookOutput(a.webhook, timeout_s=delivery_policy(settings, "webhook").timeout_s, headers={k: v.get_secret_value() for k, v in a.webhook_headers.items()},
                                      secret=secret(a.webhook_secret, a.webhook_secret_file, "alerts.webhook_secret_file")))
     if a.mqtt.url:
         from ..sinks.channels import MqttOutput
@@ -152,7 +159,8 @@ def channel_outputs(settings: Settings) -> list:
             raise ValueError(f"alerts.mqtt.ca_file: file not found: {m.ca_file}")
         outputs.append(MqttOutput(m.url, username=m.username, ca_file=m.ca_file, topic_prefix=m.topic_prefix,
                                   password=secret(m.password, m.password_file, "alerts.mqtt.password_file"),
-                                  client_id=m.client_id, discovery=m.discovery, discovery_prefix=m.discovery_prefix))
+                                  client_id=m.client_id, discovery=m.discovery, discovery_prefix=m.discovery_prefix,
+                                  timeout_s=delivery_policy(settings, "mqtt").timeout_s))
     if a.apprise or a.apprise_config:
         from ..sinks.channels import AppriseOutput
 

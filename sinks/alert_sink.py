@@ -2,20 +2,23 @@
 
 It reads ``bus.topics.scores`` (or a replay's results topic) in a consumer group. After each
 poll it first follows the group's assignment: the streams of a partition it lost are dropped
-and their queued alerts cancelled (the new owner delivers them); the state of a partition it
-gained is restored from the changelog (``alert_state``) before any record of it is handled.
-Then each record: a score or the end of a session goes to the tracker (``alerts``); anything
-else, and any exception while handling one record, becomes a dead letter (stage
-``sink-alerts``) and the loop goes on.
+(the new owner goes on with them); the state of a partition it gained is restored from the
+changelog (``alert_state``) before any record of it is handled. Then each record: a score or
+the end of a session goes to the tracker (``alerts``); anything else, and any exception while
+handling one record, becomes a dead letter (stage ``sink-alerts``) and the loop goes on.
 
 Checkpoints, when alerts were raised (at once: they are real-time), when a poll comes back
 empty (caught up) and at least every ``commit_interval_s``: the changed states and the new
 alerts' pending records are written to the changelog and acknowledged (with the dead
-letters); then the alerts go into every output's queue, waiting while one is full
-(backpressure); then the offsets are committed. Outputs deliver on their own threads
-(``outputs.Delivery``), so a slow or dead webhook holds up no other output and no stream.
-A stop (SIGTERM) checkpoints and lets each output finish what it has for a few seconds;
-undelivered alerts stay pending for the next run. Open events stay open: a restarted sink
+letters); then the alerts are published to the alerts topic and acknowledged; then the
+offsets are committed. The alerts topic is where the channels (JSONL, webhook, MQTT,
+Apprise) take them from, each as its own consumer on its own thread (``delivery``): the loop
+never waits for a channel, and a channel that is down only grows its own backlog. With
+``alerts.publish`` off the sink writes to a topic of its own instead
+(``<scores topic>.<group>.alerts``), read by its channels only.
+
+A stop (SIGTERM) checkpoints and ends the channels' attempts; what a channel has not
+delivered stays on its backlog for the next run. Open events stay open: a restarted sink
 goes on with them.
 """
 
@@ -25,21 +28,26 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from collections.abc import Callable, Iterable
 
-from ..bus import Bus, Record
-from ..bus.messages import MessageError, ScoreMsg, SessionEnd, decode, encode
-from .alert_state import AlertStore, state_topic
+from ..bus import Bus, BusError, Record, RecordTooLarge
+from ..bus.messages import AlertMsg, MessageError, ScoreMsg, SessionEnd, decode, encode
+from .alert_state import TOPIC, AlertStore, Parcel, state_topic
 from .alerts import AlertPolicy, AlertTracker
 from ..ops import metrics
 from ..ops.health import HEALTH
-from .outputs import AlertOutput, Delivery, Parcel
+from .delivery import Channel
+from .outputs import AlertOutput
 from .runner import _dead_letter, _turn
 
 log = logging.getLogger(__name__)
 
 STAGE = "sink-alerts"
+
+
+def private_alerts_topic(scores_topic: str, group: str) -> str:
+    """The alerts topic of a sink that does not publish to the shared one."""
+    return f"{scores_topic}.{group}.alerts"
 
 
 @dataclass
@@ -49,32 +57,37 @@ class AlertSinkStats:
     duplicates: int = 0  # scores and ends ignored as already seen
     late: int = 0  # scores that came after their seq had been given up on
     alerts: int = 0  # alerts raised by the tracker
-    delivered: dict[str, int] = field(default_factory=dict)  # per output
-    dead: int = 0  # dead letters published (bad records, alerts an output gave up on)
+    delivered: dict[str, int] = field(default_factory=dict)  # per channel, this run
+    dead: int = 0  # dead letters published (bad records, alerts a channel gave up on)
 
 
 class AlertSink:
-    """Scores -> AlertTracker -> outputs; state on the changelog (see the module docstring).
-    ``run(stop)`` in a thread of its own; ``delivered()`` tells when every output is idle."""
+    """Scores -> AlertTracker -> alerts topic -> channels (see the module docstring).
+    ``run(stop)`` in a thread of its own; ``delivered()`` tells when every channel has caught up."""
 
-    def __init__(self, bus: Bus, policy_for: Callable[[str], AlertPolicy], outputs: Iterable[AlertOutput], *,
-                 group: str = "linewatch-alerts", topic: str | None = None, poll_s: float = 0.5,
-                 max_records: int = 64, commit_interval_s: float = 5.0, queue_size: int = 256):
+    def __init__(self, bus: Bus, policy_for: Callable[[str], AlertPolicy], channels: Iterable[AlertOutput], *,
+                 group: str = "linewatch-alerts", topic: str | None = None, publish: bool = True,
+                 poll_s: float = 0.5, max_records: int = 64, commit_interval_s: float = 5.0):
         self.bus, self.group, self.topic = bus, group, topic or bus.topics.scores
+        self.alerts_topic = bus.topics.alerts if publish else private_alerts_topic(self.topic, group)
         self.poll_s, self.max_records, self.commit_interval_s = poll_s, max_records, commit_interval_s
-        outputs = list(outputs)
-        self.deliveries = {output.name: Delivery(output, queue_size) for output in outputs}
-        if len(self.deliveries) != len(outputs) or "" in self.deliveries:
-            raise ValueError("every alert output needs a name of its own")
+        outputs = list(channels)
+        self.channels = [Channel(bus, output, self.alerts_topic, self._channel_dead, poll_s=poll_s)
+                         for output in outputs]
+        names = {channel.name for channel in self.channels}
+        if len(names) != len(outputs) or "" in names:
+            raise ValueError("every alert channel needs a name of its own")
         self.tracker = AlertTracker(policy_for)
         self.stats = AlertSinkStats()
-        self.dead_lock = threading.Lock()  # dead letters come from the loop and the output threads
+        self.dead_lock = threading.Lock()  # dead letters come from the loop and the channel threads
+        self.started = False
 
     def delivered(self) -> bool:
-        return all(delivery.idle() for delivery in self.deliveries.values())
+        return self.started and all(channel.caught_up() for channel in self.channels)
 
     def run(self, stop: threading.Event) -> AlertSinkStats:
         bus = self.bus
+        bus.ensure_topics([self.alerts_topic])
         consumer = bus.consumer([self.topic], self.group)
         self.producer = bus.producer()
         try:
@@ -82,17 +95,20 @@ class AlertSink:
         except BaseException:
             consumer.close()
             raise
-        for name, delivery in self.deliveries.items():
-            delivery.start(partial(self._delivered, name=name), partial(self._failed, name=name))
+        channels_stop = threading.Event()
+        for channel in self.channels:  # each joins its group before the first alert is published
+            channel.start(channels_stop)
+        self.started = True
         owned: set[int] = set()
         self.held: list[Record] = []  # handled, not committed
-        self.raised: list[Parcel] = []  # raised, not checkpointed
+        self.raised: list[Parcel] = []  # raised, not on the alerts topic yet
+        self.superseded: list[tuple[str, Parcel]] = []  # an older sink's per-output pending records
         checkpointed = time.monotonic()
         try:
             while not stop.is_set():
                 records = consumer.poll(self.poll_s, self.max_records)
                 _turn(STAGE, consumer)
-                owned = self._follow(consumer, owned, stop)
+                owned = self._follow(consumer, owned)
                 records = [r for r in records if r.partition in owned]
                 for record in records:
                     self._handle(record)
@@ -106,17 +122,18 @@ class AlertSink:
                 self._checkpoint(consumer, stop)
         finally:
             HEALTH.stop_beating(STAGE)
-            for delivery in self.deliveries.values():
-                delivery.close()
+            channels_stop.set()
+            for channel in self.channels:
+                channel.join()
             self.stats.duplicates, self.stats.late = self.tracker.duplicates, self.tracker.late
-            self.stats.delivered = {name: d.delivered for name, d in self.deliveries.items()}
+            self.stats.delivered = {channel.name: channel.delivered for channel in self.channels}
             consumer.close()
             self.store.close()
             self.producer.close()
         return self.stats
 
     # ---- the loop's steps ------------------------------------------------------------
-    def _follow(self, consumer, owned: set[int], stop: threading.Event) -> set[int]:
+    def _follow(self, consumer, owned: set[int]) -> set[int]:
         """Take up the group's current assignment (see the module docstring)."""
         current = {p for topic, p in consumer.assignment() if topic == self.topic}
         lost, gained = owned - current, current - owned
@@ -124,8 +141,7 @@ class AlertSink:
             self.tracker.drop(lost)
             self.held = [r for r in self.held if r.partition not in lost]
             self.raised = [p for p in self.raised if p.partition not in lost]
-            for delivery in self.deliveries.values():
-                delivery.cancel(lost)
+            self.superseded = [(name, p) for name, p in self.superseded if p.partition not in lost]
             log.info("alert sink: partitions %s went to another sink", sorted(lost))
         if gained:
             restored = self.store.restore(gained)
@@ -134,17 +150,17 @@ class AlertSink:
             for record, reason in restored.corrupt:
                 log.warning("%s", reason)
                 self._dead(reason, record=record)
-            for name, parcel in restored.pending:
-                if name in self.deliveries:
-                    self.deliveries[name].put(parcel, stop)
-                else:  # the output was configured when the alert was raised, and is no more
-                    self._dead(f"alert output {name!r} is not configured any more; alert {parcel.alert.event_id} "
-                               f"({parcel.alert.status}) was not delivered to it", parcel=parcel)
-                    self.store.settle(name, parcel)
+            seen = set()
+            for name, parcel in restored.pending:  # published once more: the channels skip what they have
+                if name != TOPIC:
+                    self.superseded.append((name, parcel))
+                if (parcel.alert.event_id, parcel.alert.status) not in seen:
+                    seen.add((parcel.alert.event_id, parcel.alert.status))
+                    self.raised.append(parcel)
             events = sum(s.event is not None for state in restored.states for s in state.sessions.values())
             log.log(logging.INFO if restored.states or restored.pending else logging.DEBUG,
-                    "alert sink: partitions %s restored: %d stream(s), %d open event(s), %d undelivered alert(s)",
-                    sorted(gained), len(restored.states), events, len(restored.pending))
+                    "alert sink: partitions %s restored: %d stream(s), %d open event(s), %d unpublished alert(s)",
+                    sorted(gained), len(restored.states), events, len(seen))
         return current
 
     def _handle(self, record: Record) -> None:
@@ -171,44 +187,64 @@ class AlertSink:
         self.raised += [Parcel(alert, record.partition) for alert in alerts]
 
     def _checkpoint(self, consumer, stop: threading.Event) -> bool:
-        """State and pending alerts written, alerts queued, offsets committed; False if a stop
-        came while an output's queue was full (nothing committed: the next run redoes it)."""
-        pending = [(name, parcel) for parcel in self.raised for name in self.deliveries]
-        self.store.write(self.tracker.take_dirty(), pending)
+        """State and pending alerts written, alerts published, offsets committed; False if a stop
+        came while the alerts topic could not be written (nothing committed: the next run redoes it)."""
+        self.store.write(self.tracker.take_dirty(), [(TOPIC, parcel) for parcel in self.raised])
         with self.dead_lock:
             self.producer.flush()  # dead letters acknowledged before their records are committed
-        while self.raised:
-            if not all(delivery.put(self.raised[0], stop) for delivery in self.deliveries.values()):
+        if self.raised:
+            if not self._publish(stop):
                 return False
-            self.raised.pop(0)
+            self.store.settle([(TOPIC, parcel) for parcel in self.raised] + self.superseded)
+            self.raised, self.superseded = [], []
         if self.held:
             consumer.commit(self.held)
             self.held = []
         return True
 
-    # ---- called from the output threads ------------------------------------------------
-    def _delivered(self, parcel: Parcel, name: str) -> None:
-        self.store.settle(name, parcel)
+    def _publish(self, stop: threading.Event) -> bool:
+        """``raised`` on the alerts topic, acknowledged; retried while the broker fails, until a stop."""
+        attempt = 0
+        while True:
+            try:
+                with self.dead_lock:
+                    for parcel in list(self.raised):
+                        try:
+                            self.producer.send(self.alerts_topic, encode(parcel.alert),
+                                               key=parcel.alert.stream.encode())
+                        except RecordTooLarge as err:
+                            self.raised.remove(parcel)
+                            _dead_letter(self.producer, self.bus, self.stats, f"alert too large to publish: {err}",
+                                         STAGE, payload=None, stream=parcel.alert.stream, seq=parcel.alert.end_seq)
+                    self.producer.flush()
+                if attempt:
+                    log.info("alert sink: the alerts topic %s takes alerts again", self.alerts_topic)
+                return True
+            except BusError as err:
+                if not attempt:
+                    log.warning("alert sink: cannot publish to the alerts topic %s (%s); retrying", self.alerts_topic, err)
+                if stop.wait(min(0.5 * 2 ** attempt, 30.0)):
+                    return False
+                attempt += 1
 
-    def _failed(self, parcel: Parcel, reason: str, name: str) -> None:
-        log.warning("alert %s (%s) -> dead letter: %s", parcel.alert.event_id, parcel.alert.status, reason)
-        metrics.DEAD_LETTERS.labels(STAGE, "alert_output").inc()
-        self._dead(reason, parcel=parcel)
+    # ---- called from the channel threads ------------------------------------------------
+    def _channel_dead(self, reason: str, alert: AlertMsg | None, record: Record) -> None:
+        if alert is None:
+            self._dead(reason, record=record)
+        else:
+            with self.dead_lock:
+                _dead_letter(self.producer, self.bus, self.stats, reason, STAGE, payload=record.value,
+                             stream=alert.stream, seq=alert.end_seq)
         with self.dead_lock:
             self.producer.flush()
-        self.store.settle(name, parcel)
 
-    def _dead(self, reason: str, *, record: Record | None = None, parcel: Parcel | None = None,
-              stream: str | None = None, seq: int | None = None) -> None:
+    def _dead(self, reason: str, *, record: Record | None = None, stream: str | None = None,
+              seq: int | None = None) -> None:
         with self.dead_lock:
-            if parcel is not None:
-                _dead_letter(self.producer, self.bus, self.stats, reason, STAGE, payload=encode(parcel.alert),
-                             stream=parcel.alert.stream, seq=parcel.alert.end_seq)
-            else:
-                _dead_letter(self.producer, self.bus, self.stats, reason, STAGE, record=record, stream=stream, seq=seq)
+            _dead_letter(self.producer, self.bus, self.stats, reason, STAGE, record=record, stream=stream, seq=seq)
 
 
-def run_alert_sink(bus: Bus, policy_for: Callable[[str], AlertPolicy], outputs: Iterable[AlertOutput], *,
+def run_alert_sink(bus: Bus, policy_for: Callable[[str], AlertPolicy], channels: Iterable[AlertOutput], *,
                    stop: threading.Event, **options) -> AlertSinkStats:
-    """``AlertSink(bus, policy_for, outputs, **options).run(stop)``."""
-    return AlertSink(bus, policy_for, outputs, **options).run(stop)
+    """``AlertSink(bus, policy_for, channels, **options).run(stop)``."""
+    return AlertSink(bus, policy_for, channels, **options).run(stop)

@@ -14,20 +14,20 @@ from, so a new owner of a partition reads exactly that partition of this topic:
 - ``state/<stream>/<epoch>``: the stream's ``StreamState`` (per session: watermark, reorder
   buffer, recent window, open event, last capture time, ended), written by the owner of that
   epoch (below);
-- ``pending/<output>/<status>/<event_id>``: an alert raised and not yet delivered by that
-  output; a tombstone once it was delivered or dead-lettered;
+- ``pending/topic/<status>/<event_id>``: an alert raised and not yet acknowledged on the
+  alerts topic; a tombstone once it is (a sink before the alert channels read that topic
+  kept one per output: restored the same way, republished once);
 - ``fence/<token>``: written by each new owner of a partition before it reads it back.
 
 Write-ahead, then commit. At a checkpoint the sink writes the changed states and the new
-alerts' pending records and waits for the broker to acknowledge them; only then does it hand
-the alerts to the outputs and commit the offsets. Killed before the acknowledgement, the next
-owner redoes the records from the last commit as if new; killed after it, the state is a
-little ahead of the offsets and the redone records are duplicates the tracker ignores. No
-event is re-raised under a new id and none is left open; a pending alert is delivered by
-whoever owns its stream next. An alert whose delivery was under way when its sink was
-killed (between the receiver's answer and the tombstone) or lost the partition is delivered
-once more by the next owner, the same message: the JSONL file skips it (it knows its lines),
-a webhook receives the same ``Idempotency-Key``.
+alerts' pending records and waits for the broker to acknowledge them; only then does it
+publish the alerts to the alerts topic, tombstone their pending records and commit the
+offsets. Killed before the acknowledgement, the next owner redoes the records from the last
+commit as if new; killed after it, the state is a little ahead of the offsets and the redone
+records are duplicates the tracker ignores. No event is re-raised under a new id and none is
+left open; a pending alert is published by whoever owns its stream next. One killed between
+publishing and the tombstone is published once more, the same message: the channels skip it
+(the JSONL file knows its lines, a webhook receives the same ``Idempotency-Key``).
 
 Zombie fencing: a sink that lost a partition without knowing it yet (frozen, cut off) may
 still write to it. Every record carries its writer's epoch, the offset of the fence the
@@ -52,11 +52,19 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ..bus import Bus, BusError, Record
 from ..bus.messages import AlertMsg
 from .alerts import StreamState
-from .outputs import Parcel
 
 log = logging.getLogger(__name__)
 
 STATE, PENDING, FENCE = "state/", "pending/", "fence/"
+TOPIC = "topic"  # the pending records' output: the alerts topic
+
+
+@dataclass(frozen=True)
+class Parcel:
+    """An alert and the partition of the scores topic it was raised on (its changelog partition)."""
+
+    alert: AlertMsg
+    partition: int
 
 
 def state_topic(scores_topic: str, group: str) -> str:
@@ -95,8 +103,7 @@ class Restored:
 
 
 class AlertStore:
-    """Reads and writes the changelog ``topic`` (see the module docstring). Thread-safe: the
-    consume loop writes states, the output threads write tombstones."""
+    """Reads and writes the changelog ``topic`` (see the module docstring)."""
 
     def __init__(self, bus: Bus, topic: str, partitions: int, restore_timeout_s: float = 120.0):
         self.topic, self.restore_timeout_s = topic, restore_timeout_s
@@ -184,10 +191,11 @@ class AlertStore:
                                    partition=parcel.partition)
             self.producer.flush()
 
-    def settle(self, output: str, parcel: Parcel) -> None:
-        """``output`` is done with ``parcel`` (delivered or dead-lettered): tombstone it."""
+    def settle(self, pending: list[tuple[str, Parcel]]) -> None:
+        """These alerts are on the alerts topic: tombstone their pending records."""
         with self.lock:
-            self.producer.send(self.topic, None, key=pending_key(output, parcel.alert), partition=parcel.partition)
+            for output, parcel in pending:
+                self.producer.send(self.topic, None, key=pending_key(output, parcel.alert), partition=parcel.partition)
             self.producer.flush()
 
     def close(self) -> None:

@@ -1,8 +1,8 @@
 """Alert channels beside the JSONL file, the alerts topic and the webhook: MQTT (``MqttOutput``)
 and email / Slack / Teams / ... through Apprise (``AppriseOutput``). Each is an ``AlertOutput``:
-one delivery attempt per ``send``, run by ``outputs.Delivery`` on its own bounded queue and
-thread with retries and backoff, so a broker or a chat service that is down delays no other
-output.
+one delivery attempt per ``send``, run by ``delivery.Channel`` as its own consumer of the
+alerts topic with retries and backoff, so a broker or a chat service that is down delays no
+other channel.
 
 MQTT topics (``<prefix>`` is ``alerts.mqtt.topic_prefix``, default ``linewatch``; a stream id
 becomes one topic level, with ``/``, ``+``, ``#`` and control characters made ``_``):
@@ -19,9 +19,10 @@ becomes one topic level, with ``/``, ``+``, ``#`` and control characters made ``
   stream's first alert.
 
 The client connects in the background and reconnects by itself (1 s .. 30 s); ``send``
-refuses at once while it is disconnected (the Delivery retries with backoff), and waits at
-most ``timeout_s`` for the broker's PUBACK. At-least-once: an alert whose PUBACK was lost is
-sent again, with the same ``event_id`` and ``status``.
+refuses at once while it is disconnected (not delivered: retried with backoff), and waits at
+most ``timeout_s`` for the broker's PUBACK (none: the broker may have it, retried the same).
+At-least-once: an alert whose PUBACK was lost is sent again, with the same ``event_id`` and
+``status``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import urllib.parse
 
 from ..bus.messages import AlertMsg, encode
 from ..bus.redact import register_url_secrets
-from .outputs import AlertOutput, OutputError
+from .outputs import AlertOutput, OutputError, OutputUnknown
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ def topic_level(stream: str) -> str:
 
 class MqttOutput(AlertOutput):
     name = "mqtt"
-    retries = 8  # 0.5 s doubling to 30 s: about two minutes of outage before a dead letter
 
     def __init__(self, url: str, *, username: str | None = None, password: str | None = None,
                  ca_file: str | None = None, topic_prefix: str = "linewatch", client_id: str | None = None,
@@ -112,8 +112,8 @@ class MqttOutput(AlertOutput):
             info.wait_for_publish(self.timeout_s)
         except (RuntimeError, ValueError) as err:
             raise OutputError(f"{self.where}: {topic}: {err}") from None
-        if not info.is_published():
-            raise OutputError(f"{self.where}: no acknowledgement for {topic} within {self.timeout_s:g} s")
+        if not info.is_published():  # sent, unacknowledged: the broker may have it
+            raise OutputUnknown(f"{self.where}: no acknowledgement for {topic} within {self.timeout_s:g} s")
 
     def _discovery(self, stream: str, level: str) -> tuple[str, bytes]:
         """Home Assistant MQTT discovery: one binary sensor (device class ``problem``) per stream."""
@@ -154,8 +154,6 @@ class AppriseOutput(AlertOutput):
     Apprise config file: a short title and a plain-text body per alert, open and closed. The
     name carries a hash of the URL, not the URL (it holds the service's token): stable across
     restarts, so alerts left undelivered are delivered to the same service by the next run."""
-
-    retries = 6
 
     def __init__(self, url: str | None = None, config_file: str | None = None):
         import apprise

@@ -1,18 +1,12 @@
-"""Alert outputs, each delivered off the consume loop: a JSONL file, the alerts topic, a webhook.
+"""Alert channels: a JSONL file and a webhook (MQTT and Apprise are in ``channels``).
 
-An output (``AlertOutput``) makes one delivery attempt per ``send``: ``OutputError`` means
-"try again later", ``OutputRefused`` "retrying cannot help". ``Delivery`` runs one output
-behind its own bounded queue and thread: it retries a failed alert with exponential backoff
-(``backoff_s``, 2x, 4x ... at most ``max_backoff_s``) up to ``retries`` times, then hands it
-to ``on_failed`` (the sink dead-letters it). A full queue blocks ``put``: the consume loop
-stops taking records (backpressure), nothing is dropped. Each output has its own thread, so
-a dead webhook delays neither the file nor the topic, and no stream's alerts wait for it
-until its queue is full.
-
-An output that is failing says so once when the outage begins and once when it ends.
-A new kind of output (MQTT, Apprise ...) is a subclass with a stable ``name`` (the sink keeps
-undelivered alerts under it across restarts) and a ``send``; ``Delivery`` gives it the
-queue, the thread, the retries and the bookkeeping.
+A channel (``AlertOutput``) makes one delivery attempt per ``send``: ``OutputError`` means
+"not delivered, try again later", ``OutputUnknown`` "the receiver may have it" (a timeout
+after the request was sent, a connection dropped before the answer), ``OutputRefused``
+"retrying cannot help". ``delivery.Channel`` runs each one as its own consumer of the alerts
+topic, with the retries, the backoff and the dead letters. A new kind of channel is a
+subclass with a stable ``name`` (its consumer group is named after it, so its backlog
+survives restarts) and a ``send``.
 """
 
 from __future__ import annotations
@@ -20,31 +14,45 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import logging
 import re
-import threading
 import time
-import urllib.error
+import http.client
 import urllib.parse
-import urllib.request
 from abc import ABC, abstractmethod
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 
-from ..bus import BusError, Producer
+from pydantic import BaseModel, ConfigDict, Field
+
 from ..bus.messages import AlertMsg, encode
 from ..ops import metrics
 
-log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Linewatch-Signature"
 HEADER_NAME = re.compile(r"[A-Za-z0-9-]+")
 
 
+class DeliveryPolicy(BaseModel):
+    """How hard a channel tries (settings ``alerts.delivery`` and ``alerts.channels.<kind>``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    timeout_s: float = Field(10.0, gt=0)  # one attempt (webhook: for an answer; MQTT: for the broker's PUBACK)
+    attempts: int = Field(10, ge=0)  # then a dead letter; 0: no limit (max_age_s still applies)
+    max_age_s: float = Field(86400.0, ge=0)  # an alert decided longer ago is dead-lettered, not sent; 0: none
+    backoff_s: float = Field(0.5, ge=0)  # before the second attempt, doubling ...
+    max_backoff_s: float = Field(60.0, ge=0)  # ... up to this
+
+    def backoff(self, attempt: int) -> float:
+        """The wait after attempt number ``attempt`` (1, 2, ...)."""
+        return min(self.backoff_s * 2 ** min(attempt - 1, 30), self.max_backoff_s)
+
+
 class OutputError(RuntimeError):
     """One delivery attempt failed; worth trying again."""
+
+
+class OutputUnknown(OutputError):
+    """The attempt may have reached the receiver (no answer within the timeout, the connection
+    dropped after sending): retried with the same idempotency key, never called "not delivered"."""
 
 
 class OutputRefused(OutputError):
@@ -52,10 +60,8 @@ class OutputRefused(OutputError):
 
 
 class AlertOutput(ABC):
-    name: str = ""  # stable and unique among a sink's outputs
-    retries: int = 5  # further attempts after the first
-    backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
+    name: str = ""  # stable and unique among a sink's channels: its consumer group is named after it
+    delivery: DeliveryPolicy = DeliveryPolicy()  # attempts, backoff, maximum age (wiring sets it from settings)
 
     @abstractmethod
     def send(self, alert: AlertMsg) -> None:
@@ -105,42 +111,28 @@ class JsonlOutput(AlertOutput):
         self.file.close()
 
 
-class BusOutput(AlertOutput):
-    """Publishes each alert to ``topic`` keyed by stream."""
-
-    name = "topic"
-
-    def __init__(self, producer: Producer, topic: str):
-        self.producer, self.topic = producer, topic
-
-    def send(self, alert: AlertMsg) -> None:
-        try:
-            self.producer.send(self.topic, encode(alert), key=alert.stream.encode())
-            self.producer.flush()
-        except BusError as err:
-            raise OutputError(str(err)) from None
-
-
 class WebhookOutput(AlertOutput):
-    """POSTs each alert as JSON, with an ``Idempotency-Key: <event_id>/<status>`` header: a kill
-    between the receiver's answer and the sink recording it makes the sink POST it once more.
-    Connection errors, timeouts, 5xx and 429 are retried; other 4xx are refused. ``headers``
-    go with every POST (their values may be secrets: never logged); with ``secret``, an HMAC
+    """POSTs each alert as JSON, with an ``Idempotency-Key: <event_id>/<status>`` header that is
+    the same on every attempt: a receiver that got an alert twice (an answer lost to a timeout,
+    a restart between its answer and the channel's commit) can tell. Refused connections, DNS
+    errors, 5xx and 429 are "not delivered" and retried; no answer within ``timeout_s`` once
+    the request was sent is "unknown" (retried too); other statuses are refused. ``headers`` go
+    with every POST (their values may be secrets: never logged); with ``secret``, an HMAC
     signature (``sign``) lets the receiver check the alert came from this sink, unchanged."""
 
     name = "webhook"
 
-    def __init__(self, url: str, retries: int = 5, backoff_s: float = 0.5, timeout_s: float = 5,
-                 headers: dict[str, str] | None = None, secret: str | None = None):
+    def __init__(self, url: str, timeout_s: float = 10.0, headers: dict[str, str] | None = None,
+                 secret: str | None = None):
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"webhook URL must be http(s)://host[:port]/path, got {url!r}")
-        if retries < 0 or backoff_s < 0 or timeout_s <= 0:
-            raise ValueError("webhook retries and backoff_s must be >= 0 and timeout_s > 0")
+        if timeout_s <= 0:
+            raise ValueError("webhook timeout_s must be > 0")
         for name, value in (headers or {}).items():
             if not HEADER_NAME.fullmatch(name) or any(c in value for c in "\r\n\0"):
                 raise ValueError(f"webhook header {name!r}: a name of letters, digits and -, and a value on one line")
-        self.url, self.retries, self.backoff_s, self.timeout_s = url, retries, backoff_s, timeout_s
+        self.url, self.parts, self.timeout_s = url, parts, timeout_s
         self.headers = {"Content-Type": "application/json", "User-Agent": "linewatch", **(headers or {})}
         self.secret = secret.encode() if secret else None
 
@@ -150,17 +142,36 @@ class WebhookOutput(AlertOutput):
                    "X-Linewatch-Event": alert.status}
         if self.secret is not None:
             headers[SIGNATURE_HEADER] = sign(self.secret, body)
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        parts = self.parts
+        connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = connection_type(parts.hostname, parts.port, timeout=self.timeout_s)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            try:  # until the whole request is out, the receiver cannot have the alert
+                connection.request("POST", target, body=body, headers=headers)
+            except (OSError, http.client.HTTPException) as err:
+                raise self._failed(OutputError, describe(err)) from None
+            try:
+                response = connection.getresponse()
                 response.read()
-        except urllib.error.HTTPError as err:
-            metrics.WEBHOOK_FAILURES.inc()
-            error = OutputRefused if err.code != 429 and err.code < 500 else OutputError
-            raise error(f"webhook {self.url}: HTTP {err.code} {err.reason}") from None
-        except OSError as err:  # URLError (refused, DNS), timeouts, resets
-            metrics.WEBHOOK_FAILURES.inc()
-            raise OutputError(f"webhook {self.url}: {getattr(err, 'reason', None) or err}") from None
+            except (OSError, http.client.HTTPException) as err:
+                raise self._failed(OutputUnknown, f"no answer after sending ({describe(err)})") from None
+        finally:
+            connection.close()
+        if not 200 <= response.status < 300:
+            retriable = response.status == 429 or response.status >= 500
+            raise self._failed(OutputError if retriable else OutputRefused, f"HTTP {response.status} {response.reason}")
+
+    def _failed(self, error: type[OutputError], why: str) -> OutputError:
+        metrics.WEBHOOK_FAILURES.inc()
+        return error(f"webhook POST to {self.url} failed ({why})")
+
+
+def describe(err: BaseException) -> str:
+    """An exception in a few words: timeouts and dropped connections have empty messages."""
+    if isinstance(err, TimeoutError):
+        return "timed out"
+    return str(err) or type(err).__name__
 
 
 def sign(secret: bytes, body: bytes, at: int | None = None) -> str:
@@ -169,133 +180,3 @@ def sign(secret: bytes, body: bytes, at: int | None = None) -> str:
     at = int(time.time()) if at is None else at
     digest = hmac.new(secret, f"{at}.".encode() + body, hashlib.sha256).hexdigest()
     return f"t={at},v1={digest}"
-
-
-@dataclass(frozen=True)
-class Parcel:
-    """One alert on its way through one output."""
-
-    alert: AlertMsg
-    partition: int  # of the scores topic it came from: its owner keeps it pending until delivered
-
-
-class Delivery:
-    """One output behind its own bounded queue and thread (see the module docstring).
-
-    ``start(on_delivered, on_failed)``: the callbacks run on the delivery thread. ``close``
-    keeps delivering what is queued while attempts succeed, for at most ``close_s``, and stops
-    at the first failure: what is left stays pending in the sink's state for its next run."""
-
-    def __init__(self, output: AlertOutput, capacity: int = 256, close_s: float = 5.0):
-        if capacity < 1:
-            raise ValueError("an output's queue holds at least one alert")
-        self.output, self.capacity, self.close_s = output, capacity, close_s
-        self.queue: deque[Parcel] = deque()
-        self.cond = threading.Condition()
-        self.current: Parcel | None = None
-        self.closing = False
-        self.revoked: set[int] = set()
-        self.delivered = self.failed = 0
-        self.failing = False  # an outage is on (logged once when it begins and once when it ends)
-        self.thread: threading.Thread | None = None
-
-    @property
-    def name(self) -> str:
-        return self.output.name
-
-    def start(self, on_delivered: Callable[[Parcel], None], on_failed: Callable[[Parcel, str], None]) -> None:
-        self.on_delivered, self.on_failed = on_delivered, on_failed
-        self.thread = threading.Thread(target=self._run, name=f"alerts-{self.name}", daemon=True)
-        self.thread.start()
-
-    def put(self, parcel: Parcel, stop: threading.Event) -> bool:
-        """Queue ``parcel``, waiting while the queue is full; False if ``stop`` came first."""
-        with self.cond:
-            while len(self.queue) >= self.capacity:
-                if stop.is_set() or self.closing:
-                    return False
-                self.cond.wait(0.2)
-            self.queue.append(parcel)
-            self.cond.notify_all()
-            return True
-
-    def cancel(self, partitions: set[int]) -> None:
-        """Drop what is queued for these partitions (their new owner delivers it) and wait
-        until an attempt in flight for one of them has ended."""
-        with self.cond:
-            self.revoked = set(partitions)
-            self.queue = deque(p for p in self.queue if p.partition not in partitions)
-            self.cond.notify_all()
-            while self.current is not None and self.current.partition in partitions:
-                self.cond.wait(0.2)
-            self.revoked = set()
-
-    def idle(self) -> bool:
-        with self.cond:
-            return not self.queue and self.current is None
-
-    def close(self) -> None:
-        with self.cond:
-            self.closing = True
-            self.cond.notify_all()
-        if self.thread is not None:
-            self.thread.join()
-        self.output.close()
-
-    # ---- the delivery thread ----------------------------------------------------------
-    def _run(self) -> None:
-        deadline = None
-        while True:
-            with self.cond:
-                while not self.queue and not self.closing:
-                    self.cond.wait()
-                if self.closing:
-                    deadline = deadline or time.monotonic() + self.close_s
-                    if not self.queue or time.monotonic() > deadline:
-                        return
-                parcel = self.current = self.queue.popleft()
-                self.cond.notify_all()
-            outcome, reason = self._deliver(parcel)
-            try:
-                if outcome == "delivered":
-                    self.delivered += 1
-                    self.on_delivered(parcel)
-                elif outcome == "failed":
-                    self.failed += 1
-                    self.on_failed(parcel, reason)
-            except Exception as err:  # noqa: BLE001 - the bookkeeping failed: it stays pending, is redone later
-                log.warning("alerts output %s: could not record the outcome for %s (%s)", self.name,
-                            parcel.alert.event_id, err)
-            with self.cond:
-                self.current = None
-                self.cond.notify_all()
-                if outcome == "abandoned" and self.closing:
-                    return
-
-    def _deliver(self, parcel: Parcel) -> tuple[str, str]:
-        """("delivered" | "failed" | "abandoned", reason); abandoned: left pending (closing, or
-        its partition went to another sink)."""
-        output, alert = self.output, parcel.alert
-        for attempt in range(output.retries + 1):
-            try:
-                output.send(alert)
-                if self.failing:
-                    self.failing = False
-                    log.info("alerts output %s works again", self.name)
-                return "delivered", ""
-            except OutputRefused as err:
-                return "failed", f"{self.name} refused alert {alert.event_id} ({alert.status}): {err}"
-            except Exception as err:  # noqa: BLE001 - OutputError, or a bug in the output: both retried
-                error = str(err) if isinstance(err, OutputError) else f"{type(err).__name__}: {err}"
-            if not self.failing:
-                self.failing = True
-                log.warning("alerts output %s is failing (%s); retrying with backoff", self.name, error)
-            if attempt < output.retries:
-                with self.cond:  # back off; a close, or the partition going elsewhere, ends the wait
-                    self.cond.wait_for(lambda: self.closing or parcel.partition in self.revoked,
-                                       min(output.backoff_s * 2 ** attempt, output.max_backoff_s))
-            if self.closing or parcel.partition in self.revoked:
-                return "abandoned", error
-        return "failed", (f"{self.name}: alert {alert.event_id} ({alert.status}) not delivered after "
-                          f"{output.retries + 1} attempt(s); last error: {error}")
-

@@ -156,14 +156,14 @@ def texture_data() -> SimpleNamespace:
 
 @pytest.fixture
 def webhook():
-    """webhook(statuses, answer=None): a real HTTP receiver on loopback (helpers.Webhook),
+    """webhook(statuses, answer=None, port=0, delay_s=0): a real HTTP receiver on loopback (helpers.Webhook),
     closed after the test."""
     from helpers import Webhook
 
     servers = []
 
-    def start(statuses, answer=None):
-        servers.append(Webhook(statuses, answer))
+    def start(statuses, answer=None, **options):
+        servers.append(Webhook(statuses, answer, **options))
         return servers[-1]
 
     yield start

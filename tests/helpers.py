@@ -159,10 +159,14 @@ def score_msg(seq: int, score: float = 0.1, *, stream: str = "cam", threshold: f
 class Webhook:
     """A real HTTP receiver on loopback. ``statuses`` are answered in turn (the last one
     repeats); with ``answer`` (an Event), every request hangs until it is set: a webhook that
-    never answers. ``requests`` holds (headers, body) in arrival order."""
+    never answers; with ``delay_s``, each answer comes that late (after the client's timeout: a
+    slow receiver that still took the alert). ``port``: listen there (0: any free port).
+    ``requests`` holds (headers, body) in arrival order."""
 
-    def __init__(self, statuses: list[int], answer: threading.Event | None = None):
+    def __init__(self, statuses: list[int], answer: threading.Event | None = None, *, port: int = 0,
+                 delay_s: float = 0.0):
         self.statuses, self.answer, self.requests = statuses, answer, []
+        self.closed = threading.Event()
         self.lock = threading.Lock()
         hook = self
 
@@ -174,6 +178,8 @@ class Webhook:
                     status = hook.statuses[min(len(hook.requests), len(hook.statuses)) - 1]
                 if hook.answer is not None:
                     hook.answer.wait()
+                if delay_s:
+                    hook.closed.wait(delay_s)  # the receiver's slowness, not a test's synchronisation
                 try:
                     self.send_response(status)
                     self.send_header("Content-Length", "0")
@@ -184,7 +190,7 @@ class Webhook:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
@@ -195,7 +201,14 @@ class Webhook:
         with self.lock:
             return [body for _, body in self.requests]
 
+    @property
+    def keys(self) -> list[str]:
+        """The ``Idempotency-Key`` of each request, in arrival order."""
+        with self.lock:
+            return [headers["Idempotency-Key"] for headers, _ in self.requests]
+
     def close(self):
+        self.closed.set()
         if self.answer is not None:
             self.answer.set()
         self.server.shutdown()

@@ -16,11 +16,11 @@ import pytest
 from linewatch.bus.memory import MemoryBus
 from linewatch.bus.messages import AlertMsg, SessionEnd, Telemetry, encode
 from linewatch.pipeline.settings import load_settings
-from linewatch.pipeline.wiring import alert_outputs
+from linewatch.pipeline.wiring import alert_channels
 from linewatch.sinks.alert_sink import AlertSink
 from linewatch.sinks.alerts import AlertPolicy
 from linewatch.sinks.channels import AppriseOutput, MqttOutput, message_text, topic_level
-from linewatch.sinks.outputs import JsonlOutput, OutputError, WebhookOutput, sign
+from linewatch.sinks.outputs import DeliveryPolicy, JsonlOutput, OutputError, WebhookOutput, sign
 
 from helpers import score_msg, wait_for
 
@@ -124,8 +124,7 @@ def test_a_broker_that_is_down_delays_no_other_output_and_gets_the_alerts_once_u
 
     port = free_port()
     mqtt = MqttOutput(f"mqtt://127.0.0.1:{port}")  # returns at once: it connects in the background
-    mqtt.backoff_s, mqtt.max_backoff_s = 0.2, 0.5
-    mqtt.retries = 1000
+    mqtt.delivery = DeliveryPolicy(attempts=1000, backoff_s=0.2, max_backoff_s=0.5)
     jsonl = tmp_path / "alerts.jsonl"
     bus, stop = MemoryBus(partitions=1), threading.Event()
     thread = run_sink(bus, [JsonlOutput(jsonl), mqtt], stop)
@@ -195,7 +194,7 @@ def test_webhook_headers_are_checked_and_settings_reach_the_output(webhook, monk
     monkeypatch.setenv("LINEWATCH_ALERTS__WEBHOOK_HEADERS", '{"Authorization": "Bearer env-token"}')
     settings = load_settings(None, {"alerts": {"webhook": hook.url, "webhook_secret_file": str(key), "publish": False}})
     assert "env-token" not in repr(settings)  # a secret type: never printed
-    [output] = alert_outputs(MemoryBus(), settings)
+    [output] = alert_channels(settings)
     output.send(AlertMsg.model_validate_json(alert_json("closed")))
     headers, body = hook.requests[0]
     assert headers["Authorization"] == "Bearer env-token"
@@ -221,13 +220,29 @@ def test_apprise_notifies_a_real_receiver_and_a_failure_is_retried(webhook):
 def test_apprise_outputs_from_settings_have_stable_names_and_refuse_nonsense(tmp_path):
     settings = load_settings(None, {"alerts": {"publish": False, "apprise": ["json://127.0.0.1:1/a",
                                                                               "json://127.0.0.1:1/b"]}})
-    names = [o.name for o in alert_outputs(MemoryBus(), settings)]
-    assert len(set(names)) == 2 and names == [o.name for o in alert_outputs(MemoryBus(), settings)]
+    names = [o.name for o in alert_channels(settings)]
+    assert len(set(names)) == 2 and names == [o.name for o in alert_channels(settings)]
     with pytest.raises(ValueError, match="Apprise does not understand") as err:
         AppriseOutput("nonsense://token-123@x")
     assert "token-123" not in str(err.value)
     config = tmp_path / "apprise.yml"
     config.write_text("urls:\n  - json://127.0.0.1:1/c\n")
-    [output] = alert_outputs(MemoryBus(), load_settings(None, {"alerts": {"publish": False,
+    [output] = alert_channels(load_settings(None, {"alerts": {"publish": False,
                                                                           "apprise_config": str(config)}}))
     assert output.what == f"Apprise config {config}"
+
+
+def test_delivery_settings_reach_each_kind_of_channel_and_nonsense_is_refused(webhook, tmp_path):
+    hook = webhook([200])
+    settings = load_settings(None, {"alerts": {
+        "webhook": hook.url, "jsonl": str(tmp_path / "a.jsonl"),
+        "delivery": {"attempts": 4, "max_age_s": 600},
+        "channels": {"webhook": {"timeout_s": 2.5, "attempts": 0}}}})
+    jsonl, hook_output = alert_channels(settings)
+    assert (jsonl.delivery.attempts, jsonl.delivery.max_age_s, jsonl.delivery.timeout_s) == (4, 600, 10)
+    assert (hook_output.delivery.attempts, hook_output.delivery.max_age_s) == (0, 600)
+    assert hook_output.timeout_s == hook_output.delivery.timeout_s == 2.5
+    for wrong in ({"channels": {"sms": {"attempts": 1}}}, {"channels": {"webhook": {"atempts": 1}}},
+                  {"delivery": {"timeout_s": 0}}):
+        with pytest.raises(ValueError):
+            load_settings(None, {"alerts": wrong})

@@ -1,25 +1,27 @@
-"""Alert outputs (JSONL, the alerts topic, a webhook) and their off-thread delivery: one
-attempt per send, retries with backoff, refusal, dead-lettering, backpressure, cancelling."""
+"""Alert channels (JSONL, a webhook) and their delivery as consumers of the alerts topic: one
+attempt per send, retries with backoff, refusal, "unknown", maximum age, dead-lettering."""
 
 from __future__ import annotations
 
 import json
 import logging
 import threading
+import time
 
 import pytest
 
 from linewatch.bus.memory import MemoryBus
-from linewatch.bus.messages import AlertMsg, decode
+from linewatch.bus.messages import AlertMsg, decode, encode
+from linewatch.ops import metrics
 from linewatch.sinks.alerts import AlertPolicy, AlertTracker
+from linewatch.sinks.delivery import Channel
 from linewatch.sinks.outputs import (
     AlertOutput,
-    BusOutput,
-    Delivery,
+    DeliveryPolicy,
     JsonlOutput,
     OutputError,
     OutputRefused,
-    Parcel,
+    OutputUnknown,
     WebhookOutput,
 )
 
@@ -32,25 +34,14 @@ def alerts(bits: str = "0110000", stream: str = "cam") -> list[AlertMsg]:
                                                                             stream=stream))]
 
 
-class Recorder:
-    """Delivery's callbacks, recorded in order."""
-
-    def __init__(self):
-        self.done, self.failed = [], []
-
-    def start(self, delivery: Delivery) -> Delivery:
-        delivery.start(lambda parcel: self.done.append(parcel), lambda parcel, why: self.failed.append((parcel, why)))
-        return delivery
-
-
 class Scripted(AlertOutput):
     """An output whose attempts fail as scripted (an exception class, or None for success); it
     can be held inside an attempt until ``release`` is set."""
 
     name = "scripted"
 
-    def __init__(self, script=(), retries=5, release: threading.Event | None = None):
-        self.script, self.retries, self.backoff_s, self.release = list(script), retries, 0.01, release
+    def __init__(self, script=(), release: threading.Event | None = None):
+        self.script, self.release = list(script), release
         self.attempts: list[str] = []
         self.entered = threading.Event()
 
@@ -84,16 +75,6 @@ def test_jsonl_output_never_writes_an_alert_twice_across_restarts(tmp_path):
     assert decode(lines[0], AlertMsg).frames == [1, 2]
 
 
-def test_bus_output_publishes_keyed_by_stream():
-    bus = MemoryBus()
-    reader = bus.consumer([bus.topics.alerts], "reader")
-    output = BusOutput(bus.producer(), bus.topics.alerts)
-    for alert in alerts():
-        output.send(alert)
-    records = reader.poll(1.0)
-    assert [(r.key, decode(r.value, AlertMsg).status) for r in records] == [(b"cam", "open"), (b"cam", "closed")]
-
-
 def test_webhook_posts_once_per_send_with_an_idempotency_key(webhook):
     hook = webhook([200, 503, 429, 400])
     output = WebhookOutput(hook.url)
@@ -118,112 +99,161 @@ def test_webhook_unreachable_is_an_error_worth_retrying(webhook):
     hook.close()  # nothing listens there any more
     with pytest.raises(OutputError) as unreachable:
         WebhookOutput(url, timeout_s=1).send(alerts()[0])
-    assert not isinstance(unreachable.value, OutputRefused)
+    assert not isinstance(unreachable.value, (OutputRefused, OutputUnknown))  # refused: surely not delivered
     with pytest.raises(ValueError, match="http"):
         WebhookOutput("ftp://example.org/x")
 
 
-# ---- delivery: queue, thread, retries ------------------------------------------------------------------
-def test_delivery_retries_until_delivered():
-    output, record = Scripted([OutputError, OutputError]), Recorder()
-    delivery = record.start(Delivery(output))
-    alert = alerts()[0]
-    assert delivery.put(Parcel(alert, 0), threading.Event())
-    wait_for(lambda: record.done)
-    delivery.close()
-    assert output.attempts == ["cam:1/open"] * 3 and [p.alert for p in record.done] == [alert]
-    assert record.failed == [] and (delivery.delivered, delivery.failed) == (1, 0)
+def test_a_webhook_that_answers_too_late_may_have_the_alert(webhook):
+    answer = threading.Event()
+    hook = webhook([200], answer=answer)
+    try:
+        with pytest.raises(OutputUnknown, match="no answer after sending"):
+            WebhookOutput(hook.url, timeout_s=0.2).send(alerts()[0])
+    finally:
+        answer.set()
+    assert len(hook.requests) == 1
 
 
-def test_delivery_gives_up_after_its_retries_and_goes_on(caplog):
-    caplog.set_level(logging.INFO, "linewatch")
-    output, record = Scripted([OutputError] * 3 + [RuntimeError], retries=2), Recorder()
-    delivery = record.start(Delivery(output))
-    first, second = alerts()
-    for alert in (first, second):
-        delivery.put(Parcel(alert, 0), threading.Event())
-    wait_for(lambda: record.done)
-    delivery.close()
-    ((parcel, why),) = record.failed
-    assert parcel.alert == first and "not delivered after 3 attempt(s); last error: scripted failure" in why
-    # the second alert: a bug in the output (RuntimeError) is retried like any failure, then it works
-    assert [p.alert for p in record.done] == [second] and output.attempts.count("cam:1/closed") == 2
-    assert caplog.text.count("is failing") == 1 and caplog.text.count("works again") == 1  # once per outage
+# ---- a channel: its own consumer of the alerts topic, retries, dead letters ----------------------------------
+class Dead:
+    """The channel's dead-letter callback, recorded."""
+
+    def __init__(self):
+        self.letters: list[tuple[str, AlertMsg | None]] = []
+
+    def __call__(self, reason, alert, record):
+        self.letters.append((reason, alert))
+
+
+def channel(output: AlertOutput, bus: MemoryBus | None = None, **policy) -> tuple[Channel, Dead, MemoryBus, threading.Event]:
+    bus = bus or MemoryBus()
+    output.delivery = DeliveryPolicy(**{"backoff_s": 0.01, "max_backoff_s": 0.05, **policy})
+    dead, stop = Dead(), threading.Event()
+    running = Channel(bus, output, bus.topics.alerts, dead, poll_s=0.05)
+    running.start(stop)
+    return running, dead, bus, stop
+
+
+def publish(bus: MemoryBus, alerts_: list[AlertMsg], timestamp_ms: int | None = None) -> None:
+    producer = bus.producer()
+    for alert in alerts_:
+        producer.send(bus.topics.alerts, encode(alert), key=alert.stream.encode(), timestamp_ms=timestamp_ms)
+
+
+def group_committed(bus: MemoryBus, running: Channel) -> int:
+    with bus.cond:
+        return sum(bus.committed.get(running.group, {}).values())
+
+
+def test_a_channel_retries_until_delivered_and_commits_after():
+    output = Scripted([OutputError, OutputError])
+    running, dead, bus, stop = channel(output)
+    publish(bus, alerts())
+    wait_for(running.caught_up)
+    stop.set()
+    running.join()
+    assert output.attempts == ["cam:1/open"] * 3 + ["cam:1/closed"] and not dead.letters
+    assert group_committed(bus, running) == 2 and running.delivered == 2
+
+
+def test_a_channel_gives_up_after_its_attempts_says_so_and_goes_on(caplog):
+    output = Scripted([OutputError] * 2 + [RuntimeError])
+    with caplog.at_level(logging.INFO, logger="linewatch.sinks.delivery"):
+        running, dead, bus, stop = channel(output, attempts=3)
+        publish(bus, alerts())
+        wait_for(running.caught_up)
+        stop.set()
+        running.join()
+    ((reason, alert),) = dead.letters
+    assert alert.event_id == "cam:1" and alert.status == "open"
+    assert "not delivered; gave up after 3 attempt(s)" in reason and "RuntimeError: scripted failure" in reason
+    assert output.attempts[-1] == "cam:1/closed" and running.delivered == 1
+    failing = [r.message for r in caplog.records if "is failing" in r.message]
+    assert len(failing) == 1 and sum("works again" in r.message for r in caplog.records) == 1  # once per outage
+
+
+def test_an_attempt_without_an_answer_makes_the_dead_letter_say_may_have_been_delivered():
+    output = Scripted([OutputError, OutputUnknown, OutputError])
+    running, dead, bus, stop = channel(output, attempts=3)
+    publish(bus, alerts()[:1])
+    wait_for(lambda: dead.letters)
+    stop.set()
+    running.join()
+    ((reason, _),) = dead.letters
+    assert "may have been delivered" in reason and "3 attempt(s)" in reason and "not delivered" not in reason
 
 
 def test_a_refused_alert_is_not_retried():
-    output, record = Scripted([OutputRefused]), Recorder()
-    delivery = record.start(Delivery(output))
-    delivery.put(Parcel(alerts()[0], 0), threading.Event())
-    wait_for(lambda: record.failed)
-    delivery.close()
-    assert output.attempts == ["cam:1/open"] and "refused" in record.failed[0][1]
-
-
-def test_a_full_queue_holds_the_caller_back_and_drops_nothing():
-    release = threading.Event()
-    output, record = Scripted(release=release), Recorder()
-    delivery = record.start(Delivery(output, capacity=1))
-    stop = threading.Event()
-    many = alerts("0110000011000001100")
-    delivery.put(Parcel(many[0], 0), stop)  # taken by the thread, held inside its attempt
-    wait_for(output.entered.is_set)
-    delivery.put(Parcel(many[1], 0), stop)  # fills the queue
-    putter = threading.Thread(target=lambda: [delivery.put(Parcel(a, 0), stop) for a in many[2:]])
-    putter.start()
-    putter.join(0.3)
-    assert putter.is_alive() and len(delivery.queue) == 1  # waiting for room: backpressure
-    release.set()
-    putter.join(10)
-    wait_for(delivery.idle)
-    delivery.close()
-    assert [p.alert for p in record.done] == many  # every one, in order
-
-
-def test_a_stop_ends_a_wait_for_room_without_queueing():
-    release = threading.Event()
-    output = Scripted(release=release)
-    delivery = Recorder().start(Delivery(output, capacity=1))
-    first, second = alerts()
-    stop = threading.Event()
-    delivery.put(Parcel(first, 0), stop)
-    wait_for(output.entered.is_set)
-    delivery.put(Parcel(second, 0), stop)
+    output = Scripted([OutputRefused])
+    running, dead, bus, stop = channel(output)
+    publish(bus, alerts())
+    wait_for(running.caught_up)
     stop.set()
-    assert delivery.put(Parcel(first, 1), stop) is False
-    release.set()
-    delivery.close()
+    running.join()
+    assert output.attempts == ["cam:1/open", "cam:1/closed"]
+    ((reason, _),) = dead.letters
+    assert "refused after 1 attempt(s)" in reason
 
 
-def test_closing_stops_retrying_and_leaves_the_alert_pending():
-    output, record = Scripted([OutputError] * 100), Recorder()
-    output.backoff_s = 60.0  # a close must not wait for this
-    delivery = record.start(Delivery(output))
-    delivery.put(Parcel(alerts()[0], 0), threading.Event())
+def test_an_alert_older_than_max_age_is_dead_lettered_instead_of_sent():
+    output = Scripted()
+    running, dead, bus, stop = channel(output, max_age_s=60)
+    publish(bus, alerts()[:1], timestamp_ms=int((time.time() - 3600) * 1000))  # decided an hour ago
+    publish(bus, alerts()[1:])
+    wait_for(running.caught_up)
+    stop.set()
+    running.join()
+    assert output.attempts == ["cam:1/closed"]
+    ((reason, alert),) = dead.letters
+    assert alert.status == "open" and "older than max_age_s" in reason and "after 0 attempt(s)" in reason
+
+
+def test_a_stop_mid_retries_leaves_the_alert_for_the_next_run_and_duplicates_are_skipped():
+    output = Scripted([OutputError] * 1000)
+    running, dead, bus, stop = channel(output, attempts=0, backoff_s=60.0, max_backoff_s=60.0)
+    publish(bus, alerts())
     wait_for(lambda: output.attempts)
-    delivery.close()  # a liveness check: returns at once, not after a minute of backoff
-    assert record.done == [] and record.failed == []  # neither: the sink's state still holds it pending
+    stop.set()
+    running.join()  # a liveness check: returns at once, not after a minute of backoff
+    assert group_committed(bus, running) == 0 and not dead.letters
+    again = Scripted()
+    rerun, dead, _, stop = channel(again, bus)
+    publish(bus, alerts())  # the same alerts published once more (a sink killed before its tombstones)
+    wait_for(rerun.caught_up)
+    stop.set()
+    rerun.join()
+    assert again.attempts == ["cam:1/open", "cam:1/closed"] and not dead.letters
 
 
-def test_cancel_drops_a_lost_partitions_parcels_and_ends_its_attempt():
-    class DownForA(Scripted):  # stream a's receiver is down, b's is up
-        def send(self, alert):
-            self.attempts.append(alert.event_id)
-            self.entered.set()
-            if alert.stream == "a":
-                raise OutputError("down")
+def test_a_channel_that_is_down_holds_no_producer_of_the_in_process_bus_back():
+    """MemoryBus paces a producer by its consumer groups, but not by a channel's."""
+    output = Scripted([OutputError] * 10_000)
+    running, dead, bus, stop = channel(output, MemoryBus(capacity=4), attempts=0)
+    many = [a for i in range(10) for a in alerts("0110000", stream=f"cam-{i}")]  # 20 alerts, capacity 4
+    publish(bus, many)  # returns: nothing waits for the channel
+    with bus.cond:
+        assert bus.logs[bus.topics.alerts][0].end == 20
+    lag = metrics.CHANNEL_LAG.labels(running.name)
+    wait_for(lambda: lag._value.get() == 20, what="the channel's lag metric to count its backlog")
+    stop.set()
+    running.join()
 
-    output, record = DownForA(), Recorder()
-    output.backoff_s = 60.0  # cancel must not wait for this
-    delivery = record.start(Delivery(output))
-    stop = threading.Event()
-    a, b = alerts(stream="a"), alerts(stream="b")
-    delivery.put(Parcel(a[0], 0), stop)  # partition 0: failing, then backing off
-    delivery.put(Parcel(b[0], 1), stop)
-    delivery.put(Parcel(a[1], 0), stop)
-    wait_for(output.entered.is_set)
-    delivery.cancel({0})  # partition 0 went to another sink: its new owner delivers those
-    wait_for(delivery.idle)
-    delivery.close()
-    assert [p.alert for p in record.done] == [b[0]] and record.failed == []  # a's: neither, left to the new owner
-    assert "a:1" not in output.attempts[output.attempts.index("b:1"):]
+
+def test_a_channel_added_later_takes_the_alerts_from_then_on_and_keeps_its_backlog_across_runs():
+    bus = MemoryBus()
+    bus.consumer([bus.topics.alerts], "witness")  # keeps the history on the in-process bus
+    publish(bus, alerts(stream="history"))  # decided before the channel existed
+    first = Scripted([OutputError] * 1000)
+    running, _, _, stop = channel(first, bus, attempts=0)
+    publish(bus, alerts(stream="new"))
+    wait_for(lambda: first.attempts)
+    stop.set()
+    running.join()
+    assert set(first.attempts) == {"new:1/open"}  # never the history
+    again = Scripted()
+    rerun, dead, _, stop = channel(again, bus)  # the next run: its backlog, still not the history
+    wait_for(rerun.caught_up)
+    stop.set()
+    rerun.join()
+    assert again.attempts == ["new:1/open", "new:1/closed"] and not dead.letters

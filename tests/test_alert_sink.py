@@ -16,7 +16,7 @@ from linewatch.bus.messages import AlertMsg, DeadLetter, ScoreMsg, SessionEnd, d
 from linewatch.sinks.alert_sink import AlertSink
 from linewatch.sinks.alert_state import AlertStore, state_topic
 from linewatch.sinks.alerts import AlertPolicy, AlertTracker, StreamState
-from linewatch.sinks.outputs import BusOutput, JsonlOutput, WebhookOutput
+from linewatch.sinks.outputs import DeliveryPolicy, JsonlOutput, WebhookOutput
 
 from helpers import read_all, score_msg, wait_for
 
@@ -38,6 +38,15 @@ def send(bus, messages) -> int:
         stream = m.frame.stream if isinstance(m, ScoreMsg) else getattr(m, "stream", "cam")
         producer.send(bus.topics.scores, value, key=stream.encode())
     return len(messages)
+
+
+def new_bus(**options) -> MemoryBus:
+    """An in-process bus that keeps every alert on the topic: a group that never commits (the
+    bus drops what every group reading a topic has committed)."""
+    bus = MemoryBus(**options)
+    bus.consumer([bus.topics.alerts], "witness")
+    bus.unpaced("witness")
+    return bus
 
 
 def committed(bus) -> int:
@@ -80,7 +89,13 @@ class Running:
 
 
 def outputs(bus, path):
-    return [JsonlOutput(path), BusOutput(bus.producer(), bus.topics.alerts)]
+    """The JSONL channel (the alerts topic is the sink's own output)."""
+    return [JsonlOutput(path)]
+
+
+def retrying(output, attempts: int):
+    output.delivery = DeliveryPolicy(attempts=attempts, backoff_s=0.01, max_backoff_s=0.05)
+    return output
 
 
 def exactly_once(rows: list[tuple[str, str]]) -> set[str]:
@@ -94,11 +109,11 @@ def exactly_once(rows: list[tuple[str, str]]) -> set[str]:
 
 # ---- the loop ------------------------------------------------------------------------------------------
 def test_alert_sink_end_to_end(tmp_path, webhook):
-    bus = MemoryBus(partitions=2)
+    bus = new_bus(partitions=2)
     a, b = pattern("0110000011", stream="cam-a"), pattern("00111", stream="cam-b")
     total = send(bus, a + a[:4] + b + [b"\x00 not json", end("cam-a", 10), end("cam-b", 5)])  # cam-a's first frames twice
     hook = webhook([500])  # a webhook that is down: its alerts are dead-lettered, the rest goes on
-    down = WebhookOutput(hook.url, retries=1, backoff_s=0.01)
+    down = retrying(WebhookOutput(hook.url), attempts=2)
     path = tmp_path / "alerts.jsonl"
     running = Running(bus, [JsonlOutput(path), down])
     wait_for(lambda: committed(bus) == total and running.sink.delivered())
@@ -118,7 +133,7 @@ def test_a_stopped_sink_leaves_its_events_open_and_a_new_one_resumes_them(tmp_pa
     """SIGTERM mid-event: no "closed" on the way out. The next sink (same group, a fresh
     process in real life) restores the event and closes it once; the same defect is not
     alerted again under a new id."""
-    bus, path = MemoryBus(partitions=2), tmp_path / "alerts.jsonl"
+    bus, path = new_bus(partitions=2), tmp_path / "alerts.jsonl"
     scores = pattern("0011111111" + "11100000")
     sent = send(bus, scores[:10])
     first = Running(bus, outputs(bus, path))
@@ -141,7 +156,7 @@ def test_a_crash_between_the_checkpoints_steps_raises_nothing_twice(tmp_path, mo
     committed nothing (its records are redone as new); one that dies after it leaves state
     ahead of the offsets (the next one redoes those records as duplicates and delivers what
     is still pending). Either way: every alert once."""
-    bus, path = MemoryBus(), tmp_path / "alerts.jsonl"
+    bus, path = new_bus(), tmp_path / "alerts.jsonl"
     scores = pattern("00111100000")
     sent = send(bus, scores + [end("cam", len(scores))])
 
@@ -156,8 +171,12 @@ def test_a_crash_between_the_checkpoints_steps_raises_nothing_twice(tmp_path, mo
         if pending:
             raise Crash()
 
-    def crash(*args):
-        raise Crash()
+    real_commit = MemoryConsumer.commit
+
+    def crash(self, records):  # the sink's commit (the channels commit on their own)
+        if self.group == GROUP:
+            raise Crash()
+        real_commit(self, records)
 
     if step == "at the commit":
         monkeypatch.setattr(MemoryConsumer, "commit", crash)
@@ -181,7 +200,7 @@ def test_a_second_sink_takes_over_partitions_mid_event(tmp_path):
     """Two streams on two partitions, both mid-event in sink A. Sink B joins the group and
     gets one partition (restoring its state); later A leaves and B owns both. Across the two
     sinks' files every event is opened and closed exactly once, and the alerts topic too."""
-    bus = MemoryBus(partitions=2)
+    bus = new_bus(partitions=2)
     streams = ["cam-0", "cam-4"]
     assert {partition_for(s.encode(), 2) for s in streams} == {0, 1}
     scores = {s: pattern("0011111111111100000", stream=s) for s in streams}
@@ -205,7 +224,7 @@ def test_a_second_sink_takes_over_partitions_mid_event(tmp_path):
     assert frames == {f"{s}:2": list(range(2, 14)) for s in streams}  # not split by the takeover
 
 
-# ---- outputs -------------------------------------------------------------------------------------------
+# ---- channels -------------------------------------------------------------------------------------------
 def test_a_webhook_that_never_answers_holds_up_no_other_output_and_no_stream(tmp_path, webhook):
     """The webhook holds its first request unanswered (its client waits longer than the test).
     Meanwhile the file and the topic receive every alert of both streams, in order, and every
@@ -213,7 +232,7 @@ def test_a_webhook_that_never_answers_holds_up_no_other_output_and_no_stream(tmp
     them all, in order. No event is split."""
     answer = threading.Event()
     hook = webhook([200], answer=answer)
-    bus, path = MemoryBus(partitions=2), tmp_path / "alerts.jsonl"
+    bus, path = new_bus(partitions=2), tmp_path / "alerts.jsonl"
     stream_scores = {s: pattern("00111100000111110000", stream=s) for s in ("cam-0", "cam-4")}
     messages = [m for pair in zip(*stream_scores.values()) for m in pair] + [end(s, 20) for s in stream_scores]
     sent = send(bus, messages)
@@ -237,30 +256,13 @@ def test_a_webhook_that_never_answers_holds_up_no_other_output_and_no_stream(tmp
         assert [r for r in posted if r[0].startswith(stream)] == [r for r in expected if r[0].startswith(stream)]
 
 
-def test_a_full_output_queue_holds_back_the_commits_and_drops_nothing(tmp_path, webhook):
-    answer = threading.Event()
-    hook = webhook([200], answer=answer)
-    bus, path = MemoryBus(), tmp_path / "alerts.jsonl"
-    scores = pattern("0110000" * 6)  # six events, twelve alerts
-    sent = send(bus, scores + [end("cam", len(scores))])
-    running = Running(bus, [*outputs(bus, path), WebhookOutput(hook.url, timeout_s=600)], queue_size=2)
-    # the webhook holds one alert in its attempt and two in its queue; the fourth waits for room
-    wait_for(lambda: len(jsonl(path)) == 4)
-    assert committed(bus) < sent and hook.bodies and not running.sink.delivered()
-    answer.set()
-    wait_for(lambda: committed(bus) == sent and running.sink.delivered())
-    running.close()
-    assert len(exactly_once(jsonl(path))) == 6 and len(hook.bodies) == 12
-
-
 def test_alerts_still_pending_at_a_stop_are_delivered_by_the_next_run_once(tmp_path, webhook):
     hook = webhook([503])
-    bus, path = MemoryBus(), tmp_path / "alerts.jsonl"
+    bus, path = new_bus(), tmp_path / "alerts.jsonl"
     sent = send(bus, pattern("0110000") + [end("cam", 7)])
-    retrying = WebhookOutput(hook.url, retries=1000, backoff_s=0.01)
-    first = Running(bus, [JsonlOutput(path), retrying])
+    first = Running(bus, [JsonlOutput(path), retrying(WebhookOutput(hook.url), attempts=1000)])
     wait_for(lambda: committed(bus) == sent and len(hook.bodies) > 3)
-    first.close()  # stops retrying; not a dead letter: still pending
+    first.close()  # stops retrying; not a dead letter: still on the webhook's backlog
     assert not dead_letters(bus) and jsonl(path) == [("cam:1", "open"), ("cam:1", "closed")]
     up = webhook([200])
     second = Running(bus, [JsonlOutput(path), WebhookOutput(up.url)])
@@ -270,22 +272,9 @@ def test_alerts_still_pending_at_a_stop_are_delivered_by_the_next_run_once(tmp_p
     assert len(jsonl(path)) == 2  # the file's were delivered before: not again
 
 
-def test_an_output_no_longer_configured_dead_letters_its_pending_alerts(tmp_path, webhook):
-    hook = webhook([503])
-    bus, path = MemoryBus(), tmp_path / "alerts.jsonl"
-    sent = send(bus, pattern("0110000") + [end("cam", 7)])
-    first = Running(bus, [JsonlOutput(path), WebhookOutput(hook.url, retries=1000, backoff_s=0.01)])
-    wait_for(lambda: committed(bus) == sent and hook.bodies)
-    first.close()
-    second = Running(bus, [JsonlOutput(path)])  # the webhook was taken out of the configuration
-    wait_for(lambda: len(dead_letters(bus)) == 2)
-    second.close()
-    assert all("'webhook' is not configured any more" in d.reason for d in dead_letters(bus))
-
-
 # ---- records that cannot be handled --------------------------------------------------------------------
 def test_any_failure_on_one_record_dead_letters_it_and_the_loop_goes_on(tmp_path, monkeypatch):
-    bus, path = MemoryBus(), tmp_path / "alerts.jsonl"
+    bus, path = new_bus(), tmp_path / "alerts.jsonl"
     scores = pattern("0110000011000")
     infinite = encode(score_msg(3, 0.9)).replace(b'"ts":1000.75', b'"ts":1e999')  # JSON reads it as inf
     assert b"1e999" in infinite
@@ -310,7 +299,7 @@ def test_any_failure_on_one_record_dead_letters_it_and_the_loop_goes_on(tmp_path
 
 
 def test_a_corrupt_state_record_is_dead_lettered_and_the_stream_starts_afresh(tmp_path):
-    bus, path = MemoryBus(), tmp_path / "alerts.jsonl"
+    bus, path = new_bus(), tmp_path / "alerts.jsonl"
     topic = state_topic(bus.topics.scores, GROUP)
     bus.ensure_topics([topic], partitions=1, compact=True)
     bus.producer().send(topic, b'{"v": 1, "epoch": 0, "state": {"stream": 5}}', key=b"state/cam", partition=0)
@@ -328,7 +317,7 @@ def test_a_zombies_late_writes_are_fenced_off_also_after_compaction():
     """Sink A lost partition 0 to sink B without noticing and writes on, after B. A third
     reader takes B's records and ignores A's late ones, also for a key B never wrote, and
     also once compaction has kept only the last record of each key."""
-    bus = MemoryBus(capacity=2)  # a changelog longer than 2 records is compacted on every write
+    bus = new_bus(capacity=2)  # a changelog longer than 2 records is compacted on every write
     topic = "t.state"
     zombie, owner = AlertStore(bus, topic, 1), AlertStore(bus, topic, 1)
     zombie.restore({0})
@@ -338,3 +327,15 @@ def test_a_zombies_late_writes_are_fenced_off_also_after_compaction():
                   StreamState(stream="y", partition=0)], [])
     states = {s.stream: s for s in AlertStore(bus, topic, 1).restore({0}).states}
     assert list(states) == ["x"] and list(states["x"].sessions) == ["new"]
+
+
+def test_a_sink_that_does_not_publish_feeds_its_channels_from_a_topic_of_its_own(tmp_path):
+    """``alerts.publish`` off (a replay's sink): nothing on the shared alerts topic, the JSONL
+    channel still gets every alert, through the sink's own alerts topic."""
+    bus, path = new_bus(), tmp_path / "alerts.jsonl"
+    sent = send(bus, pattern("0110000") + [end("cam", 7)])
+    running = Running(bus, outputs(bus, path), publish=False)
+    wait_for(lambda: committed(bus) == sent and running.sink.delivered())
+    running.close()
+    assert exactly_once(jsonl(path)) == {"cam:1"} and on_topic(bus) == []
+    assert running.sink.alerts_topic == f"{bus.topics.scores}.{GROUP}.alerts"
