@@ -35,7 +35,7 @@ def add_parsers(commands) -> None:
                                  description="Read RUN_DIR (as `linewatch run --out RUN_DIR --scores "
                                              "RUN_DIR/scores.jsonl` leaves it: scores.jsonl, alerts.jsonl, archive/) "
                                              "and write RUN_DIR/report.html: score timelines, events, their overlays.")
-    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the run's output folder (`linewatch run --out`)")
     report.add_argument("--out", default=None, help="the HTML file (default RUN_DIR/report.html)")
 
 

@@ -18,7 +18,8 @@ def add_parsers(commands) -> None:
     ev.add_argument("--prompts", default=None, help="prompt pack YAML (default: the bundled pack)")
     ev.add_argument("--option", dest="options", type=a.option, action="append", default=[], metavar="KEY=VALUE",
                     help="method option, repeatable, e.g. text_weight=0 (see each method's docstring)")
-    ev.add_argument("--batch-size", type=a.positive, default=8)
+    ev.add_argument("--batch-size", type=a.positive, default=8,
+                    help="test images scored together (default 8); more is faster and takes more memory")
     ev.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON here")
     a.add_backbone(ev)
     a.metavars(ev)
@@ -59,7 +60,8 @@ def add_parsers(commands) -> None:
     a.add_backbone(tr)
     a.metavars(tr)
 
-    methods = commands.add_parser("methods", help="list the registered scoring methods")
+    methods = commands.add_parser("methods", help="list the registered scoring methods",
+                                  description="List every scoring method linewatch has, with one line on what it is; --method NAME picks one in eval, train, run, worker and replay.")
     methods.add_argument("--presets", action="store_true", help="also list each method's training presets")
 
 
