@@ -255,9 +255,14 @@ def _stop_on_signals() -> threading.Event:
 
 
 @contextlib.contextmanager
-def _operations(settings, *conditions: str):
+def _operations(settings, *conditions: str, one_shot: bool = False):
     """For the command's lifetime: logs as configured, and the /metrics /healthz /readyz endpoint
-    (unless ``ops.port`` is off), not ready until every one of ``conditions`` is reported."""
+    (unless ``ops.port`` is off), not ready until every one of ``conditions`` is reported.
+
+    A ``one_shot`` command (``run``) whose port was not asked for takes any free port when the
+    default one is taken (by another run, say) and logs it: a second run in another terminal
+    still has its metrics. A port that was asked for (flag, variable, config), and every port of
+    the long-running services, is refused when taken: their probes and scrapers expect it."""
     from .. import __version__
     from ..bus.outages import OUTAGES
     from ..ops import metrics
@@ -278,7 +283,15 @@ def _operations(settings, *conditions: str):
         if ops.port is None:
             yield None
             return
-        with OpsServer(ops.host, ops.port) as server:
+        try:
+            server = OpsServer(ops.host, ops.port)
+        except OSError:
+            if not one_shot or "port" in ops.model_fields_set:
+                raise
+            server = OpsServer(ops.host, 0)
+            logging.getLogger("linewatch").info("port %d is taken (another linewatch run?); this run's metrics and "
+                                                "health are on port %d instead", ops.port, server.port)
+        with server:
             yield server
     finally:
         OUTAGES.settle()  # an outage that ended as the command finished still gets its "is back" line
@@ -307,7 +320,7 @@ def run_run(args) -> None:
         from ..console.service import console_token
 
         console_token(settings)  # a console beyond loopback without a token fails before the model is built
-    with _operations(settings, "model"):
+    with _operations(settings, "model", one_shot=True):
         try:
             summary = run_embedded(args.sources, settings, args.out, stream_ids=args.stream_ids, scores=args.scores,
                                    attach=open_console if args.console else None)
