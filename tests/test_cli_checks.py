@@ -4,6 +4,8 @@ over another process's metrics port."""
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import socket
 
 import pytest
@@ -50,3 +52,19 @@ def test_run_refuses_a_taken_port_it_was_asked_for(clip, tmp_path, capsys):
         code = main(["run", str(clip.video), "--out", str(tmp_path / "out"), "--metrics-port", str(port), *TINY])
     assert code == 2
     assert f"cannot serve metrics and health on 127.0.0.1:{port}" in error_line(capsys)
+
+
+def test_the_report_names_its_streams_and_span_and_reads_reviews_as_words(clip, tmp_path, capsys):
+    from linewatch.console.store import ConsoleStore
+
+    out = tmp_path / "out"
+    assert main(["run", str(clip.video), "--stream-id", "drone-1", "--out", str(out), "--threshold", "0",
+                 "--scores", str(out / "scores.jsonl"), "--metrics-port", "off", *TINY]) == 0
+    [event] = {json.loads(line)["event_id"] for line in (out / "alerts.jsonl").read_text().splitlines()}
+    ConsoleStore(out / "archive" / "index.sqlite").review(event, "false_alarm", "")
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    first, last = (json.loads(line)["time"] for line in (out / "scores.jsonl").read_text().splitlines()[::clip.frame_count - 1])
+    title = re.search(r"<title>(.*)</title>", page).group(1)
+    assert title == f"linewatch report: drone-1, {first[:10]} {first[11:19]} to {last[11:19]} UTC", title
+    assert "<td>false alarm</td>" in page and "false_alarm" not in page
