@@ -102,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {**offline.HANDLERS, **pipeline.HANDLERS, **console.HANDLERS, "bench": bench.run}
     from ..bus import BusError
     from ..bus.outages import StopRequested
-    from ..offline.datasets import DatasetError
-    from ..scoring.backbone import BackboneError
 
     try:
         with _signal_handlers_restored():
@@ -111,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested as err:  # a signal during an outage, before a part could finish
         print(f"linewatch: stopped: {redact(err)}", file=sys.stderr)
         return 0
-    except (BackboneError, DatasetError, BusError, ValueError, OSError) as err:  # OSError: paths, permissions
+    except (BusError, ValueError, OSError) as err:  # also BackboneError, DatasetError (ValueErrors); OSError: paths
         print(f"linewatch: error: {redact(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

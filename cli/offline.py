@@ -11,7 +11,8 @@ def add_parsers(commands) -> None:
     ev = commands.add_parser("eval", help="evaluate a method on MVTec-layout data",
                              description="Score every test image of one category (or a folder of categories) "
                                          "and print image and pixel AUROC, AP, F1-max and AUPRO.")
-    ev.add_argument("--method", default=None, help="scoring method (see `linewatch methods`; default winclip)")
+    ev.add_argument("--method", default=None,
+                    help="scoring method (see `linewatch methods`; default aprilgan, as in run and worker)")
     ev.add_argument("--checkpoint", default=None, help="a trained checkpoint from `linewatch train` (sets method and backbone)")
     ev.add_argument("--data", required=True, help="a category folder or a folder of categories in MVTec layout")
     ev.add_argument("--shots", type=int, default=0, help="normal reference images from train/good (0: zero-shot)")
@@ -84,12 +85,18 @@ def _device(args: argparse.Namespace) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from ..offline.evaluate import EvalConfig, evaluate, format_table, write_json
-    from ..scoring.checkpoint import checkpoint_backbone
+    from ..scoring.options import DEFAULT_METHOD, check_options
+    from ..scoring.weights import check_weights
 
     if args.shots < 0:
         raise ValueError("--shots must be 0 or more")
     a.check_output_path(args.json_out)
+    if not args.checkpoint:  # before torch is imported: a mistake fails in a second
+        check_options(args.method or DEFAULT_METHOD, dict(args.options))
+    check_weights(getattr(args, "backbone.arch", "ViT-B-16"), getattr(args, "backbone.weights", "none"))
+    from ..offline.evaluate import EvalConfig, evaluate, format_table, write_json
+    from ..scoring.checkpoint import checkpoint_backbone
+
     if args.checkpoint:
         given = {k: v for k, v in a.given_backbone(args).items() if k not in ("seed", "device")}
         backbone = checkpoint_backbone(args.checkpoint, {**given, "method": args.method})
@@ -98,7 +105,7 @@ def run_eval(args: argparse.Namespace) -> None:
     if args.checkpoint and args.options:
         raise ValueError("--option cannot change a checkpoint's method options; they are fixed at training")
     config = EvalConfig(
-        method=args.method or "winclip", data=args.data, shots=args.shots, prompts=args.prompts, options=dict(args.options),
+        method=args.method or DEFAULT_METHOD, data=args.data, shots=args.shots, prompts=args.prompts, options=dict(args.options),
         batch_size=args.batch_size, seed=_seed(args), device=_device(args), backbone=backbone,
         checkpoint=args.checkpoint)
     report = evaluate(config)

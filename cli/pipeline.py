@@ -55,7 +55,8 @@ def add_model(parser: argparse.ArgumentParser, redis: bool = True) -> None:
     if redis:
         model.add_argument("--redis-url", dest="redis_url", default=S,
                            help="Redis for the shared text-anchor cache, e.g. redis://host:6379/0")
-    model.add_argument("--method", dest="profile.method", default=S, help="scoring method (default aprilgan)")
+    model.add_argument("--method", dest="profile.method", default=S,
+                       help="scoring method (`linewatch methods`; default aprilgan, as in eval)")
     model.add_argument("--checkpoint", dest="profile.checkpoint", default=S,
                        help="trained method from `linewatch train` (sets the method, and the backbone unless given)")
     model.add_argument("--class", dest="profile.class_name", default=S,
@@ -297,6 +298,17 @@ def _operations(settings, *conditions: str, one_shot: bool = False):
         OUTAGES.settle()  # an outage that ended as the command finished still gets its "is back" line
 
 
+def _check_before_loading(settings) -> None:
+    """What needs no model, checked before torch is even imported: the profiles' methods and
+    options, their folders, and whether pretrained weights can be had (a mistake fails in a
+    second, not after the model has loaded)."""
+    from ..scoring.weights import check_weights
+    from ..workers.profiles import ProfileTable
+
+    ProfileTable(settings.profile, settings.streams)
+    check_weights(settings.backbone.arch, settings.backbone.weights)
+
+
 def _logging(settings) -> None:
     from ..ops.logs import setup_logging
 
@@ -304,9 +316,10 @@ def _logging(settings) -> None:
 
 
 def run_run(args) -> None:
+    settings = _settings(args)
+    _check_before_loading(settings)
     from ..pipeline.embedded import check_inputs, run_embedded
 
-    settings = _settings(args)
     check_inputs(args.sources, settings, args.stream_ids)  # a mistake is one line, before the endpoint's
     opened = []
 
@@ -358,6 +371,7 @@ def run_worker(args) -> None:
     from ..pipeline.wiring import build_worker
 
     settings = _settings(args)
+    _check_before_loading(settings)
     with _operations(settings, "bus", "model", "assignment"):
         stop = _stop_on_signals()
         bus = _bus(settings, "worker", stop)
@@ -400,6 +414,7 @@ def run_replay(args) -> None:
     from ..pipeline.wiring import build_worker
 
     settings = _settings(args)
+    _check_before_loading(settings)
     _logging(settings)
     span = ReplayRange(args.from_offset, args.to_offset, args.since, args.until, args.stream)
     bus = _bus(settings, "replay", _stop_on_signals())
