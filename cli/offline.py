@@ -54,6 +54,11 @@ def add_parsers(commands) -> None:
                     help="evaluate right after training on this data: the same dataset (the training images are "
                          "left out), or another one: the cross-dataset protocol of AA-CLIP and APRIL-GAN (train on an "
                          "auxiliary dataset, test zero-shot on another)")
+    tr.add_argument("--eval-shots", type=int, default=None, metavar="N",
+                    help="with --eval: normal reference images per category (from train/good) the evaluation gives "
+                         "the trained method, as `linewatch run --references` would (default: the training's shots "
+                         "when the method keeps a memory bank, else 0; 0: zero-shot, the cross-dataset papers' "
+                         "protocol)")
     tr.add_argument("--json", dest="json_out", default=None, help="with --eval, also write the report as JSON here")
     tr.add_argument("--prompts", default=None, help="prompt pack YAML (default: the bundled pack)")
     tr.add_argument("--option", dest="options", type=a.option, action="append", default=[], metavar="KEY=VALUE",
@@ -124,10 +129,8 @@ def run_train(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {args.out}: checkpoints are safetensors files; name it *.safetensors")
     a.check_output_path(args.out, "--out")
     a.check_output_path(args.json_out)
-    if args.eval_data:
-        from ..offline.datasets import find_categories
-
-        find_categories(args.eval_data)  # a wrong path fails now, not after training
+    if args.eval_shots is not None and (args.eval_shots < 0 or not args.eval_data):
+        raise ValueError("--eval-shots takes a number >= 0, with --eval DATA")
     if args.method is None and not (args.preset and args.preset.endswith(".json")):
         raise ValueError("--method is required (unless --preset is a preset file that names it)")
     if args.method is not None:
@@ -141,15 +144,41 @@ def run_train(args: argparse.Namespace) -> None:
                    train=train_config(preset, seed=_seed(args), epochs=args.epochs, lr=args.lr,
                                       batch_size=args.batch_size, views=args.views),
                    preset=header_entry(preset, path))
+    eval_shots = _eval_shots(args, job) if args.eval_data else 0  # a wrong --eval fails now, not after training
     method, _ = run_training(job)
     if args.eval_data:
-        config = EvalConfig(method=job.method, data=args.eval_data, batch_size=8, seed=_seed(args),
+        config = EvalConfig(method=job.method, data=args.eval_data, shots=eval_shots, batch_size=8, seed=_seed(args),
                             device=job.device, backbone=job.backbone, checkpoint=args.out)
         report = evaluate(config, method=method)
+        report["shots_from"] = _shots_from(args, job, eval_shots)
         print(format_table(report))
         if args.json_out:
             write_json(report, args.json_out)
             print(f"report written to {args.json_out}")
+
+
+def _eval_shots(args: argparse.Namespace, job) -> int:
+    """How many normal references per category train --eval gives the method: as it would run."""
+    from ..offline.datasets import DatasetError, find_categories
+
+    memory = job.options.get("memory_bank", True)
+    shots = args.eval_shots if args.eval_shots is not None else (job.shots if memory else 0)
+    if shots and not memory:
+        raise ValueError(f"--eval-shots {shots}: {job.method} is trained without a memory bank (memory_bank=false), "
+                         "so it takes no references; leave --eval-shots out (zero-shot)")
+    for category in find_categories(args.eval_data):
+        if shots > len(category.train_good):
+            raise DatasetError(f"--eval {args.eval_data}: {category.name} has {len(category.train_good)} images in "
+                               f"train/good, fewer than the {shots} references to evaluate with; pass --eval-shots")
+    return shots
+
+
+def _shots_from(args: argparse.Namespace, job, shots: int) -> str:
+    if args.eval_shots is not None:
+        return "--eval-shots"
+    if shots:
+        return f"the training's shots as references from train/good, as run --references; --eval-shots 0: zero-shot"
+    return "no memory bank: zero-shot, as it runs"
 
 
 def run_methods(args: argparse.Namespace) -> None:

@@ -147,3 +147,23 @@ def test_the_tag_check_lets_through_a_reachable_hub_and_cached_files(tmp_path, m
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # ...without the hub's retries
     check_weights("ViT-B-16", "none")
     check_weights("ViT-B-16", str(tmp_path / "weights.safetensors"))  # a file: its own checks, later
+
+
+def test_train_eval_evaluates_as_the_method_runs_and_says_so(tmp_path, capsys):
+    """With a memory bank, the trained method is evaluated with the training's shots as normal
+    references (as `run --references` scores); without one, zero-shot; the header says which."""
+    from helpers import make_category
+
+    data = make_category(tmp_path, "widget", seed=11)
+    train = ["train", "--method", "aprilgan", "--data", str(data), "--arch", "linewatch-tiny", "--epochs", "1",
+             "--shots", "2", "--views", "1", "--eval", str(data)]
+    assert main([*train, "--out", str(tmp_path / "a.safetensors")]) == 0
+    assert "2-shot (the training's shots as references from train/good" in capsys.readouterr().out
+    assert main([*train, "--out", str(tmp_path / "b.safetensors"), "--eval-shots", "0"]) == 0
+    assert "0-shot (--eval-shots)" in capsys.readouterr().out
+    assert main([*train, "--out", str(tmp_path / "c.safetensors"), "--option", "memory_bank=false"]) == 0
+    assert "0-shot (no memory bank: zero-shot, as it runs)" in capsys.readouterr().out
+    assert main([*train, "--out", str(tmp_path / "d.safetensors"), "--option", "memory_bank=false",
+                 "--eval-shots", "2"]) == 2
+    assert "trained without a memory bank" in error_line(capsys)
+    assert not (tmp_path / "d.safetensors").exists()  # refused before training
