@@ -40,7 +40,8 @@ def add_ops(parser: argparse.ArgumentParser, endpoint: bool = True) -> None:
     if endpoint:
         group.add_argument("--metrics-port", dest="ops.port", type=a.port, default=S,
                            help="port of /metrics, /healthz and /readyz (default 9400; 0: any free port, "
-                                "logged; off: none)")
+                                "logged; off: none). A taken port is refused, except that `run` moves off a taken "
+                                "default to a free port (logged)")
         group.add_argument("--metrics-host", dest="ops.host", default=S,
                            help="address they listen on (default 127.0.0.1; 0.0.0.0 in a container)")
     group.add_argument("--log-format", dest="ops.log_format", choices=["text", "json"], default=S, metavar="{text,json}",
