@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import os
+import re
 import signal
 import sys
 import threading
@@ -20,10 +22,41 @@ DESCRIPTION = "Streaming anomaly inspection for power-line camera and drone vide
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a mistake reported as one ``linewatch: error:`` line that points to --help."""
+    """argparse, with a mistake reported as one ``linewatch: error:`` line that points to the
+    --help of the command it was made in, with a guess at what was meant."""
 
     def error(self, message: str):
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice:
+            message += _did_you_mean(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)))
         self.exit(2, f"linewatch: error: {redact(message)} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """argparse lets the top parser report a subcommand's unknown flags (pointing to the top
+        --help); here the command that got them reports them, with the flag it probably meant."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = _command_parser(self, parsed)
+            flag = next((extra for extra in extras if extra.startswith("-")), extras[0])
+            known = [o for action in command._actions for o in action.option_strings if o.startswith("--")]
+            guess = _did_you_mean(flag.split("=", 1)[0], known) if flag.startswith("-") else ""
+            command.error(f"unrecognized arguments: {' '.join(extras)}{guess}")
+        return parsed
+
+
+def _did_you_mean(given: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(given, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _command_parser(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost (sub)command parser that ``parsed`` went through (`linewatch sink alerts`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = getattr(parsed, action.dest, None)
+            if chosen in action.choices:
+                return _command_parser(action.choices[chosen], parsed)
+    return parser
 
 
 def setup_logging() -> None:
@@ -54,7 +87,8 @@ def _signal_handlers_restored():
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="linewatch", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"linewatch {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help="one of these; `linewatch COMMAND --help` explains each")
     offline.add_parsers(commands)
     pipeline.add_parsers(commands)
     bench.add_parser(commands)
@@ -68,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {**offline.HANDLERS, **pipeline.HANDLERS, **console.HANDLERS, "bench": bench.run}
     from ..bus import BusError
     from ..bus.outages import StopRequested
-    from ..offline.datasets import DatasetError
-    from ..scoring.backbone import BackboneError
 
     try:
         with _signal_handlers_restored():
@@ -77,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested as err:  # a signal during an outage, before a part could finish
         print(f"linewatch: stopped: {redact(err)}", file=sys.stderr)
         return 0
-    except (BackboneError, DatasetError, BusError, ValueError, OSError) as err:  # OSError: paths, permissions
+    except (BusError, ValueError, OSError) as err:  # also BackboneError, DatasetError (ValueErrors); OSError: paths
         print(f"linewatch: error: {redact(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -86,10 +86,13 @@ def add_backbone(parser: argparse.ArgumentParser) -> None:
     worker, replay): one definition, so they cannot drift apart."""
     group = parser.add_argument_group("backbone")
     group.add_argument("--arch", dest="backbone.arch", default=S,
-                       help="open_clip architecture (default: ViT-B-16, or the checkpoint's or train preset's)")
+                       help="open_clip architecture (default: ViT-B-16, or the checkpoint's or train preset's); "
+                            "linewatch-tiny is a 64 px, 4-block test architecture: with --weights none it runs "
+                            "in seconds on a CPU, for trying commands and for the tests, not for detection")
     group.add_argument("--weights", dest="backbone.weights", default=S,
-                       help="'none' (random, seeded), an open_clip pretrained tag such as 'openai', "
-                            "or a local .safetensors/.pt file (default: none, or the checkpoint's or train preset's)")
+                       help="'none' (random, seeded), an open_clip pretrained tag such as 'openai' (downloaded once "
+                            "into the Hugging Face cache; a tag not cached is refused at once when the hub cannot be "
+                            "reached), or a local .safetensors/.pt file (default: none, or the checkpoint's or train preset's)")
     group.add_argument("--image-size", dest="backbone.image_size", type=positive, default=S,
                        help="input size in px (default: the architecture's, or the checkpoint's or train preset's)")
     group.add_argument("--layers", dest="backbone.layers", type=layers, default=S,

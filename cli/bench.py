@@ -69,8 +69,10 @@ def config_from_args(args: argparse.Namespace):
     from ..scoring.backbone import BackboneConfig
     from ..scoring.methods import METHODS, check_options
     from ..scoring.precision import resolve_device, resolve_precision
+    from ..scoring.weights import check_weights
 
     given = a.given_backbone(args)
+    check_weights(given.get("arch", "ViT-B-16"), given.get("weights", "none"))
     device = resolve_device(given.pop("device", None))
     if not args.methods:
         raise ValueError("--methods: name at least one method")

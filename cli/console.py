@@ -35,7 +35,7 @@ def add_parsers(commands) -> None:
                                  description="Read RUN_DIR (as `linewatch run --out RUN_DIR --scores "
                                              "RUN_DIR/scores.jsonl` leaves it: scores.jsonl, alerts.jsonl, archive/) "
                                              "and write RUN_DIR/report.html: score timelines, events, their overlays.")
-    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the run's output folder (`linewatch run --out`)")
     report.add_argument("--out", default=None, help="the HTML file (default RUN_DIR/report.html)")
 
 
@@ -45,16 +45,16 @@ def run_console(args: argparse.Namespace) -> None:
     settings = _settings(args)
     with _operations(settings, *(["bus"] if settings.bootstrap_servers else [])):
         bus = policy_for = None
+        stop = _stop_on_signals()
         if settings.bootstrap_servers:
             from ..pipeline.wiring import policy_table
 
             policy_for = policy_table(settings)
-            bus = _bus(settings)
+            bus = _bus(settings, "console", stop)
         elif not settings.archive:
             raise ValueError("the console needs something to show: --bootstrap-servers (live) and/or --archive")
         server = serve(settings, bus, policy_for)
         try:
-            stop = _stop_on_signals()
             while not stop.wait(0.5):
                 pass
         finally:

@@ -11,14 +11,16 @@ def add_parsers(commands) -> None:
     ev = commands.add_parser("eval", help="evaluate a method on MVTec-layout data",
                              description="Score every test image of one category (or a folder of categories) "
                                          "and print image and pixel AUROC, AP, F1-max and AUPRO.")
-    ev.add_argument("--method", default=None, help="scoring method (see `linewatch methods`; default winclip)")
+    ev.add_argument("--method", default=None,
+                    help="scoring method (see `linewatch methods`; default aprilgan, as in run and worker)")
     ev.add_argument("--checkpoint", default=None, help="a trained checkpoint from `linewatch train` (sets method and backbone)")
     ev.add_argument("--data", required=True, help="a category folder or a folder of categories in MVTec layout")
     ev.add_argument("--shots", type=int, default=0, help="normal reference images from train/good (0: zero-shot)")
     ev.add_argument("--prompts", default=None, help="prompt pack YAML (default: the bundled pack)")
     ev.add_argument("--option", dest="options", type=a.option, action="append", default=[], metavar="KEY=VALUE",
                     help="method option, repeatable, e.g. text_weight=0 (see each method's docstring)")
-    ev.add_argument("--batch-size", type=a.positive, default=8)
+    ev.add_argument("--batch-size", type=a.positive, default=8,
+                    help="test images scored together (default 8); more is faster and takes more memory")
     ev.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON here")
     a.add_backbone(ev)
     a.metavars(ev)
@@ -52,6 +54,11 @@ def add_parsers(commands) -> None:
                     help="evaluate right after training on this data: the same dataset (the training images are "
                          "left out), or another one: the cross-dataset protocol of AA-CLIP and APRIL-GAN (train on an "
                          "auxiliary dataset, test zero-shot on another)")
+    tr.add_argument("--eval-shots", type=int, default=None, metavar="N",
+                    help="with --eval: normal reference images per category (from train/good) the evaluation gives "
+                         "the trained method, as `linewatch run --references` would (default: the training's shots "
+                         "when the method keeps a memory bank, else 0; 0: zero-shot, the cross-dataset papers' "
+                         "protocol)")
     tr.add_argument("--json", dest="json_out", default=None, help="with --eval, also write the report as JSON here")
     tr.add_argument("--prompts", default=None, help="prompt pack YAML (default: the bundled pack)")
     tr.add_argument("--option", dest="options", type=a.option, action="append", default=[], metavar="KEY=VALUE",
@@ -59,7 +66,8 @@ def add_parsers(commands) -> None:
     a.add_backbone(tr)
     a.metavars(tr)
 
-    methods = commands.add_parser("methods", help="list the registered scoring methods")
+    methods = commands.add_parser("methods", help="list the registered scoring methods",
+                                  description="List every scoring method linewatch has, with one line on what it is; --method NAME picks one in eval, train, run, worker and replay.")
     methods.add_argument("--presets", action="store_true", help="also list each method's training presets")
 
 
@@ -82,12 +90,18 @@ def _device(args: argparse.Namespace) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from ..offline.evaluate import EvalConfig, evaluate, format_table, write_json
-    from ..scoring.checkpoint import checkpoint_backbone
+    from ..scoring.options import DEFAULT_METHOD, check_options
+    from ..scoring.weights import check_weights
 
     if args.shots < 0:
         raise ValueError("--shots must be 0 or more")
     a.check_output_path(args.json_out)
+    if not args.checkpoint:  # before torch is imported: a mistake fails in a second
+        check_options(args.method or DEFAULT_METHOD, dict(args.options))
+    check_weights(getattr(args, "backbone.arch", "ViT-B-16"), getattr(args, "backbone.weights", "none"))
+    from ..offline.evaluate import EvalConfig, evaluate, format_table, write_json
+    from ..scoring.checkpoint import checkpoint_backbone
+
     if args.checkpoint:
         given = {k: v for k, v in a.given_backbone(args).items() if k not in ("seed", "device")}
         backbone = checkpoint_backbone(args.checkpoint, {**given, "method": args.method})
@@ -96,7 +110,7 @@ def run_eval(args: argparse.Namespace) -> None:
     if args.checkpoint and args.options:
         raise ValueError("--option cannot change a checkpoint's method options; they are fixed at training")
     config = EvalConfig(
-        method=args.method or "winclip", data=args.data, shots=args.shots, prompts=args.prompts, options=dict(args.options),
+        method=args.method or DEFAULT_METHOD, data=args.data, shots=args.shots, prompts=args.prompts, options=dict(args.options),
         batch_size=args.batch_size, seed=_seed(args), device=_device(args), backbone=backbone,
         checkpoint=args.checkpoint)
     report = evaluate(config)
@@ -115,10 +129,8 @@ def run_train(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {args.out}: checkpoints are safetensors files; name it *.safetensors")
     a.check_output_path(args.out, "--out")
     a.check_output_path(args.json_out)
-    if args.eval_data:
-        from ..offline.datasets import find_categories
-
-        find_categories(args.eval_data)  # a wrong path fails now, not after training
+    if args.eval_shots is not None and (args.eval_shots < 0 or not args.eval_data):
+        raise ValueError("--eval-shots takes a number >= 0, with --eval DATA")
     if args.method is None and not (args.preset and args.preset.endswith(".json")):
         raise ValueError("--method is required (unless --preset is a preset file that names it)")
     if args.method is not None:
@@ -132,15 +144,41 @@ def run_train(args: argparse.Namespace) -> None:
                    train=train_config(preset, seed=_seed(args), epochs=args.epochs, lr=args.lr,
                                       batch_size=args.batch_size, views=args.views),
                    preset=header_entry(preset, path))
+    eval_shots = _eval_shots(args, job) if args.eval_data else 0  # a wrong --eval fails now, not after training
     method, _ = run_training(job)
     if args.eval_data:
-        config = EvalConfig(method=job.method, data=args.eval_data, batch_size=8, seed=_seed(args),
+        config = EvalConfig(method=job.method, data=args.eval_data, shots=eval_shots, batch_size=8, seed=_seed(args),
                             device=job.device, backbone=job.backbone, checkpoint=args.out)
         report = evaluate(config, method=method)
+        report["shots_from"] = _shots_from(args, job, eval_shots)
         print(format_table(report))
         if args.json_out:
             write_json(report, args.json_out)
             print(f"report written to {args.json_out}")
+
+
+def _eval_shots(args: argparse.Namespace, job) -> int:
+    """How many normal references per category train --eval gives the method: as it would run."""
+    from ..offline.datasets import DatasetError, find_categories
+
+    memory = job.options.get("memory_bank", True)
+    shots = args.eval_shots if args.eval_shots is not None else (job.shots if memory else 0)
+    if shots and not memory:
+        raise ValueError(f"--eval-shots {shots}: {job.method} is trained without a memory bank (memory_bank=false), "
+                         "so it takes no references; leave --eval-shots out (zero-shot)")
+    for category in find_categories(args.eval_data):
+        if shots > len(category.train_good):
+            raise DatasetError(f"--eval {args.eval_data}: {category.name} has {len(category.train_good)} images in "
+                               f"train/good, fewer than the {shots} references to evaluate with; pass --eval-shots")
+    return shots
+
+
+def _shots_from(args: argparse.Namespace, job, shots: int) -> str:
+    if args.eval_shots is not None:
+        return "--eval-shots"
+    if shots:
+        return f"the training's shots as references from train/good, as run --references; --eval-shots 0: zero-shot"
+    return "no memory bank: zero-shot, as it runs"
 
 
 def run_methods(args: argparse.Namespace) -> None:

@@ -40,7 +40,8 @@ def add_ops(parser: argparse.ArgumentParser, endpoint: bool = True) -> None:
     if endpoint:
         group.add_argument("--metrics-port", dest="ops.port", type=a.port, default=S,
                            help="port of /metrics, /healthz and /readyz (default 9400; 0: any free port, "
-                                "logged; off: none)")
+                                "logged; off: none). A taken port is refused, except that `run` moves off a taken "
+                                "default to a free port (logged)")
         group.add_argument("--metrics-host", dest="ops.host", default=S,
                            help="address they listen on (default 127.0.0.1; 0.0.0.0 in a container)")
     group.add_argument("--log-format", dest="ops.log_format", choices=["text", "json"], default=S, metavar="{text,json}",
@@ -55,7 +56,8 @@ def add_model(parser: argparse.ArgumentParser, redis: bool = True) -> None:
     if redis:
         model.add_argument("--redis-url", dest="redis_url", default=S,
                            help="Redis for the shared text-anchor cache, e.g. redis://host:6379/0")
-    model.add_argument("--method", dest="profile.method", default=S, help="scoring method (default aprilgan)")
+    model.add_argument("--method", dest="profile.method", default=S,
+                       help="scoring method (`linewatch methods`; default aprilgan, as in eval)")
     model.add_argument("--checkpoint", dest="profile.checkpoint", default=S,
                        help="trained method from `linewatch train` (sets the method, and the backbone unless given)")
     model.add_argument("--class", dest="profile.class_name", default=S,
@@ -94,7 +96,8 @@ def add_ingest(parser: argparse.ArgumentParser) -> None:
                        help="stream id per source, in order (default: from the file or URL name)")
     group.add_argument("--fps", dest="ingest.fps", type=float, default=S, help="frames per second to keep (default all)")
     group.add_argument("--max-size", dest="ingest.max_size", type=int, default=S, help="long side in px (default 1280)")
-    group.add_argument("--jpeg-quality", dest="ingest.jpeg_quality", type=int, default=S)
+    group.add_argument("--jpeg-quality", dest="ingest.jpeg_quality", type=int, default=S,
+                       help="JPEG quality 1-100 of the frames put on the bus (default 90)")
     group.add_argument("--realtime", dest="ingest.realtime", action="store_const", const=True, default=S,
                        help="pace files at recorded speed (default: as fast as possible)")
 
@@ -151,32 +154,52 @@ def add_parsers(commands) -> None:
     add_alerts(run)
     add_ops(run)
 
-    ingest = commands.add_parser("ingest", help="publish frames of sources to Kafka")
+    ingest = commands.add_parser("ingest", help="publish frames of sources to Kafka",
+                                 description="Read video files, image folders, RTSP/HTTP streams or webcams and publish their frames (JPEG, scaled to --max-size) to the frames topic, one stream per source.")
     add_ingest(ingest)
     add_common(ingest)
     add_ops(ingest)
 
-    worker = commands.add_parser("worker", help="score frames from Kafka (a consumer group member)")
+    worker = commands.add_parser("worker", help="score frames from Kafka (a consumer group member)",
+                                 description="Consume the frames topic as a member of the workers' consumer group, score each batch with the method and publish the scores; start more workers to share the partitions.")
     add_common(worker)
     add_model(worker)
     add_ops(worker)
 
-    sink = commands.add_parser("sink", help="alert or archive sink on the scores topic")
-    sink.add_argument("kind", choices=["alerts", "archive"])
-    sink.add_argument("--scores-topic", default=None, help="read this topic instead of <prefix>.scores (e.g. a replay's)")
-    sink.add_argument("--jsonl", dest="alerts.jsonl", default=S, help="alerts sink: append alerts to this JSONL file")
-    sink.add_argument("--no-publish", dest="alerts.publish", action="store_const", const=False, default=S,
-                      help="alerts sink: do not publish to the alerts topic")
-    sink.add_argument("--archive", dest="archive", default=S, help="archive sink: folder or s3://bucket/prefix")
-    add_common(sink)
-    add_alerts(sink)
-    add_ops(sink)
+    sink = commands.add_parser("sink", help="alert or archive sink on the scores topic",
+                               description="A long-running consumer of the scores topic: `sink alerts` turns "
+                                           "anomalous frames into events and sends them out, `sink archive` keeps "
+                                           "their frames, masks and overlays.")
+    kinds = sink.add_subparsers(dest="kind", required=True, metavar="{alerts,archive}",
+                                help="which sink (each has its own --help)")
+    alerts = kinds.add_parser("alerts", help="debounce scores into events; write, publish and send them",
+                              description="Read the scores topic, debounce anomalous frames into events (--k of "
+                                          "the last --n frames) and write them to --jsonl, the alerts topic and "
+                                          "the configured channels (webhook, MQTT, Apprise).")
+    archive = kinds.add_parser("archive", help="store the frames, masks and overlays of anomalous frames",
+                               description="Read the scores topic and store each anomalous frame with its anomaly "
+                                           "mask and overlay in --archive (a folder or s3://bucket/prefix).")
+    for parser in (alerts, archive):
+        parser.add_argument("--scores-topic", default=None,
+                            help="read this topic instead of <prefix>.scores (e.g. a replay's)")
+    alerts.add_argument("--jsonl", dest="alerts.jsonl", default=S, help="append each alert to this JSONL file")
+    alerts.add_argument("--no-publish", dest="alerts.publish", action="store_const", const=False, default=S,
+                        help="do not publish alerts to the alerts topic")
+    archive.add_argument("--archive", dest="archive", default=S,
+                         help="where to store: a folder or s3://bucket/prefix (env LINEWATCH_ARCHIVE)")
+    add_common(alerts)
+    add_alerts(alerts)
+    add_ops(alerts)
+    add_common(archive)
+    add_ops(archive)
 
-    replay = commands.add_parser("replay", help="re-score frames still on the frames topic into a results topic")
+    replay = commands.add_parser("replay", help="re-score frames still on the frames topic into a results topic",
+                                 description="Score again, with another method, checkpoint or threshold, the frames Kafka still keeps, into a results topic of their own; compare them with `linewatch sink alerts --scores-topic` or the console's Compare tab.")
     add_common(replay)
     add_model(replay)
     span = replay.add_argument_group("range (default: everything on the topic)")
-    span.add_argument("--from-offset", type=int, default=None)
+    span.add_argument("--from-offset", type=int, default=None,
+                      help="first offset to replay, in every partition (default: the earliest kept)")
     span.add_argument("--to-offset", type=int, default=None, help="exclusive")
     span.add_argument("--since", type=a.when, default=None,
                       help="frames published from this time on, UNIX seconds or ISO 8601 (UTC unless zoned)")
@@ -187,11 +210,15 @@ def add_parsers(commands) -> None:
     add_ops(replay, endpoint=False)
 
     demo = commands.add_parser("demo", help="write a synthetic drone inspection clip with a defect, and references "
-                                             "(or, with --context-set, a context-anomaly dataset)")
+                                             "(or, with --context-set, a context-anomaly dataset)",
+                               description="Write OUT/clip.mp4 (a drone panning past a lattice tower whose insulator is "
+                                           "burnt for a few seconds), OUT/references and OUT/calibration (normal "
+                                           "views) and OUT/truth.json (the defect frames): inputs for `linewatch run` "
+                                           "without any data of your own.")
     demo.add_argument("out", help="output folder")
     demo.add_argument("--seconds", type=float, default=None, help="clip length (default 12)")
     demo.add_argument("--fps", type=float, default=None, help="clip frame rate (default 10)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="random seed of the scene (default 0); the same seed writes the same files")
     context = demo.add_argument_group("context-anomaly dataset")
     context.add_argument("--context-set", action="store_true",
                          help="write OUT/powerline_context in MVTec layout with subject masks instead of a clip: "
@@ -200,7 +227,7 @@ def add_parsers(commands) -> None:
     context.add_argument("--per-type", type=int, default=None, metavar="N",
                          help="test images per anomaly type; test/good gets three times as many (default 16)")
 
-    for parser in (run, ingest, worker, sink, replay):
+    for parser in (run, ingest, worker, alerts, archive, replay):
         a.metavars(parser)
 
 
@@ -239,9 +266,14 @@ def _stop_on_signals() -> threading.Event:
 
 
 @contextlib.contextmanager
-def _operations(settings, *conditions: str):
+def _operations(settings, *conditions: str, one_shot: bool = False):
     """For the command's lifetime: logs as configured, and the /metrics /healthz /readyz endpoint
-    (unless ``ops.port`` is off), not ready until every one of ``conditions`` is reported."""
+    (unless ``ops.port`` is off), not ready until every one of ``conditions`` is reported.
+
+    A ``one_shot`` command (``run``) whose port was not asked for takes any free port when the
+    default one is taken (by another run, say) and logs it: a second run in another terminal
+    still has its metrics. A port that was asked for (flag, variable, config), and every port of
+    the long-running services, is refused when taken: their probes and scrapers expect it."""
     from .. import __version__
     from ..bus.outages import OUTAGES
     from ..ops import metrics
@@ -262,10 +294,29 @@ def _operations(settings, *conditions: str):
         if ops.port is None:
             yield None
             return
-        with OpsServer(ops.host, ops.port) as server:
+        try:
+            server = OpsServer(ops.host, ops.port)
+        except OSError:
+            if not one_shot or "port" in ops.model_fields_set:
+                raise
+            server = OpsServer(ops.host, 0)
+            logging.getLogger("linewatch").info("port %d is taken (another linewatch run?); this run's metrics and "
+                                                "health are on port %d instead", ops.port, server.port)
+        with server:
             yield server
     finally:
         OUTAGES.settle()  # an outage that ended as the command finished still gets its "is back" line
+
+
+def _check_before_loading(settings) -> None:
+    """What needs no model, checked before torch is even imported: the profiles' methods and
+    options, their folders, and whether pretrained weights can be had (a mistake fails in a
+    second, not after the model has loaded)."""
+    from ..scoring.weights import check_weights
+    from ..workers.profiles import ProfileTable
+
+    ProfileTable(settings.profile, settings.streams)
+    check_weights(settings.backbone.arch, settings.backbone.weights)
 
 
 def _logging(settings) -> None:
@@ -275,9 +326,10 @@ def _logging(settings) -> None:
 
 
 def run_run(args) -> None:
+    settings = _settings(args)
+    _check_before_loading(settings)
     from ..pipeline.embedded import check_inputs, run_embedded
 
-    settings = _settings(args)
     check_inputs(args.sources, settings, args.stream_ids)  # a mistake is one line, before the endpoint's
     opened = []
 
@@ -291,7 +343,7 @@ def run_run(args) -> None:
         from ..console.service import console_token
 
         console_token(settings)  # a console beyond loopback without a token fails before the model is built
-    with _operations(settings, "model"):
+    with _operations(settings, "model", one_shot=True):
         try:
             summary = run_embedded(args.sources, settings, args.out, stream_ids=args.stream_ids, scores=args.scores,
                                    attach=open_console if args.console else None)
@@ -329,6 +381,7 @@ def run_worker(args) -> None:
     from ..pipeline.wiring import build_worker
 
     settings = _settings(args)
+    _check_before_loading(settings)
     with _operations(settings, "bus", "model", "assignment"):
         stop = _stop_on_signals()
         bus = _bus(settings, "worker", stop)
@@ -372,6 +425,7 @@ def run_replay(args) -> None:
     from ..pipeline.wiring import build_worker
 
     settings = _settings(args)
+    _check_before_loading(settings)
     _logging(settings)
     span = ReplayRange(args.from_offset, args.to_offset, args.since, args.until, args.stream)
     bus = _bus(settings, "replay", _stop_on_signals())

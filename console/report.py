@@ -161,10 +161,31 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             f"<p>{summary}{len(flight_events)} event(s)</p><div class='charts'>{timeline_svg(points, flight_events)}"
             f"{path_svg(points, flight_events)}</div>{cards}</section>")
     target = Path(out) if out is not None else run / "report.html"
-    target.write_text(_PAGE.format(title=html.escape(f"linewatch report: {run.resolve().name}"),
+    target.write_text(_PAGE.format(title=html.escape(report_title(flights)), folder=html.escape(str(run.resolve())),
                                    made=html.escape(_when(datetime.now(timezone.utc).timestamp())),
                                    body="".join(sections)), encoding="utf-8")
     return target
+
+
+def report_title(flights: dict[tuple[str, str], dict]) -> str:
+    """What the report covers: its streams and the capture time they span."""
+    streams = sorted({stream for stream, _ in flights})
+    times = [t for flight in flights.values() for t in [*(p["ts"] for p in flight["points"] if "ts" in p),
+                                                         *(e[k] for e in flight["events"] for k in ("start_ts", "end_ts"))]]
+    named = ", ".join(streams[:3]) + (f" and {len(streams) - 3} more" if len(streams) > 3 else "")
+    if not times:
+        return f"linewatch report: {named}"
+    start, end = _when(min(times)), _when(max(times))
+    same_day = start[:10] == end[:10]
+    return f"linewatch report: {named}, {start[:-4]} to {end[11:] if same_day else end}"
+
+
+def _verdict(review: dict | None) -> str:
+    """The console's verdict as a person reads it: "confirmed", "false alarm"."""
+    if not review:
+        return "not reviewed"
+    said = (review["verdict"] or "not reviewed").replace("_", " ")
+    return f"{said}: {review['note']}" if review["note"] else said
 
 
 def session_of_row(event: dict) -> str:
@@ -185,7 +206,7 @@ def _card(event: dict, archive: ArchiveFiles | None, review: dict | None) -> str
     t = event.get("telemetry") or {}
     where = (f"{t['latitude']:.6f}, {t['longitude']:.6f}" + (f", {t['altitude']:.1f} m" if t.get("altitude") is not None
                                                               else "")) if t.get("latitude") is not None else "—"
-    verdict = f"{review['verdict'] or 'not reviewed'}: {review['note']}" if review else "not reviewed"
+    verdict = _verdict(review)
     return (f"<article><h3>{html.escape(event['event_id'])} <span class='{event['status']}'>{event['status']}</span>"
             f"</h3><div class='imgs'>{images or '<p>(no archived frame)</p>'}</div><table>"
             f"<tr><th>time</th><td>{_when(event['start_ts'])} → {_when(event['end_ts'])}</td></tr>"
@@ -205,6 +226,6 @@ article{{border:1px solid #ddd;border-radius:6px;padding:8px 12px;margin:12px 0}
 .imgs{{display:flex;gap:8px;flex-wrap:wrap}} .imgs img{{max-width:480px;border-radius:4px}}
 table{{border-collapse:collapse}} th{{text-align:left;padding-right:12px;color:#555;font-weight:normal}}
 .open{{color:#b71c1c}} .closed{{color:#2e7d32}} svg{{max-width:100%;height:auto}}</style></head>
-<body><h1>{title}</h1><p>written {made} by <code>linewatch report</code>. Timelines: score (blue) against
+<body><h1>{title}</h1><p>The run in <code>{folder}</code>, written {made} by <code>linewatch report</code>. Timelines: score (blue) against
 capture time, threshold dashed red, anomalous frames shaded, events as dark bars.</p>{body}</body></html>
 """

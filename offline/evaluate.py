@@ -26,7 +26,7 @@ COLUMNS = [("image_auroc", "I-AUROC"), ("image_ap", "I-AP"), ("image_f1_max", "I
 
 @dataclass
 class EvalConfig:
-    method: str = "winclip"
+    method: str = "aprilgan"  # scoring.options.DEFAULT_METHOD
     data: str = ""
     shots: int = 0
     backbone: BackboneConfig = BackboneConfig()
@@ -145,7 +145,8 @@ def format_table(report: dict) -> str:
     options = "".join(f", {k}={_shown(v)}" for k, v in report["options"].items())
     if report.get("checkpoint"):
         options += f", checkpoint {report['checkpoint']['identity']} (trained on {report['checkpoint']['trained_on']})"
-    return "\n".join([f"method {report['method']}{options}, {report['shots']}-shot, {weights}, "
+    shots = f"{report['shots']}-shot" + (f" ({report['shots_from']})" if report.get("shots_from") else "")
+    return "\n".join([f"method {report['method']}{options}, {shots}, {weights}, "
                       f"{report['backbone']['image_size']} px{note}", *lines])
 
 

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compat import import_open_clip
+from .weights import WEIGHT_FILE_SUFFIXES, check_weights
 
 open_clip = import_open_clip()
 open_clip.add_model_config(Path(__file__).parent / "configs")  # registers linewatch-tiny
 TINY_ARCH = "linewatch-tiny"
-WEIGHT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 class BackboneError(ValueError):
@@ -141,6 +141,10 @@ def create_clip(arch: str, weights: str, seed: int) -> nn.Module:
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if weights not in tags:
         raise BackboneError(f"{arch} has no pretrained tag {weights!r}; known tags: {', '.join(tags) or 'none'}")
+    try:
+        check_weights(arch, weights)  # offline: one line now, not after the hub's retries
+    except ValueError as err:
+        raise BackboneError(str(err)) from None
     root, hub = logging.getLogger(), logging.getLogger("huggingface_hub")
     root.addFilter(_quiet_download_failure)  # the error below says it once, not each retry
     hub_level = hub.level

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import torch
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+from .options import IMAGE_SUFFIXES  # noqa: E402,F401  (torch-free, for the profiles' early checks)
 
 
 class ImageError(ValueError):

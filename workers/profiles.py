@@ -13,11 +13,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..bus.streams import StreamTable
+from ..scoring.options import DEFAULT_METHOD
 
 
 class StreamProfile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    method: str = "aprilgan"
+    method: str = DEFAULT_METHOD
     class_name: str = "insulator"  # a class of the prompt pack (power-line parts, or any object name)
     # "auto": from the calibration images when given, else from the references by
     # leave-one-out (scoring/calibrate.py), else 0.5; a number fixes it.
@@ -39,12 +40,13 @@ class StreamProfile(BaseModel):
 
     def check(self) -> None:
         """Cheap checks that need no model, so a wrong config fails at start-up with its name."""
-        from ..scoring.checkpoint import read_header
-        from ..scoring.methods import check_options
+        from ..scoring.options import check_options  # without torch: a bad option fails in a second
 
         check_options(self.method, dict(self.options))
         options = dict(self.options)
         if self.checkpoint is not None:
+            from ..scoring.checkpoint import read_header
+
             header = read_header(self.checkpoint)
             options = header["options"]
             if header["method"] != self.method:
@@ -66,7 +68,7 @@ class StreamProfile(BaseModel):
 
 
 def reference_paths(folder: str, shots: int | None) -> list[Path]:
-    from ..scoring.pixels import IMAGE_SUFFIXES
+    from ..scoring.options import IMAGE_SUFFIXES
 
     root = Path(folder)
     if not root.is_dir():

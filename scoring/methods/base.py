@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import Backbone, VisualFeatures
+from ..options import OPTIONS
+from ..options import check_options as check_values
 from ..prompts import PromptPack, TextAnchors, anchor_key, mean_anchor
 
 CLIP_TEMPERATURE = 100.0  # CLIP's trained logit scale; the papers score text similarity with it
@@ -282,7 +284,8 @@ def create_method(name: str, backbone: Backbone, prompts: PromptPack | None = No
 
 
 def check_options(name: str, options: dict) -> None:
-    """Name and option names exist (cheap: runs before any model is built)."""
+    """Name, option names and values (cheap: runs before any model is built; without torch,
+    ``scoring.options.check_options`` does the same for the bundled methods)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
     accepted = {p for c in METHODS[name].__mro__ if "__init__" in vars(c)
@@ -290,3 +293,5 @@ def check_options(name: str, options: dict) -> None:
     unknown = set(options) - accepted
     if unknown:
         raise ValueError(f"{name} has no option {', '.join(sorted(unknown))}; options: {', '.join(sorted(accepted))}")
+    if name in OPTIONS:  # the values too (a method registered elsewhere is checked by its constructor)
+        check_values(name, options)
