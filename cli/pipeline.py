@@ -270,13 +270,16 @@ def run_run(args) -> None:
 
     settings = _settings(args)
     check_inputs(args.sources, settings, args.stream_ids)  # a mistake is one line, before the endpoint's
-    opened = []
+    opened, recording = [], []
 
-    def open_console(bus, run_settings) -> None:
-        from ..console.service import serve
+    def attach(bus, run_settings) -> None:
+        from ..console.service import record, serve
         from ..pipeline.wiring import policy_table
 
-        opened.append(serve(run_settings, bus, policy_table(run_settings)))
+        if args.console:
+            opened.append(serve(run_settings, bus, policy_table(run_settings)))
+        elif not run_settings.archive.startswith("s3://"):  # the archive's index keeps the events for a console later
+            recording.append(record(run_settings, bus))
 
     if args.console:
         from ..console.service import console_token
@@ -285,7 +288,9 @@ def run_run(args) -> None:
     with _operations(settings, "model"):
         try:
             summary = run_embedded(args.sources, settings, args.out, stream_ids=args.stream_ids, scores=args.scores,
-                                   attach=open_console if args.console else None)
+                                   attach=attach)
+            for recorder in recording:
+                recorder.close(drain=True)
             print(f"{summary.frames} frames scored in {summary.seconds:.1f} s ({summary.fps:.2f} frames/s, "
                   f"{summary.model_s / max(summary.seconds, 1e-9):.0%} of it in the model); {summary.dead} dead letters")
             print(f"alerts: {summary.alerts_jsonl}\narchive: {summary.archive}"
@@ -298,6 +303,8 @@ def run_run(args) -> None:
                 while not stop.wait(0.5):
                     pass
         finally:
+            for recorder in recording:
+                recorder.close()
             for server in opened:
                 server.stop()
 
