@@ -137,7 +137,7 @@ def alert_outputs(bus: Bus, settings: Settings) -> list:
 
 
 def channel_outputs(settings: Settings) -> list:
-    """The webhook, MQTT and Apprise outputs the settings ask for (README, Alert channels)."""
+    """The webhook, MQTT and Apprise outputs the settings ask for (docs/alerts.md)."""
     from ..sinks.outputs import WebhookOutput
 
     a, outputs = settings.alerts, []

@@ -55,5 +55,5 @@ def test_the_cli_reference_is_what_help_prints():
         printed = subprocess.run([sys.executable, "-m", "linewatch", *path, "--help"], env=env, capture_output=True,
                                  text=True, timeout=120)
         assert printed.returncode == 0, printed.stderr
-        assert f"```text\n{printed.stdout.rstrip()}\n```" in page, f"`linewatch {' '.join(path)} --help` differs"
+        assert f"```text\n{printed.stdout.rstrip()}\n```" in page, f"`{' '.join(('linewatch', *path))} --help` differs"
     assert hook.MARKER in (ROOT / "docs" / "cli.md").read_text()
