@@ -4,8 +4,10 @@ files (a fresh clone), checking what the text promises. getting-started.md carri
 tour; a test here keeps the two identical, block for block.
 
 ``LINEWATCH_QUICKSTART`` (documented in docs/getting-started.md, "The tour is a test") is the
-only way the commands may change: ``quick`` (default) gives the demo fewer frames and the
-training the tiny architecture; ``full`` runs them exactly as written."""
+only way the commands may change: ``quick`` (default) gives the training the tiny architecture
+and one short epoch; ``full`` runs them exactly as written. The demo itself always runs as
+written: with half its frames (``--fps 5``) the same poses score the same but the defect's
+frames no longer reach k = 3 of n = 10 above the threshold, and no event is raised."""
 
 from __future__ import annotations
 
@@ -28,8 +30,7 @@ pytestmark = pytest.mark.services  # whole linewatch processes, minutes
 
 MODE = os.environ.get("LINEWATCH_QUICKSTART", "quick")
 # quick mode: (what a command line starts with, exactly) -> what is appended to it
-QUICK = {"linewatch demo runs/demo": " --fps 5",
-         "linewatch train ": " --arch linewatch-tiny --epochs 1 --views 1"}
+QUICK = {"linewatch train ": " --arch linewatch-tiny --epochs 1 --views 1"}
 LINEWATCH = Path(sys.executable).parent / "linewatch"
 
 
@@ -126,7 +127,7 @@ def check_console(command: str, clone: Path, env: dict, port: int, demo_output: 
     proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=clone, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # a liveness bound: it starts in seconds on an idle machine
         events = None
         while not events:
             assert proc.poll() is None, f"the console exited {proc.returncode}:\n{proc.stdout.read()[-3000:]}"
