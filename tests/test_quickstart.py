@@ -92,7 +92,8 @@ def test_the_readme_tour_does_what_it_says(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LINEWATCH_")}  # a user's fresh shell
     env.update(PATH=f"{LINEWATCH.parent}{os.pathsep}{env.get('PATH', '')}", NO_COLOR="1",
                LINEWATCH_CONSOLE__PORT=str(port),  # the console on a free port, not 8400
-               LINEWATCH_OPS__PORT="0")  # each command's metrics on any free port: tests run side by side
+               LINEWATCH_OPS__PORT="0",  # each command's metrics on any free port: tests run side by side
+               LINEWATCH_SHARED=str(tmp_path / "no-shared"))  # a fresh clone: no ../shared, the demo's own background
     applied: set[str] = set()
     outputs = []
     for block in tour(ROOT / "README.md"):
