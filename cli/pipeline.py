@@ -36,7 +36,7 @@ def add_common(parser: argparse.ArgumentParser, services: bool = True) -> None:
 
 
 def add_ops(parser: argparse.ArgumentParser, endpoint: bool = True) -> None:
-    group = parser.add_argument_group("operations (README, Operations)")
+    group = parser.add_argument_group("operations (docs/operations.md)")
     if endpoint:
         group.add_argument("--metrics-port", dest="ops.port", type=a.port, default=S,
                            help="port of /metrics, /healthz and /readyz (default 9400; 0: any free port, "
@@ -76,12 +76,12 @@ def add_model(parser: argparse.ArgumentParser, redis: bool = True) -> None:
 
     worker = WorkerSettings()
     model.add_argument("--max-batch", dest="worker.max_batch", type=a.positive, default=S,
-                       help=f"frames per batch (default {worker.max_batch}; README, Throughput)")
+                       help=f"frames per batch (default {worker.max_batch}; docs/benchmarks.md)")
     model.add_argument("--max-wait-ms", dest="worker.max_wait_ms", type=float, default=S,
                        help=f"how long a batch waits to fill after its first frame (default {worker.max_wait_ms:g})")
     model.add_argument("--precision", dest="worker.precision", choices=["auto", "fp32", "bf16", "fp16"], default=S,
                        help="image-tower precision (default auto: bf16 on a GPU and on a CPU with native bf16, "
-                            "else fp32; README, Throughput)")
+                            "else fp32; docs/benchmarks.md)")
     model.add_argument("--compile", dest="worker.compile", action="store_const", const=True, default=S,
                        help="torch.compile the image tower (the first batch waits for the compiler)")
     model.add_argument("--prompts", dest="worker.prompts", default=S, help="prompt pack YAML")
@@ -116,7 +116,7 @@ def add_alerts(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--webhook", dest="alerts.webhook", default=S, help="POST each alert as JSON to this URL")
     group.add_argument("--mqtt", dest="alerts.mqtt.url", default=S, metavar="URL",
                        help="publish alerts to this MQTT broker, mqtt://host[:1883] or mqtts://host[:8883] "
-                            "(README, Alert channels; user and password in the config or environment)")
+                            "(docs/alerts.md; user and password in the config or environment)")
     group.add_argument("--mqtt-topic-prefix", dest="alerts.mqtt.topic_prefix", default=S, metavar="PREFIX",
                        help="MQTT topics are PREFIX/<stream>/open|closed|state (default linewatch)")
     group.add_argument("--channel-timeout", dest="alerts.delivery.timeout_s", type=float, default=S, metavar="S",
@@ -141,7 +141,7 @@ def add_parsers(commands) -> None:
     run.add_argument("--scores", default=None, metavar="FILE",
                      help="also write every frame's score to this JSONL file (stream, seq, time, score, threshold, "
                           "anomalous; `linewatch report OUT` draws timelines from OUT/scores.jsonl)")
-    view = run.add_argument_group("console (README, The console)")
+    view = run.add_argument_group("console (docs/console.md)")
     view.add_argument("--console", action="store_true",
                       help="open the operator's console on this run (http://127.0.0.1:8400/); it stays open "
                            "after the run until Ctrl-C")
@@ -331,13 +331,16 @@ def run_run(args) -> None:
     from ..pipeline.embedded import check_inputs, run_embedded
 
     check_inputs(args.sources, settings, args.stream_ids)  # a mistake is one line, before the endpoint's
-    opened = []
+    opened, recording = [], []
 
-    def open_console(bus, run_settings) -> None:
-        from ..console.service import serve
+    def attach(bus, run_settings) -> None:
+        from ..console.service import record, serve
         from ..pipeline.wiring import policy_table
 
-        opened.append(serve(run_settings, bus, policy_table(run_settings)))
+        if args.console:
+            opened.append(serve(run_settings, bus, policy_table(run_settings)))
+        elif not run_settings.archive.startswith("s3://"):  # the archive's index keeps the events for a console later
+            recording.append(record(run_settings, bus))
 
     if args.console:
         from ..console.service import console_token
@@ -346,7 +349,9 @@ def run_run(args) -> None:
     with _operations(settings, "model", one_shot=True):
         try:
             summary = run_embedded(args.sources, settings, args.out, stream_ids=args.stream_ids, scores=args.scores,
-                                   attach=open_console if args.console else None)
+                                   attach=attach)
+            for recorder in recording:
+                recorder.close(drain=True)
             print(f"{summary.frames} frames scored in {summary.seconds:.1f} s ({summary.fps:.2f} frames/s, "
                   f"{summary.model_s / max(summary.seconds, 1e-9):.0%} of it in the model); {summary.dead} dead letters")
             print(f"alerts: {summary.alerts_jsonl}\narchive: {summary.archive}"
@@ -359,6 +364,8 @@ def run_run(args) -> None:
                 while not stop.wait(0.5):
                     pass
         finally:
+            for recorder in recording:
+                recorder.close()
             for server in opened:
                 server.stop()
 

@@ -33,6 +33,7 @@ CURVE_PAD = 10  # frames of the curve kept before and after an event
 class Readers:
     def __init__(self, bus: Bus, live: LiveState, store: ConsoleStore, stop: threading.Event):
         self.bus, self.live, self.store, self.stop = bus, live, store, stop
+        self.drain = False  # set before ``stop``: read what is left before ending (a run's recorder)
         t = bus.topics
         self.threads = [threading.Thread(target=self._read, args=(t.scores, SCORES_BACK, self._scores),
                                          name="console-scores", daemon=True),
@@ -83,6 +84,8 @@ class Readers:
                     handle(records)
                 except Exception as err:  # noqa: BLE001 - the console shows what it can; it never stops reading
                     log.warning("console: %s: %s: %s", topic, type(err).__name__, err)
+            while self.drain and (records := consumer.poll(0.0, 256)):
+                handle(records)
         finally:
             HEALTH.stop_beating(loop)
             consumer.close()

@@ -63,11 +63,23 @@ class Console:
         self.stop = threading.Event()
         self.readers = Readers(bus, self.live, self.store, self.stop) if bus is not None else None
 
-    def close(self) -> None:
+    def close(self, drain: bool = False) -> None:
+        """``drain``: first read what the bus still holds (the end of a run being recorded)."""
+        if self.readers is not None:
+            self.readers.drain = drain
         self.stop.set()
         if self.readers is not None:
             self.readers.join()
         self.store.close()
+
+
+def record(settings, bus: Bus) -> Console:
+    """Records a run's events into its archive's index as a console would, serving nothing, so
+    ``linewatch console --archive DIR`` shows them later; ``close(drain=True)`` once the run is done."""
+    quiet = settings.console.model_copy(update={"host": "127.0.0.1"})  # serves nothing: no token to ask for
+    console = Console(settings.model_copy(update={"console": quiet}), bus)
+    console.readers.start()
+    return console
 
 
 class ConsoleServer:

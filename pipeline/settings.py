@@ -53,7 +53,7 @@ class IngestSettings(_Section):
 
 class WorkerSettings(_Section):
     # Defaults picked by `linewatch bench` for the default method, aprilgan, on ViT-B-16 at
-    # 224 px on a 2-core CPU (README, Throughput): batch 16 in bf16 gave the most frames/s,
+    # 224 px on a 2-core CPU (docs/benchmarks.md): batch 16 in bf16 gave the most frames/s,
     # and a batch waits for company at most 10 % of that batch's scoring time.
     max_batch: int = Field(default=16, ge=1)
     max_wait_ms: float = Field(default=70.0, ge=0)
@@ -68,7 +68,7 @@ class WorkerSettings(_Section):
 
 
 class OpsSettings(_Section):
-    """The operations endpoint and logs of the long-running commands (README, Operations)."""
+    """The operations endpoint and logs of the long-running commands (docs/operations.md)."""
     host: str = "127.0.0.1"  # where /metrics, /healthz and /readyz listen; 0.0.0.0 in a container
     port: int | None = Field(default=9400, ge=0, le=65535)  # None: no endpoint; 0: any free port (logged)
     heartbeat_s: float = Field(default=120.0, gt=0)  # /healthz fails when a loop has not beaten for this long
@@ -78,7 +78,7 @@ class OpsSettings(_Section):
 
 
 class KafkaSettings(_Section):
-    """Security and topic durability for Kafka (README, Operations: Security). The SASL password
+    """Security and topic durability for Kafka (docs/deployment.md, Security). The SASL password
     comes from LINEWATCH_KAFKA__SASL_PASSWORD or a file (a mounted Secret), never from a flag."""
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -106,7 +106,7 @@ class RedisSettings(_Section):
 
 
 class MqttSettings(_Section):
-    """The MQTT alert output (README, Alert channels); off unless ``url`` is set."""
+    """The MQTT alert output (docs/alerts.md); off unless ``url`` is set."""
     url: str | None = None  # mqtt://host[:1883] or mqtts://host[:8883] (TLS)
     username: str | None = None
     password: SecretStr | None = None  # or LINEWATCH_ALERTS__MQTT__PASSWORD, or password_file
@@ -149,7 +149,7 @@ class AlertSettings(_Section):
 
 
 class ConsoleSettings(_Section):
-    """``linewatch console`` and ``linewatch run --console`` (README, The console)."""
+    """``linewatch console`` and ``linewatch run --console`` (docs/console.md)."""
     host: str = "127.0.0.1"  # anything but loopback requires the token
     port: int = Field(default=8400, ge=0, le=65535)  # 0: any free port (logged)
     token: SecretStr | None = None  # LINEWATCH_CONSOLE__TOKEN, or token_file; never a flag

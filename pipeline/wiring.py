@@ -144,7 +144,7 @@ def delivery_policy(settings: Settings, kind: str):
 
 
 def channel_outputs(settings: Settings) -> list:
-    """The webhook, MQTT and Apprise outputs the settings ask for (README, Alert channels)."""
+    """The webhook, MQTT and Apprise outputs the settings ask for (docs/alerts.md)."""
     from ..sinks.outputs import WebhookOutput
 
     a, outputs = settings.alerts, []

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU throughput figures of the README (Throughput, GPU): linewatch bench on one CUDA device,
+# The GPU throughput figures of docs/benchmarks.md (On a GPU): linewatch bench on one CUDA device,
 # ViT-L-14-336 at 518 px, in three runs that each end on their own time limit, so a slow or
 # failing part never costs the others. Weights: random (speed is real, scores mean nothing)
 # unless LINEWATCH_WEIGHTS names a weights file. Needs linewatch importable (pip install -e .).

