@@ -75,6 +75,8 @@ def partition_for(key: bytes | None, partitions: int, counter: int = 0) -> int:
 
 
 class Producer(ABC):
+    lost = 0  # records the broker acknowledged and then lost (it came back without its log)
+
     @abstractmethod
     def send(self, topic: str, value: bytes | None, key: bytes | None = None,
              headers: tuple[tuple[str, bytes], ...] = (), timestamp_ms: int | None = None,
@@ -94,6 +96,8 @@ class Producer(ABC):
 
 
 class Consumer(ABC):
+    lost = 0  # records never read because the broker lost them (it came back without its log)
+
     @abstractmethod
     def poll(self, timeout_s: float, max_records: int = 64) -> list[Record]:
         ...
