@@ -175,8 +175,12 @@ class KafkaBus(Bus):
                 return False
             self.topics_checked = time.monotonic()
             try:
+                # a broker that auto-creates topics (Tansu does, whatever the client asks) may have
+                # made some with its default count: the ones made here follow, so that a topic
+                # partitioned like another (the alert sink's state) still has a partition for each
+                widest = max(self._partition_counts().values(), default=0)
                 for (partitions, compact), names in _grouped(self.ensured).items():
-                    created = self._create_missing(names, partitions, compact)
+                    created = self._create_missing(names, max(partitions or self.partitions, widest), compact)
                     if created:
                         log.warning("%s: topic(s) %s had vanished from %s; re-created", self.part,
                                     ", ".join(created), self.dependency)
@@ -184,6 +188,15 @@ class KafkaBus(Bus):
                 log.debug("topics not checked: %s", err)
                 return False
             return True
+
+    def _partition_counts(self) -> dict[str, int]:
+        """Partitions of each topic of this bus the broker has now."""
+        admin = KafkaAdminClient(client_id="linewatch-admin", **self.options)
+        try:
+            names = sorted(set(self.ensured) & set(admin.list_topics()))
+            return {t["name"]: len(t["partitions"]) for t in admin.describe_topics(names)} if names else {}
+        finally:
+            admin.close()
 
     def _create_missing(self, names: list[str], partitions: int | None, compact: bool) -> list[str]:
         try:
@@ -244,6 +257,12 @@ class KafkaBus(Bus):
             return sorted(admin.list_topics())
         finally:
             admin.close()
+
+
+def _forgets_producer(err: BaseException | None) -> bool:
+    """The broker does not know the producer (any more), or could not give it a new id or
+    epoch (Tansu answers kafka-python's epoch bump after its restart with UnknownError)."""
+    return isinstance(err, PRODUCER_STATE) or "InitProducerId" in str(err)
 
 
 def _grouped(ensured: dict[str, tuple[int | None, bool]]) -> dict[tuple[int | None, bool], list[str]]:
@@ -366,9 +385,9 @@ class KafkaBusProducer(Producer):
             except TOO_LARGE as err:
                 raise RecordTooLarge(f"record for {topic} too large: {err}") from None
             except KafkaError as err:
-                if not self._forgotten():
+                if not (self._forgotten() or _forgets_producer(err)):
                     raise BusError(f"cannot send to {topic}: {describe(err)}") from None
-                self._settle_failures()
+                self._settle_failures(err)
 
     def flush(self) -> None:
         while True:
@@ -386,9 +405,9 @@ class KafkaBusProducer(Producer):
                 if self.bus.stop.is_set() and self._idle_for(2 * WAIT_STEP_S):  # flushes what it can
                     self._stopping("stopped with records not yet acknowledged")
             except KafkaError as err:
-                if not self._forgotten():
+                if not (self._forgotten() or _forgets_producer(err)):
                     raise BusError(f"Kafka at {self.servers} did not acknowledge a record: {describe(err)}") from None
-                self._settle_failures()
+                self._settle_failures(err)
         pending, self.pending = self.pending, []
         self._settle([f for f, _ in pending])
 
@@ -400,19 +419,19 @@ class KafkaBusProducer(Producer):
         except AttributeError:  # another kafka-python: failed records show the state errors
             return False
 
-    def _settle_failures(self) -> None:
+    def _settle_failures(self, error: KafkaError | None = None) -> None:
         """Failed records: too large or refused, raised as before; failed because the broker does
         not know this producer (any more): a new producer sends every record not acknowledged
         again, in order (downstream de-duplicates what had arrived after all)."""
         with self.lock:
             self.failures = False
         failed = [f for f, _ in self.pending if f.is_done and f.failed()]
-        state = [f for f in failed if isinstance(f.exception, PRODUCER_STATE)]
-        if not state and not self._forgotten():
+        state = [f for f in failed if _forgets_producer(f.exception)]
+        if not state and error is None and not self._forgotten():
             self._settle(failed)
             self.pending = [(f, args) for f, args in self.pending if not f.is_done]
             return
-        reason = describe(state[0].exception if state else self.producer._transaction_manager.last_error
+        reason = describe(error or (state[0].exception if state else self.producer._transaction_manager.last_error)
                           or KafkaError("producer in error state"))
         self._settle([f for f in failed if f not in state])
         again = [args for f, args in self.pending if not (f.is_done and f.succeeded())]
@@ -506,6 +525,7 @@ class KafkaBusConsumer(Consumer):
         self.polled_at = time.monotonic()
         self.disturbed = False  # the broker went away: once it answers again, vanished topics are re-created
         self.ends: dict[TopicPartition, int] = {}  # the highest end (high-water mark) each partition had
+        self.reach: dict[TopicPartition, int] = {}  # the furthest position this consumer had in each partition
         self.lost = 0  # records never read: the broker came back without them
 
     def poll(self, timeout_s: float, max_records: int = 64) -> list[Record]:
@@ -525,11 +545,12 @@ class KafkaBusConsumer(Consumer):
         return records
 
     def _check_positions(self) -> None:
-        """A position beyond its partition's end, as the last fetch reported it, is in a log the
-        broker no longer has (Tansu answers such a fetch with an empty batch, not
-        OffsetOutOfRange): start the partition again from the earliest offset, and say how many
-        records of the old log were not read. (Apache Kafka answers OffsetOutOfRange, and
-        kafka-python resets the position itself.)"""
+        """A partition's end (as the last fetch reported it) below where this consumer had read
+        to is a log the broker no longer has (it came back empty, or the topic was re-created):
+        say so once, with the records of the old log never read, and go on from the earliest
+        offset. Tansu answers a fetch beyond the end with an empty batch, not OffsetOutOfRange,
+        so a position there would wait forever; a group that lost its committed offsets with
+        the broker starts at the earliest offset by itself."""
         for tp in self.consumer.assignment():
             try:
                 state = self.consumer._subscription.assignment[tp]
@@ -539,17 +560,20 @@ class KafkaBusConsumer(Consumer):
             end = self.consumer.highwater(tp)
             if position is None or end is None:
                 continue
-            if position <= end:
-                self.ends[tp] = max(end, self.ends.get(tp, 0))
+            reach = self.reach.get(tp, 0)
+            if end >= reach:
+                self.reach[tp], self.ends[tp] = max(reach, position), max(end, self.ends.get(tp, 0))
                 continue
-            unread = max(0, self.ends.get(tp, position) - position)
+            unread = max(0, self.ends.get(tp, reach) - reach)
             self.lost += unread
-            self.ends[tp] = end
-            log.warning("%s: %s[%d]: position %d lies beyond the partition's end (%d) at %s: the broker came back "
-                        "without its log, or the topic was re-created; reading the partition again from its "
-                        "earliest offset; %d record(s) of the old log were never read and are lost (%d in all)",
-                        self.bus.part, tp.topic, tp.partition, position, end, self.bus.dependency, unread, self.lost)
-            self.consumer.seek_to_beginning(tp)
+            self.reach[tp], self.ends[tp] = min(position, end), end
+            if position > end:
+                self.consumer.seek_to_beginning(tp)
+            log.warning("%s: %s[%d] ends at %d at %s, below offset %d this consumer had read to: the broker came back "
+                        "without its log, or the topic was re-created; reading the partition from %s; %d record(s) "
+                        "of the old log were never read and are lost (%d in all)", self.bus.part, tp.topic,
+                        tp.partition, end, self.bus.dependency, reach,
+                        "its earliest offset" if position > end else f"offset {position}", unread, self.lost)
 
     def _watch_coordinator(self) -> None:
         """A group member without a coordinator for PATIENCE_S of polls cannot commit: the broker
