@@ -526,6 +526,8 @@ class KafkaBusConsumer(Consumer):
         self.disturbed = False  # the broker went away: once it answers again, vanished topics are re-created
         self.ends: dict[TopicPartition, int] = {}  # the highest end (high-water mark) each partition had
         self.reach: dict[TopicPartition, int] = {}  # the furthest position this consumer had in each partition
+        self.committed: dict[TopicPartition, int] = {}  # the offsets this consumer committed last
+        self.recheck = False  # after an outage: are the group's committed offsets still there?
         self.lost = 0  # records never read: the broker came back without them
 
     def poll(self, timeout_s: float, max_records: int = 64) -> list[Record]:
@@ -539,10 +541,38 @@ class KafkaBusConsumer(Consumer):
         self._watch_coordinator()
         if self.disturbed and not self.coordinator_lost:
             self.disturbed = not self.bus.restore_topics()
+            self.recheck = True
+        if self.recheck and self.assigned() and self.consumer.assignment() and not self.coordinator_lost:
+            self.recheck = False
+            self._check_committed()
         records = [Record(r.topic, r.value, r.key, tuple(r.headers or ()), r.partition, r.offset, r.timestamp)
                    for tp in sorted(batches) for r in batches[tp]]
         self._check_positions()
         return records
+
+    def _check_committed(self) -> None:
+        """After an outage: a group whose committed offsets are gone (or went back) lives on a
+        broker that lost its state; its log went with it, whatever the new one's end says."""
+        for tp in self.consumer.assignment():
+            ours = self.committed.get(tp)
+            if not ours:
+                continue
+            try:
+                theirs = self.consumer.committed(tp, timeout_ms=int(WAIT_STEP_S * 1000))
+            except KafkaError:
+                self.recheck = True  # not known yet: next poll
+                return
+            if theirs is not None and theirs >= ours:
+                continue
+            unread = max(0, self.ends.get(tp, ours) - self.reach.get(tp, ours))
+            self.lost += unread
+            self.reach[tp], self.ends[tp] = 0, 0
+            del self.committed[tp]
+            self.consumer.seek_to_beginning(tp)
+            log.warning("%s: the group's committed offset on %s[%d] (%d) is gone from %s: the broker came back without "
+                        "its state; reading the partition from its earliest offset; %d record(s) of the old log were "
+                        "never read and are lost (%d in all)", self.bus.part, tp.topic, tp.partition, ours,
+                        self.bus.dependency, unread, self.lost)
 
     def _check_positions(self) -> None:
         """A partition's end (as the last fetch reported it) below where this consumer had read
@@ -590,9 +620,9 @@ class KafkaBusConsumer(Consumer):
             OUTAGES.up(self.bus.part, self.bus.dependency, "consume")
         elif self.coordinator_lost is None or now - last > 2 * WAIT_STEP_S:
             self.coordinator_lost = now
+            self.disturbed = True  # the coordinator may come back as a broker without our topics or offsets
         elif time.monotonic() - self.coordinator_lost >= PATIENCE_S:
             OUTAGES.down(self.bus.part, self.bus.dependency, "no group coordinator (broker down?)", "consume")
-            self.disturbed = True
 
     def commit(self, records: list[Record]) -> None:
         offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in next_offsets(records).items()}
@@ -600,6 +630,7 @@ class KafkaBusConsumer(Consumer):
         while offsets:
             try:
                 self.consumer.commit(offsets, timeout_ms=int(WAIT_STEP_S * 1000))
+                self.committed.update({tp: meta.offset for tp, meta in offsets.items()})
                 OUTAGES.up(self.bus.part, self.bus.dependency, "consume")
                 return
             except CommitFailedError as err:
