@@ -539,16 +539,21 @@ class KafkaBusConsumer(Consumer):
             self.bus.stop.wait(min(timeout_s, WAIT_STEP_S))
             return []
         self._watch_coordinator()
+        self._recheck()
+        records = [Record(r.topic, r.value, r.key, tuple(r.headers or ()), r.partition, r.offset, r.timestamp)
+                   for tp in sorted(batches) for r in batches[tp]]
+        self._check_positions()
+        return records
+
+    def _recheck(self) -> None:
+        """After the coordinator went missing: once it is back, re-create vanished topics and
+        see whether the group's committed offsets survived."""
         if self.disturbed and not self.coordinator_lost:
             self.disturbed = not self.bus.restore_topics()
             self.recheck = True
         if self.recheck and self.assigned() and self.consumer.assignment() and not self.coordinator_lost:
             self.recheck = False
             self._check_committed()
-        records = [Record(r.topic, r.value, r.key, tuple(r.headers or ()), r.partition, r.offset, r.timestamp)
-                   for tp in sorted(batches) for r in batches[tp]]
-        self._check_positions()
-        return records
 
     def _check_committed(self) -> None:
         """After an outage: a group whose committed offsets are gone (or went back) lives on a
@@ -625,6 +630,8 @@ class KafkaBusConsumer(Consumer):
             OUTAGES.down(self.bus.part, self.bus.dependency, "no group coordinator (broker down?)", "consume")
 
     def commit(self, records: list[Record]) -> None:
+        if self.recheck or self.disturbed:  # before our own commit could hide that the group's offsets are gone
+            self._recheck()
         offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in next_offsets(records).items()}
         attempt = 0
         while offsets:
