@@ -28,6 +28,7 @@ which would give them the broker's defaults).
 
 from __future__ import annotations
 
+from array import array
 import bisect
 import logging
 from dataclasses import dataclass, field
@@ -285,7 +286,7 @@ class KafkaBusProducer(Producer):
         self.lock = threading.Lock()
         self.in_flight, self.progress_at = 0, time.monotonic()
         self.failures = False  # a record failed: looked at before the next send
-        self.acked: dict[tuple[str, int], list[int]] = {}  # offsets acknowledged, per partition, ascending
+        self.acked: dict[tuple[str, int], array] = {}  # offsets acknowledged, per partition, ascending
         self.generation = 0  # which KafkaProducer the callbacks are about (a new one when the broker forgets this one)
         self.dropped = 0  # records dropped unacknowledged at a stop
         self.lost = 0  # records acknowledged, then lost with the broker
@@ -324,7 +325,9 @@ class KafkaBusProducer(Producer):
 
     def _count_lost(self, tp: tuple[str, int], offset: int, keep: bool = True) -> int:
         """An offset handed out again means the log lost what this producer had at and after it."""
-        offsets = self.acked.setdefault(tp, [])
+        if offset < 0:  # no offset known (not an acks=all answer)
+            return 0
+        offsets = self.acked.setdefault(tp, array("q"))  # 8 bytes an offset
         lost = 0
         if offsets and offset <= offsets[-1]:
             at = bisect.bisect_left(offsets, offset)
