@@ -83,6 +83,8 @@ def records_behind(end: int, position: int) -> int:
 
 
 class Producer(ABC):
+    lost = 0  # records the broker acknowledged and then lost (it came back without its log)
+
     @abstractmethod
     def send(self, topic: str, value: bytes | None, key: bytes | None = None,
              headers: tuple[tuple[str, bytes], ...] = (), timestamp_ms: int | None = None,
@@ -102,6 +104,8 @@ class Producer(ABC):
 
 
 class Consumer(ABC):
+    lost = 0  # records never read because the broker lost them (it came back without its log)
+
     @abstractmethod
     def poll(self, timeout_s: float, max_records: int = 64) -> list[Record]:
         ...

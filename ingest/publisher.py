@@ -7,6 +7,8 @@ However a session ends (the source ended, ingest was stopped, the source failed)
 record is a ``SessionEnd``: the alert sink closes the session's events on it.
 A broker outage is waited out inside the bus (a file is paced by it like by a slow
 consumer); a stop meanwhile ends the run at once, counting the frames not acknowledged.
+Frames a broker acknowledged and then lost (it came back without its log) are counted as
+lost, not published.
 A frame is scaled down to the pixel budget before publishing, and further if its JPEG
 would not fit a message.
 """
@@ -54,11 +56,13 @@ class IngestStats:
     skipped: int = 0  # undecodable inputs (corrupt images)
     reconnects: int = 0
     unacknowledged: int = 0  # published but not acknowledged by the broker when a stop cut an outage short
+    lost: int = 0  # acknowledged, then lost with the broker (it came back without its log): not in published
     seconds: float = 0.0
     error: str | None = None  # why a live source ended early (gave up reconnecting)
 
     def summary(self) -> str:
-        text = (f"{self.stream}: published {self.published} of {self.read} read, dropped {self.dropped}, "
+        lost = f", lost {self.lost} with the broker" if self.lost else ""
+        text = (f"{self.stream}: published {self.published} of {self.read} read{lost}, dropped {self.dropped}, "
                 f"thinned {self.thinned}, skipped {self.skipped}, reconnects {self.reconnects}, "
                 f"{self.seconds:.1f} s")
         if self.unacknowledged:
@@ -145,6 +149,8 @@ class Ingestor:
             self._end_session(ending)
             # flushes: every frame is acknowledged before the run returns, unless a stop cut an outage short
             self.stats.unacknowledged = self.producer.close() or 0
+            self.stats.lost = self.producer.lost  # the broker acknowledged them, then came back without them
+            self.stats.published -= self.stats.lost
             self._update_counts(started)
             log.info("ingest %s", self.stats.summary())
         on_frame(self.stats)  # the final counts (frames thinned after the last publish)
