@@ -19,6 +19,7 @@ import numpy as np
 
 from ..bus.maps import MapError, decode_map
 from ..bus.messages import EncodedMap, FrameMeta, ScoreMsg
+from ..ops.startup import STARTUP
 
 KEPT = 32  # frames and maps kept per stream, to pair a frame with its score
 FPS_WINDOW_S = 5.0
@@ -124,8 +125,9 @@ class LiveState:
                 streams.append({"id": view.index, "name": view.name, "latest": view.latest,
                                 "fps": recent / FPS_WINDOW_S, "points": points[::-1],
                                 "tile": f"{tile[0]}:{tile[1]}" if tile else None})
+            # "starting": the process's start-up stage until it can score (ops.startup), else None
             return {"n": self.n, "alerts_version": self.alerts_version, "history_s": self.history_s,
-                    "streams": streams}
+                    "streams": streams, "starting": STARTUP.state()}
 
     def curve(self, stream: str, session: str, first: int, last: int) -> list:
         """[seq, ts, score, threshold, anomalous] of the stream's timeline within seq first..last."""
