@@ -47,7 +47,7 @@ class RunSummary:
     archive: str
     dead: int
     worker: WorkerStats | None = None  # per-frame latencies, decode and busy time
-    read: int = 0  # frames ingest read from the sources
+    read: int = 0  # frames ingest read from the sources and published (a frame read as Ctrl-C came is not)
     dropped: int = 0  # live sources: frames dropped because scoring fell behind
     events: int = 0  # events opened (their alerts are in alerts_jsonl)
     interrupted: bool = False  # a Ctrl-C ended the reading early
@@ -189,7 +189,7 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
         raise errors[0]
     return RunSummary(frames=worker.stats.frames, seconds=scored - started, model_s=worker.stats.model_s,
                       alerts_jsonl=settings.alerts.jsonl, archive=settings.archive, dead=worker.stats.dead,
-                      worker=worker.stats, read=sum(s.read for s in ingested),
+                      worker=worker.stats, read=sum(s.published for s in ingested),
                       dropped=sum(s.dropped for s in ingested), events=events.opened,
                       interrupted=interrupt.count > 0)
 
