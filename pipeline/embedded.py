@@ -112,6 +112,7 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     # Ctrl-C then costs about two batches. Live sources keep the bus's usual room.
     read_ahead = {} if any(is_live(s) for s in sources) else {topics.frames: 2 * settings.worker.max_batch - 1}
     bus = MemoryBus(topics, partitions=1, max_message_bytes=settings.max_message_bytes, limits=read_ahead)
+    archive = Archive(settings.archive, max_pixels=settings.max_pixels)  # the console reads its folder
     if attach is not None:  # the console serves while the model loads (its live status shows the stage)
         attach(bus, settings)
     worker = build_worker(bus, settings, backbone)
@@ -146,7 +147,7 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     alert_sink = AlertSink(bus, policy_table(settings), [*alert_outputs(bus, settings), events])
     sinks = [
         guarded(alert_sink.run, stop_sinks),
-        guarded(run_archive_sink, bus, Archive(settings.archive, max_pixels=settings.max_pixels), stop=stop_sinks),
+        guarded(run_archive_sink, bus, archive, stop=stop_sinks),
     ]
     if scores is not None:
         sinks.append(guarded(run_scores_file, bus, scores, stop=stop_sinks))
