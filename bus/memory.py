@@ -68,9 +68,12 @@ class _Log:
 
 class MemoryBus(Bus):
     def __init__(self, topics: Topics = Topics(), partitions: int = 1, capacity: int = 256,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, limits: dict[str, int] | None = None):
+        """``limits``: a smaller ``capacity`` for some topics (the embedded run's frames: a file
+        is read only a few batches ahead of the worker)."""
         super().__init__(topics, partitions, max_message_bytes)
         self.capacity = capacity
+        self.limits = dict(limits or {})
         self.cond = threading.Condition()
         self.logs: dict[str, list[_Log]] = {}
         self.compacted: set[str] = set()
@@ -156,7 +159,7 @@ class MemoryProducer(Producer):
             log = logs[partition]
             while not bus.closed:
                 floor = bus._floor(topic, partition, pacing=True)
-                if floor is None or log.end - floor < bus.capacity:
+                if floor is None or log.end - floor < bus.limits.get(topic, bus.capacity):
                     break
                 bus.cond.wait(0.5)
             if bus.closed:

@@ -352,10 +352,9 @@ def run_run(args) -> None:
                                    attach=attach)
             for recorder in recording:
                 recorder.close(drain=True)
-            print(f"{summary.frames} frames scored in {summary.seconds:.1f} s ({summary.fps:.2f} frames/s, "
-                  f"{summary.model_s / max(summary.seconds, 1e-9):.0%} of it in the model); {summary.dead} dead letters")
-            print(f"alerts: {summary.alerts_jsonl}\narchive: {summary.archive}"
-                  + (f"\nscores: {args.scores}" if args.scores else ""), flush=True)
+            print(summary.text() + (f"\nscores: {args.scores}" if args.scores else ""), flush=True)
+            if summary.interrupted:  # Ctrl-C: the summary, then exit 130
+                raise KeyboardInterrupt
             if opened:
                 logging.getLogger("linewatch").info("the run is done; the console stays open at %s until Ctrl-C "
                                                     "(later: linewatch console --archive %s)", opened[0].url,

@@ -27,6 +27,7 @@ import numpy as np
 from ..bus import records_behind
 from ..bus.maps import MapError, decode_map
 from ..bus.messages import EncodedMap, FrameMeta, ScoreMsg, SessionEnd
+from ..ops.startup import STARTUP
 
 KEPT = 32  # frames and maps kept per stream, to pair a frame with its score
 FPS_WINDOW_S = 5.0
@@ -68,8 +69,8 @@ class LiveState:
         self.frames_end: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset after its last record
         # What the process is doing before it scores (None: nothing to say), e.g. start-up's
         # {"stage": "calibrating", "step": 3, "steps": 4, "text": "starting: calibrating (3/4)"};
-        # set by whoever opens the console before the pipeline is ready.
-        self.stage: Callable[[], dict | None] = lambda: None
+        # the process's start-up (ops.startup) unless whoever opens the console says otherwise.
+        self.stage: Callable[[], dict | None] = STARTUP.state
 
     def _stream(self, name: str) -> StreamView:
         view = self.streams.get(name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from ..ops.health import HEALTH
 from ..scoring.backbone import Backbone
 from ..sinks.alert_sink import AlertSink
 from ..sinks.archive import Archive
+from ..sinks.outputs import AlertOutput
 from ..sinks.runner import run_archive_sink
 from ..sinks.scores import run_scores_file
 from ..workers.worker import ScoringWorker, WorkerStats
@@ -38,17 +40,40 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunSummary:
-    frames: int
+    frames: int  # scored
     seconds: float  # first frame published -> last score published
     model_s: float
     alerts_jsonl: str
     archive: str
     dead: int
     worker: WorkerStats | None = None  # per-frame latencies, decode and busy time
+    read: int = 0  # frames ingest read from the sources and published (a frame read as Ctrl-C came is not)
+    dropped: int = 0  # live sources: frames dropped because scoring fell behind
+    events: int = 0  # events opened (their alerts are in alerts_jsonl)
+    interrupted: bool = False  # a Ctrl-C ended the reading early
 
     @property
     def fps(self) -> float:
         return self.frames / self.seconds if self.seconds else 0.0
+
+    def text(self) -> str:
+        """What ``linewatch run`` prints at the end (after a Ctrl-C too)."""
+        return (f"{self.frames} frames scored in {self.seconds:.1f} s ({self.fps:.2f} frames/s, "
+                f"{self.model_s / max(self.seconds, 1e-9):.0%} of it in the model); {self.dead} dead letters\n"
+                f"{self.read} frames read, {self.dropped} dropped{' (stopped by Ctrl-C)' if self.interrupted else ''}; "
+                f"{self.events} event(s)\nalerts: {self.alerts_jsonl}\narchive: {self.archive}")
+
+
+class _EventCount(AlertOutput):
+    """Counts the events opened (an output of the run's alert sink, beside the real ones)."""
+
+    name = "event-count"
+
+    def __init__(self):
+        self.opened = 0
+
+    def send(self, alert) -> None:
+        self.opened += alert.status == "open"
 
 
 def check_inputs(sources: list[str], settings: Settings, stream_ids: list[str] | None = None) -> None:
@@ -65,8 +90,13 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
                  progress: bool = True, backbone: Backbone | None = None, scores: str | None = None,
                  attach: Callable[[MemoryBus, Settings], None] | None = None) -> RunSummary:
     """``scores``: also write every frame's score to this JSONL file (``sinks.scores``).
-    ``attach(bus, settings)`` is called once the model is ready, before the first frame is
-    read, with the run's bus and settings (``linewatch run --console`` starts the console there)."""
+    ``attach(bus, settings)`` is called with the run's bus and settings before the model is
+    built (``linewatch run --console`` serves the console there, showing the start-up stage).
+
+    On the main thread, Ctrl-C (SIGINT) stops the reading: what was read is still scored and
+    alerted, and the summary says ``interrupted``; a second Ctrl-C stops at once
+    (KeyboardInterrupt). Files are read at most ``2 * max_batch`` frames ahead of the worker's
+    commits, so that costs about two batches."""
     out = Path(out_dir)
     fresh_alerts = None if settings.alerts.jsonl else out / "alerts.jsonl"  # this run's own, not appended to the last's
     settings = settings.model_copy(update={
@@ -77,19 +107,28 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     if fresh_alerts is not None:
         fresh_alerts.unlink(missing_ok=True)
 
-    bus = MemoryBus(Topics(settings.topic_prefix), partitions=1, max_message_bytes=settings.max_message_bytes)
+    topics = Topics(settings.topic_prefix)
+    # a file is read a little ahead of the worker (its next batch ready), not to its end: a
+    # Ctrl-C then costs about two batches. Live sources keep the bus's usual room.
+    read_ahead = {} if any(is_live(s) for s in sources) else {topics.frames: 2 * settings.worker.max_batch - 1}
+    bus = MemoryBus(topics, partitions=1, max_message_bytes=settings.max_message_bytes, limits=read_ahead)
+    archive = Archive(settings.archive, max_pixels=settings.max_pixels)  # the console reads its folder
+    if attach is not None:  # the console serves while the model loads (its live status shows the stage)
+        attach(bus, settings)
     worker = build_worker(bus, settings, backbone)
     HEALTH.set("model", True, f"{worker.backbone.identity}, {len(worker.prepared)} profile(s) prepared")
     stop_sinks, stop_worker, stop_ingest = threading.Event(), threading.Event(), threading.Event()
+    aborted = threading.Event()  # a second Ctrl-C: the parts' errors are its consequence, not news
     errors: list[BaseException] = []
-    published: list[int] = []  # set once ingest has read every source
+    ingested: list = []  # ingest's stats, once it has read every source
 
     def guarded(target, *args, **kwargs):
         def body():
             try:
                 target(*args, **kwargs)
             except BaseException as err:  # surfaced by the main thread
-                log.error("%s failed: %s", getattr(target, "__name__", "part"), err)
+                if not aborted.is_set():
+                    log.error("%s failed: %s", getattr(target, "__name__", "part"), err)
                 errors.append(err)
                 stop_worker.set()
                 stop_sinks.set()
@@ -98,17 +137,18 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
 
     def ingest() -> None:
         i = settings.ingest
-        stats = run_ingest(bus, sources, stream_ids=stream_ids, fps=i.fps, max_size=i.max_size,
-                           jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=stop_ingest, progress=progress,
-                           max_pixels=settings.max_pixels)
-        published.append(sum(s.published for s in stats))
+        ingested.extend(run_ingest(bus, sources, stream_ids=stream_ids, fps=i.fps, max_size=i.max_size,
+                                   jpeg_quality=i.jpeg_quality, realtime=i.realtime, stop=stop_ingest,
+                                   progress=False, max_pixels=settings.max_pixels))
 
     # consumers join their groups before the first frame is published
     worker_consumer = bus.consumer([bus.topics.frames], worker.group)
-    alert_sink = AlertSink(bus, policy_table(settings), alert_channels(settings), publish=settings.alerts.publish)
+    events = _EventCount()
+    alert_sink = AlertSink(bus, policy_table(settings), [*alert_channels(settings), events],
+                           publish=settings.alerts.publish)
     sinks = [
         guarded(alert_sink.run, stop_sinks),
-        guarded(run_archive_sink, bus, Archive(settings.archive, max_pixels=settings.max_pixels), stop=stop_sinks),
+        guarded(run_archive_sink, bus, archive, stop=stop_sinks),
     ]
     if scores is not None:
         sinks.append(guarded(run_scores_file, bus, scores, stop=stop_sinks))
@@ -117,35 +157,29 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     with bus.cond:  # the sinks join their groups before the first score exists
         while len(bus.members) < 1 + len(sinks) and not errors:
             bus.cond.wait(0.1)
-    if attach is not None:
-        attach(bus, settings)
     # The worker scores on this (the main) thread and ingest reads on another: the model's
     # OpenMP threads run measurably slower when a Python thread other than the main one drives them.
     reader = guarded(ingest)
     started = scored = time.monotonic()
-    interrupted = False
+    interrupt = _Interrupt(worker, stop_ingest)
     try:
-        with _scored_bar(worker, len(sources), progress) as tick:
+        with interrupt, _scored_bar(worker, progress) as tick:
             def finished() -> bool:
+                interrupt.say()
                 if tick is not None:
-                    tick(published[0] if published else None)
-                return bool(errors) or (bool(published) and bus.drained(bus.topics.frames))
+                    tick(sum(s.published for s in ingested) if ingested else None)
+                return bool(errors) or (bool(ingested) and bus.drained(bus.topics.frames))
 
             reader.start()
-            try:
-                worker.run(stop_worker, consumer=worker_consumer, until=finished)
-            except KeyboardInterrupt:  # the end of a live run: what was read still gets scored and alerted
-                log.warning("interrupted: scoring the frames already read (Ctrl-C again to stop at once)")
-                interrupted = True
-                stop_ingest.set()
-                # a batch cut short was not committed: a fresh member of the group reads it again
-                worker.run(stop_worker, consumer=bus.consumer([bus.topics.frames], worker.group), until=finished)
-        reader.join()
-        scored = time.monotonic()  # the last score is out; the sinks may still be flushing
-        _wait_drained(bus, bus.topics.scores, errors)
-        _wait_delivered(alert_sink, errors)
-        if interrupted:
-            raise KeyboardInterrupt
+            worker.run(stop_worker, consumer=worker_consumer, until=finished)
+            reader.join()
+            scored = time.monotonic()  # the last score is out; the sinks may still be flushing
+            _wait_drained(bus, bus.topics.scores, errors)
+            _wait_delivered(alert_sink, errors)
+    except BaseException:
+        aborted.set()
+        bus.close()  # a part waiting on the bus (ingest, for room) ends at once
+        raise
     finally:
         stop_ingest.set()
         stop_worker.set()
@@ -157,7 +191,43 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
         raise errors[0]
     return RunSummary(frames=worker.stats.frames, seconds=scored - started, model_s=worker.stats.model_s,
                       alerts_jsonl=settings.alerts.jsonl, archive=settings.archive, dead=worker.stats.dead,
-                      worker=worker.stats)
+                      worker=worker.stats, read=sum(s.published for s in ingested),
+                      dropped=sum(s.dropped for s in ingested), events=events.opened,
+                      interrupted=interrupt.count > 0)
+
+
+class _Interrupt:
+    """SIGINT while the run reads (main thread only): the first stops the reading, and what was
+    read is still scored; the second raises KeyboardInterrupt (stop at once). The previous
+    handler is back on exit."""
+
+    def __init__(self, worker: ScoringWorker, stop_ingest: threading.Event):
+        self.worker, self.stop_ingest = worker, stop_ingest
+        self.count, self.scored_at_signal, self.said = 0, 0, False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+        self.scored_at_signal = self.worker.stats.frames
+        self.stop_ingest.set()
+
+    def say(self) -> None:
+        """Logged from the loop, not from the handler (which may interrupt a log call)."""
+        if self.count and not self.said:
+            self.said = True
+            log.warning("interrupted after %d frames scored: scoring the frames already read, then stopping "
+                        "(Ctrl-C again to stop at once)", self.scored_at_signal)
 
 
 def _wait_drained(bus, topic: str, errors: list) -> None:
@@ -174,15 +244,17 @@ def _wait_delivered(sink: AlertSink, errors: list) -> None:
 
 
 @contextlib.contextmanager
-def _scored_bar(worker: ScoringWorker, position: int, progress: bool):
-    """A progress bar of frames scored, below the ingest bars; ``tick(total)`` updates it (the
-    total is known once ingest has read everything)."""
+def _scored_bar(worker: ScoringWorker, progress: bool):
+    """The run's progress bar, of frames scored; ``tick(total)`` updates it (the total is known
+    once ingest has read everything). Log lines meanwhile are printed above it, not through it
+    (tqdm's logging redirect keeps linewatch's formatter, redaction included)."""
     if not progress:
         yield None
         return
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with tqdm(total=None, desc="scored", unit="frame", position=position, dynamic_ncols=True) as bar:
+    with logging_redirect_tqdm(), tqdm(total=None, desc="scored", unit="frame", dynamic_ncols=True) as bar:
         def tick(total: int | None = None):
             if total is not None and bar.total != total:
                 bar.total = total

@@ -173,6 +173,9 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     ops: OpsSettings = OpsSettings()
     anchor_dir: str | None = "~/.cache/linewatch/anchors"  # text anchors kept across runs; None: off
+    # reference memories and thresholds kept across runs (workers.prepared_cache); None: under
+    # $XDG_CACHE_HOME/linewatch (else ~/.cache/linewatch); "off": none
+    prepared_dir: str | None = None
     topic_prefix: str = Field(default="linewatch", pattern=r"^[A-Za-z0-9._-]+$")
     partitions: int = Field(default=4, ge=1)
     backbone: BackboneSettings = BackboneSettings()

@@ -11,7 +11,10 @@ from ..bus.streams import StreamTable
 from ..scoring.backbone import Backbone, BackboneConfig
 from ..scoring.prompts import PromptPack
 from ..sinks.alerts import AlertPolicy
+from ..ops.startup import STARTUP
 from ..workers.anchors import AnchorCache
+from ..workers.prepared import PreparedProfile
+from ..workers.prepared_cache import PreparedCache, cache_folder
 from ..workers.profiles import ProfileTable
 from ..workers.worker import ScoringWorker
 from .settings import Settings, secret
@@ -108,13 +111,21 @@ def build_worker(bus: Bus, settings: Settings, backbone: Backbone | None = None,
     profiles = check_settings(settings)
     prompts = PromptPack.load(settings.worker.prompts)
     anchors = AnchorCache(settings.redis_url, folder=settings.anchor_dir, redis_options=redis_options(settings))
-    if backbone is None:
-        backbone = accelerate(build_backbone(settings), compile=settings.worker.compile)
-    w = settings.worker
-    worker = ScoringWorker(bus, backbone, profiles, anchors, prompts=prompts, max_batch=w.max_batch,
-                           max_wait_ms=w.max_wait_ms, precision=w.precision, summary_s=settings.ops.summary_s,
-                           max_pixels=settings.max_pixels, reload_s=w.reload_s, **kwargs)
-    worker.prepare_all()
+    STARTUP.begin((backbone is None) + sum(PreparedProfile.stages(p) for p in profiles.profiles()))
+    try:
+        if backbone is None:
+            config = backbone_config(settings)
+            weights = "random weights" if config.weights == "none" else f"weights {config.weights}"
+            with STARTUP.stage("loading model", f"loading model {config.arch} ({weights})"):
+                backbone = accelerate(build_backbone(settings), compile=settings.worker.compile)
+        w = settings.worker
+        worker = ScoringWorker(bus, backbone, profiles, anchors, prompts=prompts, max_batch=w.max_batch,
+                               max_wait_ms=w.max_wait_ms, precision=w.precision, summary_s=settings.ops.summary_s,
+                               max_pixels=settings.max_pixels, reload_s=w.reload_s,
+                               cache=PreparedCache(cache_folder(settings.prepared_dir)), **kwargs)
+        worker.prepare_all()
+    finally:
+        STARTUP.ready()
     return worker
 
 

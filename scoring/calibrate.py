@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from .methods import AnomalyMethod
-from .prompts import TextAnchors
 
 
 class CalibrationError(ValueError):
@@ -26,25 +25,39 @@ class CalibrationError(ValueError):
 
 
 @torch.inference_mode()
-def leave_one_out_scores(method: AnomalyMethod, class_name: str, references: torch.Tensor,
-                         anchors: TextAnchors | None = None) -> torch.Tensor:
-    """[k] image scores, each reference scored with the other k-1 as memory. Leaves the method
-    prepared with the last subset: call ``prepare`` again with all references afterwards."""
-    if len(references) < 2:
+def leave_one_out_scores(method: AnomalyMethod, references: torch.Tensor) -> torch.Tensor:
+    """[k] image scores, each reference scored with the other k-1 as memory. ``method`` is
+    prepared with all k ``references``: each reference's rows are taken out of that memory
+    (``memory_state``) instead of encoding k memories of k-1 images, so this costs k forward
+    passes, not k². The full memory is back in place on return."""
+    k = len(references)
+    if k < 2:
         raise ValueError("leave-one-out needs at least 2 reference images")
-    anchors = anchors or method.build_anchors(class_name)  # encode the prompts once, not k times
+    full, meta = method.memory_state(), method.memory_meta()
+    if not full:
+        raise ValueError(f"{method.name} holds no reference memory: prepare it with the references first")
     scores = []
-    for i in range(len(references)):
-        others = torch.cat([references[:i], references[i + 1:]])
-        method.prepare(class_name, reference_images=others, anchors=anchors)
-        scores.append(method.score(references[i:i + 1]).image_score.float().cpu())
+    try:
+        for i in range(k):
+            method.set_memory_state({name: _without_block(rows, i, k) for name, rows in full.items()}, meta)
+            scores.append(method.score(references[i:i + 1]).image_score.float().cpu())
+    finally:
+        method.set_memory_state(full, meta)
     return torch.cat(scores)
 
 
-def reference_threshold(method: AnomalyMethod, class_name: str, references: torch.Tensor,
-                        anchors: TextAnchors | None = None, margin: float = 0.5) -> float:
-    """max(LOO) + margin * (max(LOO) - min(LOO)), at least 1% above max(LOO)."""
-    scores = leave_one_out_scores(method, class_name, references, anchors)
+def _without_block(rows: torch.Tensor, i: int, k: int) -> torch.Tensor:
+    """``rows`` (k equal blocks, one per reference) without block ``i``."""
+    if len(rows) % k:
+        raise ValueError(f"a memory of {len(rows)} rows does not split into {k} references")
+    n = len(rows) // k
+    return torch.cat([rows[:i * n], rows[(i + 1) * n:]])
+
+
+def reference_threshold(method: AnomalyMethod, references: torch.Tensor, margin: float = 0.5) -> float:
+    """max(LOO) + margin * (max(LOO) - min(LOO)), at least 1% above max(LOO); ``method`` is
+    prepared with all ``references``."""
+    scores = leave_one_out_scores(method, references)
     return _above(scores, margin, "leave-one-out scores of the references")
 
 

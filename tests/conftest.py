@@ -43,6 +43,20 @@ def anchor_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def prepared_dir(tmp_path_factory):
+    """Reference memories and thresholds cached across runs go to a temporary folder too."""
+    import os
+
+    previous = os.environ.get("LINEWATCH_PREPARED_DIR")
+    os.environ["LINEWATCH_PREPARED_DIR"] = str(tmp_path_factory.mktemp("prepared"))
+    yield
+    if previous is None:
+        del os.environ["LINEWATCH_PREPARED_DIR"]
+    else:
+        os.environ["LINEWATCH_PREPARED_DIR"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
 def metrics_on_any_port():
     """Commands under test (in process or as child processes) serve /metrics on a free port each,
     never the default 9400 another process may hold."""

@@ -350,3 +350,19 @@ def test_readyz_reports_the_outages_the_parts_ride_out(health):
         OUTAGES.up("worker", "Kafka at kafka:9092", "produce")
         assert http_get(f"{server.url}/readyz")[0] == 200  # Redis down degrades, it does not unready
         OUTAGES.up("worker", "Redis at redis:6379", "anchors")
+
+
+def test_no_summary_line_before_the_first_batch(tiny, health, caplog):
+    """A worker with nothing scored yet has no figures: its summary line waits for the first batch
+    (every run used to open with `0.00 frames/s, lag 0, batch -, latency p50 -`)."""
+    bus = MemoryBus(Topics("quiet"))
+    worker = make_worker(bus, tiny)
+    worker.telemetry.summary_s = 0.01  # due at every loop turn
+    with caplog.at_level(logging.INFO, logger="linewatch"):
+        worker.run(threading.Event(), until_idle_s=0.6)  # empty polls only
+        assert not [r for r in caplog.records if "frames/s" in r.getMessage()]
+        for seq in range(3):
+            publish(bus, "cam", seq)
+        worker.run(threading.Event(), until_idle_s=0.6)
+    lines = [r.getMessage() for r in caplog.records if "frames/s" in r.getMessage()]
+    assert lines and "batch -" not in lines[0]

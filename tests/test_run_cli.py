@@ -296,3 +296,51 @@ def test_a_command_gives_the_process_its_signal_handlers_back(capsys):
     assert main(["ingest", "nothing.mp4", "--bootstrap-servers", ""]) == 2
     assert "no Kafka given" in error_line(capsys)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory):
+    """600 frames: far more than a few batches."""
+    return write_demo_clip(tmp_path_factory.mktemp("long"), seconds=60, fps=10, size=(160, 96), references=0)
+
+
+def _run_process(clip, out, *extra):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the tiny model gains nothing from threads (conftest)
+    return subprocess.Popen([sys.executable, "-m", "linewatch", "run", str(clip.video), "--stream-id", "d",
+                             "--threshold", "0", "--max-batch", "4", "--out", str(out),
+                             "--scores", str(out / "scores.jsonl"), *extra, *TINY],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_scores(run, scores):
+    wait_for(lambda: run.poll() is not None or (scores.is_file() and scores.read_text().count("\n") >= 1),
+             timeout_s=300, what="the first score")
+    assert run.poll() is None, run.communicate()
+
+
+def test_one_ctrl_c_on_a_file_run_stops_within_two_batches_with_the_summary(long_clip, tmp_path):
+    """The file is read at most two batches ahead of the worker, so one SIGINT ends a 600-frame
+    run after at most two more batches (8 frames at --max-batch 4), with the usual summary and
+    exit 130 (ingest used to read the whole file at once, and all of it was scored)."""
+    import re
+    import signal
+
+    out = tmp_path / "out"
+    run = _run_process(long_clip, out)
+    _wait_for_scores(run, out / "scores.jsonl")
+    run.send_signal(signal.SIGINT)
+    printed, err = run.communicate(timeout=300)
+    assert run.returncode == 130 and "Traceback" not in err, err
+    at_signal = int(re.search(r"interrupted after (\d+) frames scored", err).group(1))
+    scored = int(re.search(r"^(\d+) frames scored in", printed, re.M).group(1))
+    read = int(re.search(r"^(\d+) frames read, 0 dropped \(stopped by Ctrl-C\); 1 event\(s\)$", printed, re.M).group(1))
+    assert scored - at_signal <= 2 * 4, (at_signal, scored)
+    assert scored == read < long_clip.frame_count  # everything read was scored, and reading stopped
+    assert f"alerts: {out / 'alerts.jsonl'}" in printed and f"archive: {out / 'archive'}" in printed
+    assert (out / "scores.jsonl").read_text().count("\n") == scored
+    assert err.rstrip().endswith("linewatch: interrupted")
+

@@ -171,9 +171,27 @@ def test_scoring_goes_on_when_redis_is_down(tiny, caplog):
 def test_leave_one_out_threshold_sits_above_normal_variation(tiny, make_images):
     method = create_method("aprilgan", tiny, text_weight=0)
     references = make_images(4, seed=3)
-    loo = leave_one_out_scores(method, "insulator", references)
-    threshold = reference_threshold(method, "insulator", references)
+    method.prepare("insulator", reference_images=references)
+    loo = leave_one_out_scores(method, references)
+    threshold = reference_threshold(method, references)
     assert loo.shape == (4,) and threshold > loo.max().item()
+
+
+@pytest.mark.parametrize("name", ["aprilgan", "winclip"])
+def test_leave_one_out_from_the_memory_equals_re_encoding_the_others(name, tiny, make_images):
+    """Taking one reference's rows out of the memory scores as a memory built from the other
+    k-1 images does (the k² encoding it replaces), and leaves the full memory in place."""
+    method = create_method(name, tiny, text_weight=0)
+    references = make_images(3, seed=5)
+    anchors = method.build_anchors("insulator")
+    expected = []
+    for i in range(3):
+        method.prepare("insulator", reference_images=torch.cat([references[:i], references[i + 1:]]), anchors=anchors)
+        expected.append(method.score(references[i:i + 1]).image_score.item())
+    method.prepare("insulator", reference_images=references, anchors=anchors)
+    full = {k: v.clone() for k, v in method.memory_state().items()}
+    assert leave_one_out_scores(method, references).tolist() == pytest.approx(expected, abs=1e-5)
+    assert all(torch.equal(full[k], v) for k, v in method.memory_state().items())
 
 
 def test_settings_precedence(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """What a scoring worker tells its operators once per loop turn: the liveness heartbeat,
 readiness (the group's assignment), the consumer-lag gauge and, every ``summary_s``, one log
-line with frames/s, lag, mean batch and latency percentiles. The per-frame and per-batch
+line with frames/s, lag, mean batch and latency percentiles (from the first batch on: before
+it, a worker has no figures to give). The per-frame and per-batch
 metrics are counted where they happen, in ``worker.py``."""
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class WorkerTelemetry:
             self.health.set("assignment", assigned, "partitions assigned by the group" if assigned
                             else "waiting for the group to assign partitions")
         now = time.monotonic()
+        if first:  # no figures before the first batch: the first summary's window starts with the frames
+            stats = self.worker.stats
+            self._last = (now, stats.frames, stats.batches, stats.dead)
         summary_due = self.summary_s and now - self._last[0] >= self.summary_s
         if now >= self._next_lag or summary_due:
             self._next_lag = now + self.lag_every_s

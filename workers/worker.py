@@ -58,6 +58,7 @@ from ..scoring.prompts import PromptPack
 from .anchors import AnchorCache
 from .frames import FrameDecoder
 from .prepared import PreparedProfile, folder_signature
+from .prepared_cache import PreparedCache
 from .profiles import ProfileTable
 from .telemetry import WorkerTelemetry
 
@@ -96,8 +97,10 @@ class ScoringWorker:
                  prompts: PromptPack | None = None, max_batch: int = 8, max_wait_ms: float = 20.0,
                  precision: str = "auto", group: str = GROUP, source_topic: str | None = None,
                  results_topic: str | None = None, worker_id: str | None = None, summary_s: float = 0.0,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, reload_s: float = 5.0):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, reload_s: float = 5.0, cache: PreparedCache | None = None):
+        """``cache``: reference memories and thresholds kept across starts (``prepared_cache``)."""
         self.bus, self.backbone, self.profiles, self.anchors = bus, backbone, profiles, anchors
+        self.cache = cache
         self.prompts = prompts or PromptPack.load()
         self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1000.0
         self.precision = resolve_precision(precision, backbone.device)
@@ -128,7 +131,8 @@ class ScoringWorker:
         if current is None or (self._reload_due(key) and current.stale()):
             try:  # references and calibration go through the tower in the precision frames will
                 with self.backbone.computing_in(self.compute_dtype):
-                    self.prepared[key] = PreparedProfile(profile, self.backbone, self.prompts, self.anchors)
+                    self.prepared[key] = PreparedProfile(profile, self.backbone, self.prompts, self.anchors,
+                                                         self.cache, self.precision)
             except (ValueError, OSError) as err:  # a folder changed under us: keep scoring with what was there
                 if current is None:
                     raise

@@ -127,6 +127,20 @@ class AnomalyMethod(nn.Module):
         levels = [self.backbone(chunk).patch_tokens for chunk in images.split(8)]
         self.memory = [torch.cat([per_chunk[i] for per_chunk in levels]).flatten(0, 1) for i in range(len(levels[0]))]
 
+    def memory_state(self) -> dict[str, torch.Tensor]:
+        """The reference memory as named tensors whose rows run reference by reference (the k
+        references' rows in order, the same number each): what the start-up cache stores and
+        what leave-one-out calibration takes one reference's rows out of. {} without a memory."""
+        return {f"level{i}": level for i, level in enumerate(self.memory or [])}
+
+    def memory_meta(self) -> dict:
+        """JSON-able facts the memory needs besides its tensors (``set_memory_state``)."""
+        return {}
+
+    def set_memory_state(self, state: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+        """Install a memory from ``memory_state`` / ``memory_meta`` (of this method and backbone)."""
+        self.memory = [state[f"level{i}"].to(self.backbone.device) for i in range(len(state))] if state else None
+
     def memory_map(self, features: VisualFeatures, size: tuple[int, int]) -> torch.Tensor:
         """Few-shot map [B, H, W]: per level ``1 - max cosine similarity`` of each patch token to
         that level's reference memory, averaged over levels."""

@@ -105,6 +105,17 @@ class WinCLIP(AnomalyMethod):
                 parts.setdefault(f"window{size}", []).append(embeds.flatten(0, 1))
         self.memory = {name: torch.cat(chunks) for name, chunks in parts.items()}
 
+    def memory_state(self) -> dict[str, torch.Tensor]:
+        return dict(self.memory or {})
+
+    def memory_meta(self) -> dict:
+        return {"grid": list(self.memory_grid)} if self.memory is not None else {}
+
+    def set_memory_state(self, state: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+        self.memory = {name: t.to(self.backbone.device) for name, t in state.items()} if state else None
+        if state:
+            self.memory_grid = tuple((meta or {})["grid"])
+
     def score_batch(self, images: torch.Tensor) -> AnomalyScores:
         image_embed, patches, windows, grid = self._features(images)
         image_score = self.abnormal_probability(image_embed)  # [B]
