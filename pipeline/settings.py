@@ -199,6 +199,7 @@ ENV_PREFIX = "LINEWATCH_"
 NOT_SETTINGS = {
     "LINEWATCH_SHARED": "the shared datasets folder (tests, demo --context-set)",
     "LINEWATCH_WEIGHTS": "scripts/gpu_bench.sh's weights file",
+    "LINEWATCH_QUICKSTART": "tests/test_quickstart.py: quick or full (docs/getting-started.md)",
     "LINEWATCH_IMAGE": "deploy/compose.yaml: the image",
     "LINEWATCH_CONFIG": "deploy/compose.yaml: the settings file mounted",
     "LINEWATCH_DATA": "deploy/compose.yaml: the data folder mounted",
