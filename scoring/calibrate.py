@@ -6,9 +6,13 @@
   the others. With sparse references this overestimates how far a normal frame is from the
   memory (its nearest reference is gone), so the threshold errs high: fewer false alerts,
   weaker defects missed.
-Either way the threshold is max + ½·spread of those scores: a handful of samples
-underestimates the highest normal score, and the margin covers ordinary variation (pose,
-light, a drone's drift) they did not catch. Scores that are all equal (a saturated method:
+Either way the threshold sits a margin above the highest of those scores: a handful of
+samples underestimates the highest normal score, and the margin covers ordinary variation
+(pose, light, a drone's drift) they did not catch. From leave-one-out: max + ½·(max − min).
+From calibration images: max + ¾·(max − median), the width of their upper half: calibration
+views are taken between the references, so one of them can nearly repeat a reference and
+score about 0, and a margin from the minimum would grow with that one view (on the demo's
+generated background it put the threshold above most of the defect's frames). Scores that are all equal (a saturated method:
 every score 1.0) place no threshold: a margin over them is either unreachable or meaningless,
 so that is refused with the reason (``CalibrationError``) rather than silently never alerting.
 """
@@ -62,17 +66,19 @@ def reference_threshold(method: AnomalyMethod, references: torch.Tensor, margin:
 
 
 @torch.inference_mode()
-def calibration_threshold(method: AnomalyMethod, images: torch.Tensor, margin: float = 0.5) -> float:
-    """max + margin * spread of a prepared method's scores on normal ``images`` not in its memory."""
+def calibration_threshold(method: AnomalyMethod, images: torch.Tensor, margin: float = 0.75) -> float:
+    """max + margin * (max - median) of a prepared method's scores on normal ``images`` not in its memory."""
     scores = torch.cat([method.score(images[i:i + 8]).image_score.float().cpu() for i in range(0, len(images), 8)])
-    return _above(scores, margin, "scores of the calibration images")
+    return _above(scores, margin, "scores of the calibration images", base=scores.median().item())
 
 
-def _above(scores: torch.Tensor, margin: float, what: str) -> float:
-    """max + margin * spread (at least 1 % above max); CalibrationError when they are all equal."""
-    top, spread = scores.max().item(), (scores.max() - scores.min()).item()
-    if len(scores) > 1 and spread == 0:
+def _above(scores: torch.Tensor, margin: float, what: str, base: float | None = None) -> float:
+    """max + margin * (max - base) (base: the minimum unless given; at least 1 % above max);
+    CalibrationError when the scores are all equal."""
+    top, bottom = scores.max().item(), scores.min().item()
+    if len(scores) > 1 and top == bottom:
         raise CalibrationError(f"the {len(scores)} {what} are all {top:.6g}: the method cannot tell these normal "
                                "images apart (saturated scores), so no threshold above them means anything; use "
                                "other weights, references or method, or set --threshold")
+    spread = top - (bottom if base is None else base)
     return top + max(margin * spread, 0.01 * abs(top))

@@ -8,9 +8,8 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 python -m pip install -q --disable-pip-version-check -e .
 linewatch demo runs/demo
-# The README's tour, step 1: a fixed threshold, since with random weights on the generated background
-# the calibration views score above the pass's normal frames and 'auto' lands above the defect.
-linewatch run runs/demo/clip.mp4 --stream-id drone-1 --references runs/demo/references --threshold 0.34 \
+# The README's tour, step 1: the threshold calibrated on the demo's further normal views.
+linewatch run runs/demo/clip.mp4 --stream-id drone-1 --references runs/demo/references --calibration runs/demo/calibration \
     --option text_weight=0 --k 3 --n 10 --out runs/demo/out --scores runs/demo/out/scores.jsonl "$@"
 echo "--- alerts (runs/demo/out/alerts.jsonl) ---"
 python - <<'PY'

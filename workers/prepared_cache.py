@@ -27,7 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when what an entry means changes (e.g. the calibration's margin rule)
+FORMAT = 2  # bump when what an entry means changes (e.g. the calibration's margin rule)
 
 
 def default_folder() -> Path:
