@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -68,12 +67,6 @@ def fresh_clone(dest: Path) -> None:
             shutil.copy2(ROOT / name, dest / name)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get_json(url: str):
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -88,10 +81,9 @@ def test_the_readme_tour_does_what_it_says(tmp_path):
     clone = tmp_path / "linewatch"
     clone.mkdir()
     fresh_clone(clone)
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LINEWATCH_")}  # a user's fresh shell
     env.update(PATH=f"{LINEWATCH.parent}{os.pathsep}{env.get('PATH', '')}", NO_COLOR="1",
-               LINEWATCH_CONSOLE__PORT=str(port),  # the console on a free port, not 8400
+               LINEWATCH_CONSOLE__PORT="0",  # the console on any free port (it logs its URL), not 8400
                LINEWATCH_OPS__PORT="0",  # each command's metrics on any free port: tests run side by side
                LINEWATCH_SHARED=str(tmp_path / "no-shared"))  # a fresh clone: no ../shared, the demo's own background
     applied: set[str] = set()
@@ -99,7 +91,7 @@ def test_the_readme_tour_does_what_it_says(tmp_path):
     for block in tour(ROOT / "README.md"):
         text = script(block, applied)
         if block.tag == "console":
-            check_console(text, clone, env, port, outputs[0])
+            check_console(text, clone, env, outputs[0])
             continue
         assert block.tag is None, f"{block.where()}: unknown runnable tag {block.tag!r}"
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", text], cwd=clone, env=env, capture_output=True,
@@ -123,17 +115,24 @@ def test_the_readme_tour_does_what_it_says(tmp_path):
     assert (clone / "runs/trained/alerts.jsonl").is_file()
 
 
-def check_console(command: str, clone: Path, env: dict, port: int, demo_output: str) -> None:
+def check_console(command: str, clone: Path, env: dict, demo_output: str) -> None:
     """2. the console on the demo's archive lists the demo's event (its HTTP API, as the page reads it)."""
     proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=clone, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
+        url, seen = None, []
+        for line in proc.stdout:  # "console at http://127.0.0.1:PORT ..." once it listens (port 0: its own)
+            seen.append(line)
+            if found := re.search(r"console at (http://[^\s/]+)", line):
+                url = found[1]
+                break
+        assert url, f"the console exited {proc.wait()} without saying where it listens:\n{''.join(seen)[-3000:]}"
         deadline = time.monotonic() + 300  # a liveness bound: it starts in seconds on an idle machine
         events = None
         while not events:
-            assert proc.poll() is None, f"the console exited {proc.returncode}:\n{proc.stdout.read()[-3000:]}"
+            assert proc.poll() is None, f"the console exited {proc.returncode}"
             assert time.monotonic() < deadline, "the console never listed an event"
-            events = get_json(f"http://127.0.0.1:{port}/api/events")
+            events = get_json(f"{url}/api/events")
             if not events:
                 time.sleep(0.5)
         first, last = map(int, re.search(r"defect frames: (\d+)\.\.(\d+)", demo_output).groups())

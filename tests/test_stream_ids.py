@@ -174,3 +174,34 @@ def test_variables_that_are_settings_or_linewatchs_own_are_accepted(monkeypatch)
         monkeypatch.setenv(name, value)
     settings = load_settings()
     assert (settings.kafka.security_protocol, settings.alerts.policy.k, settings.partitions) == ("SSL", 1, 2)
+
+
+def test_every_linewatch_variable_the_project_mentions_is_a_setting_or_allowed():
+    """A variable named in the docs, scripts, deploy files or tests that the settings would refuse
+    is a documented command that fails (LINEWATCH_QUICKSTART was one)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from linewatch.pipeline.settings import check_environment
+
+    root = Path(__file__).resolve().parent.parent
+    listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z"], capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: no list of the project's files")
+    refused_on_purpose = {"LINEWATCH_SECURITY_PROTOCOL"}  # the docs' and tests' example of a refused variable
+    names = set()
+    for name in listed.stdout.decode().split("\0"):
+        path = root / name
+        if name == "tests/test_stream_ids.py":  # this file's refusal tests name bad variables on purpose
+            continue
+        if name and path.is_file() and path.suffix in {".md", ".py", ".sh", ".yaml", ".yml", ".tpl", ""}:
+            text = path.read_text(errors="replace")
+            names |= set(re.findall(r"\bLINEWATCH_[A-Z][A-Z0-9_]*[A-Z0-9]\b", text))
+    bad = []
+    for name in sorted(names - refused_on_purpose):
+        try:
+            check_environment({name: "x"})
+        except ValueError as error:
+            bad.append(str(error))
+    assert not bad, bad
