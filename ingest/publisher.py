@@ -151,6 +151,7 @@ class Ingestor:
             self.stats.unacknowledged = self.producer.close() or 0
             self.stats.lost = self.producer.lost  # the broker acknowledged them, then came back without them
             self.stats.published -= self.stats.lost
+            metrics.INGEST_LOST.labels(self.stream).inc(self.stats.lost)
             self._update_counts(started)
             log.info("ingest %s", self.stats.summary())
         on_frame(self.stats)  # the final counts (frames thinned after the last publish)

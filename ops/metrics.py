@@ -43,6 +43,9 @@ CONSUMER_LAG = Gauge("linewatch_consumer_lag_records",
 
 # ---- ingest --------------------------------------------------------------------------------
 INGEST_PUBLISHED = Counter("linewatch_ingest_frames_published_total", "Frames ingest published", ["stream"])
+INGEST_LOST = Counter("linewatch_ingest_frames_lost_total",
+                      "Frames published and acknowledged, then lost with a broker that came back without its log "
+                      "(also in linewatch_ingest_frames_published_total, which counts sends)", ["stream"])
 INGEST_DROPPED = Counter("linewatch_ingest_frames_dropped_total",
                          "Live frames dropped because publishing fell behind", ["stream"])
 INGEST_RECONNECTS = Counter("linewatch_ingest_reconnects_total", "Live sources reconnected after an outage",
