@@ -68,11 +68,13 @@ class _Log:
 
 class MemoryBus(Bus):
     def __init__(self, topics: Topics = Topics(), partitions: int = 1, capacity: int = 256,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, limits: dict[str, int] | None = None):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, limits: dict[str, int] | None = None, retain: int = 0):
         """``limits``: a smaller ``capacity`` for some topics (the embedded run's frames: a file
-        is read only a few batches ahead of the worker)."""
+        is read only a few batches ahead of the worker). ``retain``: records kept per partition
+        below the lowest committed offset, Kafka's retention in small, so a reader outside any
+        group (the console) that falls behind for a moment misses nothing every group has taken."""
         super().__init__(topics, partitions, max_message_bytes)
-        self.capacity = capacity
+        self.capacity, self.retain = capacity, retain
         self.limits = dict(limits or {})
         self.cond = threading.Condition()
         self.logs: dict[str, list[_Log]] = {}
@@ -127,7 +129,7 @@ class MemoryBus(Bus):
     def _trim(self, topic: str, partition: int) -> None:
         floor = self._floor(topic, partition)
         if floor is not None:
-            self.logs[topic][partition].trim(floor)
+            self.logs[topic][partition].trim(floor - self.retain)
 
     def _rebalance(self, group: str) -> None:
         """A new target assignment; members take it up in their next ``poll``."""

@@ -111,7 +111,8 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     # a file is read a little ahead of the worker (its next batch ready), not to its end: a
     # Ctrl-C then costs about two batches. Live sources keep the bus's usual room.
     read_ahead = {} if any(is_live(s) for s in sources) else {topics.frames: 2 * settings.worker.max_batch - 1}
-    bus = MemoryBus(topics, partitions=1, max_message_bytes=settings.max_message_bytes, limits=read_ahead)
+    # retain: the console's readers take no part in any group; a moment behind, they still see every record
+    bus = MemoryBus(topics, partitions=1, max_message_bytes=settings.max_message_bytes, limits=read_ahead, retain=64)
     archive = Archive(settings.archive, max_pixels=settings.max_pixels)  # the console reads its folder
     if attach is not None:  # the console serves while the model loads (its live status shows the stage)
         attach(bus, settings)

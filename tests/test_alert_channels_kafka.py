@@ -126,7 +126,7 @@ def test_a_webhook_down_for_a_whole_run_holds_nothing_back_and_gets_its_backlog_
         assert by_stream(on_topic()) == expected
         webhook_group = channel_group(bus.topics.alerts, "webhook")
         assert committed(kafka_servers, webhook_group, bus.topics.alerts) == 0  # the webhook took nothing
-        assert "alert channel webhook is failing" in processes.log("sink")
+        wait_for(lambda: "alert channel webhook is failing" in processes.log("sink"), 60, "the webhook's warning")
         processes.stop("sink")
 
         up = webhook([200], port=port)

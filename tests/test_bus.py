@@ -203,3 +203,22 @@ def test_kafka_roundtrip_headers_groups_and_seek(kafka_servers):
     assert [r.offset for r in poll_all(reader, len(half) - 1)] == list(range(1, len(half)))
     reader.close()
     producer.close()
+
+
+@pytest.mark.parametrize("retain", [0, 8])
+def test_a_reader_outside_any_group_still_sees_what_every_group_committed_within_the_retention(retain):
+    """The console reads the embedded run's topics outside any group: records every group has
+    taken stay ``retain`` deep, so a console a moment behind misses none of them."""
+    bus = MemoryBus(Topics("t"), partitions=1, retain=retain)
+    producer, group = bus.producer(), bus.consumer([bus.topics.scores], "sink")
+    for i in range(5):
+        producer.send(bus.topics.scores, bytes([i]))
+    taken = []
+    while len(taken) < 5:
+        batch = group.poll(1.0)
+        taken += batch
+        group.commit(batch)
+    outside = bus.consumer([], None)
+    outside.assign(bus.topics.scores, [0])
+    outside.seek(bus.topics.scores, 0, 0)
+    assert [r.value[0] for r in outside.poll(0.0)] == ([0, 1, 2, 3, 4] if retain else [])
