@@ -15,6 +15,8 @@ import torch
 from linewatch.scoring.backbone import TINY_ARCH, Backbone, BackboneConfig
 from linewatch.scoring.prompts import PromptPack
 
+from helpers import Processes
+
 
 @pytest.fixture(scope="session", autouse=True)
 def single_torch_thread():
@@ -225,3 +227,11 @@ def s3_server(tmp_path_factory):
 
     with s3_server(tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server
+
+
+@pytest.fixture
+def processes(tmp_path):
+    """linewatch parts started as processes for one test (tests/helpers.Processes), all stopped after."""
+    procs = Processes(tmp_path)
+    yield procs
+    procs.stop_all()

@@ -50,6 +50,25 @@ def read_all(bus, topic: str) -> list:
     return reader.poll(0.2, 10_000)
 
 
+def read_topic(bus, topic: str) -> list:
+    """Everything on ``topic`` of a Kafka bus, read outside any group (until two polls in a row
+    come back empty: a broker may answer one fetch empty while records are there)."""
+    reader = bus.consumer([], None)
+    try:
+        partitions = reader.partitions(topic)
+        reader.assign(topic, partitions)
+        for p in partitions:
+            reader.seek(topic, p, 0)
+        records, empty = [], 0
+        while empty < 2:
+            batch = reader.poll(1.0, 1000)
+            records += batch
+            empty = 0 if batch else empty + 1
+        return records
+    finally:
+        reader.close()
+
+
 def error_line(capsys) -> str:
     """The one ``linewatch: error:`` line a failed command printed (and no traceback)."""
     err = capsys.readouterr().err

@@ -21,7 +21,7 @@ from linewatch.sinks.alerts import AlertPolicy, AlertTracker
 from linewatch.sinks.delivery import channel_group
 from linewatch.sinks.outputs import DeliveryPolicy, JsonlOutput, WebhookOutput
 
-from helpers import Processes, score_msg, wait_for
+from helpers import Processes, read_topic, score_msg, wait_for
 
 pytestmark = pytest.mark.services
 
@@ -50,21 +50,6 @@ def publish(bus, messages) -> None:
     for m in messages:
         producer.send(bus.topics.scores, encode(m), key=m.frame.stream.encode())
     producer.close()
-
-
-def read_topic(bus, topic: str) -> list:
-    reader = bus.consumer([], None)
-    try:
-        partitions = reader.partitions(topic)
-        reader.assign(topic, partitions)
-        for p in partitions:
-            reader.seek(topic, p, 0)
-        records = []
-        while batch := reader.poll(1.0, 1000):
-            records += batch
-        return records
-    finally:
-        reader.close()
 
 
 def by_stream(rows: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:

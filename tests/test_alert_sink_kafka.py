@@ -17,7 +17,7 @@ from linewatch.bus.messages import AlertMsg, ScoreMsg, SessionEnd, decode, encod
 from linewatch.pipeline.wiring import connect
 from linewatch.sinks.alert_state import PENDING, state_topic
 
-from helpers import Processes, score_msg, wait_for
+from helpers import Processes, read_topic, score_msg, wait_for
 
 PARTITIONS = 2
 GROUP = "linewatch-alerts"
@@ -68,22 +68,6 @@ def publish(bus, messages) -> None:
         stream = m.frame.stream if isinstance(m, ScoreMsg) else m.stream
         producer.send(bus.topics.scores, encode(m), key=stream.encode())
     producer.close()
-
-
-def read_topic(bus, topic: str) -> list:
-    """Everything on ``topic`` (read until a poll comes back empty)."""
-    reader = bus.consumer([], None)
-    try:
-        partitions = reader.partitions(topic)
-        reader.assign(topic, partitions)
-        for p in partitions:
-            reader.seek(topic, p, 0)
-        records = []
-        while batch := reader.poll(1.0, 1000):
-            records += batch
-        return records
-    finally:
-        reader.close()
 
 
 def jsonl_rows(folder: Path, *names: str) -> list[tuple[str, str]]:

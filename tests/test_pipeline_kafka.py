@@ -17,7 +17,6 @@ import sqlite3
 import time
 from pathlib import Path
 
-import pytest
 from kafka.partitioner import murmur2
 
 from linewatch.bus.messages import (
@@ -32,7 +31,7 @@ from linewatch.bus.messages import (
 from linewatch.ingest.demo import write_demo_clip
 from linewatch.pipeline.wiring import connect
 
-from helpers import WORKER_READY, Processes, wait_for
+from helpers import WORKER_READY, wait_for
 
 PARTITIONS = 4
 PREFIX = "itest"
@@ -47,13 +46,6 @@ def stream_ids_on_two_partitions() -> list[str]:
         if murmur2(other.encode()) % PARTITIONS != murmur2(first.encode()) % PARTITIONS:
             return [first, other]
     raise AssertionError("no second partition found")
-
-
-@pytest.fixture
-def processes(tmp_path):
-    procs = Processes(tmp_path)
-    yield procs
-    procs.stop_all()
 
 
 def test_distributed_pipeline_survives_a_killed_worker(kafka_servers, redis_url, tmp_path, processes):
