@@ -233,6 +233,7 @@ def add_parsers(commands) -> None:
 
 # ---- handlers ---------------------------------------------------------------------------
 def _settings(args: argparse.Namespace):
+    _check_option_flags(args)
     from ..pipeline.settings import load_settings, nest
 
     flat = {k: v for k, v in vars(args).items() if "." in k or k in ("bootstrap_servers", "redis_url", "topic_prefix",
@@ -241,6 +242,24 @@ def _settings(args: argparse.Namespace):
     if "profile.options" in flat:
         flat["profile.options"] = dict(flat["profile.options"])
     return load_settings(args.config, nest(flat))
+
+
+def _check_option_flags(args: argparse.Namespace) -> None:
+    """``--option`` values as typed, against ``--method`` (or the default method when neither a
+    config file nor the environment can name another), before the settings load: pydantic takes
+    a second or more to import, and a typo should not wait for it."""
+    import os
+
+    from ..scoring.options import DEFAULT_METHOD, check_options
+
+    options, method = getattr(args, "profile.options", S), getattr(args, "profile.method", S)
+    if options is S or not options:
+        return
+    if method is S:
+        if getattr(args, "config", None) or "LINEWATCH_PROFILE__METHOD" in os.environ:
+            return  # the method is the config's or the environment's: checked with the settings
+        method = DEFAULT_METHOD
+    check_options(method, dict(options))
 
 
 def _bus(settings, part: str, stop: threading.Event):

@@ -98,6 +98,23 @@ def test_a_bad_option_fails_before_any_model_code_is_imported(command, clip, tmp
     assert err.startswith("linewatch: error: ") and len(err.splitlines()) == 1 and "must be" in err, err
 
 
+@pytest.mark.parametrize("command", [
+    ["run", "{clip}", "--option", "text_weight=abc"],  # the default method's option
+    ["run", "{clip}", "--method", "winclip", "--option", "sigma=1"],  # an option the method lacks
+    ["run", "{clip}", "--method", "nosuch", "--option", "sigma=1"],
+])
+def test_a_bad_option_flag_fails_before_the_settings_load(command, clip, monkeypatch, capsys):
+    """Loading the settings takes a second or more: a typo in --option is caught before."""
+    import linewatch.pipeline.settings as settings_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the settings were loaded before the --option flags were checked")
+
+    monkeypatch.setattr(settings_module, "load_settings", never)
+    assert main([part.format(clip=clip.video) for part in command]) == 2
+    assert error_line(capsys)
+
+
 def test_every_method_s_options_are_in_the_torch_free_table():
     from linewatch.scoring.methods import METHODS
     from linewatch.scoring.methods.coreclip import FUSIONS, LOSS_WEIGHTS
