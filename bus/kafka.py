@@ -533,7 +533,6 @@ class KafkaBusConsumer(Consumer):
         self.committed: dict[TopicPartition, int] = {}  # the offsets this consumer committed last
         self.recheck = False  # after an outage: are the group's committed offsets still there?
         self.lost = 0  # records never read: the broker came back without them
-        self.assignments_seen = 0
 
     def poll(self, timeout_s: float, max_records: int = 64) -> list[Record]:
         try:
@@ -556,9 +555,6 @@ class KafkaBusConsumer(Consumer):
         if self.disturbed and not self.coordinator_lost:
             self.disturbed = not self.bus.restore_topics()
             self.recheck = True
-        if self.rebalance.assignments != self.assignments_seen:  # a rejoin (the member was forgotten, say):
-            self.assignments_seen = self.rebalance.assignments  # the group's offsets may be gone with the broker
-            self.recheck = self.recheck or bool(self.committed)
         if self.recheck and self.assigned() and self.consumer.assignment() and not self.coordinator_lost:
             self.recheck = False
             self._check_committed()
@@ -714,11 +710,9 @@ class _Assignment(ConsumerRebalanceListener):
 
     def __init__(self):
         self.received = False
-        self.assignments = 0  # how many times partitions were assigned (a rejoin after a broker restart too)
 
     def on_partitions_revoked(self, revoked) -> None:
         self.received = False
 
     def on_partitions_assigned(self, assigned) -> None:
         self.received = True
-        self.assignments += 1
