@@ -428,8 +428,10 @@ def test_a_broker_restarted_empty_loses_nothing_silently(clip, tmp_path, process
         assert set(scores(bus)) >= ingested
         wait_for(lambda: alerted(jsonl, session) >= {seq for _, _, seq in ingested}, timeout_s=120,
                  what="every frame published alerted")
-        worker_lost = WORKER_LOST.findall(processes.log("worker"))
-        assert worker_lost, processes.log("worker")[-3000:]  # it said where its position was, and what it lost
+        # the worker says what the broker lost: its consumer's records never read or, when kafka-python
+        # rejoined the group before the coordinator was seen missing, its producer's lost scores
+        worker = processes.log("worker")
+        assert WORKER_LOST.findall(worker) or "they are lost with the broker" in worker, worker[-3000:]
         for name in ("worker", "archive", "alerts"):
             assert processes.running[name].poll() is None, processes.log(name)[-3000:]
     assert_no_traceback(processes, *parts)
