@@ -306,9 +306,7 @@ class KafkaBusProducer(Producer):
             self.progress_at = time.monotonic()
             lost = self._count_lost((metadata.topic, metadata.partition), metadata.offset)
         if lost:
-            log.warning("%s: %s acknowledged %d record(s) on %s[%d] that it no longer has (it restarted "
-                        "empty, or the topic was re-created): they are lost with the broker", self.bus.part,
-                        self.bus.dependency, lost, metadata.topic, metadata.partition)
+            self._say_lost(metadata.topic, metadata.partition, lost)
         OUTAGES.up(self.bus.part, self.bus.dependency, "produce")
 
     def _count_lost_at_ends(self) -> None:
@@ -320,9 +318,12 @@ class KafkaBusProducer(Producer):
             for (topic, partition), end in ends.items():
                 lost = self._count_lost((topic, partition), end, keep=False)
                 if lost:
-                    log.warning("%s: %s acknowledged %d record(s) on %s[%d] that it no longer has (it restarted "
-                                "empty, or the topic was re-created): they are lost with the broker", self.bus.part,
-                                self.bus.dependency, lost, topic, partition)
+                    self._say_lost(topic, partition, lost)
+
+    def _say_lost(self, topic: str, partition: int, lost: int) -> None:
+        log.warning("%s: %s acknowledged %d record(s) on %s[%d] that it no longer has (it restarted empty, or the "
+                    "topic was re-created): they are lost with the broker", self.bus.part, self.bus.dependency, lost,
+                    topic, partition)
 
     def _count_lost(self, tp: tuple[str, int], offset: int, keep: bool = True) -> int:
         """An offset handed out again means the log lost what this producer had at and after it."""

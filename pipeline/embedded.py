@@ -28,7 +28,6 @@ from ..ops.health import HEALTH
 from ..scoring.backbone import Backbone
 from ..sinks.alert_sink import AlertSink
 from ..sinks.archive import Archive
-from ..sinks.outputs import AlertOutput
 from ..sinks.runner import run_archive_sink
 from ..sinks.scores import run_scores_file
 from ..workers.worker import ScoringWorker, WorkerStats
@@ -62,18 +61,6 @@ class RunSummary:
                 f"{self.model_s / max(self.seconds, 1e-9):.0%} of it in the model); {self.dead} dead letters\n"
                 f"{self.read} frames read, {self.dropped} dropped{' (stopped by Ctrl-C)' if self.interrupted else ''}; "
                 f"{self.events} event(s)\nalerts: {self.alerts_jsonl}\narchive: {self.archive}")
-
-
-class _EventCount(AlertOutput):
-    """Counts the events opened (an output of the run's alert sink, beside the real ones)."""
-
-    name = "event-count"
-
-    def __init__(self):
-        self.opened = 0
-
-    def send(self, alert) -> None:
-        self.opened += alert.status == "open"
 
 
 def check_inputs(sources: list[str], settings: Settings, stream_ids: list[str] | None = None) -> None:
@@ -144,9 +131,7 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
 
     # consumers join their groups before the first frame is published
     worker_consumer = bus.consumer([bus.topics.frames], worker.group)
-    events = _EventCount()
-    alert_sink = AlertSink(bus, policy_table(settings), [*alert_channels(settings), events],
-                           publish=settings.alerts.publish)
+    alert_sink = AlertSink(bus, policy_table(settings), alert_channels(settings), publish=settings.alerts.publish)
     sinks = [
         guarded(alert_sink.run, stop_sinks),
         guarded(run_archive_sink, bus, archive, stop=stop_sinks),
@@ -193,7 +178,7 @@ def run_embedded(sources: list[str], settings: Settings, out_dir: str, stream_id
     return RunSummary(frames=worker.stats.frames, seconds=scored - started, model_s=worker.stats.model_s,
                       alerts_jsonl=settings.alerts.jsonl, archive=settings.archive, dead=worker.stats.dead,
                       worker=worker.stats, read=sum(s.published for s in ingested),
-                      dropped=sum(s.dropped for s in ingested), events=events.opened,
+                      dropped=sum(s.dropped for s in ingested), events=alert_sink.stats.opened,
                       interrupted=interrupt.count > 0)
 
 

@@ -137,7 +137,7 @@ def policy_table(settings: Settings) -> StreamTable[AlertPolicy]:
 
 
 def alert_channels(settings: Settings) -> list:
-    """The alert channels the settings ask for, each with its delivery policy (README, Alert channels)."""
+    """The alert channels the settings ask for, each with its delivery policy (docs/alerts.md)."""
     from ..sinks.outputs import JsonlOutput
 
     channels = [JsonlOutput(settings.alerts.jsonl)] if settings.alerts.jsonl else []

@@ -57,6 +57,7 @@ class AlertSinkStats:
     duplicates: int = 0  # scores and ends ignored as already seen
     late: int = 0  # scores that came after their seq had been given up on
     alerts: int = 0  # alerts raised by the tracker
+    opened: int = 0  # of those, events opened
     delivered: dict[str, int] = field(default_factory=dict)  # per channel, this run
     dead: int = 0  # dead letters published (bad records, alerts a channel gave up on)
 
@@ -182,6 +183,7 @@ class AlertSink:
             self._dead(reason, record=record, stream=stream, seq=seq)
             return
         self.stats.alerts += len(alerts)
+        self.stats.opened += sum(alert.status == "open" for alert in alerts)
         for alert in alerts:
             metrics.ALERTS.labels(alert.stream, alert.status).inc()
         self.raised += [Parcel(alert, record.partition) for alert in alerts]

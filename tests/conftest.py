@@ -30,32 +30,20 @@ def single_torch_thread():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def anchor_dir(tmp_path_factory):
-    """Text anchors cached across runs go to a temporary folder, not the user's home
-    (child `linewatch` processes inherit it)."""
+def cache_dirs(tmp_path_factory):
+    """Text anchors, reference memories and thresholds cached across runs go to temporary
+    folders, not the user's home (child `linewatch` processes inherit them)."""
     import os
 
-    previous = os.environ.get("LINEWATCH_ANCHOR_DIR")
-    os.environ["LINEWATCH_ANCHOR_DIR"] = str(tmp_path_factory.mktemp("anchors"))
+    folders = {"LINEWATCH_ANCHOR_DIR": "anchors", "LINEWATCH_PREPARED_DIR": "prepared"}
+    previous = {name: os.environ.get(name) for name in folders}
+    os.environ.update({name: str(tmp_path_factory.mktemp(folder)) for name, folder in folders.items()})
     yield
-    if previous is None:
-        del os.environ["LINEWATCH_ANCHOR_DIR"]
-    else:
-        os.environ["LINEWATCH_ANCHOR_DIR"] = previous
-
-
-@pytest.fixture(scope="session", autouse=True)
-def prepared_dir(tmp_path_factory):
-    """Reference memories and thresholds cached across runs go to a temporary folder too."""
-    import os
-
-    previous = os.environ.get("LINEWATCH_PREPARED_DIR")
-    os.environ["LINEWATCH_PREPARED_DIR"] = str(tmp_path_factory.mktemp("prepared"))
-    yield
-    if previous is None:
-        del os.environ["LINEWATCH_PREPARED_DIR"]
-    else:
-        os.environ["LINEWATCH_PREPARED_DIR"] = previous
+    for name, value in previous.items():
+        if value is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session", autouse=True)
