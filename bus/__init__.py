@@ -68,6 +68,13 @@ class Topics:
     def all(self) -> list[str]:
         return [self.frames, self.scores, self.alerts, self.dead]
 
+    def group(self, role: str) -> str:
+        """The consumer group of a part (``workers``, ``alerts``, ``archive``, ``scores``) of the
+        deployment with this prefix: ``linewatch-workers`` with the default one. Deployments that
+        share a cluster under other prefixes never share a group, so a stalled or killed member of
+        one never holds up the other's rebalances."""
+        return f"{self.prefix}-{role}"
+
 
 def partition_for(key: bytes | None, partitions: int, counter: int = 0) -> int:
     """Same key -> same partition, so each stream stays ordered."""

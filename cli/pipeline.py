@@ -434,7 +434,7 @@ def run_sink(args) -> None:
         stop = _stop_on_signals()
         bus = _bus(settings, f"sink-{args.kind}", stop)
         # a sink on another scores topic (a replay's) is a group of its own, not a member of the live sinks'
-        group = f"linewatch-{args.kind}" + (f"@{args.scores_topic}" if args.scores_topic else "")
+        group = bus.topics.group(args.kind) + (f"@{args.scores_topic}" if args.scores_topic else "")
         if args.kind == "alerts":
             stats = run_alert_sink(bus, policy_for, alert_channels(settings), stop=stop, topic=args.scores_topic,
                                    publish=settings.alerts.publish,

@@ -67,10 +67,10 @@ class AlertSink:
     ``run(stop)`` in a thread of its own; ``delivered()`` tells when every channel has caught up."""
 
     def __init__(self, bus: Bus, policy_for: Callable[[str], AlertPolicy], channels: Iterable[AlertOutput], *,
-                 group: str = "linewatch-alerts", topic: str | None = None, publish: bool = True,
+                 group: str | None = None, topic: str | None = None, publish: bool = True,
                  poll_s: float = 0.5, max_records: int = 64, commit_interval_s: float = 5.0):
-        self.bus, self.group, self.topic = bus, group, topic or bus.topics.scores
-        self.alerts_topic = bus.topics.alerts if publish else private_alerts_topic(self.topic, group)
+        self.bus, self.group, self.topic = bus, group or bus.topics.group("alerts"), topic or bus.topics.scores
+        self.alerts_topic = bus.topics.alerts if publish else private_alerts_topic(self.topic, self.group)
         self.poll_s, self.max_records, self.commit_interval_s = poll_s, max_records, commit_interval_s
         outputs = list(channels)
         self.channels = [Channel(bus, output, self.alerts_topic, self._channel_dead, poll_s=poll_s)

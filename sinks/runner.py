@@ -43,14 +43,14 @@ class SinkStats:
     dead: int = 0  # dead letters published
 
 
-def run_archive_sink(bus: Bus, archive: Archive, *, group: str = "linewatch-archive", stop: threading.Event,
+def run_archive_sink(bus: Bus, archive: Archive, *, group: str | None = None, stop: threading.Event,
                      poll_s: float = 0.5, max_records: int = 64, topic: str | None = None) -> SinkStats:
     """Scores -> Archive (anomalous frames only), until ``stop`` is set. Any failure of one
     record dead-letters it; a store outage (S3, the disk) is waited out, the records behind it
     kept; a stop meanwhile commits only the records before it."""
     stats = SinkStats()
     OUTAGES.register(ARCHIVE_PART)
-    consumer, producer = bus.consumer([topic or bus.topics.scores], group), bus.producer()
+    consumer, producer = bus.consumer([topic or bus.topics.scores], group or bus.topics.group("archive")), bus.producer()
     try:
         while not stop.is_set():
             records = consumer.poll(poll_s, max_records)

@@ -23,7 +23,6 @@ from ..bus import Bus
 from ..bus.messages import MessageError, ScoreMsg, decode
 from ..ops.health import HEALTH
 
-GROUP = "linewatch-scores"
 
 
 def score_line(score: ScoreMsg) -> dict:
@@ -44,7 +43,7 @@ def run_scores_file(bus: Bus, path: str | Path, *, stop: threading.Event, poll_s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     written = 0
-    consumer = bus.consumer([bus.topics.scores], GROUP)
+    consumer = bus.consumer([bus.topics.scores], bus.topics.group("scores"))
     try:
         with path.open("a", encoding="utf-8") as out:
             while not stop.is_set():

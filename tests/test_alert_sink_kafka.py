@@ -20,7 +20,6 @@ from linewatch.sinks.alert_state import PENDING, state_topic
 from helpers import Processes, read_topic, score_msg, wait_for
 
 PARTITIONS = 2
-GROUP = "linewatch-alerts"
 
 
 def streams_on_both_partitions() -> list[str]:
@@ -86,7 +85,7 @@ def topic_alerts(bus) -> list[AlertMsg]:
 def undelivered(bus) -> set[bytes]:
     """Pending-alert keys on the state topic not yet tombstoned (delivered everywhere: empty)."""
     latest = {}
-    for record in read_topic(bus, state_topic(bus.topics.scores, GROUP)):
+    for record in read_topic(bus, state_topic(bus.topics.scores, bus.topics.group("alerts"))):
         if record.key.startswith(PENDING.encode()):
             latest[record.key] = record.value
     return {key for key, value in latest.items() if value is not None}
@@ -102,7 +101,7 @@ def consumed(bus, count: int) -> bool:
     """The group has committed ``count`` records of the scores topic."""
     from kafka import KafkaConsumer, TopicPartition
 
-    probe = KafkaConsumer(bootstrap_servers=bus.servers, group_id=GROUP, enable_auto_commit=False)
+    probe = KafkaConsumer(bootstrap_servers=bus.servers, group_id=bus.topics.group("alerts"), enable_auto_commit=False)
     try:
         offsets = [probe.committed(TopicPartition(bus.topics.scores, p)) for p in range(PARTITIONS)]
     finally:

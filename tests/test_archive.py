@@ -157,7 +157,7 @@ def test_archive_sink_end_to_end(tmp_path):
     sink = threading.Thread(target=lambda: result.update(stats=run_archive_sink(
         bus, Archive(tmp_path), stop=stop, poll_s=0.05)))
     sink.start()
-    wait_for(lambda: sum(bus.committed.get("linewatch-archive", {}).values()) == 7)
+    wait_for(lambda: sum(bus.committed.get(bus.topics.group("archive"), {}).values()) == 7)
     stop.set()
     sink.join(10)
     stats = result["stats"]

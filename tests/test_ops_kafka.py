@@ -60,7 +60,7 @@ def test_worker_probes_and_metrics_on_tansu(kafka_servers, tmp_path):
     for i in range(3):
         cv2.imwrite(str(refs / f"{i}.png"), np.random.default_rng(i).integers(0, 255, (48, 64, 3), dtype=np.uint8))
     bus = connect(f"kafka://{kafka_servers}", PREFIX, 2)
-    stalled = bus.consumer([bus.topics.frames], "linewatch-workers")  # a member of the workers' group
+    stalled = bus.consumer([bus.topics.frames], bus.topics.group("workers"))  # a member of the workers' group
     wait_for(lambda: stalled.poll(0.2) == [] and stalled.assigned(), timeout_s=60, what="the first member's assignment")
     log = tmp_path / "worker.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "LINEWATCH_OPS__SUMMARY_S": "1"}

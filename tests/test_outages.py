@@ -129,9 +129,9 @@ def test_the_archive_sink_waits_out_a_store_outage(tmp_path, caplog):
     stop, result = threading.Event(), {}
     with caplog.at_level(logging.INFO, logger="linewatch.outages"), sink_running(bus, archive, stop, result):
         wait_for(lambda: store.refused >= 3, what="the sink to retry")
-        assert bus.committed.get("linewatch-archive", {}).get((bus.topics.scores, 0), 0) == 0
+        assert bus.committed.get(bus.topics.group("archive"), {}).get((bus.topics.scores, 0), 0) == 0
         store.down.clear()
-        wait_for(lambda: bus.committed["linewatch-archive"].get((bus.topics.scores, 0)) == 3, what="the commit")
+        wait_for(lambda: bus.committed[bus.topics.group("archive")].get((bus.topics.scores, 0)) == 3, what="the commit")
         wait_for(lambda: any("is back after" in r.getMessage() for r in caplog.records), what="the outage's end")
     assert result["stats"].archived == 3 and result["stats"].dead == 0
     assert len(list(tmp_path.rglob("*.json"))) == 3 and len(list(tmp_path.rglob("*.mask.png"))) == 3
@@ -147,9 +147,9 @@ def test_a_stop_during_a_store_outage_commits_only_what_was_archived(tmp_path):
     producer.send(bus.topics.scores, encode(score_msg(0, 0.9)), key=b"cam")
     stop, result = threading.Event(), {}
     with sink_running(bus, archive, stop, result) as sink:
-        wait_for(lambda: bus.committed.get("linewatch-archive", {}).get((bus.topics.scores, 0)) == 1)
+        wait_for(lambda: bus.committed.get(bus.topics.group("archive"), {}).get((bus.topics.scores, 0)) == 1)
         store.down.set()
         producer.send(bus.topics.scores, encode(score_msg(1, 0.9)), key=b"cam")
         wait_for(lambda: store.refused >= 1)
     assert not sink.is_alive() and result["stats"].archived == 1  # stopped (SIGTERM) during the outage
-    assert bus.committed["linewatch-archive"][(bus.topics.scores, 0)] == 1  # seq 1 is read again next time
+    assert bus.committed[bus.topics.group("archive")][(bus.topics.scores, 0)] == 1  # seq 1 is read again next time

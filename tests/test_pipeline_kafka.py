@@ -58,8 +58,9 @@ def test_distributed_pipeline_survives_a_killed_worker(kafka_servers, redis_url,
     alerts_file, archive = tmp_path / "alerts.jsonl", tmp_path / "archive"
     processes.start("alerts", "sink", "alerts", *common, "--jsonl", str(alerts_file), "--k", "3", "--n", "10")
     processes.start("archive", "sink", "archive", *common, "--archive", str(archive))
-    workers = {name: processes.start(name, "worker", *scoring) for name in ("worker-1", "worker-2")}
-    for name in workers:
+    workers = {}
+    for name in ("worker-1", "worker-2"):  # one after the other: the second finds the first's anchors and memory cached
+        workers[name] = processes.start(name, "worker", *scoring)
         processes.wait_for_line(name, WORKER_READY, timeout=600)
 
     bus = connect(f"kafka://{kafka_servers}", PREFIX, PARTITIONS)

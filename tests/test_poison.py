@@ -200,7 +200,7 @@ def test_poison_scores_are_dead_lettered_and_the_archive_goes_on(tmp_path, monke
                             daemon=True)
     sink.start()
     try:
-        wait_for(lambda: sum(bus.committed.get("linewatch-archive", {}).values()) == 6, what="every record committed")
+        wait_for(lambda: sum(bus.committed.get(bus.topics.group("archive"), {}).values()) == 6, what="every record committed")
     finally:
         stop.set()
         sink.join(10)

@@ -116,7 +116,7 @@ def test_the_archive_sink_dead_letters_bad_stream_ids(tmp_path):
                                                                                   poll_s=0.05)), daemon=True)
     sink.start()
     try:
-        wait_for(lambda: sum(bus.committed.get("linewatch-archive", {}).values()) == 4, what="every record committed")
+        wait_for(lambda: sum(bus.committed.get(bus.topics.group("archive"), {}).values()) == 4, what="every record committed")
     finally:
         stop.set()
         sink.join(10)

@@ -64,7 +64,6 @@ from .telemetry import WorkerTelemetry
 
 log = logging.getLogger(__name__)
 
-GROUP = "linewatch-workers"
 LATENCY_SAMPLES = 100_000  # per-frame latencies kept for percentiles (the most recent ones)
 PART = "worker"
 
@@ -95,7 +94,7 @@ class _Frame:
 class ScoringWorker:
     def __init__(self, bus: Bus, backbone: Backbone, profiles: ProfileTable, anchors: AnchorCache, *,
                  prompts: PromptPack | None = None, max_batch: int = 8, max_wait_ms: float = 20.0,
-                 precision: str = "auto", group: str = GROUP, source_topic: str | None = None,
+                 precision: str = "auto", group: str | None = None, source_topic: str | None = None,
                  results_topic: str | None = None, worker_id: str | None = None, summary_s: float = 0.0,
                  max_pixels: int = DEFAULT_MAX_PIXELS, reload_s: float = 5.0, cache: PreparedCache | None = None):
         """``cache``: reference memories and thresholds kept across starts (``prepared_cache``)."""
@@ -106,7 +105,7 @@ class ScoringWorker:
         self.precision = resolve_precision(precision, backbone.device)
         self.compute_dtype = autocast_dtype(self.precision)
         self.decoder = FrameDecoder(backbone.image_size, backbone.device, max_pixels=max_pixels)
-        self.group = group
+        self.group = group or bus.topics.group("workers")
         self.source_topic = source_topic or bus.topics.frames
         self.results_topic = results_topic or bus.topics.scores
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
