@@ -125,6 +125,22 @@ def _random_clip(arch: str, seed: int) -> nn.Module:
         root.removeFilter(_quiet_random_init)
 
 
+@contextlib.contextmanager
+def _weights_loaded_after():
+    """Build a model whose every weight is loaded right after (strictly) without initialising
+    them first: ``torch.nn.init``'s in-place initialisers do nothing meanwhile (as transformers'
+    ``no_init_weights``); random init of ViT-B-16 costs seconds that the load overwrites."""
+    names = [name for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")]
+    saved = {name: getattr(nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, initialiser in saved.items():
+            setattr(nn.init, name, initialiser)
+
+
 def create_clip(arch: str, weights: str, seed: int) -> nn.Module:
     if arch not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if arch.lower()[:5] in m.lower()][:8]
@@ -135,8 +151,9 @@ def create_clip(arch: str, weights: str, seed: int) -> nn.Module:
     if path.suffix in WEIGHT_FILE_SUFFIXES or path.exists():
         if not path.is_file():
             raise BackboneError(f"weights file not found: {path}")
-        model = _random_clip(arch, seed)
-        _load_weights_file(model, path)
+        with _weights_loaded_after():
+            model = _random_clip(arch, seed)
+        _load_weights_file(model, path)  # strict: every parameter and buffer of the state dict
         return model
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if weights not in tags:
@@ -150,7 +167,8 @@ def create_clip(arch: str, weights: str, seed: int) -> nn.Module:
     hub_level = hub.level
     hub.setLevel(logging.ERROR)  # here, after its import (which sets its own level)
     try:
-        return open_clip.create_model(arch, pretrained=weights)
+        with _weights_loaded_after():  # open_clip loads a tag's whole checkpoint with strict=True
+            return open_clip.create_model(arch, pretrained=weights)
     except Exception as err:  # offline, hub errors, disk full: say which weights could not be had
         reason = " ".join(str(err).split())
         reason = reason if len(reason) <= 200 else reason[:200] + "…"

@@ -205,6 +205,21 @@ def test_safetensors_round_trip(tiny, tiny_seed1, tmp_path, make_images):
         assert not torch.allclose(loaded(images).image_embed, tiny(images).image_embed, atol=1e-3)
 
 
+def test_a_weights_file_is_loaded_whole_without_a_random_init_first(tiny_seed1, tmp_path):
+    """Every tensor comes from the file (none left as the skipped init's uninitialised memory),
+    and torch's initialisers work again afterwards."""
+    from safetensors.torch import save_file
+
+    real_normal = torch.nn.init.normal_
+    path = tmp_path / "tiny.safetensors"
+    save_file(_clip_state(tiny_seed1), str(path))
+    loaded = Backbone.build(BackboneConfig(arch=TINY_ARCH, weights=str(path), seed=0))
+    state = _clip_state(loaded)
+    assert state.keys() == _clip_state(tiny_seed1).keys()
+    assert all(torch.equal(state[k], v) for k, v in _clip_state(tiny_seed1).items())
+    assert torch.nn.init.normal_ is real_normal and torch.nn.init.normal_(torch.zeros(64)).abs().sum() > 0
+
+
 def test_pt_round_trip(tiny_seed1, tmp_path, make_images):
     path = tmp_path / "tiny.pt"
     torch.save(_clip_state(tiny_seed1), path)
