@@ -67,7 +67,7 @@ def add_parser(commands) -> None:
 def config_from_args(args: argparse.Namespace):
     from ..bench.run import BenchConfig
     from ..scoring.backbone import BackboneConfig
-    from ..scoring.methods import METHODS, check_options
+    from ..scoring.methods import check_options, method_class
     from ..scoring.precision import resolve_device, resolve_precision
     from ..scoring.weights import check_weights
 
@@ -79,7 +79,7 @@ def config_from_args(args: argparse.Namespace):
     backbone = BackboneConfig(**given)
     for name in args.methods:
         check_options(name, {})
-        METHODS[name].check_backbone(backbone)
+        method_class(name).check_backbone(backbone)
     for precision in args.precisions or []:
         if precision == "auto":
             raise ValueError("--precisions: name them (fp32, bf16, fp16); the sweep is what picks one")

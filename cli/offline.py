@@ -182,10 +182,18 @@ def _shots_from(args: argparse.Namespace, job, shots: int) -> str:
 
 
 def run_methods(args: argparse.Namespace) -> None:
-    from ..scoring.methods import METHODS
+    from ..scoring import plugins
+    from ..scoring.methods import METHODS, method_class
 
-    for name, cls in sorted(METHODS.items()):
-        print(f"{name:<12}{(cls.__doc__ or '').strip()}")
+    for name in sorted({*METHODS, *plugins.names()}):
+        builtin = name in METHODS
+        try:
+            cls = method_class(name)
+        except ValueError as err:  # a package's method that cannot be imported: listed, with why
+            print(f"{name:<12}(from {plugins.origin(name)}) unusable: {err}")
+            continue
+        origin = "" if builtin else f" (from {plugins.origin(name)})"
+        print(f"{name:<12}{(cls.__doc__ or '').strip()}{origin}")
         if args.presets:
             from ..scoring.preset import bundled, describe, load_preset
 

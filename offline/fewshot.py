@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..scoring.backbone import Backbone, BackboneConfig
 from ..scoring.checkpoint import save_checkpoint
-from ..scoring.methods import METHODS, check_options, create_method
+from ..scoring.methods import METHODS, check_options, create_method, method_class
 from ..scoring.pixels import load_image
 from ..scoring.prompts import PromptPack
 from ..scoring.training import TrainConfig, TrainingSet, fit
@@ -94,7 +94,7 @@ def training_set(categories: list[Category], shots: int, seed: int, size: int) -
 def check_trainable(method: str) -> None:
     """A registered method with something to train, or one clear error naming the ones that have."""
     check_options(method, {})
-    if not METHODS[method].stages:
+    if not method_class(method).stages:
         trainable = sorted(name for name, cls in METHODS.items() if cls.stages)
         raise ValueError(f"{method} has nothing to train; trainable methods: {', '.join(trainable)}")
 

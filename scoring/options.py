@@ -106,7 +106,11 @@ OPTIONS: dict[str, dict[str, Check]] = {
 def check_options(name: str, options: dict) -> None:
     """The method exists, and it has each option, with a value it accepts."""
     if name not in OPTIONS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(OPTIONS))}")
+        from .plugins import names
+
+        if name in names():  # a package's method: its constructor checks its options
+            return
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted({*OPTIONS, *names()}))}")
     accepted = OPTIONS[name]
     unknown = set(options) - set(accepted)
     if unknown:

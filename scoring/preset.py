@@ -103,10 +103,10 @@ class Preset(Strict):
 
     @model_validator(mode="after")
     def _fits_its_method_and_cites_its_numbers(self) -> "Preset":
-        from .methods import METHODS, check_options
+        from .methods import check_options, method_class
 
         check_options(self.method, dict(self.options))  # unknown method or option: named
-        stages = METHODS[self.method].stages
+        stages = method_class(self.method).stages
         if set(self.training.stages) != set(stages):
             raise ValueError(f"training.stages must name the stages of {self.method} ({', '.join(stages)}), "
                              f"got {', '.join(self.training.stages) or 'none'}")
@@ -140,12 +140,28 @@ def _covered(path: str, source: dict[str, str]) -> bool:
     return any(".".join(parts[:i]) in source for i in range(1, len(parts) + 1))
 
 
+def shipped_folder(method: str) -> Path:
+    """Where ``method``'s shipped presets are: linewatch's own folder, or for a package's method
+    (``scoring.plugins``) its class's ``presets_dir``."""
+    from .plugins import names
+
+    if method not in names() or (PRESET_DIR / method).is_dir():
+        return PRESET_DIR / method
+    from .methods import method_class
+
+    folder = getattr(method_class(method), "presets_dir", None)
+    return Path(folder) if folder else PRESET_DIR / method
+
+
 def bundled(method: str | None = None) -> dict[str, list[str]]:
-    """{method: [preset names]} of the presets shipped with linewatch."""
+    """{method: [preset names]} of the presets shipped with linewatch (and, for one method
+    from a package, with that package)."""
+    if method is not None:
+        names = sorted(path.stem for path in shipped_folder(method).glob("*.json"))
+        return {method: names} if names else {}
     found: dict[str, list[str]] = {}
     for path in sorted(PRESET_DIR.glob("*/*.json")):
-        if method is None or path.parent.name == method:
-            found.setdefault(path.parent.name, []).append(path.stem)
+        found.setdefault(path.parent.name, []).append(path.stem)
     return found
 
 
@@ -158,7 +174,7 @@ def preset_path(method: str | None, spec: str) -> Path:
         return path
     if method is None:
         raise ValueError(f"--preset {spec} names a bundled preset: give --method too (or a preset FILE)")
-    path = PRESET_DIR / method / f"{spec}.json"
+    path = shipped_folder(method) / f"{spec}.json"
     if not path.is_file():
         names = bundled(method).get(method, [])
         raise ValueError(f"{method} has no preset {spec!r}; bundled: {', '.join(names) or 'none'} "
@@ -234,6 +250,6 @@ def train_config(preset: Preset, seed: int = 0, epochs: int | None = None, lr: f
 
 def header_entry(preset: Preset, path: Path) -> dict:
     """What a checkpoint header records about the preset it was trained from."""
-    bundled_file = path.resolve().is_relative_to(PRESET_DIR.resolve())
-    return {"name": preset.name, "file": f"bundled:{preset.method}/{path.name}" if bundled_file else str(path),
+    shipped = path.resolve().is_relative_to(shipped_folder(preset.method).resolve())
+    return {"name": preset.name, "file": f"bundled:{preset.method}/{path.name}" if shipped else str(path),
             "digest": preset.digest}

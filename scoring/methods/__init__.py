@@ -7,7 +7,8 @@ from .base import (
     AnomalyScores,
     check_options,
     create_method,
+    method_class,
     register_method,
 )
 
-__all__ = ["METHODS", "AnomalyMethod", "AnomalyScores", "check_options", "create_method", "register_method"]
+__all__ = ["METHODS", "AnomalyMethod", "AnomalyScores", "check_options", "create_method", "method_class", "register_method"]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import Backbone, VisualFeatures
+from .. import plugins
 from ..options import OPTIONS
 from ..options import check_options as check_values
 from ..prompts import PromptPack, TextAnchors, anchor_key, mean_anchor
@@ -289,6 +290,18 @@ def register_method(cls: type[AnomalyMethod]) -> type[AnomalyMethod]:
     return cls
 
 
+def method_class(name: str) -> type[AnomalyMethod]:
+    """The method registered as ``name``: bundled, or from a package's entry point (``scoring.plugins``)."""
+    if name not in METHODS and name in plugins.names():
+        cls = plugins.load(name)
+        if not (isinstance(cls, type) and issubclass(cls, AnomalyMethod)):
+            raise ValueError(f"method {name!r} from {plugins.origin(name)} is not an AnomalyMethod subclass")
+        register_method(cls)
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted({*METHODS, *plugins.names()}))}")
+    return METHODS[name]
+
+
 def create_method(name: str, backbone: Backbone, prompts: PromptPack | None = None, **options) -> AnomalyMethod:
     check_options(name, options)
     try:
@@ -300,9 +313,7 @@ def create_method(name: str, backbone: Backbone, prompts: PromptPack | None = No
 def check_options(name: str, options: dict) -> None:
     """Name, option names and values (cheap: runs before any model is built; without torch,
     ``scoring.options.check_options`` does the same for the bundled methods)."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    accepted = {p for c in METHODS[name].__mro__ if "__init__" in vars(c)
+    accepted = {p for c in method_class(name).__mro__ if "__init__" in vars(c)
                 for p in inspect.signature(c.__init__).parameters} - {"self", "backbone", "prompts", "args", "kwargs"}
     unknown = set(options) - accepted
     if unknown:

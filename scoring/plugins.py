@@ -1,0 +1,56 @@
+"""Methods from other packages, found through the entry-point group ``linewatch.methods``.
+
+A package registers a method by naming its class in its metadata (``pyproject.toml``)::
+
+    [project.entry-points."linewatch.methods"]
+    my-method = "my_package.method:MyMethod"
+
+The entry point's name is the method's name (the class's ``name`` must be the same). Listing the
+names reads the installed packages' metadata only (no import, no torch); the class is imported
+when the method is first used. A class may carry ``presets_dir``: a folder of ``<preset>.json``
+files, read like ``scoring/presets/<method>/``. Its options are checked by its constructor (the
+bundled methods' are also checked before torch loads, in ``scoring/options.py``).
+``linewatch.testing.check_method`` runs the method contract on a plugin's method.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import metadata
+
+GROUP = "linewatch.methods"
+
+
+@functools.cache
+def entry_points() -> dict[str, metadata.EntryPoint]:
+    """{method name: entry point} of every installed package's methods (the first of a name wins)."""
+    found: dict[str, metadata.EntryPoint] = {}
+    for point in metadata.entry_points(group=GROUP):
+        found.setdefault(point.name, point)
+    return found
+
+
+def names() -> list[str]:
+    return sorted(entry_points())
+
+
+def origin(name: str) -> str:
+    """Where a plugin method comes from: its distribution and version."""
+    point = entry_points()[name]
+    dist = getattr(point, "dist", None)
+    return f"{dist.name} {dist.version}" if dist is not None else point.value
+
+
+def load(name: str) -> type:
+    """The class the entry point ``name`` names, checked to call itself ``name``
+    (``methods.method_class`` checks that it is a method)."""
+    point = entry_points()[name]
+    try:
+        cls = point.load()
+    except Exception as err:  # the plugin's own import failed: say which and why, in one line
+        raise ValueError(f"method {name!r} from {origin(name)} cannot be loaded ({point.value}): "
+                         f"{err.__class__.__name__}: {err}") from None
+    if getattr(cls, "name", None) != name:
+        raise ValueError(f"method {name!r} from {origin(name)}: its class is named {getattr(cls, 'name', None)!r}; the entry "
+                         "point's name and the class's name must be the same")
+    return cls
