@@ -146,6 +146,9 @@ class AlertSettings(_Section):
     # (an Apprise config file, e.g. a mounted Secret): they hold tokens, so never a flag
     apprise: list[SecretStr] = []
     apprise_config: str | None = None
+    # channels from other packages (entry point group linewatch.alert_channels), by name: each one's
+    # settings, validated by the channel (docs/alerts.md, "Channels from other packages")
+    plugins: dict[str, dict[str, Any]] = {}
 
 
 class ConsoleSettings(_Section):

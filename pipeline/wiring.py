@@ -178,4 +178,8 @@ def channel_outputs(settings: Settings) -> list:
         outputs += [AppriseOutput(url.get_secret_value()) for url in a.apprise]
         if a.apprise_config:
             outputs.append(AppriseOutput(config_file=a.apprise_config))
+    if a.plugins:
+        from ..sinks.channel_plugins import build
+
+        outputs += [build(name, options) for name, options in sorted(a.plugins.items())]
     return outputs
