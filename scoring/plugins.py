@@ -22,12 +22,24 @@ GROUP = "linewatch.methods"
 
 
 @functools.cache
-def entry_points() -> dict[str, metadata.EntryPoint]:
-    """{method name: entry point} of every installed package's methods (the first of a name wins)."""
+def installed(group: str) -> dict[str, metadata.EntryPoint]:
+    """{name: entry point} of every installed package's entry points in ``group`` (the first of
+    a name wins). Also what ``sinks.channel_plugins`` reads; ``installed.cache_clear()`` forgets."""
     found: dict[str, metadata.EntryPoint] = {}
-    for point in metadata.entry_points(group=GROUP):
+    for point in metadata.entry_points(group=group):
         found.setdefault(point.name, point)
     return found
+
+
+def origin_of(point: metadata.EntryPoint) -> str:
+    """Where an entry point comes from: its distribution and version."""
+    dist = getattr(point, "dist", None)
+    return f"{dist.name} {dist.version}" if dist is not None else point.value
+
+
+def entry_points() -> dict[str, metadata.EntryPoint]:
+    """{method name: entry point} of every installed package's methods."""
+    return installed(GROUP)
 
 
 def names() -> list[str]:
@@ -35,10 +47,7 @@ def names() -> list[str]:
 
 
 def origin(name: str) -> str:
-    """Where a plugin method comes from: its distribution and version."""
-    point = entry_points()[name]
-    dist = getattr(point, "dist", None)
-    return f"{dist.name} {dist.version}" if dist is not None else point.value
+    return origin_of(entry_points()[name])
 
 
 def load(name: str) -> type:

@@ -16,31 +16,25 @@ own. Delivery (attempts, backoff, maximum age) is ``alerts.delivery``'s.
 
 from __future__ import annotations
 
-import functools
 from importlib import metadata
 from typing import Any
 
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from ..bus.redact import register_secret
+from ..scoring.plugins import installed, origin_of
 from .outputs import AlertOutput
 
 GROUP = "linewatch.alert_channels"
 
 
-@functools.cache
 def entry_points() -> dict[str, metadata.EntryPoint]:
-    """{channel name: entry point} of every installed package's channels (the first of a name wins)."""
-    found: dict[str, metadata.EntryPoint] = {}
-    for point in metadata.entry_points(group=GROUP):
-        found.setdefault(point.name, point)
-    return found
+    """{channel name: entry point} of every installed package's channels."""
+    return installed(GROUP)
 
 
 def origin(name: str) -> str:
-    point = entry_points()[name]
-    dist = getattr(point, "dist", None)
-    return f"{dist.name} {dist.version}" if dist is not None else point.value
+    return origin_of(entry_points()[name])
 
 
 def build(name: str, options: dict[str, Any]) -> AlertOutput:

@@ -279,3 +279,25 @@ def defect_training_set(class_name: str):
         masks[i, top:top + 16, left:left + 16] = True
     return TrainingSet(torch.from_numpy(images.clip(0, 1)), torch.from_numpy(masks),
                        torch.tensor([0] * 4 + [1] * 4), [class_name] * 8)
+
+
+def installed_package(root: Path, module: str, source: str, dist: str, version: str, entry_points: str,
+                      monkeypatch) -> Path:
+    """A package as pip leaves it (``module/__init__.py`` holding ``source``, and its dist-info with
+    ``entry_points``), written under ``root`` and put on this process's path and, through
+    PYTHONPATH, its children's. Returns the module's folder."""
+    import os
+
+    from linewatch.scoring.plugins import installed
+
+    package = root / module
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(source)
+    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    installed.cache_clear()  # entry points are read once per process
+    return package

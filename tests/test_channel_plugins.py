@@ -7,7 +7,6 @@ Mistakes in naming or configuring such a channel get one clear line."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import pytest
 
 from linewatch.pipeline.settings import load_settings
 from linewatch.pipeline.wiring import alert_channels, connect
-from linewatch.sinks import channel_plugins
+from linewatch.scoring.plugins import installed
 
-from helpers import Processes, wait_for
+from helpers import Processes, installed_package, wait_for
 from test_alert_channels_kafka import PARTITIONS, by_stream, expected_alerts, jsonl_rows, publish, scores_of
 
 PLUGIN = '''
@@ -60,18 +59,9 @@ TOKEN = "drop-" + secrets.token_hex(8)
 
 @pytest.fixture
 def plugin(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "site"
-    (root / "linewatch_drop").mkdir(parents=True)
-    (root / "linewatch_drop" / "__init__.py").write_text(PLUGIN)
-    info = root / "linewatch_drop-0.2.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: linewatch-drop\nVersion: 0.2\n")
-    (info / "entry_points.txt").write_text(ENTRY_POINTS)
-    monkeypatch.syspath_prepend(str(root))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    channel_plugins.entry_points.cache_clear()
-    yield root
-    channel_plugins.entry_points.cache_clear()
+    yield installed_package(tmp_path / "site", "linewatch_drop", PLUGIN, "linewatch-drop", "0.2", ENTRY_POINTS,
+                            monkeypatch)
+    installed.cache_clear()
 
 
 @pytest.mark.services

@@ -7,7 +7,6 @@ project's own files are not touched."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from linewatch.ingest.demo import write_demo_clip
 from linewatch.scoring import plugins
 from linewatch.scoring.backbone import TINY_ARCH
 
-from helpers import make_category
+from helpers import installed_package, make_category
 
 PLUGIN = '''
 from pathlib import Path
@@ -56,23 +55,14 @@ missing = linewatch_plug_gone:Nothing
 
 @pytest.fixture
 def plugin(tmp_path, monkeypatch) -> Path:
-    """The package's folder, on this process's path (and for child processes, PYTHONPATH)."""
-    root = tmp_path / "site"
-    package = root / "linewatch_plug"
-    (package / "presets").mkdir(parents=True)
-    (package / "__init__.py").write_text(PLUGIN)
+    package = installed_package(tmp_path / "site", "linewatch_plug", PLUGIN, "linewatch-plug", "0.1", ENTRY_POINTS,
+                                monkeypatch)
+    (package / "presets").mkdir()
     preset = json.loads((Path(__file__).parents[1] / "scoring/presets/aprilgan/cpu.json").read_text())
     preset.update(method="plug-gan", description="the plug-in's own preset")
     (package / "presets" / "cpu.json").write_text(json.dumps(preset))
-    info = root / "linewatch_plug-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: linewatch-plug\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(ENTRY_POINTS)
-    monkeypatch.syspath_prepend(str(root))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    plugins.entry_points.cache_clear()
-    yield root
-    plugins.entry_points.cache_clear()
+    yield package
+    plugins.installed.cache_clear()
     from linewatch.scoring.methods import METHODS
 
     for name in ("plug-gan", "batch-leak"):
