@@ -32,7 +32,7 @@ def prepare_workload(work_dir: Path, frames: int, clip: str | None = None, size:
                      fps: float = 10.0) -> Workload:
     """The user's ``clip`` (all of it), or the demo drone clip with ``frames`` frames."""
     if clip is None:
-        from ..ingest.demo import find_backgrounds, write_demo_clip
+        from ..synthetic.demo import find_backgrounds, write_demo_clip
 
         demo = write_demo_clip(work_dir / "clip", seconds=frames / fps, fps=fps, size=size, references=4,
                                backgrounds=find_backgrounds())  # 4 references -> 8 calibration views

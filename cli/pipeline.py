@@ -465,7 +465,7 @@ def run_replay(args) -> None:
 
 
 def run_demo(args) -> None:
-    from ..ingest.demo import find_backgrounds, write_demo_clip
+    from ..synthetic.demo import find_backgrounds, write_demo_clip
 
     if args.context_set:
         run_context_set(args)
@@ -481,8 +481,8 @@ def run_demo(args) -> None:
 
 
 def run_context_set(args) -> None:
-    from ..ingest.context_set import ANOMALIES, write_context_set
-    from ..ingest.demo import find_backgrounds
+    from ..synthetic.context_set import ANOMALIES, write_context_set
+    from ..synthetic.demo import find_backgrounds
 
     given = [flag for flag, value in (("--seconds", args.seconds), ("--fps", args.fps)) if value is not None]
     if given:

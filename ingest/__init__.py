@@ -3,8 +3,8 @@ bus. May import bus only.
 
 - ``sources``: ``open_source(spec)`` and the adapters (target fps by timestamp, max resolution);
 - ``srt``: DJI-style SRT telemetry sidecars;
-- ``publisher``: ``Ingestor`` (one source -> the frames topic) and ``run_ingest`` (several at once);
-- ``demo``: a synthetic drone clip with a known insulator defect.
+- ``publisher``: ``Ingestor`` (one source -> the frames topic) and ``run_ingest`` (several at once).
+The synthetic demo clip and context set are in ``synthetic``.
 """
 
 from .publisher import Ingestor, IngestStats, default_stream_id, run_ingest

@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from linewatch.cli import main
-from linewatch.ingest.demo import write_demo_clip
+from linewatch.synthetic.demo import write_demo_clip
 from linewatch.scoring.backbone import TINY_ARCH, Backbone, BackboneConfig
 from linewatch.scoring.checkpoint import CheckpointError, load_checkpoint, read_header, save_checkpoint
 from linewatch.scoring.graph_layers import (

@@ -227,7 +227,7 @@ def test_precision_setting_reaches_the_worker(tiny, monkeypatch):
 ])
 def test_mistakes_get_one_line(args, message, capsys, tmp_path):
     if args[0] == "run":
-        from linewatch.ingest.demo import write_demo_clip
+        from linewatch.synthetic.demo import write_demo_clip
 
         clip = write_demo_clip(tmp_path, seconds=1, fps=2, size=(64, 48), references=1)
         args = ["run", str(clip.video), *args[2:], "--out", str(tmp_path / "out")]

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from linewatch.cli import main
-from linewatch.ingest.demo import write_demo_clip
+from linewatch.synthetic.demo import write_demo_clip
 
 from helpers import error_line
 

@@ -17,7 +17,7 @@ import pytest
 from linewatch.bus.memory import MemoryBus
 from linewatch.bus.messages import FrameRef, SessionEnd, encode
 from linewatch.console.store import ConsoleStore
-from linewatch.ingest.demo import write_demo_clip
+from linewatch.synthetic.demo import write_demo_clip
 from linewatch.pipeline.settings import load_settings
 from linewatch.sinks.alerts import AlertPolicy, AlertTracker
 from linewatch.sinks.archive import Archive

@@ -16,7 +16,7 @@ import pytest
 from linewatch.bus.memory import MemoryBus
 from linewatch.bus.messages import ScoreMsg, decode
 from linewatch.cli import main
-from linewatch.ingest.demo import write_demo_clip
+from linewatch.synthetic.demo import write_demo_clip
 from linewatch.workers.anchors import AnchorCache
 from linewatch.workers.profiles import ProfileTable, StreamProfile
 from linewatch.workers.worker import ScoringWorker

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from linewatch.cli import main
-from linewatch.ingest.context_set import ANOMALIES, CATEGORY, Layer, draw_damper, draw_string, render, write_context_set
+from linewatch.synthetic.context_set import ANOMALIES, CATEGORY, Layer, draw_damper, draw_string, render, write_context_set
 from linewatch.offline.datasets import find_categories
 
 from helpers import error_line

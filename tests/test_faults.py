@@ -43,7 +43,7 @@ from linewatch.bus.messages import (
     encode,
     frame_meta,
 )
-from linewatch.ingest.demo import write_demo_clip
+from linewatch.synthetic.demo import write_demo_clip
 from linewatch.pipeline.wiring import connect
 
 from helpers import WORKER_READY, Processes, jpeg, read_topic, score_msg, wait_for

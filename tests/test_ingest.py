@@ -14,7 +14,7 @@ import pytest
 
 from linewatch.bus.memory import MemoryBus
 from linewatch.bus.messages import FrameMeta, SessionEnd, frame_header, frame_meta
-from linewatch.ingest.demo import DemoScene, find_backgrounds, write_demo_clip
+from linewatch.synthetic.demo import DemoScene, find_backgrounds, write_demo_clip
 from linewatch.ingest.publisher import Ingestor, default_stream_id, run_ingest
 from linewatch.ingest.sources import (
     Backoff,

@@ -326,7 +326,7 @@ def test_train_and_eval_with_the_cpu_preset_and_a_users_pack(tmp_path, capsys):
 def test_the_pipeline_runs_a_kanoclip_checkpoint_and_refuses_it_without_vv(tmp_path, capsys):
     """`linewatch run --checkpoint` builds the V-V backbone the checkpoint names; the untrained
     method without --vv-attention is one error line, with it the run scores every frame."""
-    from linewatch.ingest.demo import write_demo_clip
+    from linewatch.synthetic.demo import write_demo_clip
 
     clip = write_demo_clip(tmp_path / "clip", seconds=1, fps=5, size=(160, 96), references=1)
     data = make_category(tmp_path / "data", CLASS, seed=23)

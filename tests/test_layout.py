@@ -11,7 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Higher imports lower, never the reverse; folders of one rank do not import each other.
 RANKS = {"cli": 5, "bench": 4, "console": 4, "pipeline": 3, "offline": 3, "ingest": 2, "workers": 2, "sinks": 2, "bus": 1,
-         "ops": 1, "scoring": 1, "testing": 2}
+         "ops": 1, "scoring": 1, "testing": 2,
+         "synthetic": 3}
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from linewatch.ingest.demo import write_demo_clip
+from linewatch.synthetic.demo import write_demo_clip
 from linewatch.scoring import plugins
 from linewatch.scoring.backbone import TINY_ARCH
 

@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from linewatch.bus import Topics
 from linewatch.bus.memory import MemoryBus
 from linewatch.cli import main
-from linewatch.ingest.demo import write_demo_clip
+from linewatch.synthetic.demo import write_demo_clip
 from linewatch.ops.health import HEALTH, Health
 from linewatch.ops.logs import setup_logging
 from linewatch.ops.server import OpsServer

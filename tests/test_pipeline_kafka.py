@@ -28,7 +28,7 @@ from linewatch.bus.messages import (
     decode,
     encode,
 )
-from linewatch.ingest.demo import write_demo_clip
+from linewatch.synthetic.demo import write_demo_clip
 from linewatch.pipeline.wiring import connect
 
 from helpers import WORKER_READY, wait_for

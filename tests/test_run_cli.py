@@ -10,7 +10,7 @@ import time
 import pytest
 
 from linewatch.cli import main
-from linewatch.ingest.demo import write_demo_clip
+from linewatch.synthetic.demo import write_demo_clip
 
 from helpers import error_line, make_category, wait_for
 

@@ -7,7 +7,7 @@ import json
 
 from linewatch.cli import main
 from linewatch.console.store import ConsoleStore
-from linewatch.ingest.demo import write_demo_clip
+from linewatch.synthetic.demo import write_demo_clip
 
 TINY = ["--arch", "linewatch-tiny", "--image-size", "64"]
 

@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 
 from .demo import _cover, _texture
-from .sources import IMAGE_EXTENSIONS
+from ..ingest.sources import IMAGE_EXTENSIONS
 
 CATEGORY = "powerline_context"
 SIZE = 256

@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .sources import IMAGE_EXTENSIONS
+from ..ingest.sources import IMAGE_EXTENSIONS
 
 WORLD_W, WORLD_H = 1600, 1000
 VIEW_W = 800  # world pixels across the frame at zoom 1 (the height follows the frame's aspect)
