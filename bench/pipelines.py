@@ -69,7 +69,7 @@ def kafka_pipeline(workload: Workload, settings: Settings, backbone: Backbone, s
     from ..ingest.publisher import run_ingest
     from ..sinks.alert_sink import run_alert_sink
     from ..sinks.archive import Archive
-    from ..sinks.runner import run_archive_sink
+    from ..sinks.archive_sink import run_archive_sink
 
     prefix = f"lwbench-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
     _fresh(out_dir)

@@ -423,7 +423,7 @@ def run_sink(args) -> None:
     from ..pipeline.wiring import alert_channels, policy_table
     from ..sinks.archive import Archive
     from ..sinks.alert_sink import run_alert_sink
-    from ..sinks.runner import run_archive_sink
+    from ..sinks.archive_sink import run_archive_sink
 
     settings = _settings(args)
     if args.kind == "archive" and not settings.archive:

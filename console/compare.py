@@ -2,7 +2,7 @@
 replay's, or two replays with different methods).
 
 The events are computed here from the scores, with the same tracker and policies as the alert
-sink (``sinks.alerts``), so a replay topic needs no alert sink of its own. Two events match
+sink (``sinks.events``), so a replay topic needs no alert sink of its own. Two events match
 when they are of the same stream and session and their frame ranges overlap.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ..bus import Bus, BusError, Topics
 from ..bus.memory import MemoryBus
 from ..bus.messages import MessageError, ScoreMsg, SessionEnd, decode
-from ..sinks.alerts import AlertPolicy, AlertTracker
+from ..sinks.events import AlertPolicy, AlertTracker
 from .store import session_of
 
 IDLE_S = 1.0  # an empty poll this long ends the read where the bus cannot tell its end

@@ -28,7 +28,7 @@ from ..ops.health import HEALTH
 from ..scoring.backbone import Backbone
 from ..sinks.alert_sink import AlertSink
 from ..sinks.archive import Archive
-from ..sinks.runner import run_archive_sink
+from ..sinks.archive_sink import run_archive_sink
 from ..sinks.scores import run_scores_file
 from ..workers.worker import ScoringWorker, WorkerStats
 from .settings import Settings

@@ -25,7 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettin
 from ..bus import MAX_MESSAGE_BYTES
 from ..bus.jpeg import DEFAULT_MAX_PIXELS
 from ..bus.redact import register_secret, register_url_secrets
-from ..sinks.alerts import AlertPolicy
+from ..sinks.events import AlertPolicy
 from ..sinks.outputs import DeliveryPolicy
 from ..workers.profiles import StreamProfile
 

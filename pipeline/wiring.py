@@ -10,7 +10,7 @@ from ..bus import MAX_MESSAGE_BYTES, Bus, BusError, Topics
 from ..bus.streams import StreamTable
 from ..scoring.backbone import Backbone, BackboneConfig
 from ..scoring.prompts import PromptPack
-from ..sinks.alerts import AlertPolicy
+from ..sinks.events import AlertPolicy
 from ..ops.startup import STARTUP
 from ..workers.anchors import AnchorCache
 from ..workers.prepared import PreparedProfile

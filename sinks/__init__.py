@@ -1,6 +1,6 @@
 """Sinks: what happens to scores after the workers. May import bus and scoring only.
 
-- ``alerts``      — per-stream k-of-n debounced events (AlertTracker) and their state;
+- ``events``      — per-stream k-of-n debounced events (AlertTracker) and their state;
 - ``outputs``     — alert channels (a JSONL file, a webhook) and their delivery policy;
 - ``channels``    — MQTT and Apprise channels;
 - ``delivery``    — each channel as its own consumer of the alerts topic: retries, backoff,
@@ -8,5 +8,6 @@
 - ``alert_state`` — the alert sink's state on a compacted changelog topic;
 - ``alert_sink``  — the consume loop behind ``linewatch sink alerts`` and the embedded run;
 - ``archive``     — anomalous frames' images and an index, on a local folder or S3;
-- ``runner``      — the archive sink's consume loop and the dead-letter helpers.
+- ``archive_sink`` — the archive sink's consume loop (``linewatch sink archive``, the embedded run);
+- ``plumbing``    — what both loops use: the loop turn's health beat and readiness, dead letters.
 """

@@ -33,12 +33,12 @@ from collections.abc import Callable, Iterable
 from ..bus import Bus, BusError, Record, RecordTooLarge
 from ..bus.messages import AlertMsg, MessageError, ScoreMsg, SessionEnd, decode, encode
 from .alert_state import TOPIC, AlertStore, Parcel, state_topic
-from .alerts import AlertPolicy, AlertTracker
+from .events import AlertPolicy, AlertTracker
 from ..ops import metrics
 from ..ops.health import HEALTH
 from .delivery import Channel
 from .outputs import AlertOutput
-from .runner import _dead_letter, _turn
+from .plumbing import dead_letter, turn
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class AlertSink:
         try:
             while not stop.is_set():
                 records = consumer.poll(self.poll_s, self.max_records)
-                _turn(STAGE, consumer)
+                turn(STAGE, consumer)
                 owned = self._follow(consumer, owned)
                 records = [r for r in records if r.partition in owned]
                 for record in records:
@@ -216,7 +216,7 @@ class AlertSink:
                                                key=parcel.alert.stream.encode())
                         except RecordTooLarge as err:
                             self.raised.remove(parcel)
-                            _dead_letter(self.producer, self.bus, self.stats, f"alert too large to publish: {err}",
+                            dead_letter(self.producer, self.bus, self.stats, f"alert too large to publish: {err}",
                                          STAGE, payload=None, stream=parcel.alert.stream, seq=parcel.alert.end_seq)
                     self.producer.flush()
                 if attempt:
@@ -235,7 +235,7 @@ class AlertSink:
             self._dead(reason, record=record)
         else:
             with self.dead_lock:
-                _dead_letter(self.producer, self.bus, self.stats, reason, STAGE, payload=record.value,
+                dead_letter(self.producer, self.bus, self.stats, reason, STAGE, payload=record.value,
                              stream=alert.stream, seq=alert.end_seq)
         with self.dead_lock:
             self.producer.flush()
@@ -243,7 +243,7 @@ class AlertSink:
     def _dead(self, reason: str, *, record: Record | None = None, stream: str | None = None,
               seq: int | None = None) -> None:
         with self.dead_lock:
-            _dead_letter(self.producer, self.bus, self.stats, reason, STAGE, record=record, stream=stream, seq=seq)
+            dead_letter(self.producer, self.bus, self.stats, reason, STAGE, record=record, stream=stream, seq=seq)
 
 
 def run_alert_sink(bus: Bus, policy_for: Callable[[str], AlertPolicy], channels: Iterable[AlertOutput], *,

@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..bus import Bus, BusError, Record
 from ..bus.messages import AlertMsg
-from .alerts import StreamState
+from .events import StreamState
 
 log = logging.getLogger(__name__)
 

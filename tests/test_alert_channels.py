@@ -18,7 +18,7 @@ from linewatch.bus.messages import AlertMsg, SessionEnd, Telemetry, encode
 from linewatch.pipeline.settings import load_settings
 from linewatch.pipeline.wiring import alert_channels
 from linewatch.sinks.alert_sink import AlertSink
-from linewatch.sinks.alerts import AlertPolicy
+from linewatch.sinks.events import AlertPolicy
 from linewatch.sinks.channels import AppriseOutput, MqttOutput, message_text, topic_level
 from linewatch.sinks.outputs import DeliveryPolicy, JsonlOutput, OutputError, WebhookOutput, sign
 

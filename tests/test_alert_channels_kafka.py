@@ -17,7 +17,7 @@ from linewatch.bench.broker import free_port
 from linewatch.bus.messages import AlertMsg, DeadLetter, ScoreMsg, decode, encode
 from linewatch.pipeline.wiring import connect
 from linewatch.sinks.alert_sink import AlertSink
-from linewatch.sinks.alerts import AlertPolicy, AlertTracker
+from linewatch.sinks.events import AlertPolicy, AlertTracker
 from linewatch.sinks.delivery import channel_group
 from linewatch.sinks.outputs import DeliveryPolicy, JsonlOutput, WebhookOutput
 

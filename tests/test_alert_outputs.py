@@ -13,7 +13,7 @@ import pytest
 from linewatch.bus.memory import MemoryBus
 from linewatch.bus.messages import AlertMsg, decode, encode
 from linewatch.ops import metrics
-from linewatch.sinks.alerts import AlertPolicy, AlertTracker
+from linewatch.sinks.events import AlertPolicy, AlertTracker
 from linewatch.sinks.delivery import Channel
 from linewatch.sinks.outputs import (
     AlertOutput,

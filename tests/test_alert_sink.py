@@ -15,7 +15,7 @@ from linewatch.bus.memory import MemoryBus, MemoryConsumer
 from linewatch.bus.messages import AlertMsg, DeadLetter, ScoreMsg, SessionEnd, decode, encode
 from linewatch.sinks.alert_sink import AlertSink
 from linewatch.sinks.alert_state import AlertStore, state_topic
-from linewatch.sinks.alerts import AlertPolicy, AlertTracker, StreamState
+from linewatch.sinks.events import AlertPolicy, AlertTracker, StreamState
 from linewatch.sinks.outputs import DeliveryPolicy, JsonlOutput, WebhookOutput
 
 from helpers import read_all, score_msg, wait_for

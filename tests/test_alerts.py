@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from linewatch.bus.messages import AlertMsg, ScoreMsg, SessionEnd, Telemetry
-from linewatch.sinks.alerts import FINISHED_SESSIONS_KEPT, AlertPolicy, AlertTracker, StreamState
+from linewatch.sinks.events import FINISHED_SESSIONS_KEPT, AlertPolicy, AlertTracker, StreamState
 
 from helpers import STEP, TS0, score_msg
 

@@ -15,7 +15,7 @@ from linewatch.bus.maps import MapError, decode_map, encode_map
 from linewatch.bus.memory import MemoryBus
 from linewatch.bus.messages import DeadLetter, EncodedMap, SessionEnd, Telemetry, decode, encode
 from linewatch.sinks.archive import Archive, ArchiveError, safe_component
-from linewatch.sinks.runner import run_archive_sink
+from linewatch.sinks.archive_sink import run_archive_sink
 
 from helpers import FRAME_H, FRAME_W, read_all, score_msg, wait_for
 

@@ -22,7 +22,7 @@ from linewatch.console.compare import compare
 from linewatch.console.service import serve
 from linewatch.console.store import ConsoleStore
 from linewatch.pipeline.settings import load_settings
-from linewatch.sinks.alerts import AlertPolicy, AlertTracker
+from linewatch.sinks.events import AlertPolicy, AlertTracker
 from linewatch.sinks.archive import Archive
 
 from helpers import error_line, publish, score_msg, wait_for

@@ -19,7 +19,7 @@ from linewatch.bus.messages import FrameRef, SessionEnd, encode
 from linewatch.console.store import ConsoleStore
 from linewatch.synthetic.demo import write_demo_clip
 from linewatch.pipeline.settings import load_settings
-from linewatch.sinks.alerts import AlertPolicy, AlertTracker
+from linewatch.sinks.events import AlertPolicy, AlertTracker
 from linewatch.sinks.archive import Archive
 
 from helpers import Processes, publish, score_msg, wait_for

@@ -15,7 +15,7 @@ from linewatch.bus.memory import MemoryBus
 from linewatch.bus.messages import encode
 from linewatch.bus.outages import Backoff, Outages, StopRequested, retrying
 from linewatch.sinks.archive import Archive, StoreUnavailable
-from linewatch.sinks.runner import run_archive_sink
+from linewatch.sinks.archive_sink import run_archive_sink
 
 from helpers import score_msg, wait_for
 

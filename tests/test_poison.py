@@ -27,7 +27,7 @@ from linewatch.bus.messages import (
 )
 from linewatch.scoring.checkpoint import CheckpointError, read_header
 from linewatch.sinks.archive import Archive
-from linewatch.sinks.runner import run_archive_sink
+from linewatch.sinks.archive_sink import run_archive_sink
 from linewatch.workers.anchors import AnchorCache
 from linewatch.workers.profiles import ProfileTable, StreamProfile
 from linewatch.workers.worker import ScoringWorker

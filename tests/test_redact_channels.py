@@ -21,7 +21,7 @@ from linewatch.ops.logs import TextFormatter
 from linewatch.pipeline.settings import load_settings
 from linewatch.pipeline.wiring import alert_channels
 from linewatch.sinks.alert_sink import AlertSink
-from linewatch.sinks.alerts import AlertPolicy
+from linewatch.sinks.events import AlertPolicy
 
 from helpers import read_all, score_msg, wait_for
 

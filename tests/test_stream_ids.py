@@ -28,9 +28,9 @@ from linewatch.bus.messages import (
 from linewatch.cli import main
 from linewatch.pipeline.settings import load_settings
 from linewatch.sinks.alert_sink import AlertSink
-from linewatch.sinks.alerts import AlertPolicy
+from linewatch.sinks.events import AlertPolicy
 from linewatch.sinks.archive import Archive
-from linewatch.sinks.runner import run_archive_sink
+from linewatch.sinks.archive_sink import run_archive_sink
 from linewatch.workers.anchors import AnchorCache
 from linewatch.workers.profiles import ProfileTable, StreamProfile
 from linewatch.workers.worker import ScoringWorker

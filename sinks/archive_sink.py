@@ -1,5 +1,5 @@
-"""The archive sink's consume loop (``linewatch sink archive`` and the embedded run), and the
-dead-letter helpers both sinks use (the alert sink's loop is ``alert_sink``).
+"""The archive sink's consume loop (``linewatch sink archive`` and the embedded run); the alert
+sink's is ``alert_sink``, what both use is ``plumbing``.
 
 Both sinks read ``bus.topics.scores`` (or a replay's results ``topic``) in a consumer group, at least once: offsets are committed only
 after the outputs (or the archive) have taken everything polled, so a crash redelivers and the
@@ -15,18 +15,12 @@ import threading
 from dataclasses import dataclass
 
 from ..bus import Bus, Producer, Record
-from ..bus.messages import (
-    DEAD_PAYLOAD_LIMIT,
-    DeadLetter,
-    MessageError,
-    ScoreMsg,
-    SessionEnd,
-    decode,
-)
+from ..bus.messages import MessageError, ScoreMsg, SessionEnd, decode
 from ..bus.outages import OUTAGES, StopRequested, describe, retrying
 from ..ops import metrics
 from ..ops.health import HEALTH
 from .archive import Archive, StoreUnavailable
+from .plumbing import dead_letter, turn
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +48,7 @@ def run_archive_sink(bus: Bus, archive: Archive, *, group: str | None = None, st
     try:
         while not stop.is_set():
             records = consumer.poll(poll_s, max_records)
-            _turn(ARCHIVE_PART, consumer)
+            turn(ARCHIVE_PART, consumer)
             done: list[Record] = []
             try:
                 for record in records:
@@ -88,7 +82,7 @@ def _archive_one(record: Record, archive: Archive, producer: Producer, bus: Bus,
     except Exception as err:  # noqa: BLE001 - whatever this record causes, the next one goes on
         reason = str(err) if isinstance(err, ValueError) else f"cannot archive: {describe(err)}"
         metrics.DEAD_LETTERS.labels(ARCHIVE_PART, "archive_error").inc()
-        _dead_letter(producer, bus, stats, reason, ARCHIVE_PART, record=record,
+        dead_letter(producer, bus, stats, reason, ARCHIVE_PART, record=record,
                      stream=score.frame.stream if score else None, seq=score.frame.seq if score else None)
         return
     if row is not None:
@@ -102,31 +96,9 @@ def _decode_score(record: Record, producer: Producer, bus: Bus, stats: SinkStats
         score = decode(record.value, ScoreMsg, SessionEnd)
     except MessageError as err:
         metrics.DEAD_LETTERS.labels(stage, "bad_score").inc()
-        _dead_letter(producer, bus, stats, str(err), stage, record=record)
+        dead_letter(producer, bus, stats, str(err), stage, record=record)
         return None
     if isinstance(score, ScoreMsg):
         stats.scores += 1
         metrics.SCORES_RECEIVED.labels(stage).inc()
     return score
-
-
-def _turn(loop: str, consumer) -> None:
-    """Once per loop turn: the heartbeat /healthz checks, and readiness (the group's assignment)."""
-    HEALTH.beat(loop)
-    assigned = consumer.assigned()
-    HEALTH.set("assignment", assigned, "partitions assigned by the group" if assigned
-               else "waiting for the group to assign partitions")
-
-
-def _dead_letter(producer: Producer, bus: Bus, stats: SinkStats, reason: str, stage: str, *,
-                 record: Record | None = None, payload: bytes | None = None, stream: str | None = None,
-                 seq: int | None = None) -> None:
-    if record is not None:
-        log.warning("%s:%s@%s -> dead letter: %s", record.topic, record.partition, record.offset, reason)
-        letter = DeadLetter.from_record(record, reason, stage, stream=stream, seq=seq)
-    else:
-        letter = DeadLetter(reason=reason, stage=stage, stream=stream, seq=seq,
-                            payload=(payload or b"")[:DEAD_PAYLOAD_LIMIT])
-    producer.send(bus.topics.dead, letter.encoded(bus.max_message_bytes),
-                  key=letter.stream.encode()[:1024] if letter.stream is not None else None)
-    stats.dead += 1
