@@ -394,14 +394,15 @@ def test_a_pending_batch_is_published_when_no_frame_follows(tiny):
 
 
 def test_a_batch_in_flight_at_stop_is_published_and_committed(tiny):
-    """Stopped with batch 2 queued: its scores are computed, so they go out and it is committed."""
+    """Stopped with batch 3 (frames 2 and 3; the first batch holds one frame) queued: its scores
+    are computed, so they go out and it is committed."""
     bus = MemoryBus(Topics("w"))
     worker = make_worker(bus, tiny, max_batch=2, max_wait_ms=0)
     worker.overlap = True
     for seq in range(4):
         publish(bus, "cam-a", seq)
-    worker.run(threading.Event(), until=lambda: worker.stats.batches >= 1)
-    assert worker.stats.batches == 2 and [s.frame.seq for s in _scores(bus)] == [0, 1, 2, 3]
+    worker.run(threading.Event(), until=lambda: worker.stats.batches >= 2)
+    assert worker.stats.batches == 3 and [s.frame.seq for s in _scores(bus)] == [0, 1, 2, 3]
     with bus.cond:
         assert bus.drained(bus.topics.frames)
 
@@ -442,18 +443,19 @@ def test_a_non_finite_score_goes_to_dead_letter(tiny):
     method = next(iter(worker.prepared.values())).method
     score_batch = method.score_batch
 
-    def nan_for_the_first(images):
+    def nan_for_the_first(images):  # of a batch of several (the worker's first batch is one frame, 0)
         result = score_batch(images)
-        result.image_score[0] = float("nan")
+        if len(images) > 1:
+            result.image_score[0] = float("nan")
         return result
 
     method.score_batch = nan_for_the_first
-    for seq in range(3):
+    for seq in range(4):
         publish(bus, "cam-a", seq)
     worker.run(threading.Event(), until_idle_s=0.5)
     scored = sorted(decode(r.value, ScoreMsg).frame.seq for r in read_all(bus, bus.topics.scores))
     (dead,) = [decode(r.value, DeadLetter) for r in read_all(bus, bus.topics.dead)]
-    assert scored == [1, 2] and dead.seq == 0 and "non-finite score" in dead.reason
+    assert scored == [0, 2, 3] and dead.seq == 1 and "non-finite score" in dead.reason
     with bus.cond:
         assert bus.drained(bus.topics.frames)
 
@@ -482,4 +484,4 @@ def test_busy_time_counts_overlapping_batches_once(tiny, monkeypatch):
     for seq in range(8):
         publish(bus, "cam-a", seq)
     worker.run(threading.Event(), until=lambda: worker.stats.frames == 8)
-    assert worker.stats.batches == 4 and worker.stats.busy_s == 4.0
+    assert worker.stats.batches == 5 and worker.stats.busy_s == 5.0  # 1 + 2 + 2 + 2 + 1 frames

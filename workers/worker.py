@@ -1,7 +1,8 @@
 """The scoring worker: a member of a consumer group on the frames topic.
 
 Loop: gather a micro-batch across streams (up to ``max_batch`` frames or ``max_wait_ms``
-after the first), decode JPEGs into one batch on the model's device (``frames.py``), score
+after the first; the very first batch holds one frame, so the first score comes as soon as the
+model is ready, not a whole batch later), decode JPEGs into one batch on the model's device (``frames.py``), score
 each profile's frames in one batch, with the image tower in the configured ``precision``,
 publish one ScoreMsg per frame, wait for the broker to acknowledge them, and only then commit the
 frames' offsets (at-least-once: a worker killed mid-batch leaves its frames uncommitted,
@@ -215,13 +216,14 @@ class ScoringWorker:
         """Up to ``max_batch`` records, waiting at most ``max_wait_ms`` after the first for company.
         ``busy`` (a batch is in flight on the device): take what is there now; nothing waiting
         means the pending batch is published first."""
-        records = consumer.poll(0.0 if busy else 0.5, self.max_batch)
+        size = self.max_batch if self.stats.batches else 1  # the first: one frame, its score at once
+        records = consumer.poll(0.0 if busy else 0.5, size)
         deadline = time.monotonic() + self.max_wait_s
-        while records and len(records) < self.max_batch:
+        while records and len(records) < size:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            more = consumer.poll(left, self.max_batch - len(records))
+            more = consumer.poll(left, size - len(records))
             if not more:
                 break
             records += more
