@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _signal_handlers_restored():
             handlers[args.command](args)
+    except BrokenPipeError:  # `linewatch methods | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except StopRequested as err:  # a signal during an outage, before a part could finish
         print(f"linewatch: stopped: {redact(err)}", file=sys.stderr)
         return 0

@@ -184,3 +184,10 @@ def test_train_eval_evaluates_as_the_method_runs_and_says_so(tmp_path, capsys):
                  "--eval-shots", "2"]) == 2
     assert "trained without a memory bank" in error_line(capsys)
     assert not (tmp_path / "d.safetensors").exists()  # refused before training
+
+
+def test_a_reader_that_stops_early_gets_no_error_line():
+    """`linewatch methods | head -1`: the pipe closes; linewatch stops quietly (exit 0, nothing on stderr)."""
+    proc = subprocess.run(f"'{sys.executable}' -m linewatch methods --presets | head -1", shell=True,
+                          capture_output=True, text=True)
+    assert proc.stdout.count("\n") == 1 and proc.stderr == "", proc.stderr
