@@ -31,6 +31,7 @@ from collections.abc import Callable
 from ..bus import Bus, Record
 from ..bus.messages import AlertMsg, MessageError, decode
 from ..ops import metrics
+from ..ops.health import HEALTH, Health
 from .outputs import AlertOutput, OutputError, OutputRefused, OutputUnknown
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,17 @@ def channel_group(alerts_topic: str, channel: str) -> str:
 
 class Channel:
     """One channel's consumer of ``topic`` (see the module docstring). ``dead(reason, alert,
-    record)`` publishes a dead letter and returns once it is acknowledged."""
+    record)`` publishes a dead letter and returns once it is acknowledged. Its thread beats
+    ``health`` as the loop ``channel-<name>`` (each poll and each attempt): a thread that dies
+    or hangs makes ``/healthz`` fail once the beat is older than one attempt plus the longest
+    backoff, twice over, so the orchestrator restarts the sink instead of a channel going quiet."""
 
     def __init__(self, bus: Bus, output: AlertOutput, topic: str, dead: Callable[[str, AlertMsg | None, Record], None],
-                 *, poll_s: float = 0.5, batch: int = 16):
+                 *, poll_s: float = 0.5, batch: int = 16, health: Health = HEALTH):
         self.bus, self.output, self.topic, self.dead = bus, output, topic, dead
+        self.health, self.loop = health, f"channel-{output.name}"
         self.policy = output.delivery
+        self.bound_s = 2 * (self.policy.timeout_s + self.policy.max_backoff_s) + poll_s + 5.0
         self.group = channel_group(topic, output.name)
         self.poll_s, self.batch = poll_s, batch
         self.delivered = self.failed = 0
@@ -121,6 +127,7 @@ class Channel:
         try:
             ends = None
             while not self.stop.is_set():
+                self.health.beat(self.loop, self.bound_s)
                 records = self.consumer.poll(self.poll_s, self.batch)
                 self._measure(len(records))
                 with self.lock:
@@ -135,8 +142,11 @@ class Channel:
                         break  # a stop mid-retries: this one and the rest stay uncommitted
                     done.append(record)
                 self._commit(done)
-        except Exception:  # noqa: BLE001 - a bug here must not pass silently nor take the sink down
-            log.exception("alert channel %s stopped", self.name)
+        except Exception:  # noqa: BLE001 - a bug here must not pass silently: said, and /healthz fails
+            log.exception("alert channel %s stopped: /healthz fails once its beat is %.0f s old", self.name,
+                          self.bound_s)
+        else:
+            self.health.stop_beating(self.loop)  # stopped on purpose
         finally:
             self.consumer.close()
             with self.lock:
@@ -173,6 +183,7 @@ class Channel:
                                          f"older than max_age_s ({age:.0f} s > {self.policy.max_age_s:g} s)"), alert, record)
                 return True
             attempts += 1
+            self.health.beat(self.loop, self.bound_s)
             try:
                 self.output.send(alert)
                 break

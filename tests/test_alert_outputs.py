@@ -13,6 +13,7 @@ import pytest
 from linewatch.bus.memory import MemoryBus
 from linewatch.bus.messages import AlertMsg, decode, encode
 from linewatch.ops import metrics
+from linewatch.ops.health import Health
 from linewatch.sinks.events import AlertPolicy, AlertTracker
 from linewatch.sinks.delivery import Channel
 from linewatch.sinks.outputs import (
@@ -257,3 +258,31 @@ def test_a_channel_added_later_takes_the_alerts_from_then_on_and_keeps_its_backl
     stop.set()
     rerun.join()
     assert again.attempts == ["new:1/open", "new:1/closed"] and not dead.letters
+
+
+def test_a_channel_that_dies_makes_healthz_fail_and_one_stopped_on_purpose_does_not(caplog):
+    """The channel's thread beats ``channel-<name>``; a bug that kills it (here: its consumer's
+    poll raising) leaves the beat to age past its bound, so liveness fails; a stop removes it."""
+    clock = [0.0]
+    health = Health(clock=lambda: clock[0])
+    bus, dead, stop = MemoryBus(), Dead(), threading.Event()
+    output = Scripted([])
+    output.delivery = DeliveryPolicy(timeout_s=1.0, max_backoff_s=2.0)
+    running = Channel(bus, output, bus.topics.alerts, dead, poll_s=0.05, health=health)
+    running.start(stop)
+    wait_for(lambda: f"channel-{output.name}" in health.liveness()[1]["loops"])
+    with caplog.at_level(logging.ERROR, logger="linewatch.sinks.delivery"):
+        running.consumer.poll = lambda *args: (_ for _ in ()).throw(RuntimeError("a bug"))
+        wait_for(lambda: not running.thread.is_alive())
+    assert "alert channel scripted stopped" in caplog.text
+    assert health.liveness()[0]  # within its bound
+    clock[0] += running.bound_s + 1
+    alive, detail = health.liveness()
+    assert not alive and detail["loops"]["channel-scripted"]["alive"] is False
+
+    again, stop_again = Channel(bus, output, bus.topics.alerts, dead, poll_s=0.05, health=Health()), threading.Event()
+    again.start(stop_again)
+    wait_for(lambda: "channel-scripted" in again.health.liveness()[1]["loops"])
+    stop_again.set()
+    again.join()
+    assert again.health.liveness() == (True, {"loops": {}})
