@@ -37,6 +37,16 @@ def origin_of(point: metadata.EntryPoint) -> str:
     return f"{dist.name} {dist.version}" if dist is not None else point.value
 
 
+def load_point(point: metadata.EntryPoint, what: str) -> object:
+    """What ``point`` names, imported; a package whose import fails gets one line naming ``what``,
+    the package and the error (also ``sinks.channel_plugins``'s)."""
+    try:
+        return point.load()
+    except Exception as err:  # the package's own import failed: say which and why, in one line
+        raise ValueError(f"{what} from {origin_of(point)} cannot be loaded ({point.value}): "
+                         f"{err.__class__.__name__}: {err}") from None
+
+
 def entry_points() -> dict[str, metadata.EntryPoint]:
     """{method name: entry point} of every installed package's methods."""
     return installed(GROUP)
@@ -53,12 +63,7 @@ def origin(name: str) -> str:
 def load(name: str) -> type:
     """The class the entry point ``name`` names, checked to call itself ``name``
     (``methods.method_class`` checks that it is a method)."""
-    point = entry_points()[name]
-    try:
-        cls = point.load()
-    except Exception as err:  # the plugin's own import failed: say which and why, in one line
-        raise ValueError(f"method {name!r} from {origin(name)} cannot be loaded ({point.value}): "
-                         f"{err.__class__.__name__}: {err}") from None
+    cls = load_point(entry_points()[name], f"method {name!r}")
     if getattr(cls, "name", None) != name:
         raise ValueError(f"method {name!r} from {origin(name)}: its class is named {getattr(cls, 'name', None)!r}; the entry "
                          "point's name and the class's name must be the same")

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from ..bus.redact import register_secret
-from ..scoring.plugins import installed, origin_of
+from ..scoring.plugins import installed, load_point, origin_of
 from .outputs import AlertOutput
 
 GROUP = "linewatch.alert_channels"
@@ -44,11 +44,7 @@ def build(name: str, options: dict[str, Any]) -> AlertOutput:
         known = ", ".join(sorted(entry_points())) or "none installed"
         raise ValueError(f"{where}: no package provides an alert channel {name!r} (entry point group {GROUP}: {known})")
     point = entry_points()[name]
-    try:
-        cls = point.load()
-    except Exception as err:  # the package's own import failed: which and why, in one line
-        raise ValueError(f"{where}: the channel from {origin(name)} cannot be loaded ({point.value}): "
-                         f"{err.__class__.__name__}: {err}") from None
+    cls = load_point(point, f"{where}: the channel")
     if not (isinstance(cls, type) and issubclass(cls, AlertOutput)) or cls.name != name:
         raise ValueError(f"{where}: {point.value} (from {origin(name)}) is not an AlertOutput named {name!r}")
     model = getattr(cls, "Settings", None)

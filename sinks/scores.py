@@ -24,7 +24,6 @@ from ..bus.messages import MessageError, ScoreMsg, decode
 from ..ops.health import HEALTH
 
 
-
 def score_line(score: ScoreMsg) -> dict:
     meta = score.frame
     row = {"stream": meta.stream, "session": meta.session, "seq": meta.seq,

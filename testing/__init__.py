@@ -75,7 +75,7 @@ def check_method(name: str, **options) -> list[str]:
     if cls.stages:
         state = method.trained_state()
         assert state, f"{name} has training stages {cls.stages} but no trained state"
-        fresh = create_method(name, Backbone.build(BackboneConfig(arch=TINY_ARCH, vv_attention=cls.needs_vv_attention)), **options)
+        fresh = create_method(name, backbone, **options)  # the frozen backbone is shared, as in a worker
         fresh.load_trained_state({k: v.clone() for k, v in state.items()})
         fresh.prepare(CLASS)
         torch.testing.assert_close(fresh.score(images).anomaly_map, method.score(images).anomaly_map,

@@ -4,6 +4,7 @@ reading a topic whole, the one-line CLI error, waiting on a condition, a webhook
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import defaultdict
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,6 +29,7 @@ from linewatch.bus.messages import (
     Telemetry,
     encode,
 )
+from linewatch.sinks.events import AlertPolicy, AlertTracker
 
 
 def jpeg(seed: int, size: tuple[int, int] = (48, 64)) -> bytes:
@@ -301,3 +304,46 @@ def installed_package(root: Path, module: str, source: str, dist: str, version: 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     installed.cache_clear()  # entry points are read once per process
     return package
+
+
+# ---- alerts raised from scores: what a sink and its channels must deliver ----------------------------
+ALERT_EVENT = "0110000"  # frames 1..2 anomalous: an event opened and closed within seven frames
+
+
+def scores_of(streams: list[str], events: int) -> list[ScoreMsg]:
+    """``events`` events per stream, the streams interleaved frame by frame."""
+    per_stream = [[score_msg(i, 0.9 if bit == "1" else 0.1, stream=s) for i, bit in enumerate(ALERT_EVENT * events)]
+                  for s in streams]
+    return [m for frame in zip(*per_stream) for m in frame]
+
+
+def expected_alerts(scores: list[ScoreMsg]) -> dict[str, list[tuple[str, str]]]:
+    """stream -> its alerts in order, as the sink's tracker (default policy) raises them."""
+    tracker, out = AlertTracker(lambda stream: AlertPolicy()), defaultdict(list)
+    for score in scores:
+        for alert in tracker.push(score):
+            out[alert.stream].append((alert.event_id, alert.status))
+    return dict(out)
+
+
+def publish_scores(bus, messages) -> None:
+    """Score messages onto the scores topic, keyed by stream."""
+    producer = bus.producer()
+    for m in messages:
+        producer.send(bus.topics.scores, encode(m), key=m.frame.stream.encode())
+    producer.close()
+
+
+def by_stream(rows: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    out = defaultdict(list)
+    for event_id, status in rows:
+        out[event_id.split(":")[0]].append((event_id, status))
+    return dict(out)
+
+
+def jsonl_rows(path: Path) -> list[tuple[str, str]]:
+    """The file's complete lines (the channel may be writing the next one)."""
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")[:-1]
+    return [(r["event_id"], r["status"]) for r in map(json.loads, lines)]

@@ -5,68 +5,33 @@ backlog after a restart; a webhook that answers too late is never called "not de
 
 from __future__ import annotations
 
-import json
 import secrets
 import threading
-from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
 from linewatch.bench.broker import free_port
-from linewatch.bus.messages import AlertMsg, DeadLetter, ScoreMsg, decode, encode
+from linewatch.bus.messages import AlertMsg, DeadLetter, decode
 from linewatch.pipeline.wiring import connect
 from linewatch.sinks.alert_sink import AlertSink
-from linewatch.sinks.events import AlertPolicy, AlertTracker
+from linewatch.sinks.events import AlertPolicy
 from linewatch.sinks.delivery import channel_group
 from linewatch.sinks.outputs import DeliveryPolicy, JsonlOutput, WebhookOutput
 
-from helpers import Processes, read_topic, score_msg, wait_for
+from helpers import (
+    Processes,
+    by_stream,
+    expected_alerts,
+    jsonl_rows,
+    publish_scores,
+    read_topic,
+    scores_of,
+    wait_for,
+)
 
 pytestmark = pytest.mark.services
 
 PARTITIONS = 2
-EVENT = "0110000"  # frames 1..2 anomalous: an event opened and closed within seven frames
-
-
-def scores_of(streams: list[str], events: int) -> list[ScoreMsg]:
-    """``events`` events per stream, the streams interleaved frame by frame."""
-    per_stream = [[score_msg(i, 0.9 if bit == "1" else 0.1, stream=s) for i, bit in enumerate(EVENT * events)]
-                  for s in streams]
-    return [m for frame in zip(*per_stream) for m in frame]
-
-
-def expected_alerts(scores: list[ScoreMsg]) -> dict[str, list[tuple[str, str]]]:
-    """stream -> its alerts in order, as the sink's tracker (default policy) raises them."""
-    tracker, out = AlertTracker(lambda stream: AlertPolicy()), defaultdict(list)
-    for score in scores:
-        for alert in tracker.push(score):
-            out[alert.stream].append((alert.event_id, alert.status))
-    return dict(out)
-
-
-def publish(bus, messages) -> None:
-    producer = bus.producer()
-    for m in messages:
-        producer.send(bus.topics.scores, encode(m), key=m.frame.stream.encode())
-    producer.close()
-
-
-def by_stream(rows: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
-    out = defaultdict(list)
-    for event_id, status in rows:
-        out[event_id.split(":")[0]].append((event_id, status))
-    return dict(out)
-
-
-def jsonl_rows(path: Path) -> list[tuple[str, str]]:
-    """The file's complete lines (the channel may be writing the next one)."""
-    if not path.exists():
-        return []
-    lines = path.read_bytes().split(b"\n")[:-1]
-    return [(r["event_id"], r["status"]) for r in map(json.loads, lines)]
-
-
 def committed(servers: str, group: str, topic: str) -> int:
     """Records of ``topic`` the consumer ``group`` has committed."""
     from kafka import KafkaConsumer, TopicPartition
@@ -99,7 +64,7 @@ def test_a_webhook_down_for_a_whole_run_holds_nothing_back_and_gets_its_backlog_
             "--channel-attempts", "0", "--channel-max-backoff", "0.2"]  # retried without limit, briefly apart
     try:
         processes.start("sink", *args)
-        publish(bus, scores)
+        publish_scores(bus, scores)
 
         def on_topic() -> list[tuple[str, str]]:
             return [(a.event_id, a.status) for a in (decode(r.value, AlertMsg)
@@ -145,7 +110,7 @@ def test_a_webhook_that_answers_after_the_timeout_is_never_called_not_delivered(
     thread = threading.Thread(target=sink.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        publish(bus, scores)
+        publish_scores(bus, scores)
 
         def letters() -> list[DeadLetter]:
             return [decode(r.value, DeadLetter) for r in read_topic(bus, bus.topics.dead)]

@@ -16,8 +16,16 @@ from linewatch.pipeline.settings import load_settings
 from linewatch.pipeline.wiring import alert_channels, connect
 from linewatch.scoring.plugins import installed
 
-from helpers import Processes, installed_package, wait_for
-from test_alert_channels_kafka import PARTITIONS, by_stream, expected_alerts, jsonl_rows, publish, scores_of
+from helpers import (
+    Processes,
+    by_stream,
+    expected_alerts,
+    installed_package,
+    jsonl_rows,
+    publish_scores,
+    scores_of,
+    wait_for,
+)
 
 PLUGIN = '''
 import json
@@ -54,6 +62,7 @@ ENTRY_POINTS = """[linewatch.alert_channels]
 file-drop = linewatch_drop:FileChannel
 gone = linewatch_drop_gone:Nothing
 """
+PARTITIONS = 2
 TOKEN = "drop-" + secrets.token_hex(8)
 
 
@@ -78,7 +87,7 @@ def test_a_packaged_channel_gets_every_alert_through_the_alert_sink(plugin, kafk
     try:
         processes.start("sink", "sink", "alerts", "--config", str(config), "--bootstrap-servers", kafka_servers,
                         "--topic-prefix", prefix, "--partitions", str(PARTITIONS), "--log-level", "debug")
-        publish(bus, scores)
+        publish_scores(bus, scores)
         wait_for(lambda: len(jsonl_rows(dropped)) >= total and processes.alive("sink") is None, 300,
                  "every alert through the packaged channel", state=lambda: len(jsonl_rows(dropped)))
         processes.stop("sink")
