@@ -113,12 +113,7 @@ def add_alerts(parser: argparse.ArgumentParser) -> None:
                             "for live sources that stop without an end marker (default 30)")
     group.add_argument("--alert-threshold", dest="alerts.policy.threshold", type=float, default=S,
                        help="override the workers' thresholds for alerting")
-    group.add_argument("--webhook", dest="alerts.webhook", default=S, help="POST each alert as JSON to this URL")
-    group.add_argument("--mqtt", dest="alerts.mqtt.url", default=S, metavar="URL",
-                       help="publish alerts to this MQTT broker, mqtt://host[:1883] or mqtts://host[:8883] "
-                            "(docs/alerts.md; user and password in the config or environment)")
-    group.add_argument("--mqtt-topic-prefix", dest="alerts.mqtt.topic_prefix", default=S, metavar="PREFIX",
-                       help="MQTT topics are PREFIX/<stream>/open|closed|state (default linewatch)")
+    add_channel_flags(group)
     group.add_argument("--channel-timeout", dest="alerts.delivery.timeout_s", type=float, default=S, metavar="S",
                        help="alert channels: seconds one delivery attempt may take (default 10)")
     group.add_argument("--channel-attempts", dest="alerts.delivery.attempts", type=int, default=S, metavar="N",
@@ -128,8 +123,16 @@ def add_alerts(parser: argparse.ArgumentParser) -> None:
                             "(default 86400)")
     group.add_argument("--channel-max-backoff", dest="alerts.delivery.max_backoff_s", type=float, default=S,
                        metavar="S", help="alert channels: longest wait between two attempts (default 60)")
-    group.add_argument("--mqtt-discovery", dest="alerts.mqtt.discovery", action="store_const", const=True, default=S,
-                       help="also publish Home Assistant MQTT discovery (one problem sensor per stream)")
+
+
+def add_channel_flags(parser, sink_only: bool = False) -> None:
+    """The bundled alert channels' flags (``sinks.channels``), each setting ``alerts.<field>``:
+    those of ``run`` and ``sink alerts``, or with ``sink_only`` those of ``sink alerts`` only."""
+    from ..sinks.channels.registry import bundled
+
+    for flag in (flag for cls in bundled().values() for flag in cls.flags if flag.sink_only == sink_only):
+        how = {"metavar": flag.metavar} if flag.const is None else {"action": "store_const", "const": flag.const}
+        parser.add_argument(flag.option, dest=f"alerts.{flag.field}", default=S, help=flag.help, **how)
 
 
 def add_parsers(commands) -> None:
@@ -182,9 +185,7 @@ def add_parsers(commands) -> None:
     for parser in (alerts, archive):
         parser.add_argument("--scores-topic", default=None,
                             help="read this topic instead of <prefix>.scores (e.g. a replay's)")
-    alerts.add_argument("--jsonl", dest="alerts.jsonl", default=S, help="append each alert to this JSONL file")
-    alerts.add_argument("--no-publish", dest="alerts.publish", action="store_const", const=False, default=S,
-                        help="do not publish alerts to the alerts topic")
+    add_channel_flags(alerts, sink_only=True)  # --jsonl, --no-publish
     archive.add_argument("--archive", dest="archive", default=S,
                          help="where to store: a folder or s3://bucket/prefix (env LINEWATCH_ARCHIVE)")
     add_common(alerts)

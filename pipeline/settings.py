@@ -19,14 +19,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
 from ..bus import MAX_MESSAGE_BYTES
 from ..bus.jpeg import DEFAULT_MAX_PIXELS
 from ..bus.redact import register_secret, register_url_secrets
+from ..sinks.channels import base as channel_base
+from ..sinks.channels.base import DeliveryPolicy
+from ..sinks.channels.registry import bundled
 from ..sinks.events import AlertPolicy
-from ..sinks.outputs import DeliveryPolicy
 from ..workers.profiles import StreamProfile
 
 
@@ -105,19 +107,6 @@ class RedisSettings(_Section):
     ssl_keyfile: str | None = None
 
 
-class MqttSettings(_Section):
-    """The MQTT alert output (docs/alerts.md); off unless ``url`` is set."""
-    url: str | None = None  # mqtt://host[:1883] or mqtts://host[:8883] (TLS)
-    username: str | None = None
-    password: SecretStr | None = None  # or LINEWATCH_ALERTS__MQTT__PASSWORD, or password_file
-    password_file: str | None = None
-    ca_file: str | None = None  # CA bundle for mqtts:// (default: the system's)
-    topic_prefix: str = Field(default="linewatch", pattern=r"^[^#+\x00]+$")
-    client_id: str | None = None  # default: linewatch-<host>-<pid>
-    discovery: bool = False  # publish Home Assistant MQTT discovery (a binary_sensor per stream)
-    discovery_prefix: str = "homeassistant"
-
-
 class DeliveryOverrides(_Section):
     """One kind of channel's overrides of ``alerts.delivery`` (``DeliveryPolicy``'s fields)."""
     timeout_s: float | None = Field(None, gt=0)
@@ -127,28 +116,35 @@ class DeliveryOverrides(_Section):
     max_backoff_s: float | None = Field(None, ge=0)
 
 
-class AlertSettings(_Section):
+class AlertBase(_Section):
+    """``alerts``: the debounce policy, delivery, packages' channels; ``AlertSettings`` adds the
+    bundled channels' settings."""
     policy: AlertPolicy = AlertPolicy()
     streams: dict[str, dict[str, Any]] = {}
-    jsonl: str | None = None
-    webhook: str | None = None
-    webhook_headers: dict[str, SecretStr] = {}  # sent with every POST (e.g. Authorization); never logged
-    # HMAC-SHA256 key: each POST carries X-Linewatch-Signature: t=<unix time>,v1=<hex of HMAC(key, "t.body")>
-    webhook_secret: SecretStr | None = None
-    webhook_secret_file: str | None = None
-    publish: bool = True  # alerts go to the shared alerts topic (else to the sink's own, for its channels only)
-    # every channel's attempts, timeout, backoff and maximum age, and per kind of channel
-    # (jsonl, webhook, mqtt, apprise) overrides of them, e.g. {webhook: {attempts: 20}}
+    # every channel's attempts, timeout, backoff and maximum age (per kind of channel: ``channels``)
     delivery: DeliveryPolicy = DeliveryPolicy()
-    channels: dict[Literal["jsonl", "webhook", "mqtt", "apprise"], DeliveryOverrides] = {}
-    mqtt: MqttSettings = MqttSettings()
-    # Apprise URLs (mailto://, slack://, msteams://, ...: one output each), or a file of them
-    # (an Apprise config file, e.g. a mounted Secret): they hold tokens, so never a flag
-    apprise: list[SecretStr] = []
-    apprise_config: str | None = None
     # channels from other packages (entry point group linewatch.alert_channels), by name: each one's
     # settings, validated by the channel (docs/alerts.md, "Channels from other packages")
     plugins: dict[str, dict[str, Any]] = {}
+
+
+def alert_settings() -> type[AlertBase]:
+    """``AlertBase`` with each bundled channel's settings fields (``alerts.jsonl``, ``alerts.webhook``,
+    ``alerts.mqtt``, ..., from ``sinks.channels.registry``) and ``channels``: per kind of channel
+    (jsonl, webhook, mqtt, apprise), overrides of ``delivery``, e.g. {webhook: {attempts: 20}}."""
+    channels = bundled()
+    models = [cls.Settings for cls in channels.values() if cls.Settings is not None]
+    fields = [name for model in models for name in model.model_fields]
+    clashes = {name for name in fields if fields.count(name) > 1} | (set(fields) & set(AlertBase.model_fields))
+    if clashes:
+        raise TypeError(f"alert channels' settings: more than one defines {sorted(clashes)}")
+    kinds = Literal[tuple(name for name, cls in channels.items() if cls.consumer)]
+    # pydantic lists the fields of the last base first: AlertBase's, then the channels' by name
+    return create_model("AlertSettings", __base__=(*reversed(models), AlertBase), __module__=__name__,
+                        channels=(dict[kinds, DeliveryOverrides], {}))
+
+
+AlertSettings = alert_settings()
 
 
 class ConsoleSettings(_Section):
@@ -307,19 +303,8 @@ def _leaves(value):
         yield value
 
 
-def secret(value: SecretStr | None, file: str | None, what: str) -> str | None:
-    """A secret from its setting, else from ``file`` (trailing newline dropped); never echoed."""
-    if value is not None:
-        register_secret(value)
-        return value.get_secret_value()
-    if file is None:
-        return None
-    try:
-        text = Path(file).read_text().rstrip("\r\n")
-        register_secret(text)
-        return text
-    except OSError as err:
-        raise ValueError(f"{what}: cannot read {file}: {err.strerror}") from None
+# a secret from its setting, else from its file (Kafka, Redis, the console; the channels read theirs)
+secret = channel_base.secret
 
 
 def _check_config_file(config: str) -> None:

@@ -137,13 +137,21 @@ def policy_table(settings: Settings) -> StreamTable[AlertPolicy]:
 
 
 def alert_channels(settings: Settings) -> list:
-    """The alert channels the settings ask for, each with its delivery policy (docs/alerts.md)."""
-    from ..sinks.outputs import JsonlOutput
+    """The alert channels the settings ask for, each with its delivery policy (docs/alerts.md):
+    the bundled ones' (``sinks.channels.registry.bundled``, by name), then each package's in
+    ``alerts.plugins`` (by name), which take ``alerts.delivery``."""
+    from ..sinks.channels.registry import bundled, plugin, settings_of
 
-    channels = [JsonlOutput(settings.alerts.jsonl)] if settings.alerts.jsonl else []
-    channels += channel_outputs(settings)
-    for channel in channels:
-        channel.delivery = delivery_policy(settings, channel.name.split("-")[0])
+    a, channels = settings.alerts, []
+    for name, cls in bundled().items():
+        delivery = delivery_policy(settings, name)
+        for channel in cls.from_settings(settings_of(cls, a), delivery):
+            channel.delivery = delivery
+            channels.append(channel)
+    for name, options in sorted(a.plugins.items()):
+        for channel in plugin(name, options, a.delivery):
+            channel.delivery = a.delivery
+            channels.append(channel)
     return channels
 
 
@@ -152,34 +160,3 @@ def delivery_policy(settings: Settings, kind: str):
     a = settings.alerts
     overrides = a.channels[kind].model_dump(exclude_none=True) if kind in a.channels else {}
     return a.delivery.model_copy(update=overrides)
-
-
-def channel_outputs(settings: Settings) -> list:
-    """The webhook, MQTT and Apprise outputs the settings ask for (docs/alerts.md)."""
-    from ..sinks.outputs import WebhookOutput
-
-    a, outputs = settings.alerts, []
-    if a.webhook:
-        outputs.append(WebhookOutput(a.webhook, timeout_s=delivery_policy(settings, "webhook").timeout_s, headers={k: v.get_secret_value() for k, v in a.webhook_headers.items()},
-                                     secret=secret(a.webhook_secret, a.webhook_secret_file, "alerts.webhook_secret_file")))
-    if a.mqtt.url:
-        from ..sinks.channels import MqttOutput
-
-        m = a.mqtt
-        if m.ca_file is not None and not Path(m.ca_file).is_file():
-            raise ValueError(f"alerts.mqtt.ca_file: file not found: {m.ca_file}")
-        outputs.append(MqttOutput(m.url, username=m.username, ca_file=m.ca_file, topic_prefix=m.topic_prefix,
-                                  password=secret(m.password, m.password_file, "alerts.mqtt.password_file"),
-                                  client_id=m.client_id, discovery=m.discovery, discovery_prefix=m.discovery_prefix,
-                                  timeout_s=delivery_policy(settings, "mqtt").timeout_s))
-    if a.apprise or a.apprise_config:
-        from ..sinks.channels import AppriseOutput
-
-        outputs += [AppriseOutput(url.get_secret_value()) for url in a.apprise]
-        if a.apprise_config:
-            outputs.append(AppriseOutput(config_file=a.apprise_config))
-    if a.plugins:
-        from ..sinks.channel_plugins import build
-
-        outputs += [build(name, options) for name, options in sorted(a.plugins.items())]
-    return outputs

@@ -1,8 +1,8 @@
 """Sinks: what happens to scores after the workers. May import bus and scoring only.
 
 - ``events``      — per-stream k-of-n debounced events (AlertTracker) and their state;
-- ``outputs``     — alert channels (a JSONL file, a webhook) and their delivery policy;
-- ``channels``    — MQTT and Apprise channels;
+- ``channels/``   — the alert channels: their contract and registry, and one module per bundled
+  channel (JSONL file, alerts topic, webhook, MQTT, Apprise);
 - ``delivery``    — each channel as its own consumer of the alerts topic: retries, backoff,
   maximum age, dead letters, lag;
 - ``alert_state`` — the alert sink's state on a compacted changelog topic;

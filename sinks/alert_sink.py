@@ -37,7 +37,7 @@ from .events import AlertPolicy, AlertTracker
 from ..ops import metrics
 from ..ops.health import HEALTH
 from .delivery import Channel
-from .outputs import AlertOutput
+from .channels.base import AlertChannel
 from .plumbing import dead_letter, turn
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class AlertSink:
     """Scores -> AlertTracker -> alerts topic -> channels (see the module docstring).
     ``run(stop)`` in a thread of its own; ``delivered()`` tells when every channel has caught up."""
 
-    def __init__(self, bus: Bus, policy_for: Callable[[str], AlertPolicy], channels: Iterable[AlertOutput], *,
+    def __init__(self, bus: Bus, policy_for: Callable[[str], AlertPolicy], channels: Iterable[AlertChannel], *,
                  group: str | None = None, topic: str | None = None, publish: bool = True,
                  poll_s: float = 0.5, max_records: int = 64, commit_interval_s: float = 5.0):
         self.bus, self.group, self.topic = bus, group or bus.topics.group("alerts"), topic or bus.topics.scores
@@ -246,7 +246,7 @@ class AlertSink:
             dead_letter(self.producer, self.bus, self.stats, reason, STAGE, record=record, stream=stream, seq=seq)
 
 
-def run_alert_sink(bus: Bus, policy_for: Callable[[str], AlertPolicy], channels: Iterable[AlertOutput], *,
+def run_alert_sink(bus: Bus, policy_for: Callable[[str], AlertPolicy], channels: Iterable[AlertChannel], *,
                    stop: threading.Event, **options) -> AlertSinkStats:
     """``AlertSink(bus, policy_for, channels, **options).run(stop)``."""
     return AlertSink(bus, policy_for, channels, **options).run(stop)

@@ -32,7 +32,7 @@ from ..bus import Bus, Record
 from ..bus.messages import AlertMsg, MessageError, decode
 from ..ops import metrics
 from ..ops.health import HEALTH, Health
-from .outputs import AlertOutput, OutputError, OutputRefused, OutputUnknown
+from .channels.base import AlertChannel, OutputError, OutputRefused, OutputUnknown
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Channel:
     or hangs makes ``/healthz`` fail once the beat is older than one attempt plus the longest
     backoff, twice over, so the orchestrator restarts the sink instead of a channel going quiet."""
 
-    def __init__(self, bus: Bus, output: AlertOutput, topic: str, dead: Callable[[str, AlertMsg | None, Record], None],
+    def __init__(self, bus: Bus, output: AlertChannel, topic: str, dead: Callable[[str, AlertMsg | None, Record], None],
                  *, poll_s: float = 0.5, batch: int = 16, health: Health = HEALTH):
         self.bus, self.output, self.topic, self.dead = bus, output, topic, dead
         self.health, self.loop = health, f"channel-{output.name}"

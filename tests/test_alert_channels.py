@@ -19,8 +19,11 @@ from linewatch.pipeline.settings import load_settings
 from linewatch.pipeline.wiring import alert_channels
 from linewatch.sinks.alert_sink import AlertSink
 from linewatch.sinks.events import AlertPolicy
-from linewatch.sinks.channels import AppriseOutput, MqttOutput, message_text, topic_level
-from linewatch.sinks.outputs import DeliveryPolicy, JsonlOutput, OutputError, WebhookOutput, sign
+from linewatch.sinks.channels import DeliveryPolicy, OutputError
+from linewatch.sinks.channels.apprise import AppriseOutput, message_text
+from linewatch.sinks.channels.jsonl import JsonlOutput
+from linewatch.sinks.channels.mqtt import MqttOutput, topic_level
+from linewatch.sinks.channels.webhook import WebhookOutput, sign
 
 from helpers import score_msg, wait_for
 

@@ -16,7 +16,9 @@ from linewatch.pipeline.wiring import connect
 from linewatch.sinks.alert_sink import AlertSink
 from linewatch.sinks.events import AlertPolicy
 from linewatch.sinks.delivery import channel_group
-from linewatch.sinks.outputs import DeliveryPolicy, JsonlOutput, WebhookOutput
+from linewatch.sinks.channels import DeliveryPolicy
+from linewatch.sinks.channels.jsonl import JsonlOutput
+from linewatch.sinks.channels.webhook import WebhookOutput
 
 from helpers import (
     Processes,

@@ -16,15 +16,9 @@ from linewatch.ops import metrics
 from linewatch.ops.health import Health
 from linewatch.sinks.events import AlertPolicy, AlertTracker
 from linewatch.sinks.delivery import Channel
-from linewatch.sinks.outputs import (
-    AlertOutput,
-    DeliveryPolicy,
-    JsonlOutput,
-    OutputError,
-    OutputRefused,
-    OutputUnknown,
-    WebhookOutput,
-)
+from linewatch.sinks.channels import AlertChannel, DeliveryPolicy, OutputError, OutputRefused, OutputUnknown
+from linewatch.sinks.channels.jsonl import JsonlOutput
+from linewatch.sinks.channels.webhook import WebhookOutput
 
 from helpers import score_msg, wait_for
 
@@ -35,7 +29,7 @@ def alerts(bits: str = "0110000", stream: str = "cam") -> list[AlertMsg]:
                                                                             stream=stream))]
 
 
-class Scripted(AlertOutput):
+class Scripted(AlertChannel):
     """An output whose attempts fail as scripted (an exception class, or None for success); it
     can be held inside an attempt until ``release`` is set."""
 
@@ -127,7 +121,7 @@ class Dead:
         self.letters.append((reason, alert))
 
 
-def channel(output: AlertOutput, bus: MemoryBus | None = None, **policy) -> tuple[Channel, Dead, MemoryBus, threading.Event]:
+def channel(output: AlertChannel, bus: MemoryBus | None = None, **policy) -> tuple[Channel, Dead, MemoryBus, threading.Event]:
     bus = bus or MemoryBus()
     output.delivery = DeliveryPolicy(**{"backoff_s": 0.01, "max_backoff_s": 0.05, **policy})
     dead, stop = Dead(), threading.Event()

@@ -16,7 +16,9 @@ from linewatch.bus.messages import AlertMsg, DeadLetter, ScoreMsg, SessionEnd, d
 from linewatch.sinks.alert_sink import AlertSink
 from linewatch.sinks.alert_state import AlertStore, state_topic
 from linewatch.sinks.events import AlertPolicy, AlertTracker, StreamState
-from linewatch.sinks.outputs import DeliveryPolicy, JsonlOutput, WebhookOutput
+from linewatch.sinks.channels import DeliveryPolicy
+from linewatch.sinks.channels.jsonl import JsonlOutput
+from linewatch.sinks.channels.webhook import WebhookOutput
 
 from helpers import read_all, score_msg, wait_for
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from pydantic import BaseModel, SecretStr
 
 from linewatch.bus.messages import encode
-from linewatch.sinks.outputs import AlertOutput, OutputRefused
+from linewatch.sinks.channels import AlertChannel, OutputRefused
 
 
 class Settings(BaseModel):
@@ -42,7 +42,7 @@ class Settings(BaseModel):
     token: SecretStr
 
 
-class FileChannel(AlertOutput):
+class FileChannel(AlertChannel):
     """Appends each alert to a file: a stand-in for a pager or a ticket system."""
 
     name = "file-drop"

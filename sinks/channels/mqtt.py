@@ -1,10 +1,7 @@
-"""Alert channels beside the JSONL file, the alerts topic and the webhook: MQTT (``MqttOutput``)
-and email / Slack / Teams / ... through Apprise (``AppriseOutput``). Each is an ``AlertOutput``:
-one delivery attempt per ``send``, run by ``delivery.Channel`` as its own consumer of the
-alerts topic with retries and backoff, so a broker or a chat service that is down delays no
-other channel.
+"""The MQTT channel (``MqttOutput``; settings ``alerts.mqtt``, ``--mqtt URL``): each alert
+published to a broker, QoS 1, with each stream's state retained.
 
-MQTT topics (``<prefix>`` is ``alerts.mqtt.topic_prefix``, default ``linewatch``; a stream id
+Topics (``<prefix>`` is ``alerts.mqtt.topic_prefix``, default ``linewatch``; a stream id
 becomes one topic level, with ``/``, ``+``, ``#`` and control characters made ``_``):
 
 - ``<prefix>/<stream>/open`` and ``<prefix>/<stream>/closed``: each alert as JSON (the
@@ -35,10 +32,12 @@ import re
 import socket
 import threading
 import urllib.parse
+from pathlib import Path
 
-from ..bus.messages import AlertMsg, encode
-from ..bus.redact import register_url_secrets
-from .outputs import AlertOutput, OutputError, OutputUnknown
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from ...bus.messages import AlertMsg, encode
+from .base import AlertChannel, DeliveryPolicy, Flag, OutputError, OutputUnknown, register_channel, secret
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +49,49 @@ def topic_level(stream: str) -> str:
     return _TOPIC_UNSAFE.sub("_", stream) or "_"
 
 
-class MqttOutput(AlertOutput):
+class MqttSettings(BaseModel):
+    """The MQTT alert output (docs/alerts.md); off unless ``url`` is set."""
+    model_config = ConfigDict(extra="forbid")
+    url: str | None = None  # mqtt://host[:1883] or mqtts://host[:8883] (TLS)
+    username: str | None = None
+    password: SecretStr | None = None  # or LINEWATCH_ALERTS__MQTT__PASSWORD, or password_file
+    password_file: str | None = None
+    ca_file: str | None = None  # CA bundle for mqtts:// (default: the system's)
+    topic_prefix: str = Field(default="linewatch", pattern=r"^[^#+\x00]+$")
+    client_id: str | None = None  # default: linewatch-<host>-<pid>
+    discovery: bool = False  # publish Home Assistant MQTT discovery (a binary_sensor per stream)
+    discovery_prefix: str = "homeassistant"
+
+
+class MqttChannelSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mqtt: MqttSettings = MqttSettings()
+
+
+@register_channel
+class MqttOutput(AlertChannel):
     name = "mqtt"
+    Settings = MqttChannelSettings
+    flags = (
+        Flag("--mqtt", "mqtt.url", "publish alerts to this MQTT broker, mqtt://host[:1883] or mqtts://host[:8883] "
+             "(docs/alerts.md; user and password in the config or environment)", metavar="URL"),
+        Flag("--mqtt-topic-prefix", "mqtt.topic_prefix",
+             "MQTT topics are PREFIX/<stream>/open|closed|state (default linewatch)", metavar="PREFIX"),
+        Flag("--mqtt-discovery", "mqtt.discovery",
+             "also publish Home Assistant MQTT discovery (one problem sensor per stream)", const=True),
+    )
+
+    @classmethod
+    def from_settings(cls, settings: MqttChannelSettings, delivery: DeliveryPolicy) -> list[AlertChannel]:
+        m = settings.mqtt
+        if not m.url:
+            return []
+        if m.ca_file is not None and not Path(m.ca_file).is_file():
+            raise ValueError(f"alerts.mqtt.ca_file: file not found: {m.ca_file}")
+        return [cls(m.url, username=m.username, ca_file=m.ca_file, topic_prefix=m.topic_prefix,
+                    password=secret(m.password, m.password_file, "alerts.mqtt.password_file"),
+                    client_id=m.client_id, discovery=m.discovery, discovery_prefix=m.discovery_prefix,
+                    timeout_s=delivery.timeout_s)]
 
     def __init__(self, url: str, *, username: str | None = None, password: str | None = None,
                  ca_file: str | None = None, topic_prefix: str = "linewatch", client_id: str | None = None,
@@ -147,56 +187,3 @@ def state_of(alert: AlertMsg) -> dict:
             "stream": alert.stream, "peak_score": alert.peak_score, "threshold": alert.threshold,
             "start_ts": alert.start_ts, "end_ts": alert.end_ts,
             "latitude": position.latitude if position else None, "longitude": position.longitude if position else None}
-
-
-class AppriseOutput(AlertOutput):
-    """One Apprise URL (``mailto://``, ``slack://``, ``msteams://``, ``json://`` ...) or one
-    Apprise config file: a short title and a plain-text body per alert, open and closed. The
-    name carries a hash of the URL, not the URL (it holds the service's token): stable across
-    restarts, so alerts left undelivered are delivered to the same service by the next run."""
-
-    def __init__(self, url: str | None = None, config_file: str | None = None):
-        import apprise
-
-        if (url is None) == (config_file is None):
-            raise ValueError("an Apprise output takes one URL or one config file")
-        self.apprise = apprise.Apprise()
-        if url is not None:
-            if not self.apprise.add(url):
-                raise ValueError("alerts.apprise: a URL Apprise does not understand (see its wiki for the "
-                                 "services' URL forms; the URL is not shown, it may hold a token)")
-            self.what = next(iter(self.apprise)).url(privacy=True)
-        else:
-            config = apprise.AppriseConfig()
-            if not config.add(config_file) or not self.apprise.add(config) or not len(self.apprise):
-                raise ValueError(f"alerts.apprise_config {config_file}: not an Apprise config file with URLs")
-            self.what = f"Apprise config {config_file}"
-        for service in self.apprise:  # each service's tokens, as Apprise itself spells the URL
-            register_url_secrets(service.url(privacy=False))
-        self.name = "apprise-" + hashlib.sha256((url or f"config:{config_file}").encode()).hexdigest()[:10]
-
-    def send(self, alert: AlertMsg) -> None:
-        title, body = message_text(alert)
-        if not self.apprise.notify(title=title, body=body):
-            raise OutputError(f"{self.what}: the notification was not accepted")
-
-
-def message_text(alert: AlertMsg) -> tuple[str, str]:
-    """(title, body) of a chat or email notification."""
-    from datetime import datetime, timezone
-
-    def when(ts: float) -> str:
-        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-    verb = "anomaly on" if alert.status == "open" else "cleared:"
-    title = f"linewatch: {verb} {alert.stream}"
-    lines = [f"event {alert.event_id} ({alert.status})",
-             (f"{alert.class_name}, {alert.method}: peak score {alert.peak_score:.3f} "
-              f"(threshold {alert.threshold:.3f}) at frame {alert.peak_seq}"),
-             f"from {when(alert.start_ts)}" + (f" to {when(alert.end_ts)}" if alert.status == "closed" else ""),
-             f"{len(alert.frames)} anomalous frame(s), {alert.start_seq}..{alert.end_seq}"]
-    t = alert.telemetry
-    if t is not None and t.latitude is not None and t.longitude is not None:
-        lines.append(f"position {t.latitude:.6f}, {t.longitude:.6f}"
-                     + (f", altitude {t.altitude:.1f} m" if t.altitude is not None else ""))
-    return title, "\n".join(lines)

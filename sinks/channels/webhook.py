@@ -1,117 +1,36 @@
-"""Alert channels: a JSONL file and a webhook (MQTT and Apprise are in ``channels``).
-
-A channel (``AlertOutput``) makes one delivery attempt per ``send``: ``OutputError`` means
-"not delivered, try again later", ``OutputUnknown`` "the receiver may have it" (a timeout
-after the request was sent, a connection dropped before the answer), ``OutputRefused``
-"retrying cannot help". ``delivery.Channel`` runs each one as its own consumer of the alerts
-topic, with the retries, the backoff and the dead letters. A new kind of channel is a
-subclass with a stable ``name`` (its consumer group is named after it, so its backlog
-survives restarts) and a ``send``.
-"""
+"""The webhook channel: each alert POSTed as JSON, with an idempotency key and, given a key, an
+HMAC signature (``alerts.webhook``, ``alerts.webhook_headers``, ``alerts.webhook_secret``; ``--webhook``)."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
+import http.client
 import re
 import time
-import http.client
 import urllib.parse
-from abc import ABC, abstractmethod
-from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, SecretStr
 
-from ..bus.messages import AlertMsg, encode
-from ..ops import metrics
-
+from ...bus.messages import AlertMsg, encode
+from ...ops import metrics
+from .base import AlertChannel, DeliveryPolicy, Flag, OutputError, OutputRefused, OutputUnknown, register_channel, secret
 
 SIGNATURE_HEADER = "X-Linewatch-Signature"
 HEADER_NAME = re.compile(r"[A-Za-z0-9-]+")
 
 
-class DeliveryPolicy(BaseModel):
-    """How hard a channel tries (settings ``alerts.delivery`` and ``alerts.channels.<kind>``)."""
-
+class WebhookSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    timeout_s: float = Field(10.0, gt=0)  # one attempt (webhook: for an answer; MQTT: for the broker's PUBACK)
-    attempts: int = Field(10, ge=0)  # then a dead letter; 0: no limit (max_age_s still applies)
-    max_age_s: float = Field(86400.0, ge=0)  # an alert decided longer ago is dead-lettered, not sent; 0: none
-    backoff_s: float = Field(0.5, ge=0)  # before the second attempt, doubling ...
-    max_backoff_s: float = Field(60.0, ge=0)  # ... up to this
-
-    def backoff(self, attempt: int) -> float:
-        """The wait after attempt number ``attempt`` (1, 2, ...)."""
-        return min(self.backoff_s * 2 ** min(attempt - 1, 30), self.max_backoff_s)
+    webhook: str | None = None  # the URL; None: no webhook
+    webhook_headers: dict[str, SecretStr] = {}  # sent with every POST (e.g. Authorization); never logged
+    # HMAC-SHA256 key: each POST carries X-Linewatch-Signature: t=<unix time>,v1=<hex of HMAC(key, "t.body")>
+    webhook_secret: SecretStr | None = None
+    webhook_secret_file: str | None = None
 
 
-class OutputError(RuntimeError):
-    """One delivery attempt failed; worth trying again."""
-
-
-class OutputUnknown(OutputError):
-    """The attempt may have reached the receiver (no answer within the timeout, the connection
-    dropped after sending): retried with the same idempotency key, never called "not delivered"."""
-
-
-class OutputRefused(OutputError):
-    """The receiver refused the alert: retrying cannot help, it is dead-lettered at once."""
-
-
-class AlertOutput(ABC):
-    name: str = ""  # stable and unique among a sink's channels: its consumer group is named after it
-    delivery: DeliveryPolicy = DeliveryPolicy()  # attempts, backoff, maximum age (wiring sets it from settings)
-
-    @abstractmethod
-    def send(self, alert: AlertMsg) -> None:
-        """One attempt to deliver ``alert`` (durably, as far as the output can say)."""
-
-    def close(self) -> None:
-        pass
-
-
-class JsonlOutput(AlertOutput):
-    """One JSON line per alert, appended and flushed (not fsynced). The (event_id, status) pairs
-    already in the file are read at start and never written again, so an alert the sink was
-    killed before recording as delivered is not repeated."""
-
-    name = "jsonl"
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.written: set[tuple[str, str]] = set()
-        torn_tail = False
-        if self.path.exists():
-            with self.path.open("rb") as existing:
-                for line in existing:
-                    try:
-                        row = json.loads(line)
-                        self.written.add((row["event_id"], row["status"]))
-                    except (ValueError, KeyError, TypeError):
-                        pass  # a line torn by a crash mid-write: that alert gets written again
-                    torn_tail = not line.endswith(b"\n")
-        self.file = self.path.open("ab")
-        if torn_tail:  # never glue a new line onto a torn one
-            self.file.write(b"\n")
-
-    def send(self, alert: AlertMsg) -> None:
-        key = (alert.event_id, alert.status)
-        if key in self.written:
-            return
-        try:
-            self.file.write(encode(alert) + b"\n")
-            self.file.flush()
-        except OSError as err:  # disk full, ...
-            raise OutputError(f"{self.path}: {err}") from None
-        self.written.add(key)
-
-    def close(self) -> None:
-        self.file.close()
-
-
-class WebhookOutput(AlertOutput):
+@register_channel
+class WebhookOutput(AlertChannel):
     """POSTs each alert as JSON, with an ``Idempotency-Key: <event_id>/<status>`` header that is
     the same on every attempt: a receiver that got an alert twice (an answer lost to a timeout,
     a restart between its answer and the channel's commit) can tell. Refused connections, DNS
@@ -121,6 +40,16 @@ class WebhookOutput(AlertOutput):
     signature (``sign``) lets the receiver check the alert came from this sink, unchanged."""
 
     name = "webhook"
+    Settings = WebhookSettings
+    flags = (Flag("--webhook", "webhook", "POST each alert as JSON to this URL"),)
+
+    @classmethod
+    def from_settings(cls, settings: WebhookSettings, delivery: DeliveryPolicy) -> list[AlertChannel]:
+        if not settings.webhook:
+            return []
+        key = secret(settings.webhook_secret, settings.webhook_secret_file, "alerts.webhook_secret_file")
+        headers = {name: value.get_secret_value() for name, value in settings.webhook_headers.items()}
+        return [cls(settings.webhook, timeout_s=delivery.timeout_s, headers=headers, secret=key)]
 
     def __init__(self, url: str, timeout_s: float = 10.0, headers: dict[str, str] | None = None,
                  secret: str | None = None):
