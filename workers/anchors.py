@@ -21,7 +21,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
-from ..bus.outages import OUTAGES, describe
+from ..bus.outages import OUTAGES, Outages, describe
 from ..bus.redact import redact
 from ..ops import metrics
 from ..scoring.prompts import TextAnchors
@@ -34,14 +34,15 @@ UPKEEP_S = 10.0  # how often a running worker checks that Redis still holds its 
 
 class AnchorCache:
     def __init__(self, redis_url: str | None = None, capacity: int = 32, folder: str | Path | None = None,
-                 redis_options: dict | None = None, part: str = "worker"):
+                 redis_options: dict | None = None, part: str = "worker", outages: Outages = OUTAGES):
+        """``outages``: where a Redis outage is reported (the process's own by default)."""
         self.capacity = capacity
         self.folder = Path(folder).expanduser() if folder else None
         self.local: OrderedDict[str, TextAnchors] = OrderedDict()
         self.lock = threading.Lock()  # ``local`` is read by the upkeep thread too
         self.redis = None
         self.redis_url = redis_url
-        self.part, self.dependency = part, f"Redis at {redact(redis_url)}"
+        self.part, self.dependency, self.outages = part, f"Redis at {redact(redis_url)}", outages
         self.stats = {"local_hits": 0, "redis_hits": 0, "file_hits": 0, "computed": 0, "redis_errors": 0,
                       "republished": 0}
         if redis_url:
@@ -161,9 +162,9 @@ class AnchorCache:
         except redis.RedisError as err:
             self.stats["redis_errors"] += 1
             metrics.REDIS_ERRORS.inc()
-            OUTAGES.down(self.part, self.dependency, f"{describe(err)}; text anchors computed locally", "anchors",
-                         critical=False)
+            self.outages.down(self.part, self.dependency, f"{describe(err)}; text anchors computed locally", "anchors",
+                              critical=False)
             return None
-        OUTAGES.up(self.part, self.dependency, "anchors")
+        self.outages.up(self.part, self.dependency, "anchors")
         return result
 

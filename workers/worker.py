@@ -19,6 +19,13 @@ worker's (a lost device), the error stops it and nothing is committed. A score t
 re-encoded smaller (``frame_jpeg_note="reduced"``), or none (``"dropped"``). An outage of
 the broker is waited out by the bus (``bus.kafka``); a stop meanwhile leaves the batch
 uncommitted for the group.
+
+This module is the poll/commit loop and the batch's way through the model; its parts are
+their own units: ``batcher`` (which records make a batch), ``reloader`` (profiles prepared
+again when their folders change), ``score_messages`` (a scored frame's message, within the
+bus's size), ``device_work`` (the model's time and results, read without blocking) and
+``telemetry`` (heartbeat, readiness, lag, summary). The health and outage registries are
+given to it (the process's own by default, as the CLI runs it).
 """
 
 from __future__ import annotations
@@ -35,32 +42,33 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..bus import Bus, BusError, Record, RecordTooLarge, record_size
-from ..bus.jpeg import DEFAULT_MAX_PIXELS, shrink_jpeg
-from ..bus.maps import MAP_MAX_SIDE, encode_map
+from ..bus import Bus, BusError, Record, RecordTooLarge
+from ..bus.jpeg import DEFAULT_MAX_PIXELS
 from ..bus.messages import (
     DeadLetter,
     FrameMeta,
-    FrameRef,
     Latency,
     MessageError,
-    ScoreMsg,
     SessionEnd,
     encode,
     frame_header,
 )
-from ..bus.outages import OUTAGES, StopRequested, describe
+from ..bus.outages import OUTAGES, Outages, StopRequested, describe
 from ..ops import metrics
+from ..ops.health import HEALTH, Health
 from ..scoring.backbone import Backbone
 from ..scoring.precision import autocast_dtype, resolve_precision
 from ..scoring.prompts import PromptPack
 from .anchors import AnchorCache
+from .batcher import Batcher
+from .device_work import DeviceClock, to_host
 from .frames import FrameDecoder
-from .prepared import PreparedProfile, folder_signature
+from .prepared import PreparedProfile
 from .prepared_cache import PreparedCache
-from .profiles import ProfileTable
+from .profiles import ProfileTable, StreamProfile
+from .reloader import ProfileReloader
+from .score_messages import encode_within, reduce_maps, score_message
 from .telemetry import WorkerTelemetry
 
 log = logging.getLogger(__name__)
@@ -97,12 +105,17 @@ class ScoringWorker:
                  prompts: PromptPack | None = None, max_batch: int = 8, max_wait_ms: float = 20.0,
                  precision: str = "auto", group: str | None = None, source_topic: str | None = None,
                  results_topic: str | None = None, worker_id: str | None = None, summary_s: float = 0.0,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, reload_s: float = 5.0, cache: PreparedCache | None = None):
-        """``cache``: reference memories and thresholds kept across starts (``prepared_cache``)."""
+                 max_pixels: int = DEFAULT_MAX_PIXELS, reload_s: float = 5.0, cache: PreparedCache | None = None,
+                 health: Health = HEALTH, outages: Outages = OUTAGES):
+        """``cache``: reference memories and thresholds kept across starts (``prepared_cache``).
+        ``health``: where the loop beats and its assignment is reported (``/healthz``,
+        ``/readyz``); ``outages``: where the worker part is registered. Both default to the
+        process's own (the CLI's); a test or an embedding process may give its own."""
         self.bus, self.backbone, self.profiles, self.anchors = bus, backbone, profiles, anchors
         self.cache = cache
+        self.health, self.outages = health, outages
         self.prompts = prompts or PromptPack.load()
-        self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1000.0
+        self.batcher = Batcher(max_batch, max_wait_ms / 1000.0)
         self.precision = resolve_precision(precision, backbone.device)
         self.compute_dtype = autocast_dtype(self.precision)
         self.decoder = FrameDecoder(backbone.image_size, backbone.device, max_pixels=max_pixels)
@@ -110,48 +123,39 @@ class ScoringWorker:
         self.source_topic = source_topic or bus.topics.frames
         self.results_topic = results_topic or bus.topics.scores
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
-        self.prepared: dict[str, PreparedProfile] = {}
-        self.reload_s, self._reload_at = reload_s, {}  # see _prepared: changed reference folders
+        self.reloader = ProfileReloader(self._prepare, reload_s)  # changed reference folders: prepared again
+        self.prepared: dict[str, PreparedProfile] = self.reloader.prepared  # by profile key
         self.stats = WorkerStats()
         # one batch in flight while the previous one is published (see ``run``): pays where the
         # model runs asynchronously on a GPU; on a CPU it would only delay each batch's scores
         self.overlap = backbone.device.type == "cuda"
         self._busy_until = 0.0  # end of the last published batch (monotonic), so busy time is counted once
-        self.telemetry = WorkerTelemetry(self, summary_s=summary_s)  # heartbeat, readiness, lag, summary line
-        OUTAGES.register(PART)
+        self.telemetry = WorkerTelemetry(self, health, summary_s=summary_s)  # heartbeat, readiness, lag, summary line
+        outages.register(PART)
+
+    @property
+    def max_batch(self) -> int:
+        return self.batcher.max_batch
+
+    @property
+    def reload_s(self) -> float:
+        """How often a profile's folders are looked at for changes (``reloader``)."""
+        return self.reloader.reload_s
 
     def prepare_all(self) -> None:
         """Prepare every configured profile up front, so the first frames don't wait for it."""
         for profile in self.profiles.profiles():
             self._prepared(profile)
 
-    def _prepared(self, profile) -> PreparedProfile:
-        key = profile.key()
-        current = self.prepared.get(key)
-        if current is None or (self._reload_due(key) and current.stale()):
-            try:  # references and calibration go through the tower in the precision frames will
-                with self.backbone.computing_in(self.compute_dtype):
-                    self.prepared[key] = PreparedProfile(profile, self.backbone, self.prompts, self.anchors,
-                                                         self.cache, self.precision)
-            except (ValueError, OSError) as err:  # a folder changed under us: keep scoring with what was there
-                if current is None:
-                    raise
-                current.signature = folder_signature(profile)  # tried again at the next change
-                log.warning("profile %s/%s: its folders changed but cannot be read (%s); keeping the previous "
-                            "references and threshold", profile.method, profile.class_name, err)
-            else:
-                if current is not None:
-                    log.info("profile %s/%s re-prepared: its reference or calibration folder changed",
-                             profile.method, profile.class_name)
-        return self.prepared[key]
+    def _prepared(self, profile: StreamProfile) -> PreparedProfile:
+        """The profile prepared, again once its reference or calibration folder changed (``reloader``)."""
+        return self.reloader.get(profile)
 
-    def _reload_due(self, key: str) -> bool:
-        """At most every ``reload_s`` per profile (0: every time) the folders are looked at."""
-        now = time.monotonic()
-        if now - self._reload_at.get(key, 0.0) < self.reload_s:
-            return False
-        self._reload_at[key] = now
-        return True
+    def _prepare(self, profile: StreamProfile) -> PreparedProfile:
+        """A fresh preparation, its references and calibration through the tower in the
+        precision frames will go through."""
+        with self.backbone.computing_in(self.compute_dtype):
+            return PreparedProfile(profile, self.backbone, self.prompts, self.anchors, self.cache, self.precision)
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self, stop: threading.Event, consumer=None, until_idle_s: float | None = None,
@@ -176,7 +180,7 @@ class ScoringWorker:
         try:
             while not stop.is_set() and not (until is not None and until()):
                 waited = pending is None  # a busy poll takes what is there and does not wait
-                records = self._gather(consumer, busy=not waited)
+                records = self.batcher.gather(consumer, first=not self.stats.batches, busy=not waited)
                 self.telemetry.tick(consumer)
                 launched = self.launch(records) if records else None
                 if pending is not None:
@@ -211,23 +215,6 @@ class ScoringWorker:
             consumer.commit(batch.records)
         except (BusError, StopRequested) as err:
             log.warning("the batch in flight at the stop was not published (%s); the group scores it again", err)
-
-    def _gather(self, consumer, busy: bool = False) -> list[Record]:
-        """Up to ``max_batch`` records, waiting at most ``max_wait_ms`` after the first for company.
-        ``busy`` (a batch is in flight on the device): take what is there now; nothing waiting
-        means the pending batch is published first."""
-        size = self.max_batch if self.stats.batches else 1  # the first: one frame, its score at once
-        records = consumer.poll(0.0 if busy else 0.5, size)
-        deadline = time.monotonic() + self.max_wait_s
-        while records and len(records) < size:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            more = consumer.poll(left, size - len(records))
-            if not more:
-                break
-            records += more
-        return records
 
     def handle(self, records: list[Record], producer) -> None:
         """Score ``records`` and publish (scores and dead letters), acknowledged on return."""
@@ -299,7 +286,7 @@ class ScoringWorker:
     def _launch_group(self, frames: list[_Frame], images: torch.Tensor) -> "_Group":
         prepared = self._prepared(self.profiles.for_stream(frames[0].meta.stream))
         picked = time.time()
-        clock = _DeviceClock(self.backbone.device)
+        clock = DeviceClock(self.backbone.device)
         with self.backbone.computing_in(self.compute_dtype):
             result = prepared.method.score(images)
         clock.stop()
@@ -366,20 +353,12 @@ class ScoringWorker:
                 metrics.DEAD_LETTERS.labels("worker", "non_finite_score").inc()
                 self._dead_letter(frame.record, f"the model gave a non-finite score ({value})", producer, meta)
                 continue
-            anomalous = value >= prepared.threshold
             try:
-                message = ScoreMsg(
-                    frame=meta, frame_ref=FrameRef(topic=frame.record.topic, partition=frame.record.partition,
-                                                   offset=frame.record.offset),
-                    image_score=value, threshold=prepared.threshold, anomalous=anomalous,
-                    map=encode_map(anomaly_map), method=prepared.profile.method,
-                    class_name=prepared.profile.class_name, anchor_key=prepared.anchor_key,
-                    model=prepared.model, worker=self.worker_id,
-                    latency=Latency(queue_ms=max(0.0, (group.picked - meta.sent_at) * 1000),
-                                    decode_ms=decode_share_s * 1000, model_ms=model_s * 1000 / len(frames),
-                                    batch_size=len(frames)),
-                    frame_jpeg=frame.record.value if anomalous else None)
-                data = self._fit(message)
+                latency = Latency(queue_ms=max(0.0, (group.picked - meta.sent_at) * 1000),
+                                  decode_ms=decode_share_s * 1000, model_ms=model_s * 1000 / len(frames),
+                                  batch_size=len(frames))
+                message = score_message(frame.record, meta, value, anomaly_map, prepared, self.worker_id, latency)
+                data = encode_within(message, self.bus.max_message_bytes)
                 producer.send(self.results_topic, data, key=meta.stream.encode())
             except (BusError, StopRequested) as err:
                 if not isinstance(err, RecordTooLarge):
@@ -399,24 +378,6 @@ class ScoringWorker:
             metrics.END_TO_END_SECONDS.observe(max(0.0, now - meta.ts))
         return sent
 
-    def _fit(self, message: ScoreMsg) -> bytes:
-        """The score's bytes, within the bus's message size: an anomalous frame too large to
-        travel whole is re-encoded smaller (``frame_jpeg_note="reduced"``) or left out
-        (``"dropped"``); RecordTooLarge if even that does not fit."""
-        data, key = encode(message), message.frame.stream.encode()
-        limit = self.bus.max_message_bytes
-        if record_size(data, key) <= limit or message.frame_jpeg is None:
-            return data
-        bare = encode(message.model_copy(update={"frame_jpeg": None, "frame_jpeg_note": "dropped"}))
-        room = (limit - record_size(bare, key) - 64) * 3 // 4  # base64 inflates the JPEG by 4/3
-        smaller = shrink_jpeg(message.frame_jpeg, room) if room > 0 else None
-        log.warning("frame %s seq %d: its score with the %d-byte frame exceeds the %d-byte message limit; "
-                    "sending it %s", message.frame.stream, message.frame.seq, len(message.frame_jpeg), limit,
-                    "with the frame re-encoded smaller" if smaller else "without the frame")
-        if smaller is None:
-            return bare
-        return encode(message.model_copy(update={"frame_jpeg": smaller, "frame_jpeg_note": "reduced"}))
-
 
 @dataclass
 class _Group:
@@ -424,7 +385,7 @@ class _Group:
     frames: list[_Frame]
     prepared: PreparedProfile
     picked: float  # time.time() the batch went to the model
-    clock: "_DeviceClock"
+    clock: DeviceClock
     scores: torch.Tensor  # [B] on the host once ``ready``
     maps: list[tuple[list[int], torch.Tensor]]  # (rows, [n, h, w] on the host) per wire size
     ready: "torch.cuda.Event | None"  # None: already on the host
@@ -439,78 +400,3 @@ class _Batch:
     groups: list[_Group] = field(default_factory=list)
     dead: list[tuple[Record, str, FrameMeta | None]] = field(default_factory=list)
     ends: list[SessionEnd] = field(default_factory=list)  # forwarded after the scores
-
-
-class _DeviceClock:
-    """The model's time on its device: CUDA events around the queued work (read once it has run),
-    wall time on a CPU (where the work is done when the call returns)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.stream = torch.cuda.current_stream(device)  # the model's device, not the process's current one
-            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.begin.record(self.stream)
-        else:
-            self.began, self.elapsed = time.monotonic(), 0.0
-
-    def stop(self) -> None:
-        if self.cuda:
-            self.end.record(self.stream)
-        else:
-            self.elapsed = time.monotonic() - self.began
-
-    def seconds(self) -> float:
-        """After the work has run (``end`` reached on CUDA)."""
-        return self.begin.elapsed_time(self.end) / 1000.0 if self.cuda else self.elapsed
-
-
-def to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], "torch.cuda.Event | None"]:
-    """Copies of ``tensors`` in host memory. From a GPU they are queued into pinned buffers
-    without blocking, and the returned event marks them done: a later batch's kernels, queued
-    behind them, do not delay them."""
-    if not tensors or tensors[0].device.type != "cuda":
-        return [t.cpu() for t in tensors], None
-    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-    for target, source in zip(host, tensors):
-        target.copy_(source, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record(torch.cuda.current_stream(tensors[0].device))  # the copies' stream, on their device
-    return host, ready
-
-
-def reduce_maps(maps: torch.Tensor, frame_sizes: list[tuple[int, int]],
-                max_side: int = MAP_MAX_SIDE) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """The model's square maps ``[B, S, S]`` as the messages carry them, still on their device:
-    each at its frame's (width, height) aspect (the model saw a squashed square), long side at
-    most ``max_side``, area-averaged, NaN and infinities as 0. Returns the batch rows and the
-    ``[n, h, w]`` maps of each wire size. On a GPU a few KB per frame then cross to the host
-    instead of the whole map (1 MB at 518 px), and the host does no per-frame resizing."""
-    maps = torch.nan_to_num(maps.float(), nan=0.0, posinf=0.0, neginf=0.0)
-    side = maps.shape[-1]
-    rows_by_size: dict[tuple[int, int], list[int]] = {}
-    for row, (width, height) in enumerate(frame_sizes):
-        rows_by_size.setdefault(_wire_size(side, width, height, max_side), []).append(row)
-    rows, reduced = [], []
-    for size, members in rows_by_size.items():
-        group = maps if len(members) == len(frame_sizes) else maps[members]
-        rows.append(members)
-        reduced.append(F.interpolate(group[:, None], size=size, mode="area")[:, 0])
-    return rows, reduced
-
-
-def wire_maps(maps: torch.Tensor, frame_sizes: list[tuple[int, int]], max_side: int = MAP_MAX_SIDE) -> list[np.ndarray]:
-    """``reduce_maps``, on the host, one array per frame in batch order."""
-    out: list[np.ndarray | None] = [None] * len(frame_sizes)
-    for members, reduced in zip(*reduce_maps(maps, frame_sizes, max_side)):
-        for row, anomaly_map in zip(members, reduced.cpu().numpy()):
-            out[row] = anomaly_map
-    return out
-
-
-def _wire_size(side: int, width: int, height: int, max_side: int) -> tuple[int, int]:
-    """(rows, cols) of a ``side``-square map at a width x height frame's aspect, long side <= max_side."""
-    long = min(side, max_side)
-    if width >= height:
-        return max(1, round(long * height / width)), long
-    return long, max(1, round(long * width / height))
