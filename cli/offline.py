@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from . import args as a
 
@@ -68,6 +69,8 @@ def add_parsers(commands) -> None:
 
     methods = commands.add_parser("methods", help="list the registered scoring methods",
                                   description="List every scoring method linewatch has, with one line on what it is; --method NAME picks one in eval, train, run, worker and replay.")
+    methods.add_argument("name", nargs="?", default=None, metavar="NAME",
+                         help="one method: what it is, its options (rule, default, meaning), stages and presets")
     methods.add_argument("--presets", action="store_true", help="also list each method's training presets")
 
 
@@ -185,6 +188,8 @@ def run_methods(args: argparse.Namespace) -> None:
     from ..scoring import plugins
     from ..scoring.methods import METHODS, method_class
 
+    if args.name is not None:
+        return describe_method(method_class(args.name))
     for name in sorted({*METHODS, *plugins.names()}):
         builtin = name in METHODS
         try:
@@ -200,6 +205,30 @@ def run_methods(args: argparse.Namespace) -> None:
             for preset_name in bundled(name).get(name, []):
                 preset, _ = load_preset(name, preset_name)
                 print(f"  --preset {preset_name:<6} {preset.description}\n{'':<19}{describe(preset)}")
+
+
+def describe_method(cls) -> None:
+    """``linewatch methods NAME``: the method's line, its options as its ``Options`` model
+    declares them, what it trains and its presets."""
+    from ..scoring import plugins
+    from ..scoring.preset import bundled, describe, load_preset
+
+    origin = f" (from {plugins.origin(cls.name)})" if cls.name in plugins.names() else ""
+    print(f"{cls.name}: {(cls.__doc__ or '').strip()}{origin}")
+    print("\noptions (--option KEY=VALUE, or a profile's options):")
+    for key, field in cls.Options.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        rule = extra.get("accepts") or getattr(field.annotation, "__name__", str(field.annotation))
+        default = "null" if field.default is None else json.dumps(field.default, default=list)
+        print(f"  {key:<18}{rule}; default {default}")
+        if field.description:
+            print(f"  {'':<18}{field.description}")
+    stages = ", ".join(cls.stages) or "nothing (training-free)"
+    print(f"\ntrains: {stages}")
+    presets = bundled(cls.name).get(cls.name, [])
+    for preset_name in presets:
+        preset, _ = load_preset(cls.name, preset_name)
+        print(f"  --preset {preset_name:<6} {preset.description}\n{'':<11}{describe(preset)}")
 
 
 HANDLERS = {"eval": run_eval, "train": run_train, "methods": run_methods}

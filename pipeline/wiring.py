@@ -110,7 +110,8 @@ def build_worker(bus: Bus, settings: Settings, backbone: Backbone | None = None,
 
     profiles = check_settings(settings)
     prompts = PromptPack.load(settings.worker.prompts)
-    anchors = AnchorCache(settings.redis_url, folder=settings.anchor_dir, redis_options=redis_options(settings))
+    anchors = AnchorCache(settings.redis_url, folder=settings.anchor_dir, redis_options=redis_options(settings),
+                          **({"outages": kwargs["outages"]} if "outages" in kwargs else {}))
     STARTUP.begin((backbone is None) + sum(PreparedProfile.stages(p) for p in profiles.profiles()))
     try:
         if backbone is None:

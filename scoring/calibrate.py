@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .methods import AnomalyMethod
+from .methods.base import without_block
 
 
 class CalibrationError(ValueError):
@@ -43,19 +44,11 @@ def leave_one_out_scores(method: AnomalyMethod, references: torch.Tensor) -> tor
     scores = []
     try:
         for i in range(k):
-            method.set_memory_state({name: _without_block(rows, i, k) for name, rows in full.items()}, meta)
+            method.set_memory_state({name: without_block(rows, i, k) for name, rows in full.items()}, meta)
             scores.append(method.score(references[i:i + 1]).image_score.float().cpu())
     finally:
         method.set_memory_state(full, meta)
     return torch.cat(scores)
-
-
-def _without_block(rows: torch.Tensor, i: int, k: int) -> torch.Tensor:
-    """``rows`` (k equal blocks, one per reference) without block ``i``."""
-    if len(rows) % k:
-        raise ValueError(f"a memory of {len(rows)} rows does not split into {k} references")
-    n = len(rows) // k
-    return torch.cat([rows[:i * n], rows[(i + 1) * n:]])
 
 
 def reference_threshold(method: AnomalyMethod, references: torch.Tensor, margin: float = 0.5) -> float:

@@ -12,6 +12,10 @@ in OUT.
 
 ``--option KEY=VALUE`` (repeatable) sets a method option on top of the preset's, e.g. an
 ablation switch (``--option bicmci=false``); the row records the options used.
+
+``--references`` also scores each trained method with k normal references from train/good (as
+``linewatch train --eval-shots k``), once as the method blends them (its ``text_weight``) and
+once from the references alone (``text_weight=0``): the held-out check of the memory blend.
 """
 
 from __future__ import annotations
@@ -79,17 +83,17 @@ def cached_features(backbone, images, root: str, cache: Path | None, desc: str):
     return features
 
 
-def evaluate(method, features, keys, classes, masks, labels, exclude: set[str], size: int, references=None,
-             anchors: dict | None = None) -> dict:
+def evaluate(method, features, keys, classes, masks, labels, exclude: set[str], size: int,
+             references: dict | None = None, anchors: dict | None = None) -> dict:
     """Metrics on the test images not in ``exclude``, scored from their cached features;
-    ``references`` (normal images) fill the method's few-shot memory; ``anchors`` (by class),
-    when given, spare building them again (hundreds of sentences through the text tower)."""
+    ``references`` (normal images by class) fill the method's few-shot memory; ``anchors`` (by
+    class), when given, spare building them again (hundreds of sentences through the text tower)."""
     keep = [i for i, key in enumerate(keys) if key not in exclude]
     scores, maps, order = [], [], []
     for class_name in sorted(set(classes[i] for i in keep)):
         index = [i for i in keep if classes[i] == class_name]
         order += index
-        method.prepare(class_name, references, anchors=(anchors or {}).get(class_name))
+        method.prepare(class_name, (references or {}).get(class_name), anchors=(anchors or {}).get(class_name))
         with torch.inference_mode():
             for chunk in torch.tensor(index).split(32):
                 result = method.score_features(features.select(chunk), (size, size))
@@ -115,6 +119,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="every stage's epochs (default: the preset's)")
     parser.add_argument("--lr", type=float, default=None, help="every stage's rate (default: the preset's)")
     parser.add_argument("--views", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--references", action="store_true",
+                        help="also score the trained methods with k normal references (blended, and alone)")
     parser.add_argument("--option", dest="options", type=option, action="append", default=[], metavar="KEY=VALUE",
                         help="method option on top of the preset's, repeatable")
     args = parser.parse_args()
@@ -176,6 +182,14 @@ def main() -> None:
                     "untrained": evaluate(create_method(name, backbone, **options), cross_features, *cross[:2],
                                           *cross[3:], set(), size),
                     "trained": evaluate(method, cross_features, *cross[:2], *cross[3:], set(), size)}
+            if args.references and test:
+                references = {c.name: torch.stack([load_image(p, size) for p in c.references(shots, args.seed)])
+                              for c in categories}
+                row["references"] = evaluate(method, test_features, *test[:2], *test[3:], exclude, size, references)
+                blended_weight, method.text_weight = method.text_weight, 0.0
+                row["references_only"] = evaluate(method, test_features, *test[:2], *test[3:], exclude, size,
+                                                  references)
+                method.text_weight = blended_weight
             rows.append(row)
             print(json.dumps(row))
             (out / "table.json").write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2))
@@ -186,10 +200,12 @@ def main() -> None:
         return f"{100 * r['image_auroc']:6.1f} {100 * r['pixel_auroc']:6.1f} {100 * r['aupro']:6.1f}"
     print(f"\npreset {args.preset}; I-AUROC P-AUROC AUPRO on the rest of {args.data}")
     names = [Path(root).name for root in args.cross]
-    print(f"{'method':<10}{'k':>3}  {'untrained':>20}  {'trained':>20}"
+    refs = ["references", "references_only"] if args.references else []
+    print(f"{'method':<10}{'k':>3}  {'untrained':>20}  {'trained':>20}" + "".join(f"  {'trained + ' + r:>20}" for r in refs)
           + "".join(f"  {name + ' untrained':>20}  {name + ' trained':>20}" for name in names))
     for r in rows:
         print(f"{r['method']:<10}{r['shots']:>3}  {fmt(r['untrained'])}  {fmt(r['trained'])}"
+              + "".join(f"  {fmt(r.get(k))}" for k in refs)
               + "".join(f"  {fmt(r['cross'][n]['untrained'])}  {fmt(r['cross'][n]['trained'])}" for n in names))
 
 

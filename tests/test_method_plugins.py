@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from linewatch.synthetic.demo import write_demo_clip
 from linewatch.scoring import plugins
@@ -23,6 +24,7 @@ PLUGIN = '''
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
 from linewatch.scoring.methods.aprilgan import AprilGAN
 
@@ -32,6 +34,14 @@ class PlugGAN(AprilGAN):
 
     name = "plug-gan"
     presets_dir = Path(__file__).parent / "presets"
+
+    class Options(AprilGAN.Options):
+        gain: float = Field(1.0, ge=0, description="scales every score")
+
+    def score_batch(self, images):
+        scores = super().score_batch(images)
+        scores.anomaly_map, scores.image_score = scores.anomaly_map * self.options.gain, scores.image_score * self.options.gain
+        return scores
 
 
 class BatchLeak(AprilGAN):
@@ -106,6 +116,27 @@ def test_the_method_contract_holds_for_a_packaged_method_and_catches_a_broken_on
     assert "its trained state loads back into a fresh instance" in check_method("plug-gan")
     with pytest.raises(AssertionError, match="batch scores differently"):
         check_method("batch-leak")
+
+
+def test_a_packaged_method_declares_its_options(plugin, tmp_path, capsys, tiny):
+    """Its Options model: listed by `linewatch methods NAME`, checked with one line, and used."""
+    from linewatch.cli import main
+    from linewatch.scoring.methods import create_method
+
+    assert main(["methods", "plug-gan"]) in (0, None)
+    listed = capsys.readouterr().out
+    assert "(from linewatch-plug 0.1)" in listed and "scales every score" in listed
+    assert "text_weight" in listed and "within [0, 1]" in listed  # inherited, with the rule in words
+
+    data = make_category(tmp_path / "data", "widget", seed=5)
+    assert main(["eval", "--method", "plug-gan", "--option", "gain=-1", "--data", str(data), "--arch", TINY_ARCH]) == 2
+    err = capsys.readouterr().err
+    assert "plug-gan: gain input should be greater than or equal to 0, got -1" in err and err.count("\n") == 1, err
+
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plain = create_method("plug-gan", tiny).prepare("widget").score(images)
+    doubled = create_method("plug-gan", tiny, gain=2.0).prepare("widget").score(images)
+    torch.testing.assert_close(doubled.image_score, 2 * plain.image_score)
 
 
 def test_a_broken_or_misnamed_package_method_gets_one_line(plugin, tmp_path, capsys):

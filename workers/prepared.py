@@ -4,7 +4,7 @@ reference memory and threshold.
 A prepared profile remembers what its reference and calibration folders held (names, sizes,
 modification times: ``folder_signature``); ``stale()`` tells the worker they changed (the
 console adds a false alarm's frames there), and the worker prepares the profile again, with
-no restart (``ScoringWorker._prepared``). The memory and threshold are cached on disk by the
+no restart (``reloader.ProfileReloader``). The memory and threshold are cached on disk by the
 folders' content (``prepared_cache``), so a restart with the same inputs skips both."""
 
 from __future__ import annotations
@@ -52,18 +52,18 @@ class PreparedProfile:
         paths = reference_paths(profile.references, profile.shots) if profile.references is not None else []
         memory_key = key_of({"model": self.model, "backbone": repr(backbone.config), "method": profile.method,
                              "options": profile.options, "compute": compute, "device": backbone.device.type,
-                             "references": folder_digest(paths)})
+                             "references": folder_digest(paths), "blend": "standardised"})
         references = None
         if paths:
             with STARTUP.stage("reference memory", f"reference memory of {name} ({len(paths)} images)"):
                 cached = cache.load_memory(memory_key)
                 if cached is not None:
                     self.method.prepare(profile.class_name, anchors=text)
-                    self.method.set_memory_state(*cached)
+                    self.method.restore_memory(*cached)
                 else:
                     references = _load(paths, backbone)
                     self.method.prepare(profile.class_name, reference_images=references, anchors=text)
-                    cache.save_memory(memory_key, self.method.memory_state(), self.method.memory_meta())
+                    cache.save_memory(memory_key, *self.method.memory_snapshot())
         else:
             self.method.prepare(profile.class_name, anchors=text)
         if not paths and profile.checkpoint is None and backbone.config.weights == "none":

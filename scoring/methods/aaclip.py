@@ -67,6 +67,7 @@ from torch import nn
 from ..losses import segmentation_loss
 from ..prompts import TextAnchors
 from ..training import state_digest
+from ..options import OPTIONS
 from .base import (
     CLIP_TEMPERATURE,
     AnomalyMethod,
@@ -127,23 +128,19 @@ class AACLIP(AnomalyMethod):
     """Anomaly-aware text anchors (stage 1), patch features aligned to them (stage 2)."""
 
     name = "aa-clip"
+    Options = OPTIONS["aa-clip"]
     version = 2
     version_note = ("v2 follows the authors' code: image score by the abnormal cosine alone, LeakyReLU text "
                     "projection and adapters, bias-free projections, raw-cosine detection loss")
     stages = ("text", "image")
     stage_lr = {"text": 1e-5, "image": 5e-4}  # the authors' rates (their code's defaults)
 
-    def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0,
-                 text_layers: int = 3, adapt_weight: float = 0.1, orthogonal_weight: float = 0.1,
-                 prompt_sample: int | None = 16, memory_bank: bool = True):
-        super().__init__(backbone, prompts, text_weight, memory_bank)
-        if not isinstance(text_layers, int) or text_layers < 1:
-            raise ValueError(f"text_layers must be a whole number >= 1, got {text_layers!r}")
-        if prompt_sample is not None and (not isinstance(prompt_sample, int) or prompt_sample < 1):
-            raise ValueError(f"prompt_sample must be a whole number >= 1 or null (every sentence), "
-                             f"got {prompt_sample!r}")
-        text_layers = min(text_layers, len(backbone.clip.transformer.resblocks))  # shallow test towers
-        self.sigma, self.orthogonal_weight, self.prompt_sample = sigma, orthogonal_weight, prompt_sample
+    def __init__(self, backbone, prompts=None, **options):
+        super().__init__(backbone, prompts, **options)
+        o = self.options
+        text_layers = min(o.text_layers, len(backbone.clip.transformer.resblocks))  # shallow test towers
+        adapt_weight = o.adapt_weight
+        self.sigma, self.orthogonal_weight, self.prompt_sample = o.sigma, o.orthogonal_weight, o.prompt_sample
         text_width, width, dim = backbone.clip.transformer.width, backbone.width, backbone.embed_dim
         with seeded_init():
             self.text = nn.ModuleDict({

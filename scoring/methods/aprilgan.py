@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import segmentation_loss
+from ..options import OPTIONS
 from .base import (
     CLIP_TEMPERATURE,
     AnomalyMethod,
@@ -45,14 +46,13 @@ class AprilGAN(FixedAnchorTraining, AnomalyMethod):
     """Multi-level patch-text similarity through trainable projections; few-shot adds a patch memory."""
 
     name = "aprilgan"
+    Options = OPTIONS["aprilgan"]
     stages = ("projections",)
     stage_lr = {"projections": 1e-3}  # the authors' Adam rate
 
-    def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0, memory_bank: bool = True):
-        super().__init__(backbone, prompts, text_weight, memory_bank)
-        if not isinstance(sigma, (int, float)) or sigma < 0:
-            raise ValueError(f"sigma must be a number >= 0, got {sigma!r}")
-        self.sigma = sigma
+    def __init__(self, backbone, prompts=None, **options):
+        super().__init__(backbone, prompts, **options)
+        self.sigma = self.options.sigma
         proj = backbone.clip.visual.proj.detach()  # [W, D]
         self.projections = nn.ModuleList(nn.Linear(backbone.width, backbone.embed_dim) for _ in backbone.layers)
         with torch.no_grad():

@@ -70,6 +70,7 @@ from torch import nn
 
 from ..graph_layers import GraphConvolution, SqueezeExcitation, knn_affinities, normalised_adjacency, resolve_neighbours
 from ..losses import focal_loss, segmentation_loss
+from ..options import OPTIONS
 from .base import (
     CLIP_TEMPERATURE,
     AnomalyMethod,
@@ -139,37 +140,23 @@ def abnormal_share(embeds: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     return share[:, 0] if flat else share
 
 
-def _whole(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-    return value
-
-
 @register_method
 class BagCLIP(FixedAnchorTraining, AnomalyMethod):
     """SAFR-recalibrated multi-level details, a kNN graph over the patches (SAG), joint fusion (JFF)."""
 
     name = "bag-clip"
+    Options = OPTIONS["bag-clip"]
     stages = ("head",)
     stage_lr = {"head": 1e-3}  # paper §4.1.3
 
-    def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0,
-                 neighbours: float = 15, gcn_layers: int = 5, graph_width: int = 464, reduction: int = 16,
-                 safr: bool = True, memory_bank: bool = True):
-        super().__init__(backbone, prompts, text_weight, memory_bank)
-        if isinstance(neighbours, bool) or not (isinstance(neighbours, int) and neighbours >= 2
-                                                or isinstance(neighbours, float) and 0 < neighbours < 1):
-            raise ValueError(f"neighbours must be a whole number >= 2 (K) or a share of the grid in (0, 1), "
-                             f"got {neighbours!r}")
-        if not isinstance(sigma, (int, float)) or sigma < 0:
-            raise ValueError(f"sigma must be a number >= 0, got {sigma!r}")
-        if not isinstance(safr, bool):
-            raise ValueError(f"safr must be true or false, got {safr!r}")
-        self.sigma = sigma
+    def __init__(self, backbone, prompts=None, **options):
+        super().__init__(backbone, prompts, **options)
+        o = self.options
+        self.sigma = o.sigma
         with seeded_init():
             self.model = BagClipModel(backbone.width, len(backbone.layers), backbone.embed_dim,
-                                      backbone.clip.visual.proj.detach(), neighbours, _whole("gcn_layers", gcn_layers, 0),
-                                      _whole("graph_width", graph_width, 1), _whole("reduction", reduction, 1), safr)
+                                      backbone.clip.visual.proj.detach(), o.neighbours, o.gcn_layers, o.graph_width,
+                                      o.reduction, o.safr)
         self.model.to(backbone.device).requires_grad_(False)
 
     def outputs(self, features, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,6 @@ fetch anchors from a cache by key instead of re-encoding prompts in every worker
 
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
@@ -25,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import Backbone, VisualFeatures
+from ..blend import BlendScales, blend
 from .. import plugins
-from ..options import OPTIONS
-from ..options import check_options as check_values
+from ..options import MethodOptions, validate
 from ..prompts import PromptPack, TextAnchors, anchor_key, mean_anchor
 
 CLIP_TEMPERATURE = 100.0  # CLIP's trained logit scale; the papers score text similarity with it
@@ -50,21 +49,23 @@ class AnomalyMethod(nn.Module):
     # a backbone without it is refused at construction, with the flag that adds it.
     needs_vv_attention: ClassVar[bool] = False
 
-    def __init__(self, backbone: Backbone, prompts: PromptPack | None = None, text_weight: float = 0.5,
-                 memory_bank: bool = True):
+    # The options it takes, with their rules, defaults and meaning (``scoring.options``): a
+    # subclass of ``MethodOptions``. The constructor validates its keyword options through it.
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+
+    def __init__(self, backbone: Backbone, prompts: PromptPack | None = None, **options):
         super().__init__()
-        if not isinstance(text_weight, (int, float)) or not 0.0 <= text_weight <= 1.0:
-            raise ValueError(f"text_weight must be within [0, 1], got {text_weight!r}")
-        if not isinstance(memory_bank, bool):
-            raise ValueError(f"memory_bank must be true or false, got {memory_bank!r}")
+        self.options = validate(self.Options, self.name or type(self).__name__, options)
         self.check_backbone(backbone.config)
-        self.text_weight = text_weight
-        self.memory_bank = memory_bank  # False: references are refused (MadCLIP and AA-CLIP use no memory bank)
+        self.text_weight = self.options.text_weight
+        self.memory_bank = self.options.memory_bank  # False: references are refused (MadCLIP and AA-CLIP use no memory bank)
         self.backbone = backbone
         self.prompt_pack = prompts or PromptPack.load()
         self.class_name: str | None = None
         self.anchors: TextAnchors | None = None
         self.memory: list[torch.Tensor] | None = None
+        self.blend_scales: BlendScales | None = None  # measured by prepare (``scoring.blend``)
+        self._blend_terms: list | None = None  # while measuring them: each reference's terms
 
     @classmethod
     def check_backbone(cls, config) -> None:
@@ -103,9 +104,51 @@ class AnomalyMethod(nn.Module):
                              "so it takes no reference images: score zero-shot (eval --shots 0, no --references), "
                              "or train with --option memory_bank=true")
         anchors = (anchors or self.build_anchors(class_name)).to(self.backbone.device)
-        self.fit_references(None if reference_images is None else self._checked(reference_images))
+        references = None if reference_images is None else self._checked(reference_images)
+        self.blend_scales = None
+        self.fit_references(references)
         self.anchors, self.class_name = anchors, class_name
+        if references is not None and len(references) > 1 and 0 < self.text_weight < 1:
+            try:
+                self.blend_scales = self.measure_blend(references)
+            except BaseException:
+                self.anchors, self.class_name = None, None
+                raise
         return self
+
+    def measure_blend(self, references: torch.Tensor) -> BlendScales:
+        """Each blend term's scale on normal images (``scoring.blend``): every reference scored
+        with the others as its memory (their rows taken out of ``memory_state``), the terms
+        recorded as they reach ``blend``. The full memory is back in place on return."""
+        full, meta = self.memory_state(), self.memory_meta()
+        k, terms = len(references), []
+        self._blend_terms = terms
+        try:
+            for i in range(k):
+                self.set_memory_state({name: without_block(rows, i, k) for name, rows in full.items()}, meta)
+                self.score_batch(references[i:i + 1])
+        finally:
+            self._blend_terms = None
+            self.set_memory_state(full, meta)
+        if len(terms) != k:
+            raise RuntimeError(f"{self.name}: {len(terms)} blends for {k} references; score_batch must call blend "
+                               "once per batch when it holds a memory")
+        return BlendScales.measure(terms)
+
+    def memory_snapshot(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The prepared memory as the start-up cache keeps it: ``memory_state``, and
+        ``memory_meta`` with the blend's scales."""
+        meta = dict(self.memory_meta())
+        if self.blend_scales is not None:
+            meta["blend_scales"] = self.blend_scales.as_meta()
+        return self.memory_state(), meta
+
+    def restore_memory(self, state: dict[str, torch.Tensor], meta: dict | None) -> None:
+        """Install a ``memory_snapshot`` (of this method, backbone and options)."""
+        meta = dict(meta or {})
+        scales = BlendScales.from_meta(meta.pop("blend_scales", None))
+        self.set_memory_state(state, meta)
+        self.blend_scales = scales
 
     @torch.inference_mode()
     def score(self, images: torch.Tensor) -> AnomalyScores:
@@ -212,14 +255,13 @@ class AnomalyMethod(nn.Module):
         return AnomalyScores(image_score, gaussian_blur(anomaly_map, self.sigma))
 
     def blend(self, text_map: torch.Tensor, text_score: torch.Tensor, reference_map: torch.Tensor):
-        """Few-shot result: text (zero-shot) and reference-memory evidence, weighted by `text_weight`.
-
+        """Few-shot result: text (zero-shot or trained head) and reference-memory evidence,
+        ``text_weight`` of the first, each on its scale on normal images (``scoring.blend``).
         The papers weigh both equally (0.5). With weights whose text side is meaningless
-        (random init) or a domain far from CLIP's, 0 scores from the references alone.
-        """
-        w = self.text_weight
-        return (w * text_map + (1 - w) * reference_map,
-                w * text_score + (1 - w) * reference_map.flatten(1).amax(dim=1))
+        (random init) or a domain far from CLIP's, 0 scores from the references alone."""
+        if self._blend_terms is not None:
+            self._blend_terms.append((text_map, text_score, reference_map))
+        return blend(text_map, text_score, reference_map, self.text_weight, self.blend_scales)
 
     def abnormal_probability(self, embeds: torch.Tensor) -> torch.Tensor:
         """softmax over (normal, abnormal) of temperature-scaled cosine similarity; [...] -> [...]."""
@@ -263,6 +305,14 @@ def nearest_distance(queries: torch.Tensor, memory: torch.Tensor, chunk: int = 1
     return (1.0 - best).view(queries.shape[:-1])
 
 
+def without_block(rows: torch.Tensor, i: int, k: int) -> torch.Tensor:
+    """``rows`` (k equal blocks, one per reference, as ``memory_state`` keeps them) without block ``i``."""
+    if len(rows) % k:
+        raise ValueError(f"a memory of {len(rows)} rows does not split into {k} references")
+    n = len(rows) // k
+    return torch.cat([rows[:i * n], rows[(i + 1) * n:]])
+
+
 def upsample(grid_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[B, h, w] -> [B, H, W], bilinear."""
     return F.interpolate(grid_maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
@@ -304,19 +354,11 @@ def method_class(name: str) -> type[AnomalyMethod]:
 
 def create_method(name: str, backbone: Backbone, prompts: PromptPack | None = None, **options) -> AnomalyMethod:
     check_options(name, options)
-    try:
-        return METHODS[name](backbone, prompts, **options)
-    except TypeError as err:  # e.g. text_weight="abc"
-        raise ValueError(f"{name}: bad option value in {options}: {err}") from None
+    return method_class(name)(backbone, prompts, **options)
 
 
 def check_options(name: str, options: dict) -> None:
-    """Name, option names and values (cheap: runs before any model is built; without torch,
-    ``scoring.options.check_options`` does the same for the bundled methods)."""
-    accepted = {p for c in method_class(name).__mro__ if "__init__" in vars(c)
-                for p in inspect.signature(c.__init__).parameters} - {"self", "backbone", "prompts", "args", "kwargs"}
-    unknown = set(options) - accepted
-    if unknown:
-        raise ValueError(f"{name} has no option {', '.join(sorted(unknown))}; options: {', '.join(sorted(accepted))}")
-    if name in OPTIONS:  # the values too (a method registered elsewhere is checked by its constructor)
-        check_values(name, options)
+    """Name, option names and values through the method's ``Options`` (cheap: runs before any
+    model is built; without torch, ``scoring.options.check_options`` does the same for the
+    bundled methods)."""
+    validate(method_class(name).Options, name, options)

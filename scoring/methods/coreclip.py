@@ -68,6 +68,7 @@ from ..losses import segmentation_loss
 from ..prompts import TextAnchors, mean_anchor
 from ..training import VIEWS, state_digest
 from .aaclip import ensemble_anchors
+from ..options import OPTIONS
 from .base import AnomalyMethod, AnomalyScores, gaussian_blur, register_method, seeded_init, upsample
 from .coreclip_model import (
     BRANCHES,
@@ -95,33 +96,18 @@ class CoReCLIP(AnomalyMethod):
     """Subject / context / global residual branches fused by text-conditioned attention."""
 
     name = "core-clip"
+    Options = OPTIONS["core-clip"]
     stages = ("text", "image")
     stage_lr = {"text": 1e-5, "image": 5e-4}  # AA-CLIP's (the summary gives none)
 
-    def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0, text_layers: int = 3,
-                 adapt_weight: float = 0.1, branches: list[str] | tuple[str, ...] = BRANCHES, fusion: str = "crm",
-                 loss_weights: dict | None = None, prompt_sample: int | None = 16, memory_bank: bool = True):
-        super().__init__(backbone, prompts, text_weight, memory_bank)
-        if not isinstance(text_layers, int) or text_layers < 1:
-            raise ValueError(f"text_layers must be a whole number >= 1, got {text_layers!r}")
-        if not isinstance(sigma, (int, float)) or sigma < 0:
-            raise ValueError(f"sigma must be a number >= 0, got {sigma!r}")
-        if not isinstance(adapt_weight, (int, float)) or not 0 < adapt_weight < 1:
-            raise ValueError(f"adapt_weight must be within (0, 1), got {adapt_weight!r}")
-        if (isinstance(branches, str) or not branches or len(set(branches)) != len(branches)
-                or not set(branches) <= set(BRANCHES)):
-            raise ValueError(f"branches must be a list of distinct names from {', '.join(BRANCHES)}, got {branches!r}")
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
-        weights = dict(loss_weights or {})
-        if set(weights) - set(LOSS_WEIGHTS) or not all(isinstance(v, (int, float)) and v >= 0 for v in weights.values()):
-            raise ValueError(f"loss_weights takes numbers >= 0 for {', '.join(LOSS_WEIGHTS)}, got {loss_weights!r}")
-        if prompt_sample is not None and (not isinstance(prompt_sample, int) or prompt_sample < 1):
-            raise ValueError(f"prompt_sample must be a whole number >= 1 or null (every sentence), got {prompt_sample!r}")
-        self.sigma, self.prompt_sample, self.fusion = sigma, prompt_sample, fusion
-        self.branches = tuple(b for b in BRANCHES if b in branches)  # one order whatever the option's
-        self.weights = {**LOSS_WEIGHTS, **weights}
-        text_layers = min(text_layers, len(backbone.clip.transformer.resblocks))  # shallow test towers
+    def __init__(self, backbone, prompts=None, **options):
+        super().__init__(backbone, prompts, **options)
+        o = self.options
+        adapt_weight, fusion = o.adapt_weight, o.fusion
+        self.sigma, self.prompt_sample, self.fusion = o.sigma, o.prompt_sample, fusion
+        self.branches = tuple(b for b in BRANCHES if b in o.branches)  # one order whatever the option's
+        self.weights = {**LOSS_WEIGHTS, **(o.loss_weights or {})}
+        text_layers = min(o.text_layers, len(backbone.clip.transformer.resblocks))  # shallow test towers
         with seeded_init():
             self.text = nn.ModuleList(GatedResidualAdapter(backbone.clip.transformer.width, adapt_weight)
                                       for _ in range(text_layers))

@@ -80,6 +80,7 @@ from ..knowledge import KnowledgePack, describe_anomaly
 from ..losses import knowledge_loss, segmentation_loss
 from ..prompts import TextAnchors, anchor_key
 from ..training import state_digest
+from ..options import OPTIONS
 from .base import (
     CLIP_TEMPERATURE,
     AnomalyMethod,
@@ -99,24 +100,17 @@ class KAnoCLIP(AnomalyMethod):
     """Knowledge-driven learnable prompts, CLIP-VV local features, Bi-CMCI maps, Conv-Adapter score."""
 
     name = "kanoclip"
+    Options = OPTIONS["kanoclip"]
     needs_vv_attention = True
     stages = ("joint",)  # §2.5: one joint optimisation of everything trained
     stage_lr = {"joint": 1e-3}  # the paper is silent; AnomalyCLIP's train.py --learning_rate
 
-    def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0,
-                 context_words: int = 12, knowledge: str | dict | None = None, knowledge_weight: float = 1.0,
-                 clip_vv: bool = True, bicmci: bool = True, conv_adapter: bool = True, memory_bank: bool = True):
-        super().__init__(backbone, prompts, text_weight, memory_bank)
-        if not isinstance(context_words, int) or not 1 <= context_words <= 32:
-            raise ValueError(f"context_words must be within 1..32, got {context_words!r}")
-        for option, value in (("sigma", sigma), ("knowledge_weight", knowledge_weight)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{option} must be a number >= 0, got {value!r}")
-        for option, value in (("clip_vv", clip_vv), ("bicmci", bicmci), ("conv_adapter", conv_adapter)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{option} must be true or false, got {value!r}")
-        self.sigma, self.context_words, self.knowledge_weight, self.clip_vv = sigma, context_words, knowledge_weight, clip_vv
-        self.knowledge = load_knowledge(knowledge)
+    def __init__(self, backbone, prompts=None, **options):
+        super().__init__(backbone, prompts, **options)
+        o = self.options
+        context_words, bicmci, conv_adapter = o.context_words, o.bicmci, o.conv_adapter
+        self.sigma, self.context_words, self.knowledge_weight, self.clip_vv = o.sigma, context_words, o.knowledge_weight, o.clip_vv
+        self.knowledge = load_knowledge(o.knowledge)
         text_width, dim = backbone.clip.transformer.width, backbone.embed_dim
         with seeded_init():
             self.contexts = nn.ParameterDict({state: nn.Parameter(0.02 * torch.randn(context_words, text_width))

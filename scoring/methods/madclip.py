@@ -62,6 +62,7 @@ from torch import nn
 from ..losses import dice_loss, focal_loss, siglip_loss
 from ..prompts import TextAnchors
 from ..training import state_digest
+from ..options import OPTIONS
 from .base import (
     AnomalyMethod,
     AnomalyScores,
@@ -106,25 +107,21 @@ class MadCLIP(AnomalyMethod):
     """Dual normal/abnormal adapters with detection and segmentation heads, learnable prompts, SigLIP."""
 
     name = "madclip"
+    Options = OPTIONS["madclip"]
     version = 2
     version_note = ("v2 follows the authors' code: per-patch SigLIP without temperature or bias, raw-cosine "
                     "scores, a context per synonym and placement, bias-free adapters")
     stages = ("adapters",)
     stage_lr = {"adapters": 1e-3}  # the paper's Adam rate
 
-    def __init__(self, backbone, prompts=None, text_weight: float = 0.5, sigma: float = 4.0, context_words: int = 8,
-                 memory_bank: bool = True):
-        super().__init__(backbone, prompts, text_weight, memory_bank)
-        if not isinstance(context_words, int) or not 2 <= context_words <= 32:
-            raise ValueError(f"context_words must be within 2..32, got {context_words!r}")
-        if not isinstance(sigma, (int, float)) or sigma < 0:
-            raise ValueError(f"sigma must be a number >= 0, got {sigma!r}")
-        self.sigma, self.context_words = sigma, context_words
+    def __init__(self, backbone, prompts=None, **options):
+        super().__init__(backbone, prompts, **options)
+        self.sigma, self.context_words = self.options.sigma, self.options.context_words
         text_width, width, dim = backbone.clip.transformer.width, backbone.width, backbone.embed_dim
         states = self.prompt_pack.states
         with seeded_init():  # one context per shared synonym, one for a class's own phrases; per placement
             self.text = nn.ParameterDict({
-                state: nn.Parameter(0.02 * torch.randn(len(phrases) + 1, len(PLACEMENTS), context_words, text_width))
+                state: nn.Parameter(0.02 * torch.randn(len(phrases) + 1, len(PLACEMENTS), self.context_words, text_width))
                 for state, phrases in (("normal", states.normal), ("abnormal", states.abnormal))})
             self.adapters = nn.ModuleDict({branch: nn.ModuleList(BranchAdapter(width, dim) for _ in backbone.layers)
                                            for branch in ("normal", "abnormal")})

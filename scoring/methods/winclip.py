@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..options import OPTIONS
 from .base import (
     AnomalyMethod,
     AnomalyScores,
@@ -64,13 +65,11 @@ class WinCLIP(AnomalyMethod):
     """Window-level zero-shot text scores; WinCLIP+ adds a reference window/patch memory."""
 
     name = "winclip"
+    Options = OPTIONS["winclip"]
 
-    def __init__(self, backbone, prompts=None, text_weight: float = 0.5, window_sizes: tuple[int, ...] = (2, 3),
-                 memory_bank: bool = True):
-        super().__init__(backbone, prompts, text_weight, memory_bank)
-        if not window_sizes or not all(isinstance(s, int) and s >= 1 for s in window_sizes):
-            raise ValueError(f"window_sizes must be a list of positive patch counts, got {window_sizes!r}")
-        self.window_sizes = tuple(window_sizes)
+    def __init__(self, backbone, prompts=None, **options):
+        super().__init__(backbone, prompts, **options)
+        self.window_sizes = tuple(self.options.window_sizes)
         self.penultimate = (max(backbone.depth - 1, 1),)
         self.memory: dict[str, torch.Tensor] | None = None
         self.memory_grid: tuple[int, int] | None = None
