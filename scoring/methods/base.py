@@ -28,6 +28,7 @@ from ..blend import BlendScales, blend
 from .. import plugins
 from ..options import MethodOptions, validate
 from ..prompts import PromptPack, TextAnchors, anchor_key, mean_anchor
+from ..training import extract_features
 
 CLIP_TEMPERATURE = 100.0  # CLIP's trained logit scale; the papers score text similarity with it
 
@@ -66,6 +67,7 @@ class AnomalyMethod(nn.Module):
         self.memory: list[torch.Tensor] | None = None
         self.blend_scales: BlendScales | None = None  # measured by prepare (``scoring.blend``)
         self._blend_terms: list | None = None  # while measuring them: each reference's terms
+        self._reference_features: VisualFeatures | None = None  # the last references' features, until measured
 
     @classmethod
     def check_backbone(cls, config) -> None:
@@ -108,12 +110,14 @@ class AnomalyMethod(nn.Module):
         self.blend_scales = None
         self.fit_references(references)
         self.anchors, self.class_name = anchors, class_name
-        if references is not None and len(references) > 1 and 0 < self.text_weight < 1:
-            try:
+        try:
+            if references is not None and len(references) > 1 and 0 < self.text_weight < 1:
                 self.blend_scales = self.measure_blend(references)
-            except BaseException:
-                self.anchors, self.class_name = None, None
-                raise
+        except BaseException:
+            self.anchors, self.class_name = None, None
+            raise
+        finally:
+            self._reference_features = None
         return self
 
     def measure_blend(self, references: torch.Tensor) -> BlendScales:
@@ -122,11 +126,18 @@ class AnomalyMethod(nn.Module):
         recorded as they reach ``blend``. The full memory is back in place on return."""
         full, meta = self.memory_state(), self.memory_meta()
         k, terms = len(references), []
+        # A method scoring from backbone features reuses the ones its memory was built from
+        # (no second backbone pass over the references); one scoring from images runs them again.
+        features = self._reference_features if type(self).score_batch is AnomalyMethod.score_batch else None
+        size = tuple(references.shape[-2:])
         self._blend_terms = terms
         try:
             for i in range(k):
                 self.set_memory_state({name: without_block(rows, i, k) for name, rows in full.items()}, meta)
-                self.score_batch(references[i:i + 1])
+                if features is not None:
+                    self.score_features(features.select(torch.tensor([i])), size)
+                else:
+                    self.score_batch(references[i:i + 1])
         finally:
             self._blend_terms = None
             self.set_memory_state(full, meta)
@@ -168,8 +179,8 @@ class AnomalyMethod(nn.Module):
         if images is None:
             self.memory = None
             return
-        levels = [self.backbone(chunk).patch_tokens for chunk in images.split(8)]
-        self.memory = [torch.cat([per_chunk[i] for per_chunk in levels]).flatten(0, 1) for i in range(len(levels[0]))]
+        self._reference_features = extract_features(self.backbone, images)
+        self.memory = [level.flatten(0, 1) for level in self._reference_features.patch_tokens]
 
     def memory_state(self) -> dict[str, torch.Tensor]:
         """The reference memory as named tensors whose rows run reference by reference (the k
