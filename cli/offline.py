@@ -19,7 +19,7 @@ def add_parsers(commands) -> None:
     ev.add_argument("--shots", type=int, default=0, help="normal reference images from train/good (0: zero-shot)")
     ev.add_argument("--prompts", default=None, help="prompt pack YAML (default: the bundled pack)")
     ev.add_argument("--option", dest="options", type=a.option, action="append", default=[], metavar="KEY=VALUE",
-                    help="method option, repeatable, e.g. text_weight=0 (see each method's docstring)")
+                    help="method option, repeatable, e.g. text_weight=0 (linewatch methods NAME lists them)")
     ev.add_argument("--batch-size", type=a.positive, default=8,
                     help="test images scored together (default 8); more is faster and takes more memory")
     ev.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON here")
@@ -63,7 +63,7 @@ def add_parsers(commands) -> None:
     tr.add_argument("--json", dest="json_out", default=None, help="with --eval, also write the report as JSON here")
     tr.add_argument("--prompts", default=None, help="prompt pack YAML (default: the bundled pack)")
     tr.add_argument("--option", dest="options", type=a.option, action="append", default=[], metavar="KEY=VALUE",
-                    help="method option, repeatable, on top of the preset's (see each method's docstring)")
+                    help="method option, repeatable, on top of the preset's (linewatch methods NAME lists them)")
     a.add_backbone(tr)
     a.metavars(tr)
 

@@ -8,7 +8,7 @@ A package registers a method by naming its class in its metadata (``pyproject.to
 The entry point's name is the method's name (the class's ``name`` must be the same). Listing the
 names reads the installed packages' metadata only (no import, no torch); the class is imported
 when the method is first used. A class may carry ``presets_dir``: a folder of ``<preset>.json``
-files, read like ``scoring/presets/<method>/``. Its options are checked by its constructor (the
+files, read like a bundled method's ``scoring/methods/<folder>/presets/``. Its options are checked by its constructor (the
 bundled methods' are also checked before torch loads, in ``scoring/options.py``).
 ``linewatch.testing.check_method`` runs the method contract on a plugin's method.
 """

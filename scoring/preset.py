@@ -1,6 +1,7 @@
 """Training presets as data: one small JSON file per method and preset, like open_clip's
-model configs. ``scoring/presets/<method>/<preset>.json`` ships with linewatch; a user's
-own file works the same way (``linewatch train --preset my.json``).
+model configs. ``scoring/methods/<folder>/presets/<preset>.json`` ships with linewatch (the
+folder is the method's name without hyphens: ``aa-clip`` -> ``aaclip``); a user's own file
+works the same way (``linewatch train --preset my.json``).
 
 Every trained method ships two:
   * ``paper``  the paper's (or, where it is silent, the authors' code's) backbone, image size,
@@ -21,10 +22,10 @@ A file (all keys but ``options`` and the optional ones required; unknown keys ar
      "source": {"backbone": "paper §3 ...", "training.stages.adapters.lr": "train.py --learning_rate ..."}}
 
 How to add a preset (for a new method too):
-  1. Write ``scoring/presets/<method>/<name>.json``. ``backbone.weights`` is an open_clip tag
+  1. Write ``scoring/methods/<folder>/presets/<name>.json``. ``backbone.weights`` is an open_clip tag
      (or omit it: the command's ``--weights``, ``none`` by default); ``image_size`` must be a
-     multiple of the patch size; ``options`` are the method's constructor options (see its
-     docstring; checked by name); ``training.stages`` names every stage of the method
+     multiple of the patch size; ``options`` are the method's options (``linewatch methods
+     NAME`` lists them; checked by name); ``training.stages`` names every stage of the method
      (``METHODS[name].stages``), in any order; ``shots`` only when the paper fixes them.
   2. ``source`` says where each number comes from: a key is a field path (``backbone``,
      ``training.stages.text.lr``, ``options.sigma``) and covers everything under it. Every
@@ -32,7 +33,7 @@ How to add a preset (for a new method too):
      section or the authors' repository and file; say where a number is ours and why.
   3. ``python -m pytest tests/test_presets.py`` validates every bundled file; ``linewatch
      methods --presets`` lists it. Write any way the preset departs from the paper in the
-     method's docstring and the README's deviations list.
+     method's README (``scoring/methods/<folder>/README.md``), in its deviations list.
 Flags given to ``linewatch train`` override the preset's values; the checkpoint header records
 the preset's name, file and content digest, and the settings actually used.
 """
@@ -46,7 +47,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PRESET_DIR = Path(__file__).parent / "presets"
+METHODS_DIR = Path(__file__).parent / "methods"
 DEFAULT_PRESET = "cpu"
 
 
@@ -140,17 +141,23 @@ def _covered(path: str, source: dict[str, str]) -> bool:
     return any(".".join(parts[:i]) in source for i in range(1, len(parts) + 1))
 
 
+def bundled_folder(method: str) -> Path:
+    """A bundled method's presets: ``presets/`` in its folder, ``scoring/methods/<name without
+    hyphens>/`` (``tests/test_layout.py`` holds every bundled method to that folder name)."""
+    return METHODS_DIR / method.replace("-", "") / "presets"
+
+
 def shipped_folder(method: str) -> Path:
     """Where ``method``'s shipped presets are: linewatch's own folder, or for a package's method
     (``scoring.plugins``) its class's ``presets_dir``."""
     from .plugins import names
 
-    if method not in names() or (PRESET_DIR / method).is_dir():
-        return PRESET_DIR / method
+    if method not in names() or bundled_folder(method).is_dir():
+        return bundled_folder(method)
     from .methods import method_class
 
     folder = getattr(method_class(method), "presets_dir", None)
-    return Path(folder) if folder else PRESET_DIR / method
+    return Path(folder) if folder else bundled_folder(method)
 
 
 def bundled(method: str | None = None) -> dict[str, list[str]]:
@@ -159,10 +166,10 @@ def bundled(method: str | None = None) -> dict[str, list[str]]:
     if method is not None:
         names = sorted(path.stem for path in shipped_folder(method).glob("*.json"))
         return {method: names} if names else {}
-    found: dict[str, list[str]] = {}
-    for path in sorted(PRESET_DIR.glob("*/*.json")):
-        found.setdefault(path.parent.name, []).append(path.stem)
-    return found
+    from .options import OPTIONS  # the bundled methods' names, without torch
+
+    found = {name: sorted(path.stem for path in bundled_folder(name).glob("*.json")) for name in sorted(OPTIONS)}
+    return {name: names for name, names in found.items() if names}
 
 
 def preset_path(method: str | None, spec: str) -> Path:

@@ -12,7 +12,7 @@ subject alone and the scene without it, made from each image's optional subject 
 
 Methods train in stages (AA-CLIP has two); each stage names its parameters and its loss,
 and may have its own epochs, batch size, rate and step schedule (``StageSchedule``, which the
-presets in ``scoring/presets/`` fill in). The optimiser is Adam (or AdamW) with the
+presets in ``scoring/methods/<folder>/presets/`` fill in). The optimiser is Adam (or AdamW) with the
 configured betas.
 """
 

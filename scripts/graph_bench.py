@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from linewatch.scoring.graph_layers import knn_affinities, normalised_adjacency, resolve_neighbours
-from linewatch.scoring.methods.bagclip import BagClipModel
+from linewatch.scoring.methods.bagclip.model import (BagClipModel, knn_affinities, normalised_adjacency,
+                                                     resolve_neighbours)
 
 
 def timed_once(step, device: torch.device) -> float:

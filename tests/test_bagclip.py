@@ -14,15 +14,16 @@ from linewatch.cli import main
 from linewatch.synthetic.demo import write_demo_clip
 from linewatch.scoring.backbone import TINY_ARCH, Backbone, BackboneConfig
 from linewatch.scoring.checkpoint import CheckpointError, load_checkpoint, read_header, save_checkpoint
-from linewatch.scoring.graph_layers import (
+from linewatch.scoring.methods import create_method
+from linewatch.scoring.methods.bagclip.model import (
+    BagClipModel,
     GraphConvolution,
     SqueezeExcitation,
+    abnormal_share,
     knn_affinities,
     normalised_adjacency,
     resolve_neighbours,
 )
-from linewatch.scoring.methods import create_method
-from linewatch.scoring.methods.bagclip import BagClipModel, abnormal_share
 from linewatch.scoring.methods.base import gaussian_blur, upsample
 from linewatch.scoring.prompts import PromptPack
 from linewatch.scoring.training import TrainBatch, TrainConfig, TrainingSet, extract_features, fit

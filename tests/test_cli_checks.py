@@ -117,7 +117,7 @@ def test_a_bad_option_flag_fails_before_the_settings_load(command, clip, monkeyp
 def test_every_method_s_options_are_in_the_torch_free_table():
     from linewatch.scoring.methods import METHODS
     from linewatch.scoring.methods.coreclip import FUSIONS, LOSS_WEIGHTS
-    from linewatch.scoring.methods.coreclip_model import BRANCHES
+    from linewatch.scoring.methods.coreclip.model import BRANCHES
     from linewatch.scoring.options import CORECLIP_BRANCHES, CORECLIP_FUSIONS, CORECLIP_LOSSES, OPTIONS
 
     assert set(OPTIONS) == set(METHODS)

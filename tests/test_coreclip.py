@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from linewatch.offline.datasets import DatasetError, find_categories
 from linewatch.offline.fewshot import training_set
 from linewatch.scoring.methods import create_method
-from linewatch.scoring.methods.coreclip_model import (
+from linewatch.scoring.methods.coreclip.model import (
     TextConditionedFusion,
     alpha_consistency,
     alpha_entropy,

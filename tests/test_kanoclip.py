@@ -15,11 +15,11 @@ import yaml
 from linewatch.cli import main
 from linewatch.scoring.backbone import TINY_ARCH, Backbone, BackboneConfig
 from linewatch.scoring.checkpoint import CheckpointError, load_checkpoint, read_header, save_checkpoint
-from linewatch.scoring.cross_modal import BiCrossAttention
-from linewatch.scoring.knowledge import KnowledgePack, describe_anomaly
 from linewatch.scoring.losses import knowledge_loss, segmentation_loss
 from linewatch.scoring.methods import create_method
 from linewatch.scoring.methods.base import CLIP_TEMPERATURE, gaussian_blur, upsample
+from linewatch.scoring.methods.kanoclip.knowledge import KnowledgePack, describe_anomaly
+from linewatch.scoring.methods.kanoclip.model import BiCrossAttention
 from linewatch.scoring.prompts import PromptPack
 from linewatch.scoring.training import TrainBatch, TrainConfig, TrainingSet, extract_features, fit
 

@@ -1,5 +1,7 @@
 """The folders are the map: imports run one way (cli on top; bus and scoring at the bottom),
-no module imports itself in a circle, and ``linewatch --help`` never loads torch."""
+no module imports itself in a circle, and ``linewatch --help`` never loads torch. Inside
+scoring, a folder per method (``scoring/methods/<name>/``): no method imports another, and
+``scoring/components/`` holds only parts that two or more methods use."""
 
 from __future__ import annotations
 
@@ -109,6 +111,50 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+METHODS_PACKAGE = "linewatch.scoring.methods"
+COMPONENTS = "linewatch.scoring.components"
+
+
+def method_folders(root: Path = ROOT) -> set[str]:
+    """The method folders: the packages in ``scoring/methods/`` (``base.py`` is a module, not one)."""
+    methods = root / "scoring" / "methods"
+    return {path.parent.name for path in methods.glob("*/__init__.py")}
+
+
+def method_of(module: str, folders: set[str]) -> str | None:
+    """The method folder ``module`` belongs to (``aaclip`` for ``...methods.aaclip.model``), or None."""
+    parts = module.split(".")
+    inside = parts[:3] == METHODS_PACKAGE.split(".") and len(parts) > 3 and parts[3] in folders
+    return parts[3] if inside else None
+
+
+def is_component(module: str) -> bool:
+    return module == COMPONENTS or module.startswith(COMPONENTS + ".")
+
+
+def cross_method_imports(edges: dict[str, set[str]], folders: set[str]) -> list[str]:
+    """Imports from one method folder into another's, or from ``scoring/components/`` into any:
+    what methods share goes to the components (or ``methods/base.py``), never method to method."""
+    bad = []
+    for source, targets in edges.items():
+        here = method_of(source, folders)
+        if here is None and not is_component(source):
+            continue
+        bad += [f"{source} -> {target}" for target in targets if method_of(target, folders) not in (None, here)]
+    return sorted(bad)
+
+
+def lone_components(edges: dict[str, set[str]], folders: set[str]) -> list[str]:
+    """Modules of ``scoring/components/`` that fewer than two method folders import (a part with
+    one user lives in that method's folder)."""
+    users: dict[str, set[str]] = {m: set() for m in edges if is_component(m) and m != COMPONENTS}
+    for source, targets in edges.items():
+        here = method_of(source, folders)
+        for target in targets & users.keys() if here else ():
+            users[target].add(here)
+    return sorted(f"{m} (used by {', '.join(sorted(u)) or 'no method'})" for m, u in users.items() if len(u) < 2)
+
+
 def test_imports_run_one_way():
     assert upward(graph()) == []
 
@@ -128,6 +174,53 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     edges = graph(tmp_path)
     assert upward(edges) == ["linewatch.bus -> linewatch.workers.worker"]
     assert cycles(edges) == [["linewatch.workers.other", "linewatch.workers.worker"]]
+
+
+def test_no_method_imports_another():
+    assert cross_method_imports(graph(), method_folders()) == []
+
+
+def test_components_have_two_or_more_method_users():
+    folders = method_folders()
+    assert len(folders) >= 7, sorted(folders)
+    assert lone_components(graph(), folders) == []
+
+
+def test_the_method_checks_catch_what_they_look_for(tmp_path):
+    """A method importing another, a component importing a method and a component with one
+    user are found (so the two tests above can fail)."""
+    files = {"scoring/__init__.py": "", "scoring/methods/__init__.py": "from . import one, two\n",
+             "scoring/methods/base.py": "", "scoring/methods/one/__init__.py": "from .method import x\n",
+             "scoring/methods/one/method.py": "from ..base import y\nfrom ...components.shared import z\n"
+                                              "from ...components.lone import w\nfrom ..two.model import v\n",
+             "scoring/methods/two/__init__.py": "",
+             "scoring/methods/two/model.py": "from ...components import shared\n",
+             "scoring/components/__init__.py": "", "scoring/components/shared.py": "",
+             "scoring/components/lone.py": "from ..methods.two import model\n"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    edges, folders = graph(tmp_path), method_folders(tmp_path)
+    assert folders == {"one", "two"}
+    assert cross_method_imports(edges, folders) == [
+        "linewatch.scoring.components.lone -> linewatch.scoring.methods.two.model",
+        "linewatch.scoring.methods.one.method -> linewatch.scoring.methods.two.model"]
+    assert lone_components(edges, folders) == ["linewatch.scoring.components.lone (used by one)"]
+
+
+def test_each_bundled_method_has_its_folder_and_its_page():
+    """``scoring/methods/<name without hyphens>/`` holds the method (``scoring.preset`` finds its
+    presets there), and the documentation page ``docs/methods/<name>.md`` is its README."""
+    from linewatch.scoring.methods import METHODS
+
+    folders = method_folders()
+    for name, cls in METHODS.items():
+        folder = name.replace("-", "")
+        assert cls.__module__ == f"{METHODS_PACKAGE}.{folder}.method", (name, cls.__module__)
+        readme = ROOT / "scoring" / "methods" / folder / "README.md"
+        assert readme.is_file(), readme
+        assert (ROOT / "docs" / "methods" / f"{name}.md").resolve() == readme.resolve(), name
+    assert folders == {name.replace("-", "") for name in METHODS}
 
 
 def test_help_does_not_import_torch():
@@ -155,3 +248,17 @@ def test_every_subpackage_is_installed_and_copied_into_the_image():
     assert folders == {*RANKS, "linewatch"}
     copied = set(re.findall(r"^COPY (\S+) \./\1$", (ROOT / "deploy/Dockerfile").read_text(), re.M))
     assert folders <= copied, sorted(folders - copied)
+
+
+def test_every_package_and_method_data_reach_the_wheel():
+    """``packages`` is an explicit list: every folder with an ``__init__.py`` must be on it, and a
+    method folder's presets in its package data (else a wheel ships a method without them)."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    found = {module_name(path) for folder in RANKS for path in (ROOT / folder).rglob("__init__.py")}
+    assert found - {"linewatch"} <= listed, sorted(found - listed)
+    for folder in sorted(method_folders()):
+        if (ROOT / "scoring" / "methods" / folder / "presets").is_dir():
+            assert "presets/*.json" in setuptools["package-data"].get(f"{METHODS_PACKAGE}.{folder}", []), folder

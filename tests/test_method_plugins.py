@@ -68,7 +68,7 @@ def plugin(tmp_path, monkeypatch) -> Path:
     package = installed_package(tmp_path / "site", "linewatch_plug", PLUGIN, "linewatch-plug", "0.1", ENTRY_POINTS,
                                 monkeypatch)
     (package / "presets").mkdir()
-    preset = json.loads((Path(__file__).parents[1] / "scoring/presets/aprilgan/cpu.json").read_text())
+    preset = json.loads((Path(__file__).parents[1] / "scoring/methods/aprilgan/presets/cpu.json").read_text())
     preset.update(method="plug-gan", description="the plug-in's own preset")
     (package / "presets" / "cpu.json").write_text(json.dumps(preset))
     yield package

@@ -15,9 +15,9 @@ from linewatch.scoring.backbone import TINY_ARCH
 from linewatch.scoring.checkpoint import CheckpointError, load_checkpoint, read_header, save_checkpoint
 from linewatch.scoring.methods import METHODS, create_method
 from linewatch.scoring.preset import (
-    PRESET_DIR,
     backbone_config,
     bundled,
+    bundled_folder,
     header_entry,
     load_preset,
     train_config,
@@ -33,7 +33,8 @@ def test_every_trained_method_ships_a_valid_paper_and_cpu_preset():
         assert {"paper", "cpu"} <= set(shipped.get(name, [])), name
         for preset_name in shipped[name]:
             preset, path = load_preset(name, preset_name)  # validates: options, stages, every value cited
-            assert (preset.method, preset.name) == (name, preset_name) == (path.parent.name, path.stem)
+            assert (preset.method, preset.name) == (name, preset_name)
+            assert path == bundled_folder(name) / f"{preset_name}.json"  # in the method's own folder
     assert set(shipped) <= set(METHODS)
 
 
@@ -49,7 +50,7 @@ def test_paper_presets_carry_the_papers_choices():
 
 
 def _write(tmp_path, **changes):
-    preset = json.loads((PRESET_DIR / "madclip" / "cpu.json").read_text())
+    preset = json.loads((bundled_folder("madclip") / "cpu.json").read_text())
     for dotted, value in changes.items():
         *parents, leaf = dotted.split("__")
         node = preset

@@ -29,7 +29,7 @@ from linewatch.scoring.methods import METHODS, create_method
 from linewatch.scoring.methods.aaclip import abnormal_cosine_score
 from linewatch.scoring.methods.base import CLIP_TEMPERATURE, gaussian_blur, upsample
 from linewatch.scoring.methods.madclip import abnormal_map, dual_scores, placement_order
-from linewatch.scoring.preset import PRESET_DIR
+from linewatch.scoring.preset import bundled_folder
 from linewatch.scoring.prompts import PromptPack, TextAnchors
 from linewatch.scoring.training import (
     TrainBatch,
@@ -405,7 +405,7 @@ def test_the_other_paper_presets_run_here(name, expected, tmp_path):
 
 def test_train_with_a_preset_file_that_names_its_method(tmp_path, capsys):
     data = make_category(tmp_path, "widget", seed=14)
-    preset = json.loads((PRESET_DIR / "madclip" / "cpu.json").read_text())
+    preset = json.loads((bundled_folder("madclip") / "cpu.json").read_text())
     preset["name"], preset["training"]["stages"]["adapters"]["epochs"] = "short", 1
     file = tmp_path / "short.json"
     file.write_text(json.dumps(preset))

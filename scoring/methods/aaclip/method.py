@@ -1,59 +1,25 @@
 """AA-CLIP (Ma et al., "AA-CLIP: Enhancing Zero-shot Anomaly Detection via Anomaly-Aware
-CLIP", CVPR 2025).
+CLIP", CVPR 2025): the method's glue. Where the paper is silent the form is the authors' code
+(github Mwxinnn/AA-CLIP: ``train.py``, ``model/adapter.py``, ``test.py``); what was read where,
+every choice and deviation with its reason, and the measured tables are in ``README.md``
+beside this file.
 
-The paper text we have (../shared/papers/aa-clip.md) is a summary; the form below follows
-the authors' code, github Mwxinnn/AA-CLIP. Only its ``test.py`` is in our code index; the rest
-was read in a copy of the repository, zhuguli-diu/AA-CLIP (``train.py``, ``model/adapter.py``,
-``model/adapter_modules.py``, ``forward_utils.py``, ``dataset/__init__.py``,
-``model/transformer.py``).
+Stage ``text`` (the paper's first stage) makes the text anchors anomaly-aware: residual adapters after the first
+``text_layers`` blocks of the frozen text encoder (``x <- (1 - w) x + w A(x)``, ``A`` = bias-free
+linear + LeakyReLU rescaled to the token's norm: ``components.adapters.ResidualAdapter``) and a
+trained text projection that replaces CLIP's (bias-free linear + LeakyReLU). Trained against
+frozen visual features: per tapped level the L2-normalised patch embeddings (the V-V path's
+when the backbone has one) plus the normalised class embedding; focal + dice on the
+patch-text maps (temperature 100), every level's loss summed, plus the disentangle loss
+``orthogonal_weight * <T_N, T_A>^2``.
 
-Stage 1 makes the text anchors anomaly-aware: residual adapters after the first three
-blocks of the frozen text encoder (``x <- 0.9 x + 0.1 A(x)``, ``A`` = bias-free linear +
-LeakyReLU, its output rescaled to the token's norm; ``SimpleAdapter``) and a trained text
-projection that replaces CLIP's (bias-free linear + LeakyReLU: ``SimpleProj(relu=True)``).
-They are trained against frozen visual features: per tapped level the V-V ("surgery") patch
-embeddings, L2-normalised, plus the L2-normalised class embedding (not normalised again:
-``train_text_adapter``); focal + dice on the patch-text maps (CLIP temperature 100) plus the
-disentangle loss ``0.1 * <T_N, T_A>^2``. The V-V path is the backbone's
-(``--vv-attention``, on in both presets).
+Stage ``image`` (its second stage) freezes those anchors: residual adapters on each tapped level's tokens,
+a bias-free projection per level into the text space (focal + dice per level, temperature
+100) and a detection projection of the last level, mean-pooled, whose cross-entropy against
+the labels takes the raw cosines as logits. The backbone stays frozen.
 
-Stage 2 freezes those anchors and aligns patch features to them: residual adapters on the
-multi-level patch tokens (same form, weight 0.1), then a bias-free linear projection per
-level into the text space (focal + dice per level, temperature 100) and a detection
-projection of the last level, mean-pooled: its cross-entropy against the labels takes the
-raw cosines as logits, as ``train_image_adapter`` does. The backbone stays frozen. Rates are
-the authors' (1e-5 for stage 1, 5e-4 for stage 2); the ``paper`` preset adds their schedule
-(5 + 20 epochs, batch 16 / 2, Adam betas (0.5, 0.999), the rate halved after 16k and 32k
-image steps), ViT-L-14-336 at 518 px and layers 6, 12, 18, 24.
-
-Scores: anomaly map = mean over levels of the softmax probability of "abnormal" per patch
-(smoothed, ``sigma``); image score = 0.5 * (cos(det, T_A) + 1) / 2 + 0.5 * max of the map:
-the detection token ranks by its cosine to the abnormal anchor alone (``test.py``).
-
-Deviations (each with its reason):
-- The authors' image adapters sit inside the first six ViT blocks and change the residual
-  stream the later blocks see; here they act on each tapped level's tokens, so the frozen ViT
-  runs once per image and its features are cached (what makes training on a CPU practical).
-- Their V-V path replaces the attention of the last 19 blocks of a second ViT (MLPs kept);
-  linewatch's is CLIP Surgery's dual path (V-V attention summed from the first tapped block,
-  no MLP), computed alongside the plain one in the same pass.
-- Their test map is linear in ``cos_A - cos_N`` (blurred at sigma 1 patch on the grid), and
-  map and detection score are min-max normalised over the whole test set before they are
-  mixed. A live frame cannot wait for the test set: here every score is in [0, 1] by itself
-  (probability map, ``(cos + 1) / 2``), and ``sigma`` (pixels) is 14 in the paper preset,
-  one ViT-L/14 patch.
-- Their stage-1 loop reassigns the loss at each level, so only the last tapped level trains
-  the text side; here every level's loss is summed.
-- They augment online (a new random view of each image every epoch); linewatch caches the
-  features of ``views`` fixed views, so the paper preset trains on the images as they are
-  (1 view) and keeps the authors' epoch and step counts.
-- Each training step of the cpu preset encodes a random subset of the prompt ensemble (up to
-  ``prompt_sample`` sentences per state; null: all of it, as the authors and the paper
-  preset); the anchors at inference use all of it.
-- Protocol: the authors train on an auxiliary dataset (VisA) and test zero-shot on others;
-  ``linewatch train --eval OTHER`` does that. Same-dataset k + k sampling is linewatch's.
-- ``memory_bank`` (true in the cpu preset) adds APRIL-GAN's normal reference memory when
-  references are given; the paper uses none (the paper preset sets it false).
+Scores: map = mean over levels of the softmax probability of "abnormal" per patch, smoothed
+by ``sigma``; image score = 0.5 * (cos(det, T_A) + 1) / 2 + 0.5 * max of the map.
 """
 
 from __future__ import annotations
@@ -64,11 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import segmentation_loss
-from ..prompts import TextAnchors
-from ..training import state_digest
-from ..options import OPTIONS
-from .base import (
+from ...components.adapters import ResidualAdapter, xavier_linear
+from ...components.anchors import ensemble_anchors
+from ...losses import segmentation_loss
+from ...options import OPTIONS
+from ...prompts import TextAnchors
+from ...training import state_digest
+from ..base import (
     CLIP_TEMPERATURE,
     AnomalyMethod,
     AnomalyScores,
@@ -76,46 +44,6 @@ from .base import (
     seeded_init,
     upsample,
 )
-
-
-class ResidualAdapter(nn.Module):
-    """AA-CLIP's residual adapter: ``(1 - w) x + w * A(x) * |x| / |A(x)|``, A = LeakyReLU(W x)."""
-
-    def __init__(self, width: int, weight: float = 0.1):
-        super().__init__()
-        self.linear = nn.Linear(width, width, bias=False)
-        nn.init.xavier_uniform_(self.linear.weight)
-        self.weight = weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.leaky_relu(self.linear(x))
-        out = out * x.norm(dim=-1, keepdim=True) / out.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        return (1 - self.weight) * x + self.weight * out
-
-
-def xavier_linear(fan_in: int, fan_out: int, leaky_relu: bool = False) -> nn.Module:
-    """The authors' ``SimpleProj``: bias-free linear (xavier init), LeakyReLU after it when asked."""
-    linear = nn.Linear(fan_in, fan_out, bias=False)
-    nn.init.xavier_uniform_(linear.weight)
-    return nn.Sequential(linear, nn.LeakyReLU()) if leaky_relu else linear
-
-
-def ensemble_anchors(encode, states: tuple[list[str], list[str]], sample: random.Random | None,
-                     limit: int | None) -> torch.Tensor:
-    """[2, D]: per state the normalised mean of ``encode(sentences)``. With ``sample`` (training)
-    up to ``limit`` sentences per state are drawn and the graph is kept; without, every
-    sentence is encoded in chunks, without a graph."""
-    anchors = []
-    for sentences in states:
-        if sample is not None and limit and len(sentences) > limit:
-            sentences = sample.sample(sentences, limit)
-        if sample is None:
-            with torch.no_grad():
-                embeds = torch.cat([encode(sentences[i:i + 256]) for i in range(0, len(sentences), 256)])
-        else:
-            embeds = encode(sentences)
-        anchors.append(F.normalize(embeds.mean(0), dim=-1))
-    return torch.stack(anchors)
 
 
 def abnormal_cosine_score(det: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:

@@ -1,25 +1,21 @@
-"""WinCLIP and WinCLIP+ (Jeong et al., "WinCLIP: Zero-/Few-Shot Anomaly
-Classification and Segmentation", CVPR 2023).
+"""WinCLIP and WinCLIP+ (Jeong et al., "WinCLIP: Zero-/Few-Shot Anomaly Classification and
+Segmentation", CVPR 2023): the method's glue. Paper, choices and measurements: ``README.md``
+beside this file.
 
-Zero-shot: the class-token embedding of the whole image, and of every sliding window
-(the ViT run on the class token plus only that window's patch tokens), is compared with
-the text anchors; a window's score is its softmax probability of "abnormal". Each patch
-takes the harmonic mean of the scores of the windows covering it, per scale, and the
-scales (small, mid, and the whole image as the large scale) are combined by harmonic
-mean too.
+Zero-shot: the class-token embedding of the whole image, and of every sliding window (the
+ViT run on the class token plus only that window's patch tokens, ``encode_token_subsets``),
+is compared with the text anchors; a window's score is its softmax probability of
+"abnormal". Each patch takes the harmonic mean of the scores of the windows covering it
+(``spread_to_patches``), per scale, and the scales (``window_sizes`` in patches, stride one
+patch, and the whole image as the large scale) are combined by harmonic mean too.
 
-Few-shot (WinCLIP+): a memory of normal reference features at the same scales — window
+Few-shot (WinCLIP+): a memory of normal reference features at the same scales, window
 embeddings and the penultimate block's patch tokens. A window's score is
-``0.5 * (1 - max cosine similarity to memory)``, harmonically aggregated onto the patches
-it covers; the few-shot map is the arithmetic mean over scales. Final map = mean of
-zero- and few-shot maps; image score = mean of the zero-shot image score and the few-shot
-map's maximum (``text_weight`` moves that balance; the paper's 0.5 is the default).
-Aggregation follows the authors' released code (as anomalib's port does).
-
-Windows are measured in patches (paper: 2x2 and 3x3 patches of ViT-B/16+ at 240 px) with
-stride one patch; all windows of a batch run as one batch of short sequences. WinCLIP
-uses its own taps (windows and the penultimate block), so the backbone's ``layers`` and
-V-V path do not apply to it. References and scored images must share one size.
+``0.5 * (1 - max cosine similarity to memory)``, harmonically aggregated onto the patches it
+covers; the few-shot map is the arithmetic mean over scales, blended with the zero-shot map
+and image score by ``text_weight`` (``AnomalyMethod.blend``). All windows of a batch run as
+one batch of short sequences. WinCLIP uses its own taps, so the backbone's ``layers`` and V-V
+path do not apply; references and scored images must share one size.
 """
 
 from __future__ import annotations
@@ -27,8 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..options import OPTIONS
-from .base import (
+from ...options import OPTIONS
+from ..base import (
     AnomalyMethod,
     AnomalyScores,
     nearest_distance,

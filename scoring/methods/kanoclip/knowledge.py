@@ -1,17 +1,14 @@
-"""Knowledge packs (data, not code) and per-image anomaly descriptions from masks: the
-anomaly knowledge KAnoCLIP's knowledge loss pulls its learned prompts towards.
+"""KAnoCLIP's knowledge (Li et al., ICASSP 2025, §2.2.1): knowledge packs (data, not code) and
+per-image anomaly descriptions from masks, the anomaly knowledge its L_KD pulls the learned
+prompts towards. Why packs and mask-derived sentences stand in for the paper's GPT-3.5 and
+Llama3 (VQA): ``README.md`` beside this file.
 
-The paper builds its "LLM-VQA knowledge base" with GPT-3.5 (n = 5 descriptions of what an
-abnormal image of each class looks like) and Llama3 as a VQA model (m = 1 description of
-each training image's anomaly: location, colour, shape, size). No language model exists
-here, so linewatch substitutes both:
-
-* **class knowledge**: a knowledge pack, YAML beside the prompt packs
-  (``prompt_packs/knowledge.yaml``), five descriptions per class written by people for the
-  purpose and labelled so (``origin: human-written``); a user passes their own pack;
-* **image knowledge**: ``describe_anomaly`` writes one sentence per anomalous training image
-  from its mask and pixels (where, how large, what shape, what colour), in the form of the
-  paper's VQA example ("The fabric has a small, irregular hole in the center ...").
+* **class knowledge** (the paper's n descriptions per class): ``KnowledgePack``, YAML; the
+  bundled pack is ``knowledge.yaml`` beside this file (``origin: human-written``), a user
+  passes their own;
+* **image knowledge** (its m = 1 description per training image): ``describe_anomaly`` writes
+  one sentence per anomalous training image from its mask and pixels (where, how large, what
+  shape, what colour), in the form of the paper's VQA example.
 
 A pack's ``digest`` (its content) goes into the checkpoint header and the anchor key.
 """
@@ -31,7 +28,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-DEFAULT_KNOWLEDGE = Path(__file__).parent / "prompt_packs" / "knowledge.yaml"
+DEFAULT_KNOWLEDGE = Path(__file__).parent / "knowledge.yaml"
 MAX_WORDS = 40  # CLIP's text tower reads 77 tokens; a longer sentence would be cut silently
 
 

@@ -1,15 +1,16 @@
-"""CoRe-CLIP's torch model: the layers and losses, apart from the method's glue (``coreclip.py``).
+"""CoRe-CLIP's torch model (Mishra, Stricker, Rambach, arXiv 2601.22868): the layers and losses,
+apart from the method's glue (``method.py``). AA-CLIP's adapter and projection forms come
+from ``scoring/components/adapters.py``.
 
 - ``GatedResidualAdapter``: the text refinement's adapter, ``x + tanh(g) A(x)``.
-- ``ContextBranches`` (CSR): per branch (subject, context, global) residual adapters on every
-  tapped level, projections into the joint space and an attention pooling into one embedding.
-- ``TextConditionedFusion`` (CRM): ``alpha = softmax_b(q . k_b / sqrt(d))``, q from the
-  anomalous text embedding, k_b from each branch's embedding.
+- ``ContextBranches`` (CSR, context-selective residuals): per branch (subject, context,
+  global) residual adapters on every tapped level, projections into the joint space and an
+  attention pooling into one embedding.
+- ``TextConditionedFusion`` (CRM, text-conditioned compatibility reasoning):
+  ``alpha = softmax_b(q . k_b / sqrt(d))``, q from the anomalous text embedding, k_b from each
+  branch's embedding.
 - The losses: orthogonality, consistency and grounding of (t0, t1); entropy and consistency
   of alpha; the compatibility score ``sigmoid(cos(z, t1) - cos(z, t0))``.
-
-``GatedResidualAdapter`` and ``TextConditionedFusion`` (attention of a text query over any set
-of embeddings) are not CoRe-CLIP specific and could move to a shared components module.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .aaclip import ResidualAdapter, xavier_linear
-from .base import CLIP_TEMPERATURE
+from ...components.adapters import ResidualAdapter, xavier_linear
+from ..base import CLIP_TEMPERATURE
 
 BRANCHES = ("subject", "context", "global")
 

@@ -1,26 +1,21 @@
 """APRIL-GAN (Chen et al., "A Zero-/Few-Shot Anomaly Classification and Segmentation
-Method for CVPR 2023 VAND Workshop Challenge").
+Method for CVPR 2023 VAND Workshop Challenge"): the method's glue. Paper, code followed,
+choices and deviations with their reasons: ``README.md`` beside this file.
 
 Patch tokens from several ViT levels go through ``ln_post`` and a per-level linear
 projection into the joint image-text space and are compared with the normal/abnormal
-text anchors; each level's map is the softmax probability of "abnormal" per patch,
-upsampled and combined over levels, then smoothed with a Gaussian (sigma 4, as the
-paper's evaluation). Image score: the same probability for the image embedding.
+text anchors; each level's map is the softmax probability of "abnormal" per patch
+(temperature 100), upsampled, averaged over levels, then smoothed with a Gaussian
+(``sigma``). Image score: the same probability for the image embedding.
 
 Training (``linewatch train --method aprilgan``): the per-level projections are the only
-trained parameters, with the paper's focal + dice loss on every level's map against the
-masks; text anchors stay the fixed prompt ensemble. Untrained, every projection is CLIP's
-own ``proj`` (the zero-shot method); the paper initialises them randomly and trains on an
-auxiliary dataset, which is what the cross-dataset mode of ``linewatch train`` does.
+trained parameters, with focal + dice on every level's map against the masks; text anchors
+stay the fixed prompt ensemble. Untrained, every projection is CLIP's own ``proj``.
 
-Few-shot: a memory bank of the raw multi-level patch tokens of k normal references;
-each patch's score is ``1 - max cosine similarity`` to that level's memory, combined over
-levels and added to the text map.
-
-Deviations: levels are averaged rather than summed and text and memory maps are averaged
-rather than added (the same ranking, maps stay in [0, 1]); few-shot image score = mean of
-the text image score and the memory map's maximum, as WinCLIP+. ``text_weight`` moves both
-balances (default 0.5).
+Few-shot: the base class's memory bank of the raw multi-level patch tokens of k normal
+references (``AnomalyMethod.fit_references`` / ``memory_map``: per patch ``1 - max cosine
+similarity`` to that level's memory, averaged over levels), blended with the text result by
+``text_weight`` (``scoring.blend``).
 """
 
 from __future__ import annotations
@@ -29,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import segmentation_loss
-from ..options import OPTIONS
-from .base import (
+from ...losses import segmentation_loss
+from ...options import OPTIONS
+from ..base import (
     CLIP_TEMPERATURE,
     AnomalyMethod,
     AnomalyScores,

@@ -1,72 +1,32 @@
 """KAnoCLIP (Li et al., "KAnoCLIP: Zero-Shot Anomaly Detection through Knowledge-Driven Prompt
-Learning and Enhanced Cross-Modal Integration", ICASSP 2025).
+Learning and Enhanced Cross-Modal Integration", ICASSP 2025): the method's glue; its layers
+are in ``model.py``, its knowledge in ``knowledge.py``. No code of the authors is published;
+where the paper is silent the form follows AnomalyCLIP's released code. Every choice and
+deviation with its reason, and the measurements: ``README.md`` beside this file.
 
-No code of the authors is published: a search of code, GitHub issues, documentation and web
-pages for KAnoCLIP, its modules (KnPL, Bi-CMCI) and its authors found none. Where the paper
-is silent the form follows the released code of AnomalyCLIP (github zqhang/AnomalyCLIP,
-``train.py``, ``test.py``, ``prompt_ensemble.py``), the method KAnoCLIP builds on and compares
-with: its eq. 10 is AnomalyCLIP's test map ``(p_a + 1 - p_n) / 2`` and its eq. 15 AnomalyCLIP's
-training loss line for line, and K = 12 is AnomalyCLIP's ``n_ctx``.
-
-Components (paper §2):
-- **CLIP-VV** (§2.3): the backbone's V-V attention path gives the local patch features
-  (``patch_embeds``: ``ln_post`` + ``proj`` of the V-V tokens); the method refuses a backbone
-  without it (``needs_vv_attention``). The global feature ``I_G`` is the original path's
-  class embedding, as CLIP Surgery's dual path keeps it.
-- **KnPL** (§2.2): learnable contexts ``[N1..NK][normal|perfect][class].`` and
+- **CLIP-VV** (§2.3): local patch features from the backbone's V-V attention path
+  (``patch_embeds``); the method refuses a backbone without it (``needs_vv_attention``). The
+  global feature ``I_G`` is the original path's class embedding. ``clip_vv`` false: local
+  features from the original path.
+- **KnPL** (§2.2.2, eq. 1-3): learnable contexts ``[N1..NK][normal|perfect][class].`` and
   ``[A1..AK][abnormal|defective][class].``, one normal and one abnormal context (K word
-  vectors each, N(0, 0.02) as AnomalyCLIP) shared by every class, adjective and name of the
-  class (the prompt pack's ``names``). The frozen text tower runs with gradients that reach
-  only the contexts; ``F_n``, ``F_a`` are the normalised means of their prompts' unit
-  embeddings. **L_KD** (eq. 2-3) pulls them by ``max(0, d(k, a) - d(k, n))`` towards the
-  knowledge ``k``: per training image the mean unit embedding of its class's descriptions
-  and, for an anomalous image, its own description (N + M with M = 1 as the paper).
-- **Bi-CMCI** (§2.4, eq. 9-10): per tapped level, ``scoring.cross_modal.BiCrossAttention`` on
-  that level's patch features and ``(F_n, F_a)``: self-attention in each modality, text ->
-  visual and visual -> text cross-attention, and plain (not deformable) attention on the
-  visual tokens (the reason is in ``scoring/cross_modal.py``). Each level's map is the
-  softmax over (normal, abnormal) of CLIP-temperature (100) cosines between refined patch
-  and refined text tokens.
-- **Conv-Adapter** (eq. 11) on ``I_G``: ``ReLU(LN(I_G) W_down) W_up``, bottleneck D / 4.
-- **Scores**: ``S_global = softmax(100 cos(Î_G, F_text))[abnormal] + max(M)`` (eq. 12),
-  halved into [0, 1] (``image_score``; the same ranking). **Losses** (eq. 13-15, weights 1):
-  ``alpha L_KD + BCE(S_global / 2, label) + Focal(M^a, G) + Dice(M^a, G) + Dice(M^n, 1 - G)``.
+  vectors each, N(0, 0.02)) shared by every class, adjective and name of the class (the
+  prompt pack's ``names``). The frozen text tower runs with gradients that reach only the
+  contexts; ``F_n``, ``F_a`` are the normalised means of their prompts' unit embeddings.
+  **L_KD** (eq. 2-3) ``max(0, d(k, a) - d(k, n))`` towards the knowledge ``k``: per training
+  image the mean unit embedding of its class's descriptions and, for an anomalous image, its
+  own description (``knowledge.py``).
+- **Bi-CMCI** (§2.4, eq. 9-10): per tapped level, ``model.BiCrossAttention`` on that level's
+  patch features and ``(F_n, F_a)``; each level's map is the softmax over (normal, abnormal)
+  of temperature-100 cosines between refined patch and refined text tokens; M^a is the mean
+  over levels, the map ``G_sigma(M^a)`` (eq. 10 with softmax pairs).
+- **Conv-Adapter** (eq. 11) on ``I_G``: ``model.ConvAdapter``.
+- **Scores** (eq. 12): ``(softmax(100 cos(Î_G, F_text))[abnormal] + max(M)) / 2``.
+  **Losses** (eq. 13-15, weights 1): ``alpha L_KD + BCE(S_global / 2, label) + Focal(M^a, G)
+  + Dice(M^a, G) + Dice(M^n, 1 - G)``; one joint stage (§2.5).
 
-Knowledge without a language model (the paper's GPT-3.5 and Llama3 are not available here):
-the class descriptions come from a knowledge pack (``scoring/knowledge.py``; the bundled
-``prompt_packs/knowledge.yaml`` was written by people for the purpose and says so), and each
-anomalous training image's description is generated from its mask and pixels (where, how
-large, what shape, what colour: ``describe_anomaly``), in the form of the paper's VQA
-example. ``--option knowledge=FILE.yaml`` takes a user's pack; the checkpoint carries the
-pack with its digest (``options.knowledge``), and the digest is part of the anchor key.
-
-Choices where the paper is silent, each written down:
-- Bi-CMCI depth, heads, widths (its Fig. 3): one block per tapped level (each level its own
-  weights), tokens in the joint width D (512 for ViT-B-16, 768 for ViT-L-14-336), attention in
-  a D / 4 bottleneck with 4 heads, no MLP, zero-initialised output projections (an untrained
-  block is the identity, so training starts from CLIP's own patch-text alignment).
-- Eq. 9's Norm is the mean over levels: each level's pair sums to 1 per patch, so the mean is
-  in [0, 1]; a per-image min-max would put max(M) at 1 on every image, and eq. 12 could not use it.
-- Eq. 10 with softmax pairs: ``M^n = 1 - M^a`` at every pixel (also after the mean), so
-  ``G_sigma(M^a + 1 - M^n) / 2 = G_sigma(M^a)``: the map is computed as ``G_sigma(M^a)``, the
-  identity stated rather than evaluated. Eq. 15's terms stay as written (``Dice(M^n, 1 - G)``
-  is ``linewatch.scoring.losses.segmentation_loss``'s third term).
-- sigma = 4 px (AnomalyCLIP's ``test.py`` default, at 518 px; linewatch's default at 224 px).
-- Temperature 100 (CLIP's) on every cosine; eq. 12 writes a bare dot product.
-- The maps are upsampled bilinearly (probabilities, as AnomalyCLIP) before the losses.
-
-Deviations:
-- Knowledge from a human-written pack and mask-derived sentences instead of an LLM and a VQA
-  model (above); a class missing from the pack uses the pack's ``default`` descriptions.
-- Bi-CMCI's visual refinement is plain attention, not deformable (reason above).
-- The paper's protocol trains on an auxiliary dataset (MVTec-AD's test set) and tests
-  zero-shot on others: ``linewatch train --data AUX --eval OTHER``. linewatch's k + k
-  sampling of one dataset is a few-shot setting the paper does not report.
-- ``memory_bank`` (true in the cpu preset) adds APRIL-GAN's normal reference memory when
-  references are given; the paper uses none (false in the paper preset).
-- Ablation switches (paper Table 3): ``clip_vv`` (false: local features from the original
-  path), ``bicmci`` (false: patch-text maps without Bi-CMCI), ``conv_adapter`` (false:
-  ``Î_G = I_G``), ``knowledge_weight`` (alpha; 0: without L_KD). Every one is on in both presets.
+``--option knowledge=FILE.yaml`` takes a user's pack; the checkpoint carries the pack with its
+digest (``options.knowledge``), and the digest is part of the anchor key.
 """
 
 from __future__ import annotations
@@ -75,13 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cross_modal import BiCrossAttention, ConvAdapter
-from ..knowledge import KnowledgePack, describe_anomaly
-from ..losses import knowledge_loss, segmentation_loss
-from ..prompts import TextAnchors, anchor_key
-from ..training import state_digest
-from ..options import OPTIONS
-from .base import (
+from ...losses import knowledge_loss, segmentation_loss
+from ...options import OPTIONS
+from ...prompts import TextAnchors, anchor_key
+from ...training import state_digest
+from ..base import (
     CLIP_TEMPERATURE,
     AnomalyMethod,
     AnomalyScores,
@@ -90,6 +48,8 @@ from .base import (
     seeded_init,
     upsample,
 )
+from .knowledge import KnowledgePack, describe_anomaly
+from .model import BiCrossAttention, ConvAdapter
 
 STATE_WORDS = {"normal": ("normal", "perfect"), "abnormal": ("abnormal", "defective")}  # paper eq. 1
 PLACEHOLDER = "X"  # one token per context word, replaced by the learned vectors

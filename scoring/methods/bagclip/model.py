@@ -1,6 +1,8 @@
-"""Layers over an image's patch tokens that any method can reuse (pure torch, no I/O):
-squeeze-and-excitation channel gates (BAG-CLIP's SAFR), the adaptive-bandwidth kNN graph
-over the patches (BAG-CLIP's SAG graph construction) and a stack of graph convolutions.
+"""BAG-CLIP's trained parts (Wu, Zhang and Li, Electronics 15(8) 1659, 2026; pure torch, no I/O;
+the glue is ``method.py``): squeeze-and-excitation channel gates (SAFR, §3.2.1), the
+adaptive-bandwidth kNN graph over the patches (SAG's graph construction, §3.3), a stack of
+graph convolutions (§3.4), and ``BagClipModel``, which joins them with JFF's per-level
+projections (§3.5) and the global map (§3.2.2).
 
 Everything is batched: tokens are ``[B, N, C]`` and one image's patches never see another's;
 the graph is one distance matrix and one top-k over the whole batch, no loop over images.
@@ -13,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..base import CLIP_TEMPERATURE
 
 
 class SqueezeExcitation(nn.Module):
@@ -87,3 +91,61 @@ class GraphConvolution(nn.Module):
         for layer in self.layers:
             features = F.relu(adjacency @ layer(features))
         return features
+
+
+class BagClipModel(nn.Module):
+    """The trained parts: SAFR, the reduction and GCN of SAG, JFF's per-level projections and the
+    global map. Inputs are ln_post'ed level tokens [B, N, W] and CLIP's image embedding [B, D]."""
+
+    def __init__(self, width: int, levels: int, embed_dim: int, proj: torch.Tensor, neighbours: float = 15,
+                 gcn_layers: int = 5, graph_width: int = 464, reduction: int = 16, safr: bool = True):
+        super().__init__()
+        channels = levels * width
+        self.width, self.neighbours = width, neighbours
+        self.safr = SqueezeExcitation(channels, reduction) if safr else None
+        self.reduce = nn.Linear(channels, graph_width, bias=False) if gcn_layers else None
+        self.gcn = GraphConvolution(graph_width, gcn_layers) if gcn_layers else None
+        fused = width + (graph_width if gcn_layers else 0)
+        self.fusion = nn.ModuleList(nn.Linear(fused, embed_dim, bias=False) for _ in range(levels))
+        self.global_projection = nn.Linear(embed_dim, embed_dim, bias=False)
+        with torch.no_grad():
+            for linear in self.fusion:  # [CLIP's proj; 0]: the zero-shot path until the graph's share is learnt
+                linear.weight.zero_()
+                linear.weight[:, :width].copy_(proj.T)
+            self.global_projection.weight.copy_(torch.eye(embed_dim))
+
+    def detail(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        """x_detail [B, N, levels x W]: the levels side by side, SAFR-recalibrated."""
+        x = torch.cat(levels, dim=-1)
+        return self.safr(x) if self.safr is not None else x
+
+    def graph(self, detail: torch.Tensor) -> torch.Tensor:
+        """F_SAG [B, N, graph_width]."""
+        nodes = self.reduce(detail)
+        k = resolve_neighbours(self.neighbours, nodes.shape[1])
+        return self.gcn(nodes, normalised_adjacency(knn_affinities(nodes, k)))
+
+    def forward(self, levels: list[torch.Tensor], image_embed: torch.Tensor):
+        """(per level [B, N, D], global [B, D]), all L2-normalised."""
+        detail = self.detail(levels)
+        per_level = detail.split(self.width, dim=-1)
+        if self.gcn is not None:
+            context = self.graph(detail)
+            per_level = [torch.cat([x, context], dim=-1) for x in per_level]
+        embeds = [F.normalize(linear(x), dim=-1) for linear, x in zip(self.fusion, per_level)]
+        return embeds, F.normalize(self.global_projection(image_embed), dim=-1)
+
+    def parameter_counts(self) -> dict[str, int]:
+        parts = {"safr": self.safr, "reduction": self.reduce, "gcn": self.gcn, "fusion": self.fusion,
+                 "global": self.global_projection}
+        return {name: sum(p.numel() for p in part.parameters()) if part is not None else 0
+                for name, part in parts.items()}
+
+
+def abnormal_share(embeds: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """softmax over (T_N, T_A) of 100 x cosine, abnormal side: embeds normalised [B, N, D] or
+    [B, D]; anchors [2, D], or [B, 2, D] per image (training batches mix classes)."""
+    flat = embeds.ndim == 2
+    logits = CLIP_TEMPERATURE * (embeds[:, None] if flat else embeds) @ anchors.transpose(-1, -2)
+    share = logits.softmax(-1)[..., 1]
+    return share[:, 0] if flat else share

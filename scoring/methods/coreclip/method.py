@@ -1,59 +1,35 @@
 """CoRe-CLIP (Mishra, Stricker, Rambach, "When Anomalies Depend on Context: Learning
-Conditional Compatibility for Anomaly Detection", arXiv 2601.22868).
+Conditional Compatibility for Anomaly Detection", arXiv 2601.22868): the method's glue; its
+layers and losses are in ``model.py``. For context anomalies: a subject that is normal in
+itself, in a place where it does not belong. The authors' code is not released; where the
+paper is silent this follows AA-CLIP (the choices, each deviation with its reason, the
+generated context set and the measurements: ``README.md`` beside this file).
 
-Context anomalies: a subject that is normal in itself, in a place where it does not belong (a
-damper slipped onto the insulator string, a string lying on the ground). The paper text we
-have (../shared/papers/core-clip.md) is a summary and the authors' code is not released ("will
-be publicly released"; nothing found by ``search`` under the paper's or the method's names), so
-where the summary gives no formula or number this follows AA-CLIP, the nearest seed method
-(adapter form, projections, rates, text-stage schedule); every such choice is listed below.
-
-The model (layers and losses in ``coreclip_model.py``):
 - CSR: three context-selective residual branches, subject, context and global, each a set of
-  residual adapters (AA-CLIP's form ``0.9 x + 0.1 A(x)``) on every tapped level, then projections
-  into the joint space; a branch's embedding ``z_b`` pools its last level's patch embeddings
-  with a learned query (zero at first: AA-CLIP's mean pooling).
+  residual adapters on every tapped level (AA-CLIP's form), then projections into the joint
+  space; a branch's embedding ``z_b`` pools its last level's patch embeddings with a learned
+  query (zero at first: a mean pooling).
 - Text refinement: gated residual adapters ``x + tanh(g) A(x)`` after the first ``text_layers``
-  (L = 3, paper) text blocks give per class ``t0`` (normal) and ``t1`` (anomalous), the
-  normalised means of the prompt pack's sentences. Trained with orthogonality
-  ``(t0 . t1)^2``, consistency ``1 - cos(t0 + t1, e)`` (e: the frozen encoder's prototype of the
-  class) and grounding ``1 - cos(t0 + t1, v)`` (v: the frozen image embedding of each image).
+  text blocks give per class ``t0`` (normal) and ``t1`` (anomalous), the normalised means of
+  the prompt pack's sentences (``components.anchors.ensemble_anchors``). Trained with
+  orthogonality ``(t0 . t1)^2``, consistency ``1 - cos(t0 + t1, e)`` (e: the frozen encoder's
+  prototype of the class) and grounding ``1 - cos(t0 + t1, v)`` (v: the frozen image embedding
+  of each image).
 - CRM: ``alpha = softmax_b(q . k_b / sqrt(d))``, ``q = W_q t1``, ``k_b = W_k z_b``; fused
   ``z = sum_b alpha_b z_b`` and, with the same alpha, fused patch embeddings per level.
-  Regularisers: the entropy of alpha (minimised: keeps it from going uniform) and the
-  consistency of alpha between the training views and the whole frame.
+  Regularisers: the entropy of alpha and the consistency of alpha between the training views
+  and the whole frame. ``fusion: mean`` averages instead.
 - Scores: image ``s = sigmoid(cos(z, t1) - cos(z, t0))``; map: per level and patch
   ``softmax(100 [cos(p, t0), cos(p, t1)])[1]`` of the fused patch embeddings, averaged over
   levels, upsampled and smoothed (``sigma``).
 - Two stages: ``text`` (the refinement losses), then ``image`` (CSR and CRM) against the frozen
-  t0, t1: BCE of ``s``, AA-CLIP's focal + dice on the map, the alpha regularisers. In training the subject
-  branch sees the subject alone and the context branch the scene without it (``training_views``,
-  made from subject masks, ``scoring.training.masked_view``); the global branch sees the frame.
-  At test time every branch sees the whole frame and no mask is needed.
-
-Choices the summary leaves open (ours, or AA-CLIP's where it has one):
-- adapter form, xavier bias-free projections, per-level maps at temperature 100, stage rates
-  (1e-5 text, 5e-4 image), the paper preset's schedule: AA-CLIP's (authors' code);
-- gate initialisation tanh(g) = 0.1 (AA-CLIP's adapter weight); text projection: CLIP's own;
-- loss weights (``loss_weights``): orthogonality 0.1 (AA-CLIP's disentangle weight),
-  consistency 1, grounding 0.1, alpha entropy 0.1, alpha consistency 1, view 1 (ours);
-- the branch embedding's learned pooling query and the ``view`` loss (next list);
-- a training image without a subject mask gives every branch the whole frame.
-
-Deviations (each with its reason):
-- The paper's CSR adapters sit in the first six ViT blocks, so the class token of each
-  branch's pass is its embedding. Here the adapters act on the tapped levels after the frozen
-  ViT (as the other linewatch methods do), so the ViT runs once per image and its features are
-  cached: what makes training on a CPU practical and keeps live scoring at one ViT pass. The
-  class token cannot see those adapters, hence the pooled patch embedding per branch.
-- Because a branch after the ViT cannot learn to look away from the rest of the frame inside
-  the ViT, two terms tie the whole-frame pass (the test condition) to the views: the
-  compatibility BCE is applied to both, and the ``view`` loss pulls each of the subject and
-  context branches' whole-frame embeddings to its (detached) view embedding.
-- ``memory_bank`` (default true, false in both presets) adds APRIL-GAN's reference memory when
-  references are given; the paper uses none, and an appearance memory is blind to context.
-- ``branches`` and ``fusion`` ("crm" or "mean": plain averaging) exist for the paper's
-  ablations (three branches against global only, CRM against averaging).
+  t0, t1: BCE of ``s`` on the whole frame and on the views, focal + dice on the map, the
+  ``view`` loss (each of the subject and context branches' whole-frame embeddings pulled to
+  its detached view embedding), the alpha regularisers; weights ``LOSS_WEIGHTS`` unless
+  ``loss_weights`` says otherwise. In training the subject branch sees the subject alone and
+  the context branch the scene without it (``training_views``, made from subject masks,
+  ``scoring.training.masked_view``); the global branch sees the frame. At test time every
+  branch sees the whole frame and no mask is needed.
 """
 
 from __future__ import annotations
@@ -64,13 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import segmentation_loss
-from ..prompts import TextAnchors, mean_anchor
-from ..training import VIEWS, state_digest
-from .aaclip import ensemble_anchors
-from ..options import OPTIONS
-from .base import AnomalyMethod, AnomalyScores, gaussian_blur, register_method, seeded_init, upsample
-from .coreclip_model import (
+from ...components.anchors import ensemble_anchors
+from ...losses import segmentation_loss
+from ...options import OPTIONS
+from ...prompts import TextAnchors, mean_anchor
+from ...training import VIEWS, state_digest
+from ..base import AnomalyMethod, AnomalyScores, gaussian_blur, register_method, seeded_init, upsample
+from .model import (
     BRANCHES,
     ContextBranches,
     GatedResidualAdapter,

@@ -1,56 +1,24 @@
-"""MadCLIP (Shiri et al., "MadCLIP: Few-shot Medical Anomaly Detection with CLIP", MICCAI 2025).
+"""MadCLIP (Shiri et al., "MadCLIP: Few-shot Medical Anomaly Detection with CLIP", MICCAI
+2025): the method's glue; its layers and scores are in ``model.py``. Where the paper is silent
+the form is the authors' code (github mahshid1998/MadCLIP); what was read where, every
+deviation with its reason, and the measurements are in ``README.md`` beside this file.
 
-Where the paper is silent the form follows the authors' code, github mahshid1998/MadCLIP
-(``train.py``, ``loss.py``, ``Prompt/CoOp.py``, ``Prompt/promptChooser.py``); its adapters,
-``CLIP/adapter_shared.py``, are not in our code index and were read in a copy of the
-repository, shoiabshafi/MyMedCLIP.
+Dual branch (§2, "Vision Adapters", "Dual Branch Architecture"): at each tapped level a normal
+and an abnormal ``BranchAdapter`` read the level's tokens after CLIP's ``ln_post`` (the ViT's
+residual stream is left alone, so the frozen ViT runs once per image), each a shared layer
+``ReLU(W_shared x)`` and two bias-free heads, detection and segmentation.
 
-Dual branch: at each tapped level i, a normal adapter A_n^i and an abnormal adapter A_ab^i,
-each a shared layer ``ReLU(W_shared x)`` followed by two heads, detection ``ReLU(W_det .)`` and
-segmentation ``ReLU(W_seg .)`` (bias-free, as the paper's formulas), mapping the level's
-patch features into the text space. The adapters read the tapped tokens and leave the ViT's
-residual stream alone, as the authors' code does, so the frozen ViT runs once per image.
+Prompts (§2, "Learnable Prompts"; CoOp with class-specific context): every state phrase of the
+pack with the object's name is one prompt per placement of the learnable words, ``[V1..VM]
+phrase.``, ``phrase [V1..VM].`` and ``[V1..VM/2] phrase [VM/2+1..VM].`` (CoOp's "end", "front",
+"middle"); each shared phrase and placement has its own M context vectors, a class's own
+phrases share one more. t_n and t_ab are the normalised means of their prompts' embeddings.
 
-Prompts (CoOp with class-specific context, ``CSC=True``): every state phrase of the pack with
-the object's name ("flawless {}", "{} with flaw", ...; no templates) is one prompt per
-placement of the learnable words: ``[V1..VM] phrase.``, ``phrase [V1..VM].`` and
-``[V1..VM/2] phrase [VM/2+1..VM].`` (CoOp's "end", "front", "middle"), each synonym and
-placement with its own M context vectors. t_n and t_ab are the normalised means of their
-prompts' embeddings (``PromptMaker.forward``).
-
-Per level and head, ``S_n = O_n.t_n - O_n.t_ab`` and ``S_ab = O_ab.t_ab - O_ab.t_n``
-(cosines, no temperature: ``dual_contrast``). Map ``M^i = SoftMax(Interpolate(S^i))[ab]`` from
-the segmentation heads; image score ``c^i = mean over patches of SoftMax(S^i)[ab]`` from the
-detection heads; both averaged over levels. Loss per level: dice + focal on M^i, plus the
-SigLIP term on the detection scores as ``loss.py``'s ``LossSigmoid``: a log-sigmoid per patch
-on [S_n, S_ab] signed by the image's label, averaged over patches, with no learnable
-temperature or bias; summed over levels. Adam at 1e-3 as the paper; the ``paper`` preset adds
-betas (0.5, 0.999), 60 epochs, batch 16, 16 shots, 11 views and ViT-L-14-336 at 238 px.
-
-Deviations (each with its reason):
-- Adapter input: the tapped tokens after CLIP's ``ln_post``. The authors' code feeds the raw
-  residual stream to a LeakyReLU layer followed by a per-token normalisation (InstanceNorm)
-  and LeakyReLU heads; the paper writes ReLU, which we follow, and ``ln_post`` plays the
-  normalisation's part.
-- Synonyms: the pack's shared state phrases each own their context; a class's extra phrases
-  (``classes.<name>.normal/abnormal`` in the pack) share one more context per state, since
-  they differ per class and a checkpoint must carry the same tensors for every class. Every
-  name of the class (the pack's ``names``) gets the same prompts.
-- Image score: the paper's c^i (detection heads). The authors' evaluation ranks images by the
-  maximum of the segmentation map where masks exist.
-- Image size: the paper's 240 px is not a multiple of ViT-L/14's patch (their stride-14
-  convolution drops the last 2 pixel rows and columns); the paper preset uses 238 px, the
-  same 17 x 17 grid.
-- Views: linewatch's augmentation (random flips, quarter turns, brightness/contrast) in as
-  many views as MVFA's fixed set that the paper follows (the image, 4 small rotations, 4
-  translations, 2 flips: MediaBrain-SJTU/MVFA-AD ``utils.py augment``).
-- Protocol: linewatch's same-dataset k + k sampling matches the paper's few-shot setting
-  (k normal + k abnormal training images, tested on the rest); ``--eval OTHER`` is its
-  cross-dataset evaluation.
-- ``memory_bank`` (true in the cpu preset) adds APRIL-GAN's normal reference memory when
-  references are given; the paper counts "no memory bank" as a contribution (the paper
-  preset sets it false). ``sigma`` smooths the map (4 px in the cpu preset); the authors'
-  code does not (0 in the paper preset).
+Scores: per level and head ``dual_scores`` (raw cosine differences, no temperature); map =
+``SoftMax(Interpolate(S))[ab]`` of the segmentation heads, image score = mean over patches
+of ``SoftMax(S)[ab]`` of the detection heads, both averaged over levels, smoothed by
+``sigma``. Loss per level (§2, "Loss Function"): dice + focal on the map plus the per-patch
+SigLIP term on the detection scores (``losses.siglip_loss``), summed over levels.
 """
 
 from __future__ import annotations
@@ -59,47 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import dice_loss, focal_loss, siglip_loss
-from ..prompts import TextAnchors
-from ..training import state_digest
-from ..options import OPTIONS
-from .base import (
+from ...losses import dice_loss, focal_loss, siglip_loss
+from ...options import OPTIONS
+from ...prompts import TextAnchors
+from ...training import state_digest
+from ..base import (
     AnomalyMethod,
     AnomalyScores,
     register_method,
     seeded_init,
 )
+from .model import BranchAdapter, abnormal_map, dual_scores
 
 PLACEHOLDER = "X"
 PLACEMENTS = ("end", "front", "middle")  # CoOp's names: the phrase after, before, inside the context
-
-
-class BranchAdapter(nn.Module):
-    """Shared layer then detection and segmentation heads, all ReLU(W x), bias-free."""
-
-    def __init__(self, width: int, dim: int):
-        super().__init__()
-        self.shared = nn.Linear(width, dim, bias=False)
-        self.det, self.seg = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shared = F.relu(self.shared(x))
-        return F.normalize(F.relu(self.det(shared)), dim=-1), F.normalize(F.relu(self.seg(shared)), dim=-1)
-
-
-def dual_scores(o_n: torch.Tensor, o_ab: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """[S_n, S_ab] [..., N, 2] from the branches' normalised features [..., N, D] and the
-    anchors (t_n, t_ab) [2, D] or [B, 2, D]: S_n = O_n.t_n - O_n.t_ab, S_ab = O_ab.t_ab - O_ab.t_n."""
-    t = anchors.transpose(-1, -2)  # [..., D, 2]
-    s_n = (o_n @ t) @ torch.tensor([1.0, -1.0], device=t.device)
-    s_ab = (o_ab @ t) @ torch.tensor([-1.0, 1.0], device=t.device)
-    return torch.stack([s_n, s_ab], dim=-1)
-
-
-def abnormal_map(scores: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """M = SoftMax(Interpolate(S))[ab]: per-patch [S_n, S_ab] [B, N, 2] -> [B, H, W]."""
-    logits = scores.transpose(1, 2).unflatten(-1, grid)  # [B, 2, h, w]
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False).softmax(1)[:, 1]
 
 
 @register_method

@@ -1,22 +1,18 @@
-"""Cross-modal layers (torch modules only, no method glue): KAnoCLIP's Bi-CMCI level and
-Conv-Adapter, usable by any method that fuses patch tokens with text tokens.
+"""KAnoCLIP's layers (Li et al., ICASSP 2025; torch modules only, the glue is ``method.py``):
+one Bi-CMCI level (§2.4, Fig. 3 "BiCA") and the Conv-Adapter (eq. 11).
 
-``BiCrossAttention`` (one Bi-CMCI level, the paper's Fig. 3 "BiCA"): pre-norm residual
-attention blocks in this order, all on tokens of the joint image-text width:
+``BiCrossAttention``: pre-norm residual attention blocks in this order, all on tokens of the
+joint image-text width:
   1. self-attention within each modality (visual tokens; text tokens);
   2. bi-directional cross-attention, both from the step-1 tokens: text -> visual (each visual
-     token queries the text tokens: aligns descriptions with parts) and visual -> text (each
-     text token queries the visual tokens: refines the text with local features);
+     token queries the text tokens) and visual -> text (each text token queries the visual
+     tokens);
   3. a second self-attention over the visual tokens, plain where the paper uses a deformable
-     one (Xia et al., DAT): DAT samples keys at learned offsets of a downsampled grid to make
-     attention affordable on large feature maps; a CLIP grid (14 x 14 to 37 x 37 tokens) is
-     small enough for full attention, which reaches every position a deformed sampler could,
-     keeps the layer free of a spatial prior beyond the positions CLIP put in the tokens
-     (any grid size scores; the block is permutation-equivariant over patches).
+     one (why: ``README.md``, "Choices where the paper is silent"); the block is
+     permutation-equivariant over patches and scores any grid size.
 Attention runs in a bottleneck (inner width = width / 4, 4 heads) and every output projection
 starts at zero, so an untrained block is the identity and training starts from CLIP's own
-patch-text alignment; the bottleneck keeps a level at ~1.3 M parameters for ViT-B (few-shot
-data, CPU training).
+patch-text alignment (~1.3 M parameters a level at ViT-B).
 """
 
 from __future__ import annotations

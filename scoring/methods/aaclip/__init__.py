@@ -1,0 +1,9 @@
+"""AA-CLIP (``aa-clip``): anomaly-aware text anchors, then patch features aligned to them.
+Glue in ``method.py``; its adapters and anchors are shared with CoRe-CLIP
+(``scoring/components/``); paper, choices, deviations and measurements in ``README.md``."""
+
+from ...components.adapters import ResidualAdapter, xavier_linear
+from ...components.anchors import ensemble_anchors
+from .method import AACLIP, abnormal_cosine_score
+
+__all__ = ["AACLIP", "ResidualAdapter", "abnormal_cosine_score", "ensemble_anchors", "xavier_linear"]
