@@ -36,8 +36,7 @@ def main() -> None:
     method.prepare(category.name)
     anchors = method.anchors.stacked()
     with torch.no_grad():
-        alpha, score, _, z = method.outputs({b: features for b in method.branches},
-                                            anchors.expand(len(keys), -1, -1), patches=False)
+        alpha, score, _, z = method.image_outputs(features, anchors.expand(len(keys), -1, -1), patches=False)
     z = F.normalize(z, dim=-1)
     labels = torch.as_tensor(labels)
     print(f"branches {method.branches}; t0 . t1 = {float(anchors[0] @ anchors[1]):.3f}")

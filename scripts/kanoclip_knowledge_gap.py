@@ -24,7 +24,7 @@ def gaps(method, classes: list[str]) -> dict[str, float]:
     out = {}
     with torch.no_grad():
         for name in classes:
-            normal, abnormal = method.class_text(name)
+            normal, abnormal = method.class_anchors(name)
             k = F.normalize(method.class_knowledge(name).mean(0), dim=-1)
             out[name] = round(float((k - abnormal).norm() - (k - normal).norm()), 4)
     return out

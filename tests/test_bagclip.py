@@ -184,7 +184,7 @@ def test_untrained_scores_are_zero_shot_clip(tiny, spots):
     ours, zero_shot = method.score(images), aprilgan.score(images)
     torch.testing.assert_close(ours.anomaly_map, zero_shot.anomaly_map, rtol=0, atol=1e-5)
     features = tiny(images)
-    grid_map, _ = method.outputs(features, method.anchors.stacked())
+    grid_map, _ = method.image_outputs(features, method.anchors.stacked())
     peak = upsample(grid_map, (64, 64)).flatten(1).amax(1)
     torch.testing.assert_close(ours.image_score, 0.5 * zero_shot.image_score + 0.5 * peak, rtol=0, atol=1e-5)
 
@@ -299,7 +299,7 @@ def test_gaussian_smoothing_is_the_last_step(trained, spots):
     method, _ = trained
     method.prepare(CLASS)
     features = method.backbone(spots.images[4:6])
-    grid_map, _ = method.outputs(features, method.anchors.stacked())
+    grid_map, _ = method.image_outputs(features, method.anchors.stacked())
     expected = gaussian_blur(upsample(grid_map, (64, 64)), method.sigma)
     torch.testing.assert_close(method.score_features(features, (64, 64)).anomaly_map, expected)
 

@@ -84,7 +84,7 @@ def test_alpha_weights_the_branches_per_image(tiny, subject_set):
                            ({"branches": ["global"]}, torch.ones(3, 1))]:
         method = _method(tiny, **options).prepare(CLASS)
         anchors = method.anchors.stacked().expand(3, -1, -1)
-        alpha, score, maps, z = method.outputs({b: features for b in method.branches}, anchors)
+        alpha, score, maps, z = method.image_outputs(features, anchors)
         assert alpha.shape == (3, len(method.branches)) and z.shape == (3, len(method.branches), tiny.embed_dim)
         torch.testing.assert_close(alpha.sum(-1), torch.ones(3))
         if check is not None:
@@ -169,7 +169,7 @@ def test_training_sees_the_views_and_scoring_needs_no_masks(tiny, subject_set):
     scores = method.prepare(CLASS).score(subject_set.images)  # images only: no mask anywhere
     anchors = method.anchors.stacked().expand(8, -1, -1)
     full = method.backbone(subject_set.images)
-    _, expected, _, _ = method.outputs({b: full for b in method.branches}, anchors)
+    _, expected, _, _ = method.image_outputs(full, anchors)
     torch.testing.assert_close(scores.image_score, expected)
 
 

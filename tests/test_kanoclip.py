@@ -74,7 +74,7 @@ def test_the_methods_knowledge_term_measures_its_learned_prompts_against_the_kno
     batch = TrainBatch(features, defect_set.masks[index].float(), defect_set.labels[index], [CLASS] * 2, (64, 64), index)
     expected_k = torch.stack([known.mean(0), torch.cat([known, own]).mean(0)])
     torch.testing.assert_close(method.batch_knowledge(batch), expected_k)
-    text = method.class_text(CLASS).detach()
+    text = method.class_anchors(CLASS).detach()
     normal, abnormal = text[None, 0].expand(2, -1), text[None, 1].expand(2, -1)
     term = method.stage_loss("joint", batch)["knowledge"].detach()
     torch.testing.assert_close(term, knowledge_loss(expected_k, normal, abnormal))

@@ -193,7 +193,7 @@ def test_madclip_prompts_own_a_context_per_synonym_and_placement(tiny):
     for class_name, used in ((CLASS, [True, True, False]), ("gadget", [True, True, True])):
         context = method.text["abnormal"].detach().clone().requires_grad_(True)
         method.text["abnormal"] = torch.nn.Parameter(context)
-        method.encode_state(class_name, "abnormal").sum().backward()
+        method.encode_prompts(class_name, "abnormal").sum().backward()
         reached = method.text["abnormal"].grad.abs().sum(dim=(-1, -2)) > 0  # [row, placement]
         assert reached.tolist() == [[u] * 3 for u in used], class_name
         method.text["abnormal"].requires_grad_(False)

@@ -11,6 +11,14 @@ lives outside ``backbone``, so ``trained_state()`` is what a checkpoint holds.
 
 The text side is split out (``anchor_key`` / ``build_anchors``) so the pipeline can
 fetch anchors from a cache by key instead of re-encoding prompts in every worker.
+
+One hook vocabulary for what every method names alike ("what each method defines" below): on
+the text side ``encode_prompts`` (one state's anchor) and ``class_anchors`` (a class's
+(normal, abnormal) pair, which ``build_anchors`` wraps for inference and a text stage trains
+through); on the image side ``image_outputs`` (the method's result against the anchors before
+the memory blend, which ``score_features`` turns into scores and ``stage_loss`` trains
+through); for training ``stages``, ``begin_training``, ``begin_stage``, ``stage_parameters``,
+``stage_loss`` and ``end_training``.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from ..prompts import PromptPack, TextAnchors, anchor_key, mean_anchor
 from ..training import extract_features
 
 CLIP_TEMPERATURE = 100.0  # CLIP's trained logit scale; the papers score text similarity with it
+STATES = ("normal", "abnormal")  # the order of a class's anchors: index 1 is "abnormal"
 
 
 @dataclass
@@ -89,9 +98,10 @@ class AnomalyMethod(nn.Module):
         return anchor_key(self.backbone.identity, normal, abnormal, self.text_identity())
 
     def build_anchors(self, class_name: str) -> TextAnchors:
-        normal, abnormal = self.prompt_pack.prompts(class_name)
-        return TextAnchors(mean_anchor(self.backbone.encode_text(normal)),
-                           mean_anchor(self.backbone.encode_text(abnormal)), self.anchor_key(class_name))
+        """``class_anchors`` for inference (no graph), with their cache key."""
+        with torch.no_grad():
+            normal, abnormal = self.class_anchors(class_name)
+        return TextAnchors(normal, abnormal, self.anchor_key(class_name))
 
     # ---- life cycle -----------------------------------------------------------------
     @torch.inference_mode()
@@ -173,6 +183,27 @@ class AnomalyMethod(nn.Module):
         return images.to(self.backbone.device, torch.float32)
 
     # ---- what each method defines ---------------------------------------------------
+    def encode_prompts(self, class_name: str, state: str) -> torch.Tensor:
+        """One state's anchor [D] (``state`` in ``STATES``): the normalised mean of the class's
+        prompts for that state through the method's text side, differentiable in what the text
+        side trains (learnable context words, text adapters). Default: the fixed prompt
+        ensemble through the frozen text encoder."""
+        return mean_anchor(self.backbone.encode_text(self.prompt_pack.prompts(class_name)[STATES.index(state)]))
+
+    def class_anchors(self, class_name: str) -> torch.Tensor:
+        """[2, D]: the (normal, abnormal) anchors of one class, each state's ``encode_prompts``;
+        differentiable when the text side trains (``stage_loss`` calls it, ``build_anchors``
+        wraps it for inference)."""
+        return torch.stack([self.encode_prompts(class_name, state) for state in STATES])
+
+    def image_outputs(self, features: VisualFeatures, anchors: torch.Tensor):
+        """The method's image side against the anchors ([2, D], or [B, 2, D] one pair per image),
+        before the memory blend: what ``score_features`` turns into scores and ``stage_loss``
+        trains through. What it returns (and any further argument it takes) is each method's
+        own, as its losses need: its docstring says. Methods that score otherwise (WinCLIP's
+        ``score_batch``) leave it out."""
+        raise NotImplementedError
+
     def fit_references(self, images: torch.Tensor | None) -> None:
         """Build (or, given None, clear) the few-shot memory from normal reference images.
         Default: APRIL-GAN's memory of the raw multi-level patch tokens (see ``memory_map``)."""
@@ -288,7 +319,7 @@ class FixedAnchorTraining:
 
     def begin_stage(self, stage, class_names):
         with torch.no_grad():
-            self._train_anchors = {c: self.build_anchors(c).stacked() for c in class_names}
+            self._train_anchors = {c: self.class_anchors(c) for c in class_names}
 
     def batch_anchors(self, batch) -> torch.Tensor:
         """[B, 2, D]: (T_N, T_A) of each image's class."""

@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...components.adapters import ResidualAdapter, xavier_linear
-from ...components.anchors import ensemble_anchors
+from ...components.anchors import ensemble_anchor
 from ...losses import segmentation_loss
 from ...options import OPTIONS
-from ...prompts import TextAnchors
 from ...training import state_digest
 from ..base import (
     CLIP_TEMPERATURE,
+    STATES,
     AnomalyMethod,
     AnomalyScores,
     register_method,
@@ -87,7 +87,7 @@ class AACLIP(AnomalyMethod):
     def text_identity(self) -> str:
         return "aa-clip-text:" + state_digest({k: v for k, v in self.text.state_dict().items()})
 
-    def encode_sentences(self, sentences: list[str]) -> torch.Tensor:
+    def _encode_sentences(self, sentences: list[str]) -> torch.Tensor:
         """Adapted text embeddings [N, D], L2-normalised (differentiable)."""
         adapters = self.text["adapters"]
 
@@ -98,16 +98,18 @@ class AACLIP(AnomalyMethod):
                                              projection=self.text["projection"])
         return F.normalize(embeds, dim=-1)
 
-    def class_anchors(self, class_name: str, sample: random.Random | None = None) -> torch.Tensor:
-        """[2, D] (normal, abnormal), each the normalised mean of its sentences' embeddings."""
-        return ensemble_anchors(self.encode_sentences, self.prompt_pack.prompts(class_name), sample, self.prompt_sample)
+    def encode_prompts(self, class_name: str, state: str, sample: random.Random | None = None) -> torch.Tensor:
+        """[D]: the normalised mean of the state's adapted sentence embeddings; with ``sample``
+        (the text stage) up to ``prompt_sample`` sentences drawn, with a graph."""
+        sentences = self.prompt_pack.prompts(class_name)[STATES.index(state)]
+        return ensemble_anchor(self._encode_sentences, sentences, sample, self.prompt_sample)
 
-    def build_anchors(self, class_name: str) -> TextAnchors:
-        normal, abnormal = self.class_anchors(class_name)
-        return TextAnchors(normal, abnormal, self.anchor_key(class_name))
+    def class_anchors(self, class_name: str, sample: random.Random | None = None) -> torch.Tensor:
+        """[2, D] (normal, abnormal): each state's ``encode_prompts``, drawing from ``sample``."""
+        return torch.stack([self.encode_prompts(class_name, state, sample) for state in STATES])
 
     # ---- image side -------------------------------------------------------------------
-    def adapted_levels(self, features) -> list[torch.Tensor]:
+    def _adapted_levels(self, features) -> list[torch.Tensor]:
         ln_post = self.backbone.clip.visual.ln_post
         return [ln_post(adapter(tokens)) for adapter, tokens in zip(self.image["adapters"], features.patch_tokens)]
 
@@ -115,7 +117,7 @@ class AACLIP(AnomalyMethod):
         """Per-level patch logits [B, N, 2] (temperature 100) and the detection embedding [B, D]
         (normalised, mean-pooled over the last level's patches); ``anchors`` [2, D] or [B, 2, D]."""
         anchors_t = anchors.transpose(-1, -2)
-        levels = self.adapted_levels(features)
+        levels = self._adapted_levels(features)
         patch = [CLIP_TEMPERATURE * F.normalize(proj(t), dim=-1) @ anchors_t
                  for proj, t in zip(self.image["seg_projections"], levels)]
         det = F.normalize(self.image["det_projection"](levels[-1]), dim=-1).mean(1)

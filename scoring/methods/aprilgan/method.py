@@ -56,17 +56,19 @@ class AprilGAN(FixedAnchorTraining, AnomalyMethod):
                 linear.bias.zero_()
         self.projections.to(backbone.device).requires_grad_(False)
 
-    def level_logits(self, features, anchors: torch.Tensor) -> list[torch.Tensor]:
-        """Per level [B, N, 2] temperature-scaled cosine similarity to (normal, abnormal)."""
+    def image_outputs(self, features, anchors: torch.Tensor) -> list[torch.Tensor]:
+        """Per level [B, N, 2] temperature-scaled cosine similarity to (normal, abnormal); anchors
+        [2, D] or [B, 2, D]. (The image score is the untrained ``abnormal_probability`` of the
+        image embedding.)"""
         locals_ = features.local_tokens or features.patch_tokens
         ln_post = self.backbone.clip.visual.ln_post
-        return [CLIP_TEMPERATURE * F.normalize(linear(ln_post(tokens)), dim=-1) @ anchors.T
+        return [CLIP_TEMPERATURE * F.normalize(linear(ln_post(tokens)), dim=-1) @ anchors.transpose(-1, -2)
                 for linear, tokens in zip(self.projections, locals_)]
 
     def score_features(self, features, size) -> AnomalyScores:
         grid = features.grid
         image_score = self.abnormal_probability(features.image_embed)
-        levels = [logits.softmax(-1)[..., 1].view(-1, *grid) for logits in self.level_logits(features, self.anchors.stacked())]
+        levels = [logits.softmax(-1)[..., 1].view(-1, *grid) for logits in self.image_outputs(features, self.anchors.stacked())]
         anomaly_map = upsample(torch.stack(levels).mean(dim=0), size)
         return self.finish_scores(anomaly_map, image_score, features, size)
 
@@ -75,10 +77,8 @@ class AprilGAN(FixedAnchorTraining, AnomalyMethod):
         return list(self.projections.parameters())
 
     def stage_loss(self, stage, batch):
-        anchors = self.batch_anchors(batch)  # [B, 2, D]
         grid, loss = batch.features.grid, 0.0
-        for linear, tokens in zip(self.projections, batch.features.local_tokens or batch.features.patch_tokens):
-            embeds = F.normalize(linear(self.backbone.clip.visual.ln_post(tokens)), dim=-1)
-            probability = (CLIP_TEMPERATURE * embeds @ anchors.transpose(1, 2)).softmax(-1)[..., 1]
+        for logits in self.image_outputs(batch.features, self.batch_anchors(batch)):  # anchors [B, 2, D]
+            probability = logits.softmax(-1)[..., 1]
             loss = loss + segmentation_loss(upsample(probability.view(-1, *grid), batch.size), batch.masks)
         return {"loss": loss}

@@ -59,8 +59,9 @@ class BagCLIP(FixedAnchorTraining, AnomalyMethod):
                                       o.reduction, o.safr)
         self.model.to(backbone.device).requires_grad_(False)
 
-    def outputs(self, features, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(level-averaged abnormal map on the patch grid [B, h, w], global abnormal share [B])."""
+    def image_outputs(self, features, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(level-averaged abnormal map on the patch grid [B, h, w], global abnormal share [B]);
+        anchors [2, D] or [B, 2, D]."""
         ln_post = self.backbone.clip.visual.ln_post
         levels, image = self.model([ln_post(t) for t in features.local_tokens or features.patch_tokens],
                                    features.image_embed)
@@ -68,7 +69,7 @@ class BagCLIP(FixedAnchorTraining, AnomalyMethod):
         return grid_map, abnormal_share(image, anchors)
 
     def score_features(self, features, size) -> AnomalyScores:
-        grid_map, global_score = self.outputs(features, self.anchors.stacked())
+        grid_map, global_score = self.image_outputs(features, self.anchors.stacked())
         anomaly_map = upsample(grid_map, size)
         image_score = 0.5 * global_score + 0.5 * anomaly_map.flatten(1).amax(1)
         return self.finish_scores(anomaly_map, image_score, features, size)
@@ -78,7 +79,7 @@ class BagCLIP(FixedAnchorTraining, AnomalyMethod):
         return list(self.model.parameters())
 
     def stage_loss(self, stage, batch):
-        grid_map, global_score = self.outputs(batch.features, self.batch_anchors(batch))
+        grid_map, global_score = self.image_outputs(batch.features, self.batch_anchors(batch))
         seg = segmentation_loss(upsample(grid_map, batch.size), batch.masks)
         cls = focal_loss(global_score, batch.labels.float())
         return {"loss": cls + seg, "seg": seg, "cls": cls}

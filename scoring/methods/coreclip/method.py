@@ -11,7 +11,7 @@ generated context set and the measurements: ``README.md`` beside this file).
   query (zero at first: a mean pooling).
 - Text refinement: gated residual adapters ``x + tanh(g) A(x)`` after the first ``text_layers``
   text blocks give per class ``t0`` (normal) and ``t1`` (anomalous), the normalised means of
-  the prompt pack's sentences (``components.anchors.ensemble_anchors``). Trained with
+  the prompt pack's sentences (``components.anchors.ensemble_anchor``). Trained with
   orthogonality ``(t0 . t1)^2``, consistency ``1 - cos(t0 + t1, e)`` (e: the frozen encoder's
   prototype of the class) and grounding ``1 - cos(t0 + t1, v)`` (v: the frozen image embedding
   of each image).
@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...components.anchors import ensemble_anchors
+from ...components.anchors import ensemble_anchor
 from ...losses import segmentation_loss
 from ...options import OPTIONS
-from ...prompts import TextAnchors, mean_anchor
+from ...prompts import mean_anchor
 from ...training import VIEWS, state_digest
-from ..base import AnomalyMethod, AnomalyScores, gaussian_blur, register_method, seeded_init, upsample
+from ..base import STATES, AnomalyMethod, AnomalyScores, gaussian_blur, register_method, seeded_init, upsample
 from .model import (
     BRANCHES,
     ContextBranches,
@@ -102,23 +102,25 @@ class CoReCLIP(AnomalyMethod):
     def text_identity(self) -> str:
         return "core-clip-text:" + state_digest(dict(self.text.state_dict()))
 
-    def encode_sentences(self, sentences: list[str]) -> torch.Tensor:
+    def _encode_sentences(self, sentences: list[str]) -> torch.Tensor:
         """Refined text embeddings [N, D], L2-normalised (differentiable in the adapters)."""
         def after_block(index, x):
             return self.text[index](x) if index < len(self.text) else x
 
         return F.normalize(self.backbone.encode_tokens(self.backbone.tokenize(sentences), after_block=after_block), dim=-1)
 
-    def class_anchors(self, class_name: str, sample: random.Random | None = None) -> torch.Tensor:
-        """[2, D]: t0, t1 of the class."""
-        return ensemble_anchors(self.encode_sentences, self.prompt_pack.prompts(class_name), sample, self.prompt_sample)
+    def encode_prompts(self, class_name: str, state: str, sample: random.Random | None = None) -> torch.Tensor:
+        """t0 or t1 [D]: the normalised mean of the state's refined sentence embeddings; with
+        ``sample`` (the text stage) up to ``prompt_sample`` sentences drawn, with a graph."""
+        sentences = self.prompt_pack.prompts(class_name)[STATES.index(state)]
+        return ensemble_anchor(self._encode_sentences, sentences, sample, self.prompt_sample)
 
-    def build_anchors(self, class_name: str) -> TextAnchors:
-        normal, abnormal = self.class_anchors(class_name)
-        return TextAnchors(normal, abnormal, self.anchor_key(class_name))
+    def class_anchors(self, class_name: str, sample: random.Random | None = None) -> torch.Tensor:
+        """[2, D]: t0, t1 of the class, drawing from ``sample``."""
+        return torch.stack([self.encode_prompts(class_name, state, sample) for state in STATES])
 
     # ---- image side -------------------------------------------------------------------
-    def branch_outputs(self, per_branch: dict, patches: bool = True):
+    def _branch_outputs(self, per_branch: dict, patches: bool = True):
         """Every branch on its features: z [B, branches, D] and per level [B, branches, N, D] (or None)."""
         ln_post = self.backbone.clip.visual.ln_post
         outputs = [self.csr(b, per_branch[b].patch_tokens, ln_post, patches) for b in self.branches]
@@ -127,23 +129,26 @@ class CoReCLIP(AnomalyMethod):
             return z, None
         return z, [torch.stack(level, dim=1) for level in zip(*(o[1] for o in outputs))]
 
-    def fusion_weights(self, t1: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _fusion_weights(self, t1: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """alpha [B, branches]: CRM's attention, or plain averaging."""
         if self.crm is None:
             return torch.full(z.shape[:2], 1.0 / z.shape[1], device=z.device, dtype=z.dtype)
         return self.crm(t1, z)
 
-    def outputs(self, per_branch: dict, anchors: torch.Tensor, patches: bool = True):
-        """(alpha, score s [B], per-level fused patch probabilities [B, N] or None); anchors [B, 2, D]."""
-        z, levels = self.branch_outputs(per_branch, patches)
-        alpha = self.fusion_weights(anchors[:, 1], z)
+    def image_outputs(self, features, anchors: torch.Tensor, patches: bool = True):
+        """(alpha [B, branches], score s [B], per-level fused patch probabilities [B, N] or None
+        without ``patches``, z [B, branches, D]); ``features``: one ``VisualFeatures`` every
+        branch sees, or a dict of them by branch (the training views); anchors [B, 2, D]."""
+        per_branch = features if isinstance(features, dict) else {b: features for b in self.branches}
+        z, levels = self._branch_outputs(per_branch, patches)
+        alpha = self._fusion_weights(anchors[:, 1], z)
         score = compatibility(fuse(alpha, z), anchors)
         maps = None if levels is None else [patch_probability(fuse(alpha, level), anchors) for level in levels]
         return alpha, score, maps, z
 
     def score_features(self, features, size) -> AnomalyScores:
         anchors = self.anchors.stacked().expand(features.image_embed.shape[0], -1, -1)
-        _, image_score, maps, _ = self.outputs({b: features for b in self.branches}, anchors)
+        _, image_score, maps, _ = self.image_outputs(features, anchors)
         anomaly_map = upsample(torch.stack(maps).mean(0).view(-1, *features.grid), size)
         if self.memory is not None:
             anomaly_map, image_score = self.blend(anomaly_map, image_score, self.memory_map(features, size))
@@ -181,10 +186,9 @@ class CoReCLIP(AnomalyMethod):
 
     def _image_loss(self, batch):
         anchors = torch.stack([self._stage_anchors[c] for c in batch.class_names])  # [B, 2, D]
-        whole = {b: batch.features for b in self.branches}
         viewed = {b: batch.views.get(b, batch.features) for b in self.branches}
-        alpha, score, maps, z = self.outputs(whole, anchors)
-        alpha_v, score_v, _, z_v = self.outputs(viewed, anchors, patches=False)
+        alpha, score, maps, z = self.image_outputs(batch.features, anchors)
+        alpha_v, score_v, _, z_v = self.image_outputs(viewed, anchors, patches=False)
         probability = upsample(torch.stack(maps).mean(0).view(-1, *batch.features.grid), batch.size)
         compat = compatibility_loss(score, batch.labels) + compatibility_loss(score_v, batch.labels)
         seg = segmentation_loss(probability, batch.masks)

@@ -37,7 +37,7 @@ from torch import nn
 
 from ...losses import knowledge_loss, segmentation_loss
 from ...options import OPTIONS
-from ...prompts import TextAnchors, anchor_key
+from ...prompts import anchor_key
 from ...training import state_digest
 from ..base import (
     CLIP_TEMPERATURE,
@@ -90,37 +90,29 @@ class KAnoCLIP(AnomalyMethod):
     def text_identity(self) -> str:
         return f"kanoclip-contexts:{state_digest(dict(self.contexts.items()))}:knowledge:{self.knowledge.digest}"
 
-    def class_names(self, class_name: str) -> list[str]:
+    def _class_names(self, class_name: str) -> list[str]:
+        """The class's names in prompts: the pack's ``names``, else the class with spaces."""
         entry = self.prompt_pack.classes.get(class_name)
         return (entry.names if entry and entry.names else None) or [class_name.replace("_", " ")]
 
-    def prompt_texts(self, class_name: str, state: str) -> list[str]:
+    def _prompt_texts(self, class_name: str, state: str) -> list[str]:
         """``[X1..XK] word name.`` for each adjective and name; the X positions take the context."""
         context = " ".join([PLACEHOLDER] * self.context_words)
-        return [f"{context} {word} {name}." for name in self.class_names(class_name) for word in STATE_WORDS[state]]
+        return [f"{context} {word} {name}." for name in self._class_names(class_name) for word in STATE_WORDS[state]]
 
     def anchor_key(self, class_name: str) -> str:
-        return anchor_key(self.backbone.identity, self.prompt_texts(class_name, "normal"),
-                          self.prompt_texts(class_name, "abnormal"), self.text_identity())
+        return anchor_key(self.backbone.identity, self._prompt_texts(class_name, "normal"),
+                          self._prompt_texts(class_name, "abnormal"), self.text_identity())
 
-    def encode_state(self, class_name: str, state: str) -> torch.Tensor:
+    def encode_prompts(self, class_name: str, state: str) -> torch.Tensor:
         """F_n or F_a [D]: normalised mean of the state's prompts' unit embeddings (differentiable
-        in the context vectors only)."""
-        tokens = self.backbone.tokenize(self.prompt_texts(class_name, state))
+        in the context vectors only). ``class_anchors`` is the base's: F_text = [F_n, F_a], [2, D]."""
+        tokens = self.backbone.tokenize(self._prompt_texts(class_name, state))
         base = self.backbone.clip.token_embedding(tokens)
         context = self.contexts[state].to(base.dtype).expand(len(tokens), -1, -1)
         embeddings = torch.cat([base[:, :1], context, base[:, 1 + self.context_words:]], dim=1)
         out = F.normalize(self.backbone.encode_tokens(tokens, embeddings=embeddings), dim=-1)
         return F.normalize(out.mean(0), dim=-1)
-
-    def class_text(self, class_name: str) -> torch.Tensor:
-        """F_text = [F_n, F_a], [2, D]."""
-        return torch.stack([self.encode_state(class_name, state) for state in STATE_WORDS])
-
-    def build_anchors(self, class_name: str) -> TextAnchors:
-        with torch.no_grad():
-            normal, abnormal = self.class_text(class_name)
-        return TextAnchors(normal, abnormal, self.anchor_key(class_name))
 
     # ---- image side -------------------------------------------------------------------
     def local_features(self, features) -> list[torch.Tensor]:
@@ -129,7 +121,7 @@ class KAnoCLIP(AnomalyMethod):
             return features.patch_embeds
         return [self.backbone.project(tokens) for tokens in features.patch_tokens]
 
-    def abnormal_grid(self, features, text: torch.Tensor) -> torch.Tensor:
+    def _abnormal_grid(self, features, text: torch.Tensor) -> torch.Tensor:
         """M^a on the patch grid [B, h, w] (eq. 9: the mean over levels); ``text`` [2, D] or [B, 2, D]."""
         batch = features.image_embed.shape[0]
         text = text.expand(batch, -1, -1) if text.ndim == 3 else text[None].expand(batch, -1, -1)
@@ -140,20 +132,21 @@ class KAnoCLIP(AnomalyMethod):
             levels.append(logits.softmax(-1)[..., 1])
         return torch.stack(levels).mean(0).view(batch, *features.grid)
 
-    def global_probability(self, features, text: torch.Tensor) -> torch.Tensor:
+    def _global_probability(self, features, text: torch.Tensor) -> torch.Tensor:
         """softmax(100 cos(Î_G, F_text))[abnormal] [B] (eq. 12's first term)."""
         image = features.image_embed if self.adapter is None else self.adapter(features.image_embed)
         logits = CLIP_TEMPERATURE * F.normalize(image, dim=-1)[:, None] @ F.normalize(text, dim=-1).transpose(-1, -2)
         return logits.softmax(-1)[:, 0, 1]
 
-    def text_scores(self, features, text, size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(M^a at ``size``, M = G_sigma(M^a) (eq. 10), S_global / 2 (eq. 12))."""
-        abnormal = upsample(self.abnormal_grid(features, text), size)
+    def image_outputs(self, features, anchors: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(M^a at ``size``, M = G_sigma(M^a) (eq. 10), S_global / 2 (eq. 12)); ``anchors`` = F_text,
+        [2, D] or [B, 2, D]. Takes the map size: the score is taken on the smoothed full map."""
+        abnormal = upsample(self._abnormal_grid(features, anchors), size)
         smoothed = gaussian_blur(abnormal, self.sigma)
-        return abnormal, smoothed, (self.global_probability(features, text) + smoothed.flatten(1).amax(1)) / 2
+        return abnormal, smoothed, (self._global_probability(features, anchors) + smoothed.flatten(1).amax(1)) / 2
 
     def score_features(self, features, size) -> AnomalyScores:
-        _, anomaly_map, image_score = self.text_scores(features, self.anchors.stacked(), size)
+        _, anomaly_map, image_score = self.image_outputs(features, self.anchors.stacked(), size)
         if self.memory is not None:
             anomaly_map, image_score = self.blend(anomaly_map, image_score,
                                                   gaussian_blur(self.memory_map(features, size), self.sigma))
@@ -164,13 +157,13 @@ class KAnoCLIP(AnomalyMethod):
         """Unit text embeddings of the class's knowledge-pack descriptions [N, D] (frozen; cached)."""
         if class_name not in self._class_knowledge:
             self._class_knowledge[class_name] = self.backbone.encode_text(
-                self.knowledge.descriptions(class_name, self.class_names(class_name)[0]))
+                self.knowledge.descriptions(class_name, self._class_names(class_name)[0]))
         return self._class_knowledge[class_name]
 
     def begin_training(self, data) -> None:
         """Describe each anomalous training image from its mask and embed, per row, eq. 3's
         knowledge: the mean of its class's descriptions and its own (the VQA description)."""
-        self.image_descriptions = [describe_anomaly(image, mask, self.class_names(name)[0]) if label else None
+        self.image_descriptions = [describe_anomaly(image, mask, self._class_names(name)[0]) if label else None
                                    for image, mask, label, name in zip(data.images, data.masks, data.labels,
                                                                        data.class_names)]
         described = [text for text in self.image_descriptions if text is not None]
@@ -193,9 +186,9 @@ class KAnoCLIP(AnomalyMethod):
         return [*self.contexts.values(), *(p for m in modules for p in m.parameters())]
 
     def stage_loss(self, stage, batch):
-        per_class = {name: self.class_text(name) for name in sorted(set(batch.class_names))}
+        per_class = {name: self.class_anchors(name) for name in sorted(set(batch.class_names))}
         text = torch.stack([per_class[name] for name in batch.class_names])  # [B, 2, D]
-        abnormal, _, score = self.text_scores(batch.features, text, batch.size)
+        abnormal, _, score = self.image_outputs(batch.features, text, batch.size)
         local = segmentation_loss(abnormal, batch.masks)  # eq. 15, with M^n = 1 - M^a
         global_ = F.binary_cross_entropy(score.clamp(1e-6, 1 - 1e-6), batch.labels.float())  # eq. 14
         knowledge = knowledge_loss(self.batch_knowledge(batch), text[:, 0], text[:, 1])  # eq. 2

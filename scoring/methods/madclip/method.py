@@ -29,7 +29,6 @@ from torch import nn
 
 from ...losses import dice_loss, focal_loss, siglip_loss
 from ...options import OPTIONS
-from ...prompts import TextAnchors
 from ...training import state_digest
 from ..base import (
     AnomalyMethod,
@@ -72,7 +71,7 @@ class MadCLIP(AnomalyMethod):
     def text_identity(self) -> str:
         return "madclip-prompts:" + state_digest({k: v for k, v in self.text.items()})
 
-    def phrases(self, class_name: str, state: str) -> tuple[list[str], list[int]]:
+    def _phrases(self, class_name: str, state: str) -> tuple[list[str], list[int]]:
         """The state's phrases with the object's names filled in, and each one's context row."""
         entry = self.prompt_pack.classes.get(class_name)
         names = (entry.names if entry and entry.names else None) or [class_name.replace("_", " ")]
@@ -82,9 +81,10 @@ class MadCLIP(AnomalyMethod):
         pairs = [(p.format(n), row) for n in names for p, row in zip(shared + extra, rows)]
         return [p for p, _ in pairs], [row for _, row in pairs]
 
-    def encode_state(self, class_name: str, state: str) -> torch.Tensor:
-        """t_n or t_ab [D] (normalised; differentiable in the context vectors)."""
-        phrases, rows = self.phrases(class_name, state)
+    def encode_prompts(self, class_name: str, state: str) -> torch.Tensor:
+        """t_n or t_ab [D] (normalised; differentiable in the context vectors). ``class_anchors``
+        is the base's: [2, D] = (t_n, t_ab)."""
+        phrases, rows = self._phrases(class_name, state)
         m = self.context_words
         tokens = self.backbone.tokenize([f"{' '.join([PLACEHOLDER] * m)} {p}." for p in phrases])  # [S, L]
         lengths = (self.backbone.tokenize(phrases).argmax(-1) - 1).tolist()  # each phrase's own tokens
@@ -99,17 +99,8 @@ class MadCLIP(AnomalyMethod):
         out = self.backbone.encode_tokens(tokens.repeat(len(PLACEMENTS), 1), embeddings=torch.cat(embeddings))
         return F.normalize(out.mean(0), dim=-1)
 
-    def class_anchors(self, class_name: str) -> torch.Tensor:
-        """[2, D]: t_n, t_ab."""
-        return torch.stack([self.encode_state(class_name, state) for state in ("normal", "abnormal")])
-
-    def build_anchors(self, class_name: str) -> TextAnchors:
-        with torch.no_grad():
-            normal, abnormal = self.class_anchors(class_name)
-        return TextAnchors(normal, abnormal, self.anchor_key(class_name))
-
     # ---- image side -------------------------------------------------------------------
-    def branch_scores(self, features, anchors: torch.Tensor):
+    def image_outputs(self, features, anchors: torch.Tensor):
         """Per level (det, seg), each [B, N, 2] = [S_n, S_ab]; anchors [2, D] or [B, 2, D]."""
         ln_post = self.backbone.clip.visual.ln_post
         levels = []
@@ -120,7 +111,7 @@ class MadCLIP(AnomalyMethod):
         return levels
 
     def score_features(self, features, size) -> AnomalyScores:
-        levels = self.branch_scores(features, self.anchors.stacked())
+        levels = self.image_outputs(features, self.anchors.stacked())
         anomaly_map = torch.stack([abnormal_map(seg, features.grid, size) for _, seg in levels]).mean(0)
         image_score = torch.stack([det.softmax(-1)[..., 1].mean(1) for det, _ in levels]).mean(0)
         return self.finish_scores(anomaly_map, image_score, features, size)
@@ -133,7 +124,7 @@ class MadCLIP(AnomalyMethod):
         per_class = {c: self.class_anchors(c) for c in sorted(set(batch.class_names))}
         anchors = torch.stack([per_class[c] for c in batch.class_names])  # [B, 2, D]
         dice = focal = siglip = 0.0
-        for det, seg in self.branch_scores(batch.features, anchors):
+        for det, seg in self.image_outputs(batch.features, anchors):
             probability = abnormal_map(seg, batch.features.grid, batch.size)
             dice = dice + dice_loss(probability, batch.masks)
             focal = focal + focal_loss(probability, batch.masks)
