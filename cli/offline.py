@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..scoring.options import canonical_method
 from . import args as a
 
 
@@ -12,7 +13,7 @@ def add_parsers(commands) -> None:
     ev = commands.add_parser("eval", help="evaluate a method on MVTec-layout data",
                              description="Score every test image of one category (or a folder of categories) "
                                          "and print image and pixel AUROC, AP, F1-max and AUPRO.")
-    ev.add_argument("--method", default=None,
+    ev.add_argument("--method", default=None, type=canonical_method,
                     help="scoring method (see `linewatch methods`; default aprilgan, as in run and worker)")
     ev.add_argument("--checkpoint", default=None, help="a trained checkpoint from `linewatch train` (sets method and backbone)")
     ev.add_argument("--data", required=True, help="a category folder or a folder of categories in MVTec layout")
@@ -33,7 +34,7 @@ def add_parsers(commands) -> None:
                                          "explicitly override the preset's values, and another --arch also drops the "
                                          "preset's weights, image size and layers for that architecture's defaults "
                                          "(see `linewatch methods --presets`).")
-    tr.add_argument("--method", default=None,
+    tr.add_argument("--method", default=None, type=canonical_method,
                     help="a method with trained parts (`linewatch methods` lists them); may be left out when "
                          "--preset is a file naming it")
     tr.add_argument("--preset", default=None, metavar="paper|cpu|FILE",

@@ -14,6 +14,7 @@ import threading
 import time
 
 from ..bus.redact import redact
+from ..scoring.options import canonical_method
 from . import args as a
 
 S = argparse.SUPPRESS
@@ -56,7 +57,7 @@ def add_model(parser: argparse.ArgumentParser, redis: bool = True) -> None:
     if redis:
         model.add_argument("--redis-url", dest="redis_url", default=S,
                            help="Redis for the shared text-anchor cache, e.g. redis://host:6379/0")
-    model.add_argument("--method", dest="profile.method", default=S,
+    model.add_argument("--method", dest="profile.method", default=S, type=canonical_method,
                        help="scoring method (`linewatch methods`; default aprilgan, as in eval)")
     model.add_argument("--checkpoint", dest="profile.checkpoint", default=S,
                        help="trained method from `linewatch train` (sets the method, and the backbone unless given)")

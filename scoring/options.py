@@ -163,6 +163,18 @@ OPTIONS: dict[str, type[BaseModel]] = {
 }
 
 
+def canonical_method(name: str) -> str:
+    """A bundled method's registered name from any spelling of it: case, hyphens and
+    underscores aside (``coreclip``, ``CoRe-CLIP``, ``kano-clip``, ``april_gan``). The names
+    follow the papers' own spellings (AA-CLIP, KAnoCLIP), so they are not one pattern; any
+    spelling finds them. Other names pass through unchanged (a package's method, or a typo the
+    registry names with the list)."""
+    if name in OPTIONS:
+        return name
+    key = name.lower().replace("-", "").replace("_", "")
+    return next((known for known in OPTIONS if known.replace("-", "") == key), name)
+
+
 def validate(model: type[BaseModel], name: str, options: dict) -> BaseModel:
     """``options`` through ``model``, or ValueError naming the method, option, rule and value."""
     try:
@@ -182,6 +194,7 @@ def validate(model: type[BaseModel], name: str, options: dict) -> BaseModel:
 
 def check_options(name: str, options: dict) -> None:
     """The method exists, and it has each option, with a value it accepts."""
+    name = canonical_method(name)
     if name not in OPTIONS:
         from .plugins import names
 

@@ -189,3 +189,31 @@ def test_a_reader_that_stops_early_gets_no_error_line():
     proc = subprocess.run(f"'{sys.executable}' -m linewatch methods --presets | head -1", shell=True,
                           capture_output=True, text=True)
     assert proc.stdout.count("\n") == 1 and proc.stderr == "", proc.stderr
+
+
+@pytest.mark.parametrize("spelling, name", [
+    ("AA-CLIP", "aa-clip"), ("aaclip", "aa-clip"), ("CoRe-CLIP", "core-clip"), ("coreclip", "core-clip"),
+    ("bag_clip", "bag-clip"), ("KAnoCLIP", "kanoclip"), ("kano-clip", "kanoclip"), ("mad-clip", "madclip"),
+    ("April-GAN", "aprilgan"), ("win-clip", "winclip"), ("aprilgan", "aprilgan"),
+])
+def test_a_bundled_method_is_found_in_any_spelling(spelling, name, capsys):
+    """The names follow the papers' spellings (AA-CLIP, KAnoCLIP), so any spelling finds them:
+    in the CLI, in a profile and in the registry; checkpoints and presets keep the registered name."""
+    from linewatch.cli import main
+    from linewatch.scoring.methods import method_class
+    from linewatch.scoring.options import canonical_method
+    from linewatch.workers.profiles import StreamProfile
+
+    assert canonical_method(spelling) == name
+    assert StreamProfile(method=spelling).method == name
+    assert method_class(spelling).name == name
+    assert main(["methods", spelling]) in (0, None)
+    assert capsys.readouterr().out.startswith(f"{name}: ")
+
+
+def test_an_unknown_method_is_still_named_with_the_list():
+    from linewatch.scoring.options import canonical_method, check_options
+
+    assert canonical_method("patchcore") == "patchcore"
+    with pytest.raises(ValueError, match="unknown method 'patchcore'; available: aa-clip, aprilgan"):
+        check_options("patchcore", {})

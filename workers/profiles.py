@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..bus.streams import StreamTable
-from ..scoring.options import DEFAULT_METHOD
+from ..scoring.options import DEFAULT_METHOD, canonical_method
 
 
 class StreamProfile(BaseModel):
@@ -36,6 +36,8 @@ class StreamProfile(BaseModel):
             from ..scoring.checkpoint import read_header
 
             data = {**data, "method": read_header(data["checkpoint"])["method"]}
+        if isinstance(data, dict) and isinstance(data.get("method"), str):
+            data = {**data, "method": canonical_method(data["method"])}
         return data
 
     def check(self) -> None:

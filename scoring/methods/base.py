@@ -34,7 +34,7 @@ from torch import nn
 from ..backbone import Backbone, VisualFeatures
 from ..blend import BlendScales, blend
 from .. import plugins
-from ..options import MethodOptions, validate
+from ..options import MethodOptions, canonical_method, validate
 from ..prompts import PromptPack, TextAnchors, anchor_key, mean_anchor
 from ..training import extract_features
 
@@ -383,7 +383,9 @@ def register_method(cls: type[AnomalyMethod]) -> type[AnomalyMethod]:
 
 
 def method_class(name: str) -> type[AnomalyMethod]:
-    """The method registered as ``name``: bundled, or from a package's entry point (``scoring.plugins``)."""
+    """The method registered as ``name`` (a bundled one in any spelling: ``canonical_method``),
+    bundled or from a package's entry point (``scoring.plugins``)."""
+    name = canonical_method(name)
     if name not in METHODS and name in plugins.names():
         cls = plugins.load(name)
         if not (isinstance(cls, type) and issubclass(cls, AnomalyMethod)):
