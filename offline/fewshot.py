@@ -1,6 +1,12 @@
 """The `linewatch train` job: few-shot sampling from MVTec-layout data, training (the loop is
 ``scoring.training.fit``) and the checkpoint.
 
+``train`` (fit, then the checkpoint) is the one training path: ``linewatch train`` and the
+study scripts (``scripts/context_table.py``) call it. A study that trains several methods or
+variants on the same images may compute the augmented views and their frozen-backbone
+features once (``prepare_views``, exactly what ``fit`` computes when given none) and pass
+them in; nothing else of training is done outside ``fit``.
+
 Sampling (MadCLIP's few-shot setting): per category, ``shots`` normal images from
 train/good and ``shots`` anomalous images with masks from test/, taken round robin over the
 defect types so each type is seen; fixed by the seed. The checkpoint records which test
@@ -20,12 +26,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from ..scoring.backbone import Backbone, BackboneConfig
+from ..scoring.backbone import Backbone, BackboneConfig, VisualFeatures
 from ..scoring.checkpoint import save_checkpoint
 from ..scoring.methods import METHODS, check_options, create_method, method_class
 from ..scoring.pixels import load_image
 from ..scoring.prompts import PromptPack
-from ..scoring.training import TrainConfig, TrainingSet, fit
+from ..scoring.training import ProgressCallback, TrainConfig, TrainingSet, augment, extract_features, fit
 from .datasets import Category, DatasetError, find_categories, load_mask
 
 
@@ -99,6 +105,49 @@ def check_trainable(method: str) -> None:
         raise ValueError(f"{method} has nothing to train; trainable methods: {', '.join(trainable)}")
 
 
+@dataclass(frozen=True, eq=False)
+class PreparedViews:
+    """A training set's augmented views and their frozen-backbone features, made once by
+    ``prepare_views`` and passed to ``train`` for every method or variant trained on them."""
+    source: TrainingSet  # the training set they were made from
+    views: int  # TrainConfig.views and .seed they were made with
+    seed: int
+    backbone: str  # Backbone.identity
+    data: TrainingSet  # the views (``views`` copies of every image)
+    features: VisualFeatures
+
+
+def prepare_views(backbone: Backbone, data: TrainingSet, config: TrainConfig) -> PreparedViews:
+    """What ``fit`` computes first when it is given no features: ``config.views`` augmented
+    views of ``data`` (augmentation seeded by ``config.seed``) and their frozen features."""
+    views = augment(data, config.views, torch.Generator().manual_seed(config.seed))
+    return PreparedViews(data, config.views, config.seed, backbone.identity, views,
+                         extract_features(backbone, views.images))
+
+
+def train(job: TrainJob, method, data: TrainingSet, used: list[dict], categories: list[str],
+          prepared: PreparedViews | None = None, progress: ProgressCallback | None = None) -> tuple[list[dict], dict]:
+    """The one training path: ``fit`` ``method`` on ``data`` with ``job.train`` (all its stages in
+    one call), then write the checkpoint to ``job.out``. Returns (per-epoch losses, header).
+    ``prepared``: ``data``'s views and features from ``prepare_views``, made with this
+    backbone and this config's views and seed (checked: other ones would train on other images)."""
+    if prepared is not None:
+        made = (prepared.views, prepared.seed, prepared.backbone)
+        wanted = (job.train.views, job.train.seed, method.backbone.identity)
+        if prepared.source is not data or made != wanted:
+            raise ValueError(f"prepared views (views, seed, backbone) {made} were not made from this training set "
+                             f"with {wanted}: make them with prepare_views(backbone, data, config)")
+    started = time.monotonic()
+    history = fit(method, prepared.data if prepared else data, job.train,
+                  features=prepared.features if prepared else None, progress=progress)
+    header = save_checkpoint(job.out, method, job.options, preset=job.preset, training={
+        **asdict(job.train), "shots": job.shots, "data": job.data, "categories": categories,
+        "test_images_used": used,
+        "final_loss": {k: v for k, v in history[-1].items() if k not in ("stage", "epoch", "lr")},
+        "seconds": round(time.monotonic() - started, 1)})
+    return history, header
+
+
 def run_training(job: TrainJob) -> tuple[object, dict]:
     """Train and save; returns (trained method, checkpoint header)."""
     if job.shots < 1:
@@ -118,7 +167,6 @@ def run_training(job: TrainJob) -> tuple[object, dict]:
           f"{subjects} with a subject mask{' (used: ' + ', '.join(method.training_views) + ' views)' if subjects and method.training_views else ''}, "
           f"{backbone.identity} at {backbone.image_size} px"
           + (f", preset {job.preset['name']} ({job.preset['file']})" if job.preset else ""))
-    started = time.monotonic()
     bar = tqdm(total=job.train.total_epochs(method.stages), unit="epoch", desc="train")
 
     def progress(stage, epoch, step, steps, losses):
@@ -126,13 +174,8 @@ def run_training(job: TrainJob) -> tuple[object, dict]:
         if step == steps - 1:
             bar.update(1)
 
-    history = fit(method, data, job.train, progress=progress)
+    history, header = train(job, method, data, used, [c.name for c in categories], progress=progress)
     bar.close()
-    header = save_checkpoint(job.out, method, job.options, preset=job.preset, training={
-        **asdict(job.train), "shots": job.shots, "data": job.data, "categories": [c.name for c in categories],
-        "test_images_used": used,
-        "final_loss": {k: v for k, v in history[-1].items() if k not in ("stage", "epoch", "lr")},
-        "seconds": round(time.monotonic() - started, 1)})
     print(f"checkpoint written to {job.out} ({header['identity']}), last epoch loss {history[-1]['loss']:.4f}, "
           f"{header['training']['seconds']} s")
     return method, header

@@ -4,18 +4,22 @@ context set (``linewatch demo OUT --context-set``), with its ablations.
 Per shot count k (k normal + k anomalous training images, sampled as ``linewatch train``),
 scored on the rest of the test split:
   aprilgan        untrained (zero-shot), few-shot memory (the k normal shots as references),
-                  trained (the cpu preset)
-  core-clip       untrained (row "core-clip untrained"), trained (the cpu preset); ablations
+                  trained (the preset)
+  core-clip       untrained (row "core-clip untrained"), trained (the preset); ablations
                   trained the same way: global branch only (branches=[global]) and plain
-                  averaging (fusion=mean). The text stage does not see the branches or the
-                  fusion, so it is trained once and every variant trains its image stage on
-                  it (the same t0, t1 in every row; the image stage's batch order starts afresh)
+                  averaging (fusion=mean)
   winclip         zero-shot and few-shot (WinCLIP+, the k normal shots) on a small subset of
                   the test split only: its window passes cost seconds per image on a CPU.
                   Every other row is reported on that subset too.
-The frozen backbone runs once per test image for the whole table (features shared by every
-row, as ``fewshot_table.py``); training goes through the same preset, sampling, fit and
-checkpoint as ``linewatch train``. Checkpoints land in OUT.
+
+Every trained row goes through ``linewatch.offline.fewshot.train``, the training path of
+``linewatch train``: one ``fit`` over all the method's stages, then the checkpoint, which is
+loaded again and scored (as ``linewatch eval --checkpoint``). Rows share only what ``fit``
+would compute the same way for each of them: the augmented training views and their frozen
+features (``prepare_views``, once per view count) and the test images' features (once for
+the whole table). A row's checkpoint is the one ``linewatch train`` writes with the same
+preset, options, shots and seed (docs/methods/core-clip.md, "Two training paths, reconciled").
+Checkpoints land in OUT.
 
     OMP_NUM_THREADS=1 python scripts/context_table.py --data runs/ctxset --shots 8 \
         --out runs/context-table --features-cache runs/features --subset 24
@@ -27,26 +31,26 @@ import argparse
 import json
 import random
 import time
-from dataclasses import asdict, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from fewshot_table import cached_features, evaluate, test_set
 from tqdm import tqdm
 
 from linewatch.offline.datasets import find_categories
-from linewatch.offline.fewshot import sample_category, training_set
-from linewatch.scoring import training
-from linewatch.scoring.backbone import Backbone
-from linewatch.scoring.checkpoint import load_checkpoint, save_checkpoint
-from linewatch.scoring.methods import create_method
+from linewatch.offline.fewshot import TrainJob, prepare_views, sample_category, train, training_set
+from linewatch.scoring.backbone import Backbone, VisualFeatures
+from linewatch.scoring.checkpoint import load_checkpoint
+from linewatch.scoring.methods import create_method, method_class
 from linewatch.scoring.metrics import image_metrics, pixel_metrics
 from linewatch.scoring.preset import backbone_config, header_entry, load_preset, train_config
-from linewatch.scoring.training import augment, extract_features, fit
 
 VARIANTS = {"core-clip": {}, "core-clip global only": {"branches": ["global"]},
             "core-clip plain averaging": {"fusion": "mean"}}
 RUNS = ["aprilgan", "core-clip untrained", *VARIANTS, "winclip"]
+TRAINED = ("aprilgan", "core-clip")
 
 
 def subset_of(keys, labels, exclude: set[str], size: int, seed: int) -> list[int]:
@@ -70,35 +74,48 @@ def evaluate_images(method, images, masks, labels, class_name, references=None, 
     return {k: row[k] for k in ("images", "image_auroc", "pixel_auroc", "aupro")}
 
 
-def train_text_stage(method, views, config, features, desc):
-    """CoRe-CLIP's text stage alone: (text adapter state, t0/t1 per class, history, seconds). It
-    does not depend on the image branches or the fusion, so every variant shares it."""
-    t0 = time.monotonic()
-    method.stages = ("text",)
-    bar = tqdm(total=config.total_epochs(method.stages), desc=desc, unit="epoch")
-    history = fit(method, views, config, features=features,
-                  progress=lambda stage, epoch, step, steps, losses: bar.update(step == steps - 1))
-    bar.close()
-    with torch.no_grad():
-        anchors = {c: method.class_anchors(c) for c in sorted(set(views.class_names))}
-    return ({k: v.clone() for k, v in method.text.state_dict().items()}, anchors, history,
-            time.monotonic() - t0)
+@dataclass
+class TestSplit:
+    """The test images with their cached features, the fixed subset, and text anchors by key
+    (backbone, sentences, trained text parts: ``anchor_key``, which ``prepare`` checks), so rows
+    with the same text encode the class's sentences once."""
+    category: str
+    size: int
+    keys: list[str]
+    classes: list[str]
+    images: torch.Tensor
+    masks: np.ndarray
+    labels: np.ndarray
+    features: VisualFeatures
+    subset: list[int] = field(default_factory=list)
+    anchors: dict = field(default_factory=dict)
+
+    def score(self, method, exclude: set[str], references: torch.Tensor | None = None) -> dict:
+        """Metrics on the images not in ``exclude`` ("rest") and on the subset."""
+        refs = None if references is None else {self.category: references}
+        key = method.anchor_key(self.category)
+        cached = {self.category: self.anchors[key]} if key in self.anchors else None
+        common = (self.features, self.keys, self.classes, self.masks, self.labels)
+        rest = evaluate(method, *common, exclude, self.size, refs, cached)
+        self.anchors[key] = method.anchors
+        not_subset = set(self.keys) - {self.keys[i] for i in self.subset}
+        return {"rest": rest, "subset": evaluate(method, *common, not_subset, self.size, refs,
+                                                 {self.category: self.anchors[key]})}
 
 
-def memoised_view_features():
-    """``training.view_features`` computed once per training set and view: fit asks for them
-    on every run, and the core-clip rows train on the same images."""
-    original, cache = training.view_features, {}
+def stage_epochs_of(items: list[str], parser: argparse.ArgumentParser) -> dict[str, int]:
+    known = {stage for name in TRAINED for stage in method_class(name).stages}
+    epochs = {}
+    for item in items:
+        stage, _, n = item.partition("=")
+        if stage not in known or not n.isdigit() or int(n) < 1:
+            parser.error(f"--stage-epochs takes STAGE=N with N >= 1 and STAGE one of {', '.join(sorted(known))}, "
+                         f"got {item!r}")
+        epochs[stage] = int(n)
+    return epochs
 
-    def view_features(backbone, data, features, views):
-        missing = [v for v in views if (id(data), v) not in cache]
-        if missing:
-            cache.update({(id(data), v): f for v, f in original(backbone, data, features, tuple(missing)).items()})
-        return {v: cache[(id(data), v)] for v in views}
-    return view_features
 
-
-def main() -> None:
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="the generated set (linewatch demo OUT --context-set)")
     parser.add_argument("--shots", nargs="+", type=int, default=[8])
@@ -107,27 +124,26 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=None, help="default: the preset's")
     parser.add_argument("--epochs", type=int, default=None, help="every stage's epochs (default: the preset's)")
     parser.add_argument("--stage-epochs", nargs="+", default=[], metavar="STAGE=N",
-                        help="one stage's epochs, e.g. image=15 (core-clip's image stage; other methods' stages keep theirs)")
+                        help="one stage's epochs, e.g. image=15 (core-clip's image stage; other methods' stages "
+                             "keep theirs)")
     parser.add_argument("--subset", type=int, default=24, help="test images WinCLIP is scored on (and every row again)")
     parser.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS,
                         help="which rows (default all; a table can be made in parts, each with its own OUT)")
     parser.add_argument("--out", default="runs/context-table")
     parser.add_argument("--features-cache", default=None)
     args = parser.parse_args()
-    training.view_features = memoised_view_features()
-    stage_epochs = {}
-    for item in args.stage_epochs:
-        stage, _, n = item.partition("=")
-        if not n.isdigit() or int(n) < 1:
-            parser.error(f"--stage-epochs takes STAGE=N with N >= 1, got {item!r}")
-        stage_epochs[stage] = int(n)
+    return args, stage_epochs_of(args.stage_epochs, parser)
+
+
+def main() -> None:
+    args, stage_epochs = parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
     categories = find_categories(args.data)
     (category,) = categories
-    presets = {name: load_preset(name, args.preset) for name in ("core-clip", "aprilgan")}
+    presets = {name: load_preset(name, args.preset) for name in TRAINED}
     specs = {backbone_config(preset, {"seed": args.seed}) for preset, _ in presets.values()}
     if len(specs) != 1:
         raise SystemExit(f"the {args.preset} presets of core-clip and aprilgan name different backbones: {specs}")
@@ -136,28 +152,14 @@ def main() -> None:
     keys, classes, images, masks, labels = test_set(args.data, size)
     features = cached_features(backbone, images, args.data, Path(args.features_cache) if args.features_cache else None,
                                "test features")
+    test = TestSplit(category.name, size, keys, classes, images, masks, labels, features)
     used_any = set()
     for shots in args.shots:
         _, anomalous = sample_category(category, shots, args.seed)
         used_any |= {f"{category.name}/{s.path.relative_to(category.root).as_posix()}" for s in anomalous}
-    subset = subset_of(keys, labels, used_any, args.subset, args.seed)
-    subset_keys = {keys[i] for i in subset}
-    not_subset = {k for k in keys if k not in subset_keys}
+    test.subset = subset_of(keys, labels, used_any, args.subset, args.seed)
     print(f"backbone {backbone.identity} at {size} px, layers {backbone.layers}; {len(keys)} test images, "
-          f"subset {len(subset)}; features after {time.monotonic() - started:.0f} s")
-
-    # Text anchors by key (backbone, sentences, trained text parts): hundreds of sentences through
-    # the text tower cost more than anything else here, and rows with the same text share them
-    # (aprilgan's three rows; the core-clip variants, which share one trained text stage).
-    anchor_cache = {}
-
-    def both(method, exclude, references=None):
-        key = method.anchor_key(category.name)
-        anchors = {category.name: anchor_cache[key]} if key in anchor_cache else None
-        rest = evaluate(method, features, keys, classes, masks, labels, exclude, size, references, anchors)
-        anchor_cache[key] = method.anchors
-        return {"rest": rest, "subset": evaluate(method, features, keys, classes, masks, labels, not_subset, size,
-                                                 references, {category.name: method.anchors})}
+          f"subset {len(test.subset)}; features after {time.monotonic() - started:.0f} s")
 
     rows = []
 
@@ -170,61 +172,53 @@ def main() -> None:
         data, used = training_set(categories, shots, args.seed, size)
         exclude = {u["path"] for u in used}
         normal_shots = data.images[data.labels == 0]
-        train_cache = {}
-        if "aprilgan" in args.runs:
-            record({"method": "aprilgan", "shots": shots, "mode": "untrained (zero-shot)",
-                    **both(create_method("aprilgan", backbone, **presets["aprilgan"][0].options), exclude)})
-            record({"method": "aprilgan", "shots": shots, "mode": "few-shot memory",
-                    **both(create_method("aprilgan", backbone, **presets["aprilgan"][0].options), exclude, normal_shots)})
-        if "core-clip untrained" in args.runs:
-            record({"method": "core-clip", "shots": shots, "mode": "untrained",
-                    **both(create_method("core-clip", backbone, **presets["core-clip"][0].options), exclude)})
-        trained_runs = [(label, "core-clip", extra) for label, extra in VARIANTS.items() if label in args.runs]
-        shared_text = None  # the core-clip rows' text stage: trained once, loaded into each variant
-        for label, name, extra in [("aprilgan", "aprilgan", {})] * ("aprilgan" in args.runs) + trained_runs:
+        prepared = {}  # views per image -> prepare_views: what fit computes first, made once per view count
+
+        def trained(label: str, name: str, extra: dict) -> dict:
             preset, preset_file = presets[name]
             config = train_config(preset, seed=args.seed, epochs=args.epochs, views=args.views)
             config = replace(config, stages={stage: replace(s, epochs=stage_epochs.get(stage, s.epochs))
                                              for stage, s in config.stages.items()})
-            if config.views not in train_cache:  # every row with this many views trains on the same ones
-                views = augment(data, config.views, torch.Generator().manual_seed(args.seed))
-                train_cache[config.views] = views, extract_features(backbone, views.images)
-            views, train_features = train_cache[config.views]
-            options = {**preset.options, **extra}
-            method = create_method(name, backbone, **options)
-            t0 = time.monotonic()
-            text_history = []
-            if name == "core-clip":
-                if shared_text is None:
-                    shared_text = train_text_stage(create_method(name, backbone, **preset.options), views, config,
-                                                   train_features, f"text stage k={shots}")
-                state, stage_anchors, text_history, text_s = shared_text
-                method.text.load_state_dict(state)
-                method.stages = ("image",)
-                # the image stage's frozen t0, t1 are the shared text stage's: computed once
-                method.class_anchors = lambda c, sample=None, m=method, t=stage_anchors: (
-                    t[c] if sample is None else type(m).class_anchors(m, c, sample))
-            bar = tqdm(total=config.total_epochs(method.stages), desc=f"{label} k={shots}", unit="epoch")
-            history = text_history + fit(method, views, config, features=train_features,
-                                         progress=lambda stage, epoch, step, steps, losses, bar=bar: bar.update(step == steps - 1))
+            if config.views not in prepared:
+                prepared[config.views] = prepare_views(backbone, data, config)
+            checkpoint = out / f"{label.replace(' ', '-')}-k{shots}.safetensors"
+            job = TrainJob(method=name, data=args.data, out=str(checkpoint), shots=shots, train=config,
+                           backbone=backbone.config, options={**preset.options, **extra},
+                           preset=header_entry(preset, preset_file))
+            bar = tqdm(total=config.total_epochs(method_class(name).stages), desc=f"{label} k={shots}", unit="epoch")
+            history, header = train(job, create_method(name, backbone, **job.options), data, used, [category.name],
+                                    prepared[config.views],
+                                    progress=lambda stage, epoch, step, steps, losses: bar.update(step == steps - 1))
             bar.close()
-            if name == "core-clip":
-                del method.class_anchors, method.stages  # back to the class's own
-            path = out / f"{label.replace(' ', '-')}-k{shots}.safetensors"
-            save_checkpoint(path, method, options, preset=header_entry(preset, preset_file),
-                            training={"shots": shots, "data": args.data, "test_images_used": used, **asdict(config)})
-            method = load_checkpoint(path, backbone)
-            record({"method": label, "shots": shots, "mode": "trained",
-                    "train_s": round(time.monotonic() - t0 + (text_s if name == "core-clip" else 0), 1),
+            method = load_checkpoint(job.out, backbone)  # score what was saved, as eval --checkpoint does
+            return {"method": label, "shots": shots, "mode": "trained", "checkpoint": header["identity"],
+                    "train_s": header["training"]["seconds"],
                     "final_loss": {k: round(v, 4) for k, v in history[-1].items() if k not in ("stage", "epoch", "lr")},
-                    **both(method, exclude)})
+                    **test.score(method, exclude)}
+
+        def untrained(name: str) -> object:
+            return create_method(name, backbone, **presets[name][0].options)
+
+        if "aprilgan" in args.runs:
+            record({"method": "aprilgan", "shots": shots, "mode": "untrained (zero-shot)",
+                    **test.score(untrained("aprilgan"), exclude)})
+            record({"method": "aprilgan", "shots": shots, "mode": "few-shot memory",
+                    **test.score(untrained("aprilgan"), exclude, normal_shots)})
+            record(trained("aprilgan", "aprilgan", {}))
+        if "core-clip untrained" in args.runs:
+            record({"method": "core-clip", "shots": shots, "mode": "untrained",
+                    **test.score(untrained("core-clip"), exclude)})
+        for label, extra in VARIANTS.items():
+            if label in args.runs:
+                record(trained(label, "core-clip", extra))
         if "winclip" in args.runs:
-            sub_images, sub_masks, sub_labels = images[subset], masks[subset], labels[subset]
+            sub = test.subset
             anchors = None
             for mode, references in (("zero-shot", None), ("few-shot (WinCLIP+)", normal_shots)):
                 t0 = time.monotonic()
                 winclip = create_method("winclip", backbone)
-                row = evaluate_images(winclip, sub_images, sub_masks, sub_labels, category.name, references, anchors=anchors)
+                row = evaluate_images(winclip, images[sub], masks[sub], labels[sub], category.name, references,
+                                      anchors=anchors)
                 anchors = winclip.anchors
                 record({"method": "winclip", "shots": shots, "mode": mode, "score_s": round(time.monotonic() - t0, 1),
                         "subset": row})
