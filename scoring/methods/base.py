@@ -397,7 +397,7 @@ def method_class(name: str) -> type[AnomalyMethod]:
 
 
 def create_method(name: str, backbone: Backbone, prompts: PromptPack | None = None, **options) -> AnomalyMethod:
-    check_options(name, options)
+    """The method ``name`` built on ``backbone``; its constructor validates ``options`` (``Options``)."""
     return method_class(name)(backbone, prompts, **options)
 
 
